@@ -1,0 +1,3 @@
+from headprof.cli import main
+
+main()

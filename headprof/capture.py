@@ -1,0 +1,160 @@
+"""The one attention-capture mechanism, shared by scoring and compression.
+
+`attach(model)` switches the model to an attention function registered with transformers'
+`AttentionInterface`. That function computes the layer's output exactly as the model would (SDPA, or
+flash-attn when asked for) and, only while an `AttentionCapture` is active, also computes the softmax
+rows of the *last few queries* against all keys: the decode-step query when scoring, the observation
+window when compressing. It honours the layer's scaling, GQA grouping, the mask transformers built for
+the layer (causal, sliding window, padding) and logit soft-capping. No L x L matrix is ever formed,
+no modelling code is copied, and nothing is changed at import time.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
+
+SDPA = "headprof"
+FLASH = "headprof_flash"
+
+RowSink = Callable[[int, torch.Tensor], None]
+"""Receives (layer_idx, probs) with probs shaped (batch, query_heads, n_rows, keys), float32."""
+
+
+class AttentionCapture:
+    """While active, hands every layer's attention rows for the last `last_n` queries to `sink`.
+
+    Use as a context manager around a forward pass of a model prepared with `attach`.
+    """
+
+    def __init__(self, sink: RowSink, last_n: int = 1) -> None:
+        if last_n < 1:
+            raise ValueError("last_n must be >= 1")
+        self.sink = sink
+        self.last_n = last_n
+        self._token: contextvars.Token | None = None
+
+    def __enter__(self) -> AttentionCapture:
+        self._token = _ACTIVE.set(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._token is not None
+        _ACTIVE.reset(self._token)
+        self._token = None
+
+
+_ACTIVE: contextvars.ContextVar[AttentionCapture | None] = contextvars.ContextVar(
+    "headprof_capture", default=None
+)
+
+
+def attach(model: torch.nn.Module, flash: bool = False) -> str:
+    """Route the model's attention through the capture function; returns the implementation name."""
+    _register()
+    name = FLASH if flash else SDPA
+    model.set_attn_implementation(name)
+    return name
+
+
+@contextmanager
+def implementation(model: torch.nn.Module, name: str) -> Iterator[None]:
+    """Temporarily run the model with another attention implementation (e.g. `eager` for checks)."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def _register() -> None:
+    AttentionInterface.register(SDPA, _sdpa_attention)
+    AttentionMaskInterface.register(SDPA, sdpa_mask)
+    AttentionInterface.register(FLASH, _flash_attention)
+    AttentionMaskInterface.register(FLASH, flash_attention_mask)
+
+
+def _capture(module, query, key, attention_mask, scaling, sliding_window, softcap) -> None:
+    cap = _ACTIVE.get()
+    if cap is None:
+        return
+    n = min(cap.last_n, query.shape[2])
+    q_len = query.shape[2]
+    probs = attention_probs(query, key, attention_mask, scaling, sliding_window, softcap, q_len - n, q_len)
+    cap.sink(module.layer_idx, probs)
+
+
+def _sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                    sliding_window=None, softcap=None, **kwargs):
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    _capture(module, query, key, attention_mask, scaling, sliding_window, softcap)
+    if softcap is not None:  # SDPA has no soft-capping: compute the same thing in query chunks
+        return _chunked_attention(query, key, value, attention_mask, scaling, sliding_window, softcap), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                  dropout=dropout, sliding_window=sliding_window, **kwargs)
+
+
+def _flash_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                     sliding_window=None, softcap=None, **kwargs):
+    from transformers.integrations.flash_attention import flash_attention_forward
+
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    _capture(module, query, key, attention_mask, scaling, sliding_window, softcap)
+    return flash_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                   dropout=dropout, sliding_window=sliding_window, softcap=softcap,
+                                   **kwargs)
+
+
+def attention_probs(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                    scaling: float, sliding_window: int | None, softcap: float | None,
+                    start: int, stop: int) -> torch.Tensor:
+    """Softmax rows (fp32) of queries [start, stop) over all keys, (batch, query_heads, rows, keys).
+
+    Keys are grouped, not repeated: query head h reads KV head h // group.
+    """
+    b, h, q_len, d = query.shape
+    hkv, k_len = key.shape[1], key.shape[2]
+    q = query[:, :, start:stop, :].float().reshape(b, hkv, h // hkv, stop - start, d)
+    logits = torch.matmul(q, key.float().unsqueeze(2).transpose(-1, -2)) * scaling
+    logits = logits.reshape(b, h, stop - start, k_len)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    if attention_mask is not None and attention_mask.dim() == 4:
+        rows = attention_mask[:, :, start:stop, :k_len]
+        if rows.dtype == torch.bool:
+            logits = logits.masked_fill(~rows, float("-inf"))
+        else:
+            logits = logits + rows.float()
+    else:  # no 4D mask: causal, aligned bottom-right, optional window and 2D padding mask
+        qpos = torch.arange(start, stop, device=key.device) + (k_len - q_len)
+        kpos = torch.arange(k_len, device=key.device)
+        allowed = kpos[None, :] <= qpos[:, None]
+        if sliding_window is not None:
+            allowed &= (qpos[:, None] - kpos[None, :]) < sliding_window
+        allowed = allowed[None, None]
+        if attention_mask is not None and attention_mask.dim() == 2:
+            allowed = allowed & attention_mask[:, None, None, -k_len:].bool()
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def _chunked_attention(query, key, value, attention_mask, scaling, sliding_window, softcap,
+                       chunk: int = 512) -> torch.Tensor:
+    """Attention output for soft-capped layers without an L x L matrix; returns (b, q, h, d)."""
+    b, h, q_len, _ = query.shape
+    hkv = key.shape[1]
+    v = value.unsqueeze(2)  # (b, hkv, 1, k, d)
+    out = []
+    for start in range(0, q_len, chunk):
+        stop = min(start + chunk, q_len)
+        p = attention_probs(query, key, attention_mask, scaling, sliding_window, softcap, start, stop)
+        p = p.to(value.dtype).reshape(b, hkv, h // hkv, stop - start, -1)
+        out.append(torch.matmul(p, v).reshape(b, h, stop - start, -1))
+    return torch.cat(out, dim=2).transpose(1, 2).contiguous()

@@ -1,0 +1,21 @@
+"""Typed errors. The library raises these; the CLI turns them into one-line messages and exit codes."""
+
+
+class HeadprofError(Exception):
+    """Base class: a problem the user can fix, described in one line."""
+
+
+class ModelError(HeadprofError):
+    """The model spec cannot be resolved or the model is not a usable causal LM."""
+
+
+class ProbeError(HeadprofError):
+    """Probe parameters or user probe files are invalid."""
+
+
+class ProfileError(HeadprofError):
+    """A profile file is missing, corrupt, of an unknown version or does not fit the model."""
+
+
+class OutputError(HeadprofError):
+    """An output path cannot be written, or would overwrite something without --force."""

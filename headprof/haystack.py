@@ -1,0 +1,108 @@
+"""Readable, deterministic filler text that we own: sentences about a fictional river valley.
+
+The haystack must not mention people, ages, hobbies or the other facts that needles carry, so that a
+probe's answer can only come from its needle. It is generated from a seed, sentence by sentence, so any
+length can be drawn without a corpus.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from headprof.errors import ProbeError
+
+_PLACES = ["the old mill", "the stone bridge", "the upper meadow", "the river bend", "the market square",
+           "the north orchard", "the ferry landing", "the chapel on the hill", "the lower fields",
+           "the pine ridge", "the railway cutting", "the lock keeper's cottage", "the reed beds",
+           "the quarry road", "the willow path", "the grain store", "the east pasture", "the clock tower"]
+_SEASONS = ["In early spring", "By midsummer", "In the autumn", "Through the long winter", "Each April",
+            "In late October", "On most mornings", "After the harvest", "During the spring floods",
+            "On clear evenings", "At the turn of the year", "In wet years"]
+_WEATHER = ["a cold wind comes down from the hills", "fog settles low over the water",
+            "the light turns gold over the fields", "rain drums on the slate roofs",
+            "frost silvers every fence post", "swallows skim the surface of the river",
+            "the air smells of cut hay and wet earth", "the clouds move slowly from the west",
+            "the river runs high and brown", "the valley fills with the sound of bells"]
+_THINGS = ["the water wheel", "the hedgerows", "the barley", "the footbridge", "the beehives",
+           "the canal boats", "the sheep", "the apple trees", "the old signal box", "the lanterns",
+           "the stone walls", "the wooden gates", "the kingfishers", "the herons", "the barges"]
+_ACTIONS = ["need mending after the storms", "are counted twice a year", "are painted a fresh green",
+            "draw visitors from the nearby towns", "are watched with great care", "are older than anyone remembers",
+            "have been rebuilt more than once", "are mentioned in the parish records",
+            "turn slowly in the current", "stay quiet until the thaw", "are cleared before the fair"]
+_NOTES = ["Travellers often remark on how quiet the valley feels.",
+          "The parish records describe the same routine for more than a century.",
+          "Nothing much changes here from one decade to the next.",
+          "Maps from the last century show the same paths and boundaries.",
+          "The local paper prints the river levels every week.",
+          "Walkers are asked to close every gate behind them.",
+          "The bus to the county town runs twice a day, except on holidays.",
+          "Most of the houses are built from the grey stone of the quarry.",
+          "The fair in the market square has been held for as long as the bridge has stood.",
+          "The valley school teaches the names of the birds along the river."]
+_TEMPLATES = [
+    "{season}, {weather} near {place}.",
+    "{thing_cap} near {place} {action}.",
+    "{season}, {thing} {action}, and {weather}.",
+    "From {place} one can see {thing} and, beyond them, {place2}.",
+    "The path from {place} to {place2} follows the river for most of its length.",
+    "{note}",
+    "{season}, the people who work at {place} say that {thing} {action}.",
+    "It is said that {thing} by {place} {action}, though few can say why.",
+]
+
+
+def generated_sentences(seed: int) -> Iterator[str]:
+    """An endless, deterministic stream of haystack sentences."""
+    rng = random.Random(f"haystack-{seed}")
+    while True:
+        template = rng.choice(_TEMPLATES)
+        place, place2 = rng.sample(_PLACES, 2)
+        thing = rng.choice(_THINGS)
+        yield template.format(season=rng.choice(_SEASONS), weather=rng.choice(_WEATHER), place=place,
+                              place2=place2, thing=thing, thing_cap=thing[0].upper() + thing[1:],
+                              action=rng.choice(_ACTIONS), note=rng.choice(_NOTES))
+
+
+def file_sentences(path: Path) -> list[str]:
+    """Sentences of a user's haystack file; repeated in order when a probe needs more."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProbeError(f"haystack file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProbeError(f"cannot read haystack file {path}: {type(e).__name__}") from None
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if s.strip()]
+    if not sentences:
+        raise ProbeError(f"haystack file {path} holds no text")
+    return sentences
+
+
+class Haystack:
+    """A source of sentences: generated from a seed, or a user's file cycled in order."""
+
+    def __init__(self, seed: int = 0, path: Path | None = None) -> None:
+        self.seed = seed
+        self.path = path
+        self._file = file_sentences(path) if path else None
+        self._cache: list[str] = []
+
+    @property
+    def identity(self) -> str:
+        if self._file is not None:
+            import hashlib
+
+            return "file:" + hashlib.sha256("\n".join(self._file).encode()).hexdigest()[:16]
+        return f"generated:v1:seed={self.seed}"
+
+    def sentences(self, n: int) -> list[str]:
+        """The first n sentences."""
+        if self._file is not None:
+            return [self._file[i % len(self._file)] for i in range(n)]
+        if len(self._cache) < n:
+            stream = generated_sentences(self.seed)
+            self._cache = [next(stream) for _ in range(max(n, 2 * len(self._cache)))]
+        return self._cache[:n]

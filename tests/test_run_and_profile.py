@@ -1,0 +1,131 @@
+import json
+
+import jsonschema
+import numpy as np
+import pytest
+from tiny import save
+
+from headprof import models, probes, profile, scoring
+from headprof.errors import OutputError, ProfileError
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save("llama", tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_dir):
+    return models.load(str(tiny_dir), device="cpu")
+
+
+def _run(lm, method="r2", **kw):
+    ps = probes.build_probe_set(method, [200, 300], 2, seed=0)
+    return scoring.score(lm, ps, method, probes.Haystack(0), filter_probes=False, **kw)
+
+
+def test_profile_round_trip_and_schema(lm, tmp_path):
+    prof = _run(lm)
+    path = profile.save(prof, tmp_path / "p.json")
+    again = profile.load(path)
+    assert again.data == json.loads(json.dumps(prof.data))
+    schema = json.loads(profile.SCHEMA_PATH.read_text())
+    jsonschema.validate(again.data, schema)
+    q = again.query_scores()
+    assert q.shape == (3, 4) and again.kv_scores("mean").shape == (3, 2)
+    np.testing.assert_allclose(again.kv_scores("max"), q.reshape(3, 2, 2).max(-1), atol=1e-7)
+    assert again.data["probe_set"]["count"] == 4 and len(again.data["probes"]) == 4
+    assert again.data["model"]["num_kv_heads"] == 2 and again.data["model"]["group_size"] == 2
+
+
+def test_same_seed_same_scores(lm):
+    a, b = _run(lm), _run(lm)
+    assert a.data["scores"] == b.data["scores"] and a.data["probes"] == b.data["probes"]
+
+
+def test_interrupted_run_resumes_to_the_same_result(lm, tmp_path):
+    full = _run(lm, "retrieval")
+    partial = tmp_path / "p.json.partial.jsonl"
+
+    def stop_after_two(p):
+        if p.done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(lm, "retrieval", partial=partial, progress=stop_after_two)
+    kept = partial.read_text().splitlines()
+    assert len(kept) == 3  # header + two finished probes
+    partial.write_text("\n".join(kept) + '\n{"id": "cut off mid-wri')  # killed while writing
+    with pytest.raises(OutputError, match="--resume"):
+        _run(lm, "retrieval", partial=partial)
+    seen = []
+    resumed = _run(lm, "retrieval", partial=partial, resume=True, progress=lambda p: seen.append(p.resumed))
+    assert seen[0] == 2
+    assert resumed.data["scores"] == full.data["scores"] and resumed.data["probes"] == full.data["probes"]
+
+
+def test_partial_from_other_settings_is_refused(lm, tmp_path):
+    partial = tmp_path / "p.partial.jsonl"
+    partial.write_text(json.dumps({"run": {"model": "something else"}}) + "\n")
+    with pytest.raises(OutputError, match="other settings"):
+        _run(lm, partial=partial, resume=True)
+
+
+def test_filter_counts_only_successes(lm):
+    ps = probes.build_probe_set("retrieval", [200], 2, seed=0)
+    results = [{"id": p.id, "success": i == 0, "metric": 1.0, "response": "", "tokens": 1,
+                "answer_span": [0, 1], "scores": [[float(i + 1)] * 4] * 3} for i, p in enumerate(ps.probes)]
+    prof = scoring.build_profile(lm, ps, "retrieval", results, False, filter_probes=True, margin=10)
+    assert [p["counted"] for p in prof.data["probes"]] == [True, False]
+    assert prof.query_scores().tolist() == [[1.0] * 4] * 3  # mean over the answered probe only
+    unfiltered = scoring.build_profile(lm, ps, "retrieval", results, False, filter_probes=False, margin=10)
+    assert unfiltered.query_scores().tolist() == [[1.5] * 4] * 3
+
+
+def test_no_answered_probe_counts_every_probe_and_says_so(lm):
+    ps = probes.build_probe_set("retrieval", [200], 2, seed=0)
+    prof = scoring.score(lm, ps, "retrieval", probes.Haystack(0), filter_probes=True)
+    assert prof.data["probe_set"]["successes"] == 0  # a random tiny model answers nothing
+    assert prof.data["probe_set"]["counted"] == 2
+    assert "none was answered" in prof.data["method"]["params"]["counted_probes"]
+
+
+def _valid(lm):
+    return json.loads(json.dumps(_run(lm).data))
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda d: d.update(schema_version=99), "newer than this headprof"),
+    (lambda d: d.pop("scores"), "missing 'scores'"),
+    (lambda d: d["scores"]["query"].pop(), "list of 3 layers"),
+    (lambda d: d["scores"]["kv"]["mean"][1].append(0.0), r"scores.kv.mean\[1\] must hold 2 heads"),
+    (lambda d: d["probes"][0]["scores"][0].__setitem__(0, "x"), "not a finite number"),
+    (lambda d: d["model"].update(num_kv_heads=3), "impossible head layout"),
+])
+def test_validation_names_the_first_problem(lm, tmp_path, mutate, message):
+    d = _valid(lm)
+    mutate(d)
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(d))
+    with pytest.raises(ProfileError, match=message):
+        profile.load(p)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ProfileError, match="not found"):
+        profile.load(tmp_path / "none.json")
+    (tmp_path / "c.json").write_text("{not json")
+    with pytest.raises(ProfileError, match="not valid JSON"):
+        profile.load(tmp_path / "c.json")
+
+
+def test_save_never_overwrites_without_force(lm, tmp_path):
+    prof = _run(lm)
+    p = tmp_path / "p.json"
+    p.write_text("precious")
+    with pytest.raises(OutputError, match="--force"):
+        profile.save(prof, p)
+    assert p.read_text() == "precious"
+    profile.save(prof, p, force=True)
+    assert profile.load(p).data["schema_version"] == 1
+    assert [f.name for f in tmp_path.iterdir()] == ["p.json"]  # no temp files left behind

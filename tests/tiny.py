@@ -1,0 +1,67 @@
+"""Tiny random causal LMs of several architectures, built from configs in code (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+)
+
+COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+              max_position_embeddings=512)
+
+
+def config(arch: str):
+    if arch == "llama":  # GQA: 4 query heads share 2 KV heads
+        return LlamaConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2)
+    if arch == "qwen2":
+        return Qwen2Config(**COMMON, num_attention_heads=4, num_key_value_heads=1)
+    if arch == "mistral":
+        return MistralConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2, sliding_window=None)
+    if arch == "gemma3":  # sliding-window layers with a window much shorter than the prompts
+        return Gemma3TextConfig(**COMMON, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                sliding_window=8, layer_types=["sliding_attention", "full_attention",
+                                                               "sliding_attention"])
+    if arch == "gemma2":  # logit soft-capping
+        return Gemma2Config(**COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            sliding_window=8, attn_logit_softcapping=5.0, final_logit_softcapping=None)
+    raise ValueError(arch)
+
+
+ARCHS = ["llama", "qwen2", "mistral", "gemma3", "gemma2"]
+
+
+def model(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    m = AutoModelForCausalLM.from_config(config(arch), dtype=torch.float32)
+    # sharpen attention so that top-k choices are not decided by float noise
+    with torch.no_grad():
+        for layer in m.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+    return m.eval()
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer (ids 0..95) with offsets, built in code."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i - 32 for i in range(32, 127)}
+    vocab["[UNK]"] = 95
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def save(arch: str, path, seed: int = 0):
+    """A tiny model directory that `headprof` loads like any local model."""
+    m = model(arch, seed)
+    m.generation_config.eos_token_id = None
+    m.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
