@@ -20,6 +20,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
 
+from headprof.cache import varlen_attention, varlen_layer
+
 SDPA = "headprof"
 FLASH = "headprof_flash"
 
@@ -38,7 +40,12 @@ class AttentionCapture:
             raise ValueError("last_n must be >= 1")
         self.sink = sink
         self.last_n = last_n
+        self.stopped = False
         self._token: contextvars.Token | None = None
+
+    def stop(self) -> None:
+        """Compute no more rows (compression needs the prefill rows only, not every decode step)."""
+        self.stopped = True
 
     def __enter__(self) -> AttentionCapture:
         self._token = _ACTIVE.set(self)
@@ -83,7 +90,7 @@ def _register() -> None:
 
 def _capture(module, query, key, attention_mask, scaling, sliding_window, softcap) -> None:
     cap = _ACTIVE.get()
-    if cap is None:
+    if cap is None or cap.stopped:
         return
     n = min(cap.last_n, query.shape[2])
     q_len = query.shape[2]
@@ -94,6 +101,9 @@ def _capture(module, query, key, attention_mask, scaling, sliding_window, softca
 def _sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                     sliding_window=None, softcap=None, **kwargs):
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    varlen = varlen_layer(key)
+    if varlen is not None:  # a compressed layer: each KV head attends over its own kept tokens
+        return varlen_attention(varlen, query, scaling, softcap), None
     _capture(module, query, key, attention_mask, scaling, sliding_window, softcap)
     if softcap is not None:  # SDPA has no soft-capping: compute the same thing in query chunks
         return _chunked_attention(query, key, value, attention_mask, scaling, sliding_window, softcap), None
@@ -106,6 +116,9 @@ def _flash_attention(module, query, key, value, attention_mask, scaling=None, dr
     from transformers.integrations.flash_attention import flash_attention_forward
 
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    varlen = varlen_layer(key)
+    if varlen is not None:
+        return varlen_attention(varlen, query, scaling, softcap), None
     _capture(module, query, key, attention_mask, scaling, sliding_window, softcap)
     return flash_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                    dropout=dropout, sliding_window=sliding_window, softcap=softcap,

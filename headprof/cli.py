@@ -18,8 +18,9 @@ from headprof.errors import HeadprofError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find the attention heads that matter, and compress the KV cache with them.")
-out = Console()
-err = Console(stderr=True)
+# when piped, rich would draw tables 80 columns wide and wrap their headers
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 140)
+err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 140)
 
 
 def main() -> None:
@@ -215,4 +216,112 @@ def info(model: ModelArg) -> None:
                  ("chat template", "yes" if i.chat_template else "no"),
                  ("weights sha256", i.weights_sha256 or i.revision or "-")]:
         t.add_row(f"[bold]{k}[/bold]", str(v))
+    out.print(t)
+
+
+def read_prompt(path: Path) -> str:
+    from headprof.errors import HeadprofError
+
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise HeadprofError(f"prompt file not found: {path}") from None
+    except OSError as e:
+        raise HeadprofError(f"cannot read prompt file {path}: {e.strerror}") from None
+    if b"\x00" in data:
+        raise HeadprofError(f"prompt file {path} is binary, not text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HeadprofError(f"prompt file {path} is not UTF-8 text") from None
+    if not text.strip():
+        raise HeadprofError(f"prompt file {path} is empty")
+    return text
+
+
+@app.command()
+@friendly
+def run(
+    prompt: Annotated[Path, typer.Argument(help="a UTF-8 text file: the prompt (context and question)")],
+    model: Annotated[str, typer.Option(help="model spec, as for `score`")] = "smollm2-135m",
+    profile_path: Annotated[Path | None, typer.Option("--profile", help="head profile for headkv "
+                                                      "[default: the shipped r2 profile of --model]")] = None,
+    method: Annotated[str, typer.Option(help="headkv, snapkv, pyramidkv, adakv, streaming or full")] = "headkv",
+    budget: Annotated[int, typer.Option(help="KV tokens per KV head, observation window included")] = 128,
+    window: Annotated[int, typer.Option(help="observation window: last prompt tokens, always kept")] = 8,
+    kernel: Annotated[int, typer.Option(help="max-pool width over positions")] = 7,
+    beta: Annotated[float, typer.Option(help="HeadKV: share of the budget that is guaranteed is 1 - 1/beta")] = 1.2,
+    group_reduce: Annotated[str, typer.Option(help="query heads -> KV head: mean or max")] = "mean",
+    max_new_tokens: Annotated[int, typer.Option()] = 64,
+    no_baseline: Annotated[bool, typer.Option("--no-baseline", help="skip the full-cache run")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON report")] = False,
+    no_chat_template: Annotated[bool, typer.Option("--no-chat-template")] = False,
+    device: Annotated[str, typer.Option()] = "auto",
+    dtype: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Generate with a head-level compressed KV cache, next to the full-cache answer."""
+    from headprof import allocate, generation, models, profile
+    from headprof.errors import HeadprofError, ProfileError
+    from headprof.scores import token_f1
+
+    text = read_prompt(prompt)
+    if method not in allocate.METHODS:
+        raise HeadprofError(f"unknown method '{method}' (use {', '.join(allocate.METHODS)})")
+    if budget <= window and method != "full":
+        raise HeadprofError(f"--budget {budget} must exceed --window {window}")
+    if max_new_tokens < 1:
+        raise HeadprofError("--max-new-tokens must be at least 1")
+    kv_scores = None
+    if method == "headkv":
+        path = profile_path or profile.shipped(model)
+        if path is None:
+            raise ProfileError(f"headkv needs a profile for {model}: pass --profile (make one with headprof score)")
+        prof = profile.load(path)
+    lm = models.load(model, device=device, dtype=dtype)
+    lay = lm.info.layout
+    if method == "headkv":
+        profile.check_fits(prof, lay.num_layers, lay.num_query_heads, lay.num_kv_heads)
+        kv_scores = prof.kv_scores(group_reduce)
+    tok = lm.tokenizer
+    if lm.info.chat_template and not no_chat_template:
+        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                      tokenize=True, return_dict=True)["input_ids"]
+    else:
+        ids = tok(text)["input_ids"]
+    results = [generation.generate(lm, ids, method, budget, kv_scores, window, kernel, beta, max_new_tokens)]
+    if not no_baseline and method != "full":
+        results.append(generation.generate(lm, ids, "full", budget, max_new_tokens=max_new_tokens))
+    ours = results[0]
+    base = results[1] if len(results) > 1 else None
+    report = {"model": lm.info.resolved, "prompt_tokens": len(ids), "method": method, "budget": budget,
+              "window": window, "kernel": kernel, "beta": beta, "group_reduce": group_reduce,
+              "profile": str(profile_path or (profile.shipped(model) if method == "headkv" else None)),
+              "runs": [r.to_dict() for r in results]}
+    if base is not None:
+        report["agreement"] = {"exact": ours.text == base.text, "token_f1": token_f1(ours.text, base.text)}
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=1) + "\n")
+        return
+    _print_run(report, results)
+
+
+def _print_run(report: dict, results: list) -> None:
+    from rich.columns import Columns
+    from rich.panel import Panel
+
+    out.print(f"{report['model']}: prompt of {report['prompt_tokens']} tokens, {report['method']} at "
+              f"{report['budget']} tokens per KV head", highlight=False)
+    for note in results[0].notes:
+        out.print(f"note: {note}", highlight=False)
+    panels = [Panel(r.text or "(empty)", title=f"{r.method}" + (" (full cache)" if r.method == "full" else ""),
+                    expand=True) for r in results]
+    out.print(Columns(panels, equal=True, expand=True))
+    if "agreement" in report:
+        a = report["agreement"]
+        out.print(f"agreement: exact {'yes' if a['exact'] else 'no'}, token F1 {a['token_f1']:.2f}")
+    t = Table("run", "KV entries", "KV MB held", "MB full", "MB ideal", "kept", "prefill s", "decode tok/s")
+    for r in results:
+        t.add_row(r.method, f"{r.kv_entries:,}", f"{r.kv_bytes / 1e6:.2f}", f"{r.kv_bytes_full / 1e6:.2f}",
+                  f"{r.kv_bytes_ideal / 1e6:.2f}", f"{r.kv_bytes / max(r.kv_bytes_full, 1):.1%}",
+                  f"{r.prefill_s:.2f}", f"{r.decode_tokens_per_s:.1f}" if r.decode_tokens_per_s else "-")
     out.print(t)

