@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -325,3 +326,184 @@ def _print_run(report: dict, results: list) -> None:
                   f"{r.kv_bytes_ideal / 1e6:.2f}", f"{r.kv_bytes / max(r.kv_bytes_full, 1):.1%}",
                   f"{r.prefill_s:.2f}", f"{r.decode_tokens_per_s:.1f}" if r.decode_tokens_per_s else "-")
     out.print(t)
+
+
+@app.command()
+@friendly
+def heatmap(
+    profile_path: Annotated[Path, typer.Argument(metavar="PROFILE")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="image file: .png, .svg or .pdf "
+                                                "[default: draw in the terminal]")] = None,
+    kv: Annotated[bool, typer.Option("--kv", help="KV-head scores (mean over each group)")] = False,
+    top: Annotated[int, typer.Option(help="label the top-k heads")] = 10,
+    diff: Annotated[Path | None, typer.Option(help="another profile: draw it minus PROFILE")] = None,
+    force: Annotated[bool, typer.Option(help="overwrite an existing image")] = False,
+) -> None:
+    """Draw a profile as a layers x heads heatmap."""
+    from headprof import plots, profile
+
+    prof = profile.load(profile_path)
+    other = profile.load(diff) if diff else None
+    if output is None:
+        out.print(plots.terminal_heatmap(prof, kv, top, other))
+        return
+    plots.save_heatmap(prof, output, kv, top, other, force)
+    out.print(f"wrote {output}", highlight=False)
+
+
+@app.command()
+@friendly
+def compare(
+    a: Annotated[Path, typer.Argument(metavar="A")],
+    b: Annotated[Path, typer.Argument(metavar="B")],
+    kv: Annotated[bool, typer.Option("--kv", help="compare KV-head scores")] = False,
+    keep: Annotated[float, typer.Option(help="operating point: fraction of heads kept, for the Jaccard")] = 0.5,
+    force: Annotated[bool, typer.Option(help="compare profiles of different methods")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Rank agreement of two profiles, the heads that moved, and whether it is within their noise."""
+    from headprof import compare as cmp
+    from headprof import profile
+
+    c = cmp.compare(profile.load(a), profile.load(b), "kv" if kv else "query", keep, force)
+    if as_json:
+        sys.stdout.write(json.dumps(c.to_dict(), indent=1) + "\n")
+        return
+    t = Table(show_header=False, box=None)
+    noise = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    for k, v in [("level", c.level), ("Spearman", f"{c.spearman:.3f}"), ("Kendall tau-b", f"{c.kendall:.3f}"),
+                 ("top-10% overlap", f"{c.top10_overlap:.2f}"), (f"Jaccard of kept heads at keep={c.keep}",
+                                                                 f"{c.kept_jaccard:.2f}"),
+                 ("self-agreement A (split half, full size)", noise(c.noise_a)),
+                 ("self-agreement B", noise(c.noise_b)),
+                 ("within the profiles' own noise", {None: "unknown (no per-probe data)", True: "yes",
+                                                     False: "no"}[c.within_noise])]:
+        t.add_row(f"[bold]{k}[/bold]", str(v))
+    out.print(t)
+    m = Table("head", "rank A", "rank B", "score A", "score B", title="moved most")
+    for r in c.moved:
+        m.add_row(r["head"], str(r["rank_a"]), str(r["rank_b"]), f"{r['score_a']:.4f}", f"{r['score_b']:.4f}")
+    out.print(m)
+
+
+@app.command()
+@friendly
+def show(
+    profile_path: Annotated[Path, typer.Argument(metavar="PROFILE")],
+    top: Annotated[int, typer.Option(help="how many heads to list")] = 10,
+) -> None:
+    """Summary of a profile with uncertainty: bootstrap intervals, split-half stability, score mass."""
+    from headprof import compare as cmp
+    from headprof import profile
+
+    prof = profile.load(profile_path)
+    m, p = prof.model, prof.data["probe_set"]
+    out.print(f"[bold]{m['spec']}[/bold] ({m['num_layers']} layers, {m['num_query_heads']} query heads, "
+              f"{m['num_kv_heads']} KV heads), method {prof.method}", highlight=False)
+    count = p.get("count", 0)
+    out.print(f"probe set {p.get('name')} v{p.get('version')} {str(p.get('hash', ''))[:19]}: {count} probes, "
+              f"{p.get('successes', 0)} answered ({p.get('successes', 0) / max(count, 1):.0%}), "
+              f"{p.get('counted', count)} counted", highlight=False)
+    if "source" in prof.data:
+        out.print(f"imported from {prof.data['source']['file']} ({prof.data['source']['format']}); unknown: "
+                  + "; ".join(prof.data["source"]["unknown"]), highlight=False)
+    has_query = prof.data["scores"].get("query") is not None
+    scores = prof.query_scores() if has_query else prof.kv_scores("mean")
+    heads = scores.shape[1]
+    per_probe = prof.per_probe() if has_query and prof.data["probes"] else None
+    lo = hi = None
+    if per_probe is not None and per_probe.shape[0] >= 2:
+        lo, hi = cmp.bootstrap_ci(per_probe)
+    t = Table("rank", "head", "score", "95% interval (bootstrap over probes)")
+    for rank, i in enumerate(np.argsort(-scores.ravel(), kind="stable")[:top], 1):
+        ci = f"{lo.ravel()[i]:.4f} - {hi.ravel()[i]:.4f}" if lo is not None else "-"
+        t.add_row(str(rank), cmp.head_name(int(i), heads), f"{scores.ravel()[i]:.4f}", ci)
+    out.print(t)
+    sh = cmp.split_half(per_probe) if per_probe is not None else None
+    out.print(f"split-half stability (Spearman of two disjoint halves): {'-' if sh is None else f'{sh:.3f}'}"
+              f"{'' if sh is None else f' (full size, Spearman-Brown: {cmp.full_size(sh):.3f})'}", highlight=False)
+    out.print(f"score mass held by the top 10% of heads: {cmp.mass_in_top(scores):.1%}", highlight=False)
+
+
+@app.command("import")
+@friendly
+def import_(
+    file: Annotated[Path, typer.Argument(metavar="FILE")],
+    fmt: Annotated[str, typer.Option("--format", help="headkv (JSON) or duo (TSV)")],
+    model_id: Annotated[str, typer.Option("--model-id", help="the model these scores belong to")],
+    out_path: Annotated[Path, typer.Option("--out", "-o")],
+    kv_heads: Annotated[int | None, typer.Option(help="headkv: KV heads of the model (GQA)")] = None,
+    query_heads: Annotated[int | None, typer.Option(help="duo: query heads of the model")] = None,
+    force: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Read HeadKV / Retrieval_Head JSON or DuoAttention TSV into a headprof profile."""
+    from headprof import interop, profile
+
+    profile.check_output(out_path, force)
+    prof = interop.import_file(file, fmt, model_id, kv_heads, query_heads)
+    profile.save(prof, out_path, force)
+    layers, heads = prof.shape
+    out.print(f"wrote {out_path}: {layers} layers x {heads} query heads, {prof.model['num_kv_heads']} KV heads, "
+              f"{len(prof.data['probes'])} per-probe rows", highlight=False)
+
+
+@app.command("export")
+@friendly
+def export_(
+    profile_path: Annotated[Path, typer.Argument(metavar="PROFILE")],
+    fmt: Annotated[str, typer.Option("--format", help="headkv (JSON) or duo (TSV)")],
+    out_path: Annotated[Path | None, typer.Option("--out", "-o", help="[default: stdout]")] = None,
+    force: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Write a profile in HeadKV / Retrieval_Head JSON or DuoAttention TSV form."""
+    from headprof import interop, profile
+
+    if out_path:
+        profile.check_output(out_path, force)
+    text = interop.export_text(profile.load(profile_path), fmt)
+    if out_path:
+        profile.write_atomic(out_path, text, force)
+        out.print(f"wrote {out_path}", highlight=False)
+    else:
+        sys.stdout.write(text)
+
+
+@app.command()
+@friendly
+def check(
+    profile_path: Annotated[Path, typer.Argument(metavar="PROFILE")],
+    model: Annotated[str | None, typer.Option(help="model to re-score [default: the profile's model]")] = None,
+    max_probes: Annotated[int | None, typer.Option(help="re-score only this many of the profile's probes")] = None,
+    min_spearman: Annotated[float, typer.Option(help="fail below this rank correlation")] = 0.9,
+    min_overlap: Annotated[float, typer.Option(help="fail below this top-10% overlap")] = 0.7,
+    device: Annotated[str, typer.Option()] = "auto",
+    dtype: Annotated[str, typer.Option()] = "auto",
+    quiet: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Re-score the profile's model on the profile's own probes; exit 1 if the heads changed."""
+    from headprof import compare as cmp
+    from headprof import models, probes, profile, scoring
+
+    prof = profile.load(profile_path)
+    ps, hs = probes.from_profile(prof.data, max_probes)
+    lm = models.load(model or prof.model["spec"], device=device, dtype=dtype)
+    lay = lm.info.layout
+    profile.check_fits(prof, lay.num_layers, lay.num_query_heads, lay.num_kv_heads)
+    params = prof.data["method"].get("params", {})
+    new = _with_progress(quiet, len(ps.probes), lambda cb: scoring.score(
+        lm, ps, prof.method, hs, chat_template=params.get("chat_template", True),
+        filter_probes=params.get("filter", True), margin=params.get("margin", scoring.DEFAULT_MARGIN), progress=cb))
+    ids = [p.id for p in ps.probes]
+    old_scores, new_scores = cmp.subset_scores(prof, ids), cmp.subset_scores(new, ids)
+    rho = cmp.spearman(old_scores, new_scores)
+    top = cmp.overlap(old_scores, new_scores, 0.1)
+    failures = [f"Spearman {rho:.3f} < {min_spearman}"] if rho < min_spearman else []
+    failures += [f"top-10% overlap {top:.2f} < {min_overlap}"] if top < min_overlap else []
+    out.print(f"re-scored {len(ids)} probes of {profile_path} on {lm.info.resolved}: Spearman {rho:.3f}, "
+              f"top-10% overlap {top:.2f}, answered {new.data['probe_set']['successes']}/{len(ids)} "
+              f"(profile: {sum(r['success'] for r in prof.data['probes'] if r['id'] in ids)}/{len(ids)})",
+              highlight=False)
+    if failures:
+        out.print("FAIL: " + "; ".join(failures), highlight=False)
+        raise typer.Exit(1)
+    out.print("OK: the heads that matter have not changed", highlight=False)

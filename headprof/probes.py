@@ -271,3 +271,26 @@ def _sentence_tokens(tokenizer, sentence: str) -> int:
     if key not in _SENTENCE_TOKENS:
         _SENTENCE_TOKENS[key] = len(tokenizer(" " + sentence, add_special_tokens=False)["input_ids"])
     return _SENTENCE_TOKENS[key]
+
+
+def from_profile(data: dict[str, Any], max_probes: int | None = None) -> tuple[ProbeSet, Haystack]:
+    """Rebuild (a subset of) a profile's own probe set from the probes it stores."""
+    ps = data.get("probe_set", {})
+    rows = [r for r in data.get("probes", []) if "needle" in r]
+    if not rows:
+        raise ProbeError("the profile stores no probe texts (an imported profile?); it cannot be re-scored")
+    hay = str(ps.get("haystack", ""))
+    if not hay.startswith("generated:v1:seed="):
+        raise ProbeError("the profile's probes used your own haystack file; re-score with headprof score --haystack")
+    if max_probes is not None and max_probes < len(rows):
+        if max_probes < 1:
+            raise ProbeError(f"--max-probes must be positive, got {max_probes}")
+        rows = [rows[round(i * (len(rows) - 1) / max(max_probes - 1, 1))] for i in range(max_probes)]
+    probes = tuple(Probe(id=r["id"], family=ps.get("family", "r2"), length=int(r["length"]), depth=float(r["depth"]),
+                         needle=r["needle"], question=r["question"], answer=r["answer"],
+                         distractor=r.get("distractor")) for r in rows)
+    haystack = Haystack(int(hay.split("=")[1]))
+    return ProbeSet(name=ps.get("name", "profile"), version=ps.get("version", PROBE_SET_VERSION),
+                    family=ps.get("family", "r2"), seed=int(ps.get("seed") or 0),
+                    lengths=tuple(sorted({p.length for p in probes})), depths=int(ps.get("depths") or 1),
+                    haystack=haystack.identity, probes=probes), haystack

@@ -25,3 +25,25 @@ def test_score_smollm2_end_to_end(tmp_path):
     # SmolLM2 finds short needles: some probes succeed, and some head retrieves the answer
     assert d["probe_set"]["successes"] >= 1
     assert max(max(row) for row in d["scores"]["query"]) > 0
+
+
+def test_check_passes_on_smollm2_and_fails_with_its_top_heads_disabled(tmp_path):
+    from pathlib import Path
+
+    from test_artefacts import _disable_top_heads
+
+    from headprof import models, profile
+
+    shipped = Path(__file__).resolve().parents[1] / "profiles" / "smollm2-135m" / "retrieval.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def check(*extra):
+        return subprocess.run([sys.executable, "-m", "headprof", "check", str(shipped), "--max-probes", "3",
+                               "--quiet", *extra], capture_output=True, text=True, env=env, timeout=900)
+
+    r = check()
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+    _, converted, _, _ = models._resolve("smollm2-135m")
+    changed = _disable_top_heads(Path(converted), profile.load(shipped), tmp_path / "disabled")
+    r = check("--model", str(changed))
+    assert r.returncode == 1 and "FAIL" in r.stdout, r.stdout + r.stderr
