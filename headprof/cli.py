@@ -139,23 +139,24 @@ def score(
                   highlight=False)
 
 
-def _with_progress(quiet: bool, total: int, run):
-    """Run `run(callback)`; the bar appears with the first finished probe, so early errors stay one line."""
+def _with_progress(quiet: bool, total: int, run, label: str = "scoring"):
+    """Run `run(callback)`; the bar appears with the first finished step, so early errors stay one line."""
     if quiet:
         return run(None)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[rate]} probes/s"), TimeRemainingColumn(),
-                   TextColumn("answered {task.fields[ok]}"), console=err)
-    task = bar.add_task("score", total=total, rate="-", ok="-")
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[rate]}/s"), TimeRemainingColumn(),
+                   TextColumn("{task.fields[ok]}"), console=err)
+    task = bar.add_task(label, total=total or None, rate="-", ok="")
 
     def update(p) -> None:
         if not bar.live.is_started:
             bar.start()
-        bar.update(task, completed=p.done)
+        bar.update(task, completed=p.done, total=p.total)
         speed = bar.tasks[task].speed
-        bar.update(task, rate=f"{speed:.2f}" if speed else "-", ok=f"{p.successes}/{p.done}")
+        ok = f"answered {p.successes}/{p.done}" if hasattr(p, "successes") else ""
+        bar.update(task, rate=f"{speed:.2f}" if speed else "-", ok=ok)
 
     try:
         return run(update)
@@ -507,3 +508,96 @@ def check(
         out.print("FAIL: " + "; ".join(failures), highlight=False)
         raise typer.Exit(1)
     out.print("OK: the heads that matter have not changed", highlight=False)
+
+
+@app.command("eval")
+@friendly
+def eval_(
+    model: ModelArg = "smollm2-135m",
+    budgets: Annotated[str, typer.Option(help="KV tokens per KV head, comma-separated")] = "32,64,128,256",
+    methods: Annotated[str, typer.Option(help="comma-separated: full, streaming, snapkv, pyramidkv, adakv, "
+                                              "headkv-retrieval, headkv-r2")] =
+        "full,streaming,snapkv,pyramidkv,adakv,headkv-retrieval,headkv-r2",
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="directory for results.json, results.csv, "
+                                                              "quality_vs_budget.png")] = Path("results"),
+    tasks: Annotated[Path | None, typer.Option(help="your own items, JSONL: context, question, answers "
+                                                    "[default: needle and reasoning probes]")] = None,
+    items: Annotated[int, typer.Option(help="items per task and length")] = 5,
+    lengths: Annotated[str, typer.Option(help="probe lengths in tokens")] = "1500",
+    seed: Annotated[int, typer.Option(help="seed of the eval items (the profiles use 0)")] = 1000,
+    beta: Annotated[str, typer.Option(help="HeadKV beta, or a list to choose per budget on a validation half")]
+        = "1.2",
+    profile_dir: Annotated[Path | None, typer.Option(help="where METHOD.json profiles are "
+                                                          "[default: the shipped profiles of MODEL]")] = None,
+    allow_overlap: Annotated[bool, typer.Option(help="run even if eval items overlap the profiles' probes")] = False,
+    window: Annotated[int, typer.Option()] = 8,
+    max_new_tokens: Annotated[int, typer.Option()] = 24,
+    force: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
+    quiet: Annotated[bool, typer.Option()] = False,
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Quality versus budget for every method, with bootstrap intervals, measured KV bytes and a plot."""
+    import shutil
+    import tempfile
+
+    from headprof import evaluate, models, profile
+    from headprof.errors import HeadprofError, OutputError, ProfileError
+
+    budget_list = parse_ints(budgets, "--budgets")
+    try:
+        betas = [float(x) for x in beta.split(",") if x.strip()]
+    except ValueError:
+        raise HeadprofError(f"--beta must be numbers, got '{beta}'") from None
+    if out_dir.exists() and not force:
+        raise OutputError(f"{out_dir} exists; pass --force to replace it")
+    wanted = {m.removeprefix("headkv-") for m in methods.split(",") if m.strip().startswith("headkv-")}
+    profiles = {}
+    for name in sorted(wanted):
+        path = (profile_dir / f"{name}.json") if profile_dir else profile.shipped(model, name)
+        if path is None or not path.is_file():
+            raise ProfileError(f"no {name} profile for {model}: pass --profile-dir (make one with headprof score)")
+        profiles[name] = profile.load(path)
+    method_list = evaluate.parse_methods(methods, profiles)
+    lm = models.load(model, device=device)
+    lay = lm.info.layout
+    for p in profiles.values():
+        profile.check_fits(p, lay.num_layers, lay.num_query_heads, lay.num_kv_heads)
+    if tasks:
+        item_list = evaluate.file_items(lm, tasks)
+    else:
+        item_list = []
+        for task in ("needle", "reasoning"):
+            its, ps = evaluate.probe_items(lm, task, parse_ints(lengths, "--lengths"), items, seed)
+            for name, p in profiles.items():
+                clash = evaluate.overlapping(p, ps)
+                if clash and not allow_overlap:
+                    raise HeadprofError(f"{len(clash)} eval items overlap the {name} profile's probes "
+                                        f"(e.g. {clash[0]}): use another --seed, or --allow-overlap")
+                if clash:
+                    err.print(f"[bold red]WARNING[/bold red]: {len(clash)} eval items overlap the {name} profile's "
+                              "probes; results are optimistic for headkv", highlight=False)
+            item_list += its
+    results = _with_progress(quiet, 0, lambda cb: evaluate.evaluate(
+        lm, item_list, method_list, budget_list, profiles, betas, window, max_new_tokens=max_new_tokens,
+        progress=cb), label="evaluating")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        (tmp / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        (tmp / "results.csv").write_text(evaluate.to_csv(results))
+        evaluate.plot(results, tmp / "quality_vs_budget.png")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    t = Table("method", "budget", "F1", "95% interval", "contains", "agrees w/ full", "KV MB", "s/item",
+              title=f"{results['model']}: {results['items']} items" + (f", beta chosen on {results['validation_items']}"
+                                                                     if results["chosen_beta"] else ""))
+    for r in results["summary"]:
+        t.add_row(r["method"], str(r["budget"]), f"{r['f1']:.2f}", f"{r['f1_low']:.2f}-{r['f1_high']:.2f}",
+                  f"{r['contains']:.2f}", f"{r['agreement']:.2f}", f"{r['kv_bytes'] / 1e6:.2f}", f"{r['seconds']:.1f}")
+    out.print(t)
+    if results["chosen_beta"]:
+        out.print(f"beta chosen per budget: {results['chosen_beta']}", highlight=False)
+    out.print(f"wrote {out_dir}/results.json, results.csv, quality_vs_budget.png", highlight=False)

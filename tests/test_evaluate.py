@@ -1,0 +1,118 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from fakes import loaded
+from tiny import save
+
+from headprof import evaluate, probes, profile
+from headprof.errors import ProbeError
+
+SCHEMA_KEYS = {"results_version", "model", "methods", "budgets", "betas", "chosen_beta", "window", "kernel",
+               "items", "validation_items", "summary", "rows"}
+SUMMARY_KEYS = {"method", "budget", "n", "f1", "f1_low", "f1_high", "contains", "agreement", "kv_bytes", "seconds"}
+
+
+def _items(lm, n=3, length=80):
+    rng = np.random.default_rng(0)
+    return [evaluate.Item(f"i{i}", "needle", rng.integers(0, 96, length).tolist(), ["w1 w2"]) for i in range(n)]
+
+
+def _profile(lm):
+    layers, heads, kv = lm.info.layout.num_layers, lm.info.layout.num_query_heads, lm.info.layout.num_kv_heads
+    q = np.random.default_rng(1).random((layers, heads))
+    return profile.Profile({"model": {"num_layers": layers, "num_query_heads": heads, "num_kv_heads": kv},
+                            "scores": {"query": q.tolist(), "kv": profile.kv_reduce(q, kv)}, "probes": [],
+                            "method": {"name": "r2"}})
+
+
+def test_grid_full_is_budget_independent_and_large_budget_matches_full():
+    lm = loaded("llama")
+    methods = ["full", "streaming", "snapkv", "pyramidkv", "adakv", "headkv-r2"]
+    res = evaluate.evaluate(lm, _items(lm), methods, [16, 200], {"r2": _profile(lm)}, max_new_tokens=4)
+    assert SCHEMA_KEYS <= set(res) and all(SUMMARY_KEYS <= set(r) for r in res["summary"])
+    rows = res["rows"]
+    for item in ("i0", "i1", "i2"):
+        full = {r["response"] for r in rows if r["item"] == item and r["method"] == "full"}
+        assert len(full) == 1  # full gives identical answers at every budget
+        at_200 = {r["response"] for r in rows if r["item"] == item and r["budget"] == 200}
+        assert at_200 == full  # a budget above the context: every method answers like the full cache
+    assert {r["agreement"] for r in rows if r["budget"] == 200} == {1.0}
+    small = [r for r in rows if r["budget"] == 16 and r["method"] != "full"]
+    full_bytes = [r["kv_bytes"] for r in rows if r["method"] == "full"][0]
+    assert all(r["kv_bytes"] < full_bytes for r in small)
+    assert len(res["summary"]) == len(methods) * 2
+
+
+def test_beta_list_is_chosen_on_validation_half():
+    lm = loaded("llama")
+    res = evaluate.evaluate(lm, _items(lm, 4), ["full", "headkv-r2"], [16], {"r2": _profile(lm)},
+                            betas=[1.01, 5.0], max_new_tokens=3)
+    assert res["validation_items"] == 2 and res["items"] == 2
+    assert res["chosen_beta"]["headkv-r2"]["16"] in (1.01, 5.0)
+    assert {r["n"] for r in res["summary"]} == {2}
+
+
+def test_overlap_detection():
+    ps = probes.build_probe_set("retrieval", [500], 3, seed=0)
+    prof = profile.Profile({"probes": [{"needle": ps.probes[1].needle, "question": "x"}]})
+    assert evaluate.overlapping(prof, ps) == [ps.probes[1].id]
+    other = probes.build_probe_set("retrieval", [500], 3, seed=1000)
+    assert evaluate.overlapping(prof, other) == []
+
+
+def test_metrics():
+    assert evaluate.contains("It is under the Blue flowerpot!", ["under the blue flowerpot"]) == 1.0
+    assert evaluate.best_f1("seashells", ["glass", "seashells"]) == 1.0
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"context": "c", "question": "q"}\n', "expected JSON"),
+    ('{"context": "", "question": "q", "answers": ["a"]}\n', "non-empty"),
+])
+def test_bad_tasks_files(tmp_path, content, message):
+    f = tmp_path / "t.jsonl"
+    f.write_text(content)
+    with pytest.raises(ProbeError, match=message):
+        evaluate.file_items(loaded("llama"), f)
+    f.write_bytes(b"\xff\xfe")
+    with pytest.raises(ProbeError, match="cannot read"):
+        evaluate.file_items(loaded("llama"), f)
+
+
+def test_eval_cli_writes_outputs_and_refuses_bad_input(tmp_path):
+    model = save("llama", tmp_path / "tiny")
+    prof_dir = tmp_path / "profs"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "headprof", *map(str, a)], capture_output=True,  # noqa: E731
+                                    text=True, timeout=900)
+    r = run("score", model, "--method", "r2", "--lengths", "200", "--depths", "2", "--out", prof_dir / "r2.json",
+            "--quiet")
+    assert r.returncode == 0, r.stderr
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("\n".join(json.dumps({"context": "The boat is red. " * 8, "question": "What colour?",
+                                           "answers": ["red"]}) for _ in range(2)))
+    out = tmp_path / "res"
+    args = [model, "--budgets", "24,400", "--methods", "full,snapkv,headkv-r2", "--profile-dir", prof_dir,
+            "--tasks", tasks, "--max-new-tokens", "3", "--quiet", "--out", out]
+    r = run("eval", *args)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert SCHEMA_KEYS <= set(res) and (out / "results.csv").read_text().startswith("method,budget")
+    assert (out / "quality_vs_budget.png").stat().st_size > 1000
+    before = (out / "results.json").read_text()
+    for bad, words in [(["--budgets", "0", "--out", tmp_path / "n1"], "positive"),
+                       (["--methods", "full,magic", "--out", tmp_path / "n2"], "unknown method"),
+                       ([], "exists")]:
+        r = run("eval", *args, *bad)
+        assert r.returncode != 0 and "Traceback" not in r.stderr and words in r.stderr, r.stderr
+    assert (out / "results.json").read_text() == before and not (tmp_path / "n1").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    d = json.loads((prof_dir / "r2.json").read_text())
+    d["model"]["num_kv_heads"] = 4
+    d["scores"]["kv"]["mean"] = d["scores"]["kv"]["max"] = [[0.0] * 4] * 3
+    (other / "r2.json").write_text(json.dumps(d))
+    r = run("eval", *args[:-1], tmp_path / "new", "--profile-dir", other)
+    assert r.returncode != 0 and "made for" in r.stderr, r.stderr
