@@ -84,6 +84,17 @@ def _probe_set(method, lengths, depths, seed, needles, haystack, max_positions=0
     return probes.build_probe_set(method, lens, depths, seed, user_needles, hs), hs
 
 
+def _emit(text: str, out_path: Path | None, force: bool, what: str) -> None:
+    """Write `text` atomically to `out_path`, or to stdout when there is none."""
+    from headprof.files import write_atomic
+
+    if out_path is None:
+        sys.stdout.write(text)
+        return
+    write_atomic(out_path, text, force)
+    out.print(f"wrote {out_path}: {what}", highlight=False)
+
+
 def _default_out(spec: str, method: str) -> Path:
     name = Path(spec).stem if spec.endswith(".gguf") else spec.rstrip("/").split("/")[-1]
     return Path("profiles") / re.sub(r"[^a-z0-9._-]+", "-", name.lower()) / f"{method}.json"
@@ -192,12 +203,7 @@ def probes(
             r = probes_mod.render(p, tok, hs)
             row.update(prompt_tokens=len(r.input_ids), answer_span=list(r.answer_span), prompt=r.text)
         lines.append(json.dumps(row))
-    text = "\n".join(lines) + "\n"
-    if out_path:
-        profile.write_atomic(out_path, text, force)
-        out.print(f"wrote {out_path}: {len(ps.probes)} probes, {ps.hash}", highlight=False)
-    else:
-        sys.stdout.write(text)
+    _emit("\n".join(lines) + "\n", out_path, force, f"{len(ps.probes)} probes, {ps.hash}")
 
 
 @app.command()
@@ -461,12 +467,7 @@ def export_(
 
     if out_path:
         profile.check_output(out_path, force)
-    text = interop.export_text(profile.load(profile_path), fmt)
-    if out_path:
-        profile.write_atomic(out_path, text, force)
-        out.print(f"wrote {out_path}", highlight=False)
-    else:
-        sys.stdout.write(text)
+    _emit(interop.export_text(profile.load(profile_path), fmt), out_path, force, fmt)
 
 
 @app.command()
@@ -567,7 +568,8 @@ def eval_(
     else:
         item_list = []
         for task in ("needle", "reasoning"):
-            its, ps = evaluate.probe_items(lm, task, parse_ints(lengths, "--lengths"), items, seed)
+            exclude = frozenset() if allow_overlap else evaluate.used_texts(list(profiles.values()))
+            its, ps = evaluate.probe_items(lm, task, parse_ints(lengths, "--lengths"), items, seed, exclude)
             for name, p in profiles.items():
                 clash = evaluate.overlapping(p, ps)
                 if clash and not allow_overlap:

@@ -22,6 +22,7 @@ import numpy as np
 
 from headprof import generation, probes
 from headprof.errors import HeadprofError, ProbeError
+from headprof.files import read_text
 from headprof.models import LoadedModel
 from headprof.profile import Profile
 from headprof.scores import token_f1, words
@@ -65,28 +66,29 @@ def parse_methods(text: str, profiles: dict[str, Profile]) -> list[str]:
 
 def overlapping(profile: Profile, probe_set: probes.ProbeSet) -> list[str]:
     """Eval items whose needle or question also occurs among the profile's probes."""
-    seen = {r.get("needle") for r in profile.data["probes"]} | {r.get("question") for r in profile.data["probes"]}
-    seen.discard(None)
+    seen = used_texts([profile])
     return [p.id for p in probe_set.probes if p.needle in seen or p.question in seen]
 
 
-def probe_items(lm: LoadedModel, task: str, lengths: Sequence[int], items: int, seed: int) -> tuple[list[Item],
-                                                                                                      probes.ProbeSet]:
+def used_texts(profiles: Sequence[Profile]) -> frozenset[str]:
+    """Needles and questions of the profiles' probes, which eval items must avoid."""
+    texts = {r.get(k) for p in profiles for r in p.data["probes"] for k in ("needle", "question")}
+    texts.discard(None)
+    return frozenset(texts)
+
+
+def probe_items(lm: LoadedModel, task: str, lengths: Sequence[int], items: int, seed: int,
+                exclude: frozenset[str] = frozenset()) -> tuple[list[Item], probes.ProbeSet]:
     family = "retrieval" if task == "needle" else "r2"
     hs = probes.Haystack(seed)
-    ps = probes.build_probe_set(family, lengths, items, seed)
+    ps = probes.build_probe_set(family, lengths, items, seed, exclude=exclude)
     out = [Item(f"{task}-{p.id}", task, probes.render(p, lm.tokenizer, hs).input_ids, [p.answer]) for p in ps.probes]
     return out, ps
 
 
 def file_items(lm: LoadedModel, path: Path) -> list[Item]:
     """Items from JSONL lines with context, question and answers (a list, or one string)."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise ProbeError(f"tasks file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ProbeError(f"cannot read tasks file {path}: {type(e).__name__}") from None
+    lines = read_text(path, "tasks file", ProbeError).splitlines()
     items = []
     for i, line in enumerate(lines, 1):
         if not line.strip():

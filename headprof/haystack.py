@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from headprof.errors import ProbeError
+from headprof.files import read_text
 
 _PLACES = ["the old mill", "the stone bridge", "the upper meadow", "the river bend", "the market square",
            "the north orchard", "the ferry landing", "the chapel on the hill", "the lower fields",
@@ -69,12 +70,7 @@ def generated_sentences(seed: int) -> Iterator[str]:
 
 def file_sentences(path: Path) -> list[str]:
     """Sentences of a user's haystack file; repeated in order when a probe needs more."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ProbeError(f"haystack file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ProbeError(f"cannot read haystack file {path}: {type(e).__name__}") from None
+    text = read_text(path, "haystack file", ProbeError)
     sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if s.strip()]
     if not sentences:
         raise ProbeError(f"haystack file {path} holds no text")

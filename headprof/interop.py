@@ -19,18 +19,10 @@ import numpy as np
 
 import headprof
 from headprof.errors import ProfileError
+from headprof.files import read_text
 from headprof.profile import SCHEMA_VERSION, Profile, kv_reduce, rounded, validate
 
 FORMATS = ("headkv", "duo")
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ProfileError(f"file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ProfileError(f"cannot read {path}: {type(e).__name__}") from None
 
 
 def _profile(model_id: str, layers: int, heads: int, kv_heads: int, method: str, query: np.ndarray | None,
@@ -55,7 +47,7 @@ def _profile(model_id: str, layers: int, heads: int, kv_heads: int, method: str,
 
 
 def import_headkv(path: Path, model_id: str, kv_heads: int | None = None, method: str | None = None) -> Profile:
-    text = _read(path)
+    text = read_text(path, 'file', ProfileError)
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
@@ -98,7 +90,7 @@ def import_headkv(path: Path, model_id: str, kv_heads: int | None = None, method
 
 
 def import_duo(path: Path, model_id: str, query_heads: int | None = None) -> Profile:
-    text = _read(path)
+    text = read_text(path, 'file', ProfileError)
     rows = [line.split("\t") for line in text.strip().splitlines() if line.strip()]
     if not rows:
         raise ProfileError(f"{path} holds no rows")

@@ -49,7 +49,7 @@ def save_heatmap(profile: Profile, path: Path, kv: bool = False, top: int = 10, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from headprof.profile import check_output
+    from headprof.files import check_output
 
     if path.suffix.lower() not in FORMATS:
         raise OutputError(f"unknown image extension '{path.suffix}' (use {', '.join(FORMATS)})")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from headprof.errors import ProbeError
+from headprof.files import read_text
 from headprof.haystack import Haystack
 
 __all__ = ["Haystack", "ProbeSet", "Probe", "Needle", "build_probe_set", "render"]
@@ -155,12 +156,7 @@ def default_lengths(max_positions: int, cap: int = 4000) -> list[int]:
 
 
 def load_needles(path: Path, family: str) -> list[Needle]:
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ProbeError(f"needles file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ProbeError(f"cannot read needles file {path}: {type(e).__name__}") from None
+    raw = read_text(path, "needles file", ProbeError)
     needles = []
     for i, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
@@ -182,8 +178,13 @@ def load_needles(path: Path, family: str) -> list[Needle]:
 
 
 def build_probe_set(family: str, lengths: Sequence[int], depths: int, seed: int = 0,
-                    needles: Sequence[Needle] | None = None, haystack: Haystack | None = None) -> ProbeSet:
-    """The grid lengths x depths, one needle per cell, deterministic from the seed."""
+                    needles: Sequence[Needle] | None = None, haystack: Haystack | None = None,
+                    exclude: frozenset[str] = frozenset()) -> ProbeSet:
+    """The grid lengths x depths, one needle per cell, deterministic from the seed.
+
+    Generated needles whose text or question is in `exclude` are drawn again (eval items must not
+    repeat a profile's probes).
+    """
     if family not in FAMILIES:
         raise ProbeError(f"unknown probe family '{family}' (use {' or '.join(FAMILIES)})")
     if not lengths:
@@ -200,6 +201,10 @@ def build_probe_set(family: str, lengths: Sequence[int], depths: int, seed: int 
                 nd = needles[(li * depths + di) % len(needles)]
             else:
                 nd = make(random.Random(f"{family}-{seed}-{length}-{di}"))
+                for retry in range(1, 200):
+                    if nd.needle not in exclude and nd.question not in exclude:
+                        break
+                    nd = make(random.Random(f"{family}-{seed}-{length}-{di}-{retry}"))
             probes.append(Probe(id=f"{family}-L{length}-D{round(depth * 100):03d}", family=family,
                                 length=int(length), depth=depth, needle=nd.needle, question=nd.question,
                                 answer=nd.answer, distractor=nd.distractor))

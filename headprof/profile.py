@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from headprof.errors import OutputError, ProfileError
+from headprof.errors import ProfileError
+from headprof.files import check_output, read_text, write_atomic
+
+__all__ = ["Profile", "load", "save", "validate", "check_output", "write_atomic", "check_fits", "shipped"]
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("profile.schema.json")
@@ -132,12 +133,7 @@ def _grid(g: Any, rows: int, cols: int, where: str) -> None:
 
 def load(path: str | Path) -> Profile:
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ProfileError(f"profile not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ProfileError(f"cannot read profile {p}: {type(e).__name__}") from None
+    text = read_text(p, "profile", ProfileError)
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:
@@ -147,39 +143,6 @@ def load(path: str | Path) -> Profile:
     except ProfileError as e:
         raise ProfileError(f"{p}: {e}") from None
     return Profile(d)
-
-
-def check_output(path: str | Path, force: bool) -> Path:
-    """Refuse early (before hours of work) when the output cannot or must not be written."""
-    p = Path(path)
-    if p.exists() and not force:
-        raise OutputError(f"{p} exists; pass --force to overwrite it")
-    if p.exists() and p.is_dir():
-        raise OutputError(f"{p} is a directory")
-    parent = p.parent if str(p.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create directory {parent}: {e.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"output directory {parent} is not writable")
-    return p
-
-
-def write_atomic(path: str | Path, text: str, force: bool = False) -> Path:
-    """Write via a temp file in the same directory and rename, so no reader sees a partial file."""
-    p = check_output(path, force)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
 
 
 def save(profile: Profile, path: str | Path, force: bool = False) -> Path:

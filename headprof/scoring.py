@@ -30,9 +30,10 @@ from headprof import probes as probes_mod
 from headprof import scores
 from headprof.capture import AttentionCapture
 from headprof.errors import OutputError, ProbeError
+from headprof.files import write_atomic
 from headprof.haystack import Haystack
 from headprof.models import LoadedModel
-from headprof.profile import SCHEMA_VERSION, Profile, kv_reduce, rounded, write_atomic
+from headprof.profile import SCHEMA_VERSION, Profile, kv_reduce, rounded
 
 DEFAULT_MARGIN = 10
 
