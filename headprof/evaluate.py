@@ -249,7 +249,9 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("KV budget (tokens per KV head)")
     ax.set_ylabel("token F1 (95% bootstrap interval)")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"{results['model']}: quality vs budget ({results['items']} items)", fontsize=9)
+    import textwrap
+
+    ax.set_title(textwrap.fill(f"{results['model']}: quality vs budget ({results['items']} items)", 80), fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
