@@ -280,6 +280,7 @@ def run(
     if max_new_tokens < 1:
         raise HeadprofError("--max-new-tokens must be at least 1")
     kv_scores = None
+    path = None
     if method == "headkv":
         path = profile_path or profile.shipped(model)
         if path is None:
@@ -303,7 +304,7 @@ def run(
     base = results[1] if len(results) > 1 else None
     report = {"model": lm.info.resolved, "prompt_tokens": len(ids), "method": method, "budget": budget,
               "window": window, "kernel": kernel, "beta": beta, "group_reduce": group_reduce,
-              "profile": str(profile_path or (profile.shipped(model) if method == "headkv" else None)),
+              "profile": str(path) if path else None,
               "runs": [r.to_dict() for r in results]}
     if base is not None:
         report["agreement"] = {"exact": ours.text == base.text, "token_f1": token_f1(ours.text, base.text)}

@@ -62,9 +62,17 @@ class Plan:
         return self.prompt_len - self.window
 
     def select(self, layer: int, probs: torch.Tensor) -> list[torch.Tensor]:
-        """Kept positions (prefix picks + window) per KV head of one layer, from its window rows."""
+        """Kept positions (prefix picks + window) per KV head of one layer, from its window rows.
+
+        Sliding-window layers keep their last window whatever the method (docs/run.md).
+        """
         window_pos = torch.arange(self.prefix, self.prompt_len, device=probs.device)
         kv_heads = self.layout.num_kv_heads
+        sliding = self.layout.sliding_window
+        if self.layout.attention_kinds[layer] == "sliding_attention" and sliding:
+            # a sliding-window layer keeps what the model's own cache keeps: its last window
+            last = torch.arange(max(0, self.prompt_len - sliding + 1), self.prompt_len, device=probs.device)
+            return [last] * kv_heads
         if self.method == "streaming":
             keep = [streaming_positions(self.prefix, int(b)).to(probs.device) for b in self.budgets[layer]]
         else:

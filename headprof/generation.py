@@ -104,11 +104,7 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str = "headkv", bud
         done: set[int] = set()
 
         def sink(layer: int, probs: torch.Tensor) -> None:
-            if lay.attention_kinds[layer] == "sliding_attention" and lay.sliding_window:
-                keep = [torch.arange(max(0, n - lay.sliding_window + 1), n, device=probs.device)] * lay.num_kv_heads
-            else:
-                keep = plan.select(layer, probs)
-            cache.compress(layer, keep)
+            cache.compress(layer, plan.select(layer, probs))
             done.add(layer)
             if len(done) == lay.num_layers:
                 capture.stop()

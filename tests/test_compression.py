@@ -26,9 +26,7 @@ def _compressed_vs_full(lm, method, budget, steps=10, kv_scores=None):
         cache = HeadKVCache(lay.num_layers, 4, windows)
 
         def sink(layer, probs):
-            keep = ([torch.arange(max(0, n - lay.sliding_window + 1), n)] * lay.num_kv_heads
-                    if lay.attention_kinds[layer] == "sliding_attention" else plan.select(layer, probs))
-            cache.compress(layer, keep)
+            cache.compress(layer, plan.select(layer, probs))
 
         with AttentionCapture(sink, last_n=8) as cap:
             ours = [lm.model(ids, past_key_values=cache).logits[:, -1]]
