@@ -26,14 +26,15 @@ def _prefix_budget(budget: int, window: int) -> int:
     return budget - window
 
 
-def share(weights: np.ndarray, total: int, cap: int) -> np.ndarray:
-    """Integers proportional to `weights`, each <= cap, summing to min(total, cap * n) exactly.
+def share(weights: np.ndarray, total: int, cap: int | np.ndarray) -> np.ndarray:
+    """Integers proportional to `weights`, each <= its cap, summing to min(total, sum of caps) exactly.
 
-    Heads that hit the cap hand their surplus to the others, in proportion to their weights.
+    Heads that hit their cap hand their surplus to the others, in proportion to their weights.
     """
     w = np.clip(np.asarray(weights, dtype=float).ravel(), 0, None)
     n = w.size
-    total = min(int(total), cap * n)
+    cap = np.broadcast_to(np.asarray(cap, dtype=np.int64).ravel() if np.ndim(cap) else np.int64(cap), (n,))
+    total = min(int(total), int(cap.sum()))
     if n == 0 or total <= 0:
         return np.zeros(n, dtype=np.int64)
     if w.sum() <= 0:
@@ -47,8 +48,8 @@ def share(weights: np.ndarray, total: int, cap: int) -> np.ndarray:
             ww = free.astype(float)
         alloc += remaining * ww / ww.sum()
         over = alloc > cap
-        remaining = float((alloc[over] - cap).sum())
-        alloc[over] = cap
+        remaining = float((alloc[over] - cap[over]).sum())
+        alloc[over] = cap[over]
         free &= alloc < cap
     out = np.floor(alloc + 1e-9).astype(np.int64)
     short = total - int(out.sum())
@@ -56,13 +57,18 @@ def share(weights: np.ndarray, total: int, cap: int) -> np.ndarray:
     for i in order:
         if short <= 0:
             break
-        if out[i] < cap:
+        if out[i] < cap[i]:
             out[i] += 1
             short -= 1
     return out
 
 
-def headkv(scores: np.ndarray, budget: int, window: int, prefix: int, compressible: np.ndarray,
+def capacity(prefix: int | np.ndarray, compressible: np.ndarray) -> np.ndarray:
+    """Per-head caps [layer, kv_head]: `prefix` is one count for every head or an array of that shape."""
+    return np.broadcast_to(np.asarray(prefix, dtype=np.int64), compressible.shape)
+
+
+def headkv(scores: np.ndarray, budget: int, window: int, prefix: int | np.ndarray, compressible: np.ndarray,
            beta: float = 1.2) -> np.ndarray:
     """HeadKV Eq. 4: every head keeps b - b/beta; a pool of (b/beta) x heads is split by importance."""
     if beta < 1:
@@ -74,17 +80,18 @@ def headkv(scores: np.ndarray, budget: int, window: int, prefix: int, compressib
     floor = b - b / beta
     weights = floor + p * (b / beta) * heads  # real-valued budgets; `share` rounds them exactly
     out = np.zeros(compressible.shape, dtype=np.int64)
-    out[compressible] = share(weights, b * heads, prefix)
+    out[compressible] = share(weights, b * heads, capacity(prefix, compressible)[compressible])
     return out
 
 
-def uniform(budget: int, window: int, prefix: int, compressible: np.ndarray) -> np.ndarray:
+def uniform(budget: int, window: int, prefix: int | np.ndarray, compressible: np.ndarray) -> np.ndarray:
     """SnapKV and StreamingLLM: the same budget for every head."""
-    b = min(_prefix_budget(budget, window), prefix)
+    b = np.minimum(_prefix_budget(budget, window), capacity(prefix, compressible))
     return np.where(compressible, b, 0).astype(np.int64)
 
 
-def pyramid(budget: int, window: int, prefix: int, compressible: np.ndarray, ratio: float = 20.0) -> np.ndarray:
+def pyramid(budget: int, window: int, prefix: int | np.ndarray, compressible: np.ndarray,
+            ratio: float = 20.0) -> np.ndarray:
     """PyramidKV: per-layer budgets falling linearly with depth (top = bottom / ratio), same total."""
     b = _prefix_budget(budget, window)
     layers = np.flatnonzero(compressible.any(axis=1))
@@ -95,10 +102,11 @@ def pyramid(budget: int, window: int, prefix: int, compressible: np.ndarray, rat
     high = 2 * b - low
     shape = np.linspace(high, low, layers.size) if layers.size > 1 else np.array([b], dtype=float)
     heads_per_layer = compressible[layers].sum(axis=1)
-    per_layer = share(shape * heads_per_layer, int(b * heads_per_layer.sum()), prefix * int(heads_per_layer.max()))
+    caps = np.where(compressible, capacity(prefix, compressible), 0)
+    per_layer = share(shape * heads_per_layer, int(b * heads_per_layer.sum()), caps[layers].sum(axis=1))
     for layer, total in zip(layers, per_layer, strict=True):
         mask = compressible[layer]
-        out[layer, mask] = share(np.ones(int(mask.sum())), int(total), prefix)
+        out[layer, mask] = share(np.ones(int(mask.sum())), int(total), caps[layer, mask])
     return out
 
 

@@ -1,94 +1,145 @@
-"""A KV cache that holds a different number of tokens in every KV head, and attention over it.
+"""A KV cache that holds a different number of prompt tokens in every KV head.
 
-Each layer starts dense (prefill attends over the whole prompt), then `compress` keeps only the chosen
-positions: one flat K buffer and one flat V buffer per layer, a segment per KV head with room for the
-tokens still to be generated. Appending a decoded token writes one row per head in place; nothing is
-copied per step (a segment grows by reallocation, doubling its spare room, only if it fills up).
-Positions keep counting from the original prompt length, so RoPE continues where the prompt ended.
+A compressed layer keeps two parts:
 
-The attention function in capture.py recognises these buffers (`varlen_layer`) and attends per head
-over its segment.
+- the **prefix**: the prompt tokens each KV head kept, packed head after head in one (N, dim) buffer
+  (head h at [starts[h], starts[h] + lens[h])). It never changes after compression, so it holds exactly
+  the kept tokens, and its layout is the one a varlen attention kernel reads (`cu_seqlens`).
+- the **tail**: the generated tokens, which every head receives alike, in a dense (heads, room, dim)
+  buffer. Appending a step is one slice write per layer; the room grows in small steps (a few percent of
+  what the layer holds), so an early stop leaves little unused.
+
+Attention over a compressed layer is one call per layer for all KV heads (`attention.py`). Positions
+keep counting from the prompt length, so RoPE continues where the prompt ended. A layer may also carry a
+sliding window (Gemma-style layers compressed inside their window): keys older than the window are
+masked by position.
+
+Uncompressed layers (the full cache, or sliding-window layers left as the model keeps them) are
+transformers' own layers; the cache mixes both kinds.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.nn.functional as F
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+
+GROWTH = 0.02  # tail room grows by this share of what a head holds (and at least the step's tokens)
 
 
 class HeadKVLayer(DynamicLayer):
-    """Dense until `compress`; then per-KV-head segments [begin, begin + length) of flat buffers."""
+    """Dense during prefill; after `compress`, a packed per-head prefix and a dense tail."""
 
-    def __init__(self, reserve: int, sliding_window: int | None = None) -> None:
+    def __init__(self, sliding_window: int | None = None, growth: float = GROWTH) -> None:
         super().__init__()
-        self.reserve = max(1, reserve)
         self.sliding_window = sliding_window
-        self.seen = 0
-        self.flat_k: torch.Tensor | None = None
-        self.flat_v: torch.Tensor | None = None
-        self.begin: list[int] = []
-        self.length: list[int] = []
-        self.end_cap: list[int] = []  # one past the last slot a head may use
+        self.growth = growth
+        self.seen = 0  # positions so far (prompt + appended)
+        self.prompt_len = 0
+        self.pk: torch.Tensor | None = None  # (N, dim) kept prompt keys, packed by head
+        self.pv: torch.Tensor | None = None
+        self.lens: list[int] = []  # kept tokens per head (host copy: sizes are decided on the host)
+        self.uniform = True
+        self.starts: torch.Tensor | None = None  # (heads,) int64 on the cache's device
+        self.cu_seqlens: torch.Tensor | None = None  # (heads + 1,) int32, for varlen kernels
+        self.positions: torch.Tensor | None = None  # (N,) positions of kept tokens (sliding layers only)
+        self.tk: torch.Tensor | None = None  # (heads, room, dim) generated keys
+        self.tv: torch.Tensor | None = None
+        self.t = 0  # tokens in the tail
+        self.t0 = 0  # position of tail[0] minus the prompt length (sliding layers drop old tail entries)
+        self.returned: torch.Tensor | None = None
+        self.head_of: torch.Tensor | None = None  # (N,) int16 head of each packed entry (unequal lengths)
+        self.head_ids: torch.Tensor | None = None
 
     @property
     def compressed(self) -> bool:
-        return self.flat_k is not None
+        return self.pk is not None
+
 
     def update(self, key_states, value_states, *args, **kwargs):
-        self.seen += key_states.shape[-2]
+        q = key_states.shape[-2]
+        self.seen += q
         if not self.compressed:
             return super().update(key_states, value_states, *args, **kwargs)
-        q = key_states.shape[-2]
-        for h in range(len(self.begin)):
-            if self.begin[h] + self.length[h] + q > self.end_cap[h]:
-                self._grow(q)
-            at = self.begin[h] + self.length[h]
-            self.flat_k[at:at + q] = key_states[0, h]
-            self.flat_v[at:at + q] = value_states[0, h]
-            self.length[h] += q
-            if self.sliding_window is not None and self.length[h] > self.sliding_window:
-                drop = self.length[h] - self.sliding_window
-                self.begin[h] += drop
-                self.length[h] -= drop
-        k, v = self.flat_k, self.flat_v
-        k.headprof_layer = self  # marks the buffers for the attention function
-        return k, v
+        if self.t + q > self.tk.shape[1]:
+            self._grow(q)
+        self.tk[:, self.t:self.t + q] = key_states[0]
+        self.tv[:, self.t:self.t + q] = value_states[0]
+        self.t += q
+        self.returned = key_states  # attention recognises this call's keys and reads the layer itself
+        return key_states, value_states
 
     def compress(self, keep: list[torch.Tensor]) -> None:
         """Keep positions keep[h] (sorted) of KV head h; free the dense tensors."""
-        keys, values = self.keys[0], self.values[0]  # (kv_heads, seq, dim)
-        sizes = [int(k.numel()) for k in keep]
-        total = sum(sizes) + self.reserve * len(keep)
-        self.flat_k = keys.new_empty(total, keys.shape[-1])
-        self.flat_v = values.new_empty(total, values.shape[-1])
-        self.begin, self.length, self.end_cap = [], [], []
-        at = 0
-        for h, idx in enumerate(keep):
-            n = sizes[h]
-            self.flat_k[at:at + n] = keys[h, idx]
-            self.flat_v[at:at + n] = values[h, idx]
-            self.begin.append(at)
-            self.length.append(n)
-            at += n + self.reserve
-            self.end_cap.append(at)
+        keys, values = self.keys, self.values  # (1, heads, seq, dim)
+        if keys.shape[0] != 1:
+            raise ValueError("head-level compression supports batch size 1")
+        heads, dim = keys.shape[1], keys.shape[-1]
+        device = keys.device
+        self.lens = [int(k.numel()) for k in keep]
+        self.uniform = len(set(self.lens)) == 1  # every head keeps the same count: a (heads, len) view
+        head_of = torch.repeat_interleave(torch.arange(heads, device=device),
+                                          torch.tensor(self.lens, device=device))
+        pos = torch.cat([k.to(device) for k in keep])
+        self.pk = keys[0, head_of, pos].contiguous()
+        self.pv = values[0, head_of, pos].contiguous()
+        # otherwise which head each packed entry belongs to (int16: 2 bytes per entry, counted in nbytes)
+        self.head_ids = torch.arange(heads, device=device, dtype=torch.int16)
+        self.head_of = None if self.uniform else head_of.to(torch.int16)
+        cu = [0]
+        for n in self.lens:
+            cu.append(cu[-1] + n)
+        self.cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=device)
+        self.starts = self.cu_seqlens[:-1].long()
+        self.positions = pos if self.sliding_window is not None else None
+        self.prompt_len = keys.shape[2]
+        self.tk = keys.new_empty(heads, self._step(1), dim)
+        self.tv = values.new_empty(heads, self.tk.shape[1], dim)
+        self.t = self.t0 = 0
         self.keys = self.values = None
 
+    def _step(self, q: int) -> int:
+        per_head = self.pk.shape[0] / max(len(self.lens), 1) + self.t
+        return max(q, math.ceil(self.growth * per_head))
+
     def _grow(self, q: int) -> None:
-        """Reallocate with twice the spare room per head (rare: only past the planned new tokens)."""
-        self.reserve = max(2 * self.reserve, q)
-        old_k, old_v = self.flat_k, self.flat_v
-        total = sum(self.length) + self.reserve * len(self.length)
-        self.flat_k = old_k.new_empty(total, old_k.shape[-1])
-        self.flat_v = old_v.new_empty(total, old_v.shape[-1])
-        at = 0
-        for h in range(len(self.begin)):
-            n, b = self.length[h], self.begin[h]
-            self.flat_k[at:at + n] = old_k[b:b + n]
-            self.flat_v[at:at + n] = old_v[b:b + n]
-            self.begin[h] = at
-            at += n + self.reserve
-            self.end_cap[h] = at
+        """Reallocate the tail with room for `q` more tokens plus one growth step."""
+        keep_from = 0
+        if self.sliding_window is not None:  # entries the window has passed are never read again
+            keep_from = max(0, self.t + q - self.sliding_window)
+        live = self.t - keep_from
+        room = live + q + self._step(q)
+        tk, tv = self.tk.new_empty(self.tk.shape[0], room, self.tk.shape[2]), self.tv.new_empty(
+            self.tv.shape[0], room, self.tv.shape[2])
+        tk[:, :live], tv[:, :live] = self.tk[:, keep_from:self.t], self.tv[:, keep_from:self.t]
+        self.tk, self.tv, self.t, self.t0 = tk, tv, live, self.t0 + keep_from
+
+    def prefix_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Keys and values of the prefix for a batched matmul against queries (heads, rows, dim).
+
+        Equal lengths: (heads, len, dim) views, no mask. Otherwise the packed (N, dim) buffer as it is, with a
+        (heads, 1, N) mask of each head's own entries: no copy, at the price of scoring every query head
+        against every kept token (cheap on CPU; CUDA uses a varlen kernel instead). Also returns the
+        positions, broadcastable the same way (sliding-window layers), else None.
+        """
+        heads = len(self.lens)
+        pos = self.positions
+        if self.uniform:
+            n = self.lens[0]
+            return (self.pk.view(heads, n, -1), self.pv.view(heads, n, -1), None,
+                    None if pos is None else pos.view(heads, 1, n))
+        own = self.head_of[None, :] == self.head_ids[:, None]
+        return self.pk, self.pv, own[:, None, :], None if pos is None else pos[None, None, :]
+
+    def head_kv(self, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, values, positions) of head h, prefix then tail: the obvious per-head view (reference)."""
+        a, n = int(self.cu_seqlens[h]), self.lens[h]
+        pos = (self.positions[a:a + n] if self.positions is not None
+               else torch.full((n,), -1, dtype=torch.long, device=self.pk.device))
+        tail_pos = self.prompt_len + self.t0 + torch.arange(self.t, device=self.pk.device)
+        return (torch.cat([self.pk[a:a + n], self.tk[h, :self.t]]), torch.cat([self.pv[a:a + n], self.tv[h, :self.t]]),
+                torch.cat([pos, tail_pos]))
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -97,64 +148,57 @@ class HeadKVLayer(DynamicLayer):
         return self.seen + query_length, 0
 
     def entries(self) -> int:
-        """KV entries (tokens x KV heads) held."""
+        """KV entries (tokens x KV heads) in use."""
         if self.compressed:
-            return sum(self.length)
-        return 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[1] * self.keys.shape[2]
+            return self.pk.shape[0] + len(self.lens) * self.t
+        return _dense_entries(self)
 
     def nbytes(self) -> int:
         """Bytes of the tensors actually allocated for this layer."""
-        tensors = [self.flat_k, self.flat_v] if self.compressed else [self.keys, self.values]
+        tensors = [self.pk, self.pv, self.tk, self.tv, self.head_of] if self.compressed else [self.keys, self.values]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-class HeadKVCache(Cache):
-    """One `HeadKVLayer` per model layer; `reserve` = tokens each head may still receive."""
+def _dense_entries(layer) -> int:
+    keys = getattr(layer, "keys", None)
+    return 0 if keys is None or keys.numel() == 0 else keys.shape[1] * keys.shape[2]
 
-    def __init__(self, num_layers: int, reserve: int, sliding_windows: list[int | None] | None = None) -> None:
-        windows = sliding_windows or [None] * num_layers
-        super().__init__(layers=[HeadKVLayer(reserve, w) for w in windows])
+
+class HeadKVCache(Cache):
+    """One layer per model layer: `HeadKVLayer` where heads are compressed, transformers' own otherwise.
+
+    `kinds[i]` is "compress" (a full-attention layer, or a sliding layer compressed inside its window when
+    `windows[i]` is set), or "sliding" (a sliding-window layer kept as the model keeps it).
+    """
+
+    def __init__(self, kinds: list[str], windows: list[int | None], growth: float = GROWTH) -> None:
+        layers = [DynamicSlidingWindowLayer(w) if kind == "sliding" else HeadKVLayer(w, growth)
+                  for kind, w in zip(kinds, windows, strict=True)]
+        super().__init__(layers=layers)
+
+    def compressed_layer(self, layer_idx: int, key: torch.Tensor) -> HeadKVLayer | None:
+        """The compressed layer whose `update` just returned `key` (None for any other cache's keys)."""
+        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        if isinstance(layer, HeadKVLayer) and layer.compressed and layer.returned is key:
+            return layer
+        return None
 
     def compress(self, layer: int, keep: list[torch.Tensor]) -> None:
         self.layers[layer].compress(keep)
 
     def entries(self) -> int:
-        return sum(layer.entries() for layer in self.layers)
+        return sum(layer.entries() if isinstance(layer, HeadKVLayer) else _dense_entries(layer)
+                   for layer in self.layers)
 
     def nbytes(self) -> int:
-        return sum(layer.nbytes() for layer in self.layers)
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, HeadKVLayer):
+                total += layer.nbytes()
+            elif getattr(layer, "keys", None) is not None:
+                total += layer.keys.nbytes + layer.values.nbytes
+        return total
 
     def head_lengths(self) -> list[list[int]]:
-        return [list(layer.length) for layer in self.layers]
-
-
-def varlen_layer(key: torch.Tensor) -> HeadKVLayer | None:
-    return getattr(key, "headprof_layer", None)
-
-
-def varlen_attention(layer: HeadKVLayer, query: torch.Tensor, scaling: float,
-                     softcap: float | None) -> torch.Tensor:
-    """Attention of `query` (1, heads, q, dim) over each KV head's own segment; returns (1, q, heads, dim).
-
-    The q new tokens are the last q entries of every segment; they attend causally among themselves.
-    """
-    _, heads, q, _ = query.shape
-    kv_heads = len(layer.begin)
-    group = heads // kv_heads
-    out = query.new_empty(1, q, heads, layer.flat_v.shape[-1])
-    for h in range(kv_heads):
-        b, n = layer.begin[h], layer.length[h]
-        k, v = layer.flat_k[b:b + n], layer.flat_v[b:b + n]
-        qg = query[0, h * group:(h + 1) * group]  # (group, q, dim)
-        if softcap is None and q == 1:
-            o = F.scaled_dot_product_attention(qg, k[None], v[None], scale=scaling)
-        else:
-            logits = torch.matmul(qg.float(), k.float().T) * scaling
-            if softcap is not None:
-                logits = torch.tanh(logits / softcap) * softcap
-            if q > 1:
-                allowed = torch.arange(n, device=k.device)[None, :] <= torch.arange(n - q, n, device=k.device)[:, None]
-                logits = logits.masked_fill(~allowed, float("-inf"))
-            o = torch.matmul(torch.softmax(logits, dim=-1).to(v.dtype), v)
-        out[0, :, h * group:(h + 1) * group] = o.transpose(0, 1)
-    return out
+        return [[n + layer.t for n in layer.lens] if isinstance(layer, HeadKVLayer) and layer.compressed else []
+                for layer in self.layers]

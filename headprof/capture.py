@@ -20,7 +20,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
 
-from headprof.cache import varlen_attention, varlen_layer
+from headprof import attention
+from headprof.cache import HeadKVCache
 
 SDPA = "headprof"
 FLASH = "headprof_flash"
@@ -60,6 +61,22 @@ class AttentionCapture:
 _ACTIVE: contextvars.ContextVar[AttentionCapture | None] = contextvars.ContextVar(
     "headprof_capture", default=None
 )
+_CACHE: contextvars.ContextVar[HeadKVCache | None] = contextvars.ContextVar("headprof_cache", default=None)
+
+
+@contextmanager
+def compressed(cache: HeadKVCache) -> Iterator[HeadKVCache]:
+    """While active, layers that `cache` has compressed attend over their kept tokens (attention.py)."""
+    token = _CACHE.set(cache)
+    try:
+        yield cache
+    finally:
+        _CACHE.reset(token)
+
+
+def _compressed_layer(module, key):
+    cache = _CACHE.get()
+    return None if cache is None else cache.compressed_layer(module.layer_idx, key)
 
 
 def attach(model: torch.nn.Module, flash: bool = False) -> str:
@@ -101,9 +118,9 @@ def _capture(module, query, key, attention_mask, scaling, sliding_window, softca
 def _sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                     sliding_window=None, softcap=None, **kwargs):
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    varlen = varlen_layer(key)
-    if varlen is not None:  # a compressed layer: each KV head attends over its own kept tokens
-        return varlen_attention(varlen, query, scaling, softcap), None
+    layer = _compressed_layer(module, key)
+    if layer is not None:  # a compressed layer: each KV head attends over its own kept tokens
+        return attention.attend(layer, query, scaling, softcap), None
     _capture(module, query, key, attention_mask, scaling, sliding_window, softcap)
     if softcap is not None:  # SDPA has no soft-capping: compute the same thing in query chunks
         return _chunked_attention(query, key, value, attention_mask, scaling, sliding_window, softcap), None
@@ -116,9 +133,9 @@ def _flash_attention(module, query, key, value, attention_mask, scaling=None, dr
     from transformers.integrations.flash_attention import flash_attention_forward
 
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    varlen = varlen_layer(key)
-    if varlen is not None:
-        return varlen_attention(varlen, query, scaling, softcap), None
+    layer = _compressed_layer(module, key)
+    if layer is not None:
+        return attention.attend(layer, query, scaling, softcap), None
     _capture(module, query, key, attention_mask, scaling, sliding_window, softcap)
     return flash_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                    dropout=dropout, sliding_window=sliding_window, softcap=softcap,

@@ -10,6 +10,9 @@ cache's tensors after generation, not computed from the plan.
 from __future__ import annotations
 
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,7 +21,7 @@ import torch
 from transformers import DynamicCache, StoppingCriteria
 
 from headprof.cache import HeadKVCache
-from headprof.capture import AttentionCapture
+from headprof.capture import AttentionCapture, compressed
 from headprof.compress import Plan, make_plan
 from headprof.errors import HeadprofError
 from headprof.models import LoadedModel
@@ -52,6 +55,23 @@ class RunResult:
         return {**asdict(self), "kv_bytes_full": self.kv_bytes_full, "kv_bytes_ideal": self.kv_bytes_ideal}
 
 
+@contextmanager
+def compressing(plan: Plan, cache: HeadKVCache) -> Iterator[HeadKVCache]:
+    """Around a prefill (or a whole `generate`): compress each layer of `cache` by `plan` as soon as its
+    observation-window rows exist, then stop capturing, so decoding pays nothing for it."""
+    todo = {layer for layer in range(plan.layout.num_layers) if plan.compressible[layer].any()}
+
+    def sink(layer: int, probs: torch.Tensor) -> None:
+        if layer in todo:
+            cache.compress(layer, plan.select(layer, probs))
+            todo.discard(layer)
+        if not todo:
+            capture.stop()
+
+    with AttentionCapture(sink, last_n=plan.window) as capture, compressed(cache):
+        yield cache
+
+
 class _Clock(StoppingCriteria):
     """Records when each new token exists (generate calls stopping criteria once per token)."""
 
@@ -73,8 +93,12 @@ def _full_entries(lm: LoadedModel, seq: int) -> int:
 @torch.no_grad()
 def generate(lm: LoadedModel, prompt_ids: list[int], method: str = "headkv", budget: int = 128,
              kv_scores: np.ndarray | None = None, window: int = 8, kernel: int = 7, beta: float = 1.2,
-             max_new_tokens: int = 64, min_new_tokens: int = 0) -> RunResult:
-    """Generate greedily from `prompt_ids` with `method` at `budget` tokens per KV head."""
+             max_new_tokens: int = 64, min_new_tokens: int = 0, compress_sliding: bool = False) -> RunResult:
+    """Generate greedily from `prompt_ids` with `method` at `budget` tokens per KV head.
+
+    `compress_sliding`: sliding-window layers also take part in the budget, keeping their best tokens
+    inside their window, instead of keeping the whole window (docs/run.md).
+    """
     lay = lm.info.layout
     n = len(prompt_ids)
     if lm.info.max_positions and n + max_new_tokens > lm.info.max_positions:
@@ -87,30 +111,23 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str = "headkv", bud
     if method == "full":
         cache = DynamicCache(config=lm.model.config)
     else:
-        plan = make_plan(method, lay, n, budget, window, kernel, kv_scores, beta)
+        plan = make_plan(method, lay, n, budget, window, kernel, kv_scores, beta, compress_sliding)
         if budget >= n:
             notes.append(f"budget {budget} >= prompt length {n}: every prompt token is kept")
-        windows = [lay.sliding_window if k == "sliding_attention" else None for k in lay.attention_kinds]
-        cache = HeadKVCache(lay.num_layers, reserve=max_new_tokens, sliding_windows=windows)
+        cache = HeadKVCache(*plan.cache_kinds())
     ids = torch.tensor([prompt_ids], device=lm.model.device)
     clock = _Clock()
     kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
                   stopping_criteria=[clock], past_key_values=cache, pad_token_id=lm.tokenizer.eos_token_id,
                   top_p=None, top_k=None, temperature=None)
     start = time.perf_counter()
-    if plan is None:
-        out = lm.model.generate(ids, **kwargs)
-    else:
-        done: set[int] = set()
-
-        def sink(layer: int, probs: torch.Tensor) -> None:
-            cache.compress(layer, plan.select(layer, probs))
-            done.add(layer)
-            if len(done) == lay.num_layers:
-                capture.stop()
-
-        with AttentionCapture(sink, last_n=window) as capture:
+    with warnings.catch_warnings():  # transformers renames generate's cache argument; both spellings work
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+        if plan is None:
             out = lm.model.generate(ids, **kwargs)
+        else:
+            with compressing(plan, cache):
+                out = lm.model.generate(ids, **kwargs)
     tokens = out[0, n:].tolist()
     appended = max(len(tokens) - 1, 0)  # the last token is produced but never fed back
     prefill_s = clock.times[0] - start if clock.times else time.perf_counter() - start
@@ -121,10 +138,10 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str = "headkv", bud
         ideal = _full_entries(lm, n + appended)
     else:
         entries, nbytes = cache.entries(), cache.nbytes()
-        full_layers = plan.compressible.any(axis=1)
-        ideal = int(plan.budgets.sum()) + int(full_layers.sum()) * lay.num_kv_heads * (window + appended)
+        kept_layers = plan.compressible.any(axis=1)
+        ideal = int(plan.budgets.sum()) + int(kept_layers.sum()) * lay.num_kv_heads * (window + appended)
         ideal += sum(min(n + appended, lay.sliding_window or n + appended) * lay.num_kv_heads
-                     for layer, kind in enumerate(lay.attention_kinds) if kind == "sliding_attention")
+                     for layer in range(lay.num_layers) if not kept_layers[layer])
     elem = torch.finfo(lm.model.dtype).bits // 8
     return RunResult(method=method, text=lm.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                      tokens=tokens, prompt_tokens=n, prefill_s=prefill_s, decode_tokens_per_s=decode,

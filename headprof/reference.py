@@ -49,3 +49,30 @@ def naive_score_probe(lm, input_ids: list[int], span: tuple[int, int], method: s
             tokens.append(token)
             step_input = torch.tensor([[token]], device=lm.model.device)
     return generated, result
+
+
+def per_head_attention(layer, query: torch.Tensor, scaling: float, softcap: float | None) -> torch.Tensor:
+    """Attention over a compressed layer one KV head at a time (what `attention.attend` batches).
+
+    query (1, query_heads, q, dim) -> (1, q, query_heads, dim). The q new tokens are the last q tail
+    entries; they attend causally among themselves, and on a sliding-window layer only to keys whose
+    position is inside the window.
+    """
+    _, heads, q, _ = query.shape
+    kv_heads = len(layer.lens)
+    group = heads // kv_heads
+    out = query.new_empty(1, q, heads, layer.pv.shape[-1])
+    qpos = torch.arange(layer.seen - q, layer.seen, device=query.device)
+    for h in range(kv_heads):
+        k, v, pos = layer.head_kv(h)
+        n = k.shape[0]
+        logits = torch.matmul(query[0, h * group:(h + 1) * group].float(), k.float().T) * scaling
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        allowed = torch.arange(n, device=k.device)[None, :] <= torch.arange(n - q, n, device=k.device)[:, None]
+        if layer.sliding_window is not None:
+            allowed &= pos[None, :] > qpos[:, None] - layer.sliding_window
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        o = torch.matmul(torch.softmax(logits, dim=-1), v.float()).to(query.dtype)
+        out[0, :, h * group:(h + 1) * group] = o.transpose(0, 1)
+    return out

@@ -18,8 +18,8 @@ class WordTokenizer:
         return " ".join(f"w{i}" for i in ids)
 
 
-def loaded(arch: str, seed: int = 0) -> LoadedModel:
-    m = model(arch, seed)
+def loaded(arch: str, seed: int = 0, **overrides) -> LoadedModel:
+    m = model(arch, seed, **overrides)
     m.generation_config.eos_token_id = None
     impl = capture.attach(m)
     info = ModelInfo(spec=f"tiny-{arch}", resolved=f"tiny-{arch}", revision=None, weights_sha256=None,

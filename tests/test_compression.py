@@ -22,20 +22,14 @@ def _compressed_vs_full(lm, method, budget, steps=10, kv_scores=None):
         ref_cache = DynamicCache(config=lm.model.config)
         ref = [lm.model(ids, past_key_values=ref_cache).logits[:, -1]]
         plan = compress.make_plan(method, lay, n, budget, 8, 7, kv_scores)
-        windows = [lay.sliding_window if k == "sliding_attention" else None for k in lay.attention_kinds]
-        cache = HeadKVCache(lay.num_layers, 4, windows)
-
-        def sink(layer, probs):
-            cache.compress(layer, plan.select(layer, probs))
-
-        with AttentionCapture(sink, last_n=8) as cap:
+        cache = HeadKVCache(*plan.cache_kinds())
+        with generation.compressing(plan, cache):
             ours = [lm.model(ids, past_key_values=cache).logits[:, -1]]
-            cap.stop()
-        tok = ref[0].argmax(-1, keepdim=True)
-        for _ in range(steps):  # more steps than the reserve (4): segments must grow
-            ref.append(lm.model(tok, past_key_values=ref_cache).logits[:, -1])
-            ours.append(lm.model(tok, past_key_values=cache).logits[:, -1])
-            tok = ref[-1].argmax(-1, keepdim=True)
+            tok = ref[0].argmax(-1, keepdim=True)
+            for _ in range(steps):  # more steps than the first tail room: the tail must grow
+                ref.append(lm.model(tok, past_key_values=ref_cache).logits[:, -1])
+                ours.append(lm.model(tok, past_key_values=cache).logits[:, -1])
+                tok = ref[-1].argmax(-1, keepdim=True)
     return torch.stack(ref), torch.stack(ours), cache
 
 
@@ -93,8 +87,7 @@ def test_generate_measures_bytes_held_and_continues_positions():
     small = generation.generate(lm, ids, "snapkv", 16, max_new_tokens=6)
     lay = lm.info.layout
     per_entry = 2 * lay.head_dim * 4
-    # held bytes are the real tensors: kept (8) + window (8) + reserve for 6 new tokens, per KV head
-    assert small.kv_bytes == lay.num_layers * lay.num_kv_heads * (8 + 8 + 6) * per_entry
-    assert small.kv_entries == lay.num_layers * lay.num_kv_heads * (8 + 8 + 5)
-    assert small.kv_bytes <= 1.05 * (small.kv_entries_ideal + lay.num_layers * lay.num_kv_heads) * per_entry
+    # kept (8) + window (8) + 5 appended tokens per KV head (the 6th is produced, never fed back)
+    assert small.kv_entries == small.kv_entries_ideal == lay.num_layers * lay.num_kv_heads * (8 + 8 + 5)
+    assert small.kv_entries * per_entry <= small.kv_bytes <= 1.05 * small.kv_bytes_ideal
     assert full.kv_bytes == full.kv_entries * per_entry == full.kv_bytes_full

@@ -16,9 +16,18 @@ COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_la
               max_position_embeddings=512)
 
 
-def config(arch: str):
+def config(arch: str, **overrides):
+    c = _config(arch)
+    for k, v in overrides.items():
+        setattr(c, k, v)
+    return c
+
+
+def _config(arch: str):
     if arch == "llama":  # GQA: 4 query heads share 2 KV heads
         return LlamaConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2)
+    if arch == "llama-mha":  # multi-head attention: one query head per KV head
+        return LlamaConfig(**COMMON, num_attention_heads=4, num_key_value_heads=4)
     if arch == "qwen2":
         return Qwen2Config(**COMMON, num_attention_heads=4, num_key_value_heads=1)
     if arch == "mistral":
@@ -36,9 +45,9 @@ def config(arch: str):
 ARCHS = ["llama", "qwen2", "mistral", "gemma3", "gemma2"]
 
 
-def model(arch: str, seed: int = 0):
+def model(arch: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    m = AutoModelForCausalLM.from_config(config(arch), dtype=torch.float32)
+    m = AutoModelForCausalLM.from_config(config(arch, **overrides), dtype=torch.float32)
     # sharpen attention so that top-k choices are not decided by float noise
     with torch.no_grad():
         for layer in m.model.layers:

@@ -1,0 +1,75 @@
+"""Compressed decoding at Llama-3 scale: one attention call per layer for all KV heads.
+
+Builds a Llama-3-shaped model in code (32 layers, 32 query heads, 8 KV heads, hidden 512, head_dim 16,
+random weights; benchmarks/synthetic.py) and prints, per prompt length: decode tokens/s of the compressed
+cache (snapkv and headkv at --budget), of the full cache, and of a dense cache holding as many tokens as
+the compressed one ("limit": full-cache decoding of a prompt of --budget tokens), with bytes held / ideal.
+Targets: compressed >= 0.9 x limit and >= full. On CUDA every available attention backend is measured.
+
+    python benchmarks/bench_scale.py [--lengths 4096,8192] [--budget 128] [--new-tokens 32] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import synthetic  # noqa: E402
+
+from headprof import attention, generation, models  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", default="4096,8192")
+    ap.add_argument("--budget", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--repeats", type=int, default=2, help="decode runs per cell; the best is reported")
+    args = ap.parse_args()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = synthetic.save(Path(tmp) / "llama3-shaped", max_positions=max(lengths) + args.new_tokens + 64)
+        lm = models.load(str(path), device=args.device, dtype=args.dtype)
+    lay = lm.info.layout
+    scores = np.random.default_rng(0).random((lay.num_layers, lay.num_kv_heads)) ** 4  # a skewed profile
+    backends = attention.available(lm.device, lm.model.dtype)
+    print(f"device {lm.device}, dtype {lm.dtype}, torch {torch.__version__}, attention backends {backends}, "
+          f"threads {torch.get_num_threads()}")
+    print("| prompt | run | backend | decode tok/s | / limit | / full | KV MB held | held / ideal |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    rng = np.random.default_rng(1)
+
+    def best(ids, method, kv=None):
+        runs = [generation.generate(lm, ids, method, args.budget, kv, max_new_tokens=args.new_tokens,
+                                    min_new_tokens=args.new_tokens) for _ in range(args.repeats)]
+        return max(runs, key=lambda r: r.decode_tokens_per_s or 0)
+
+    generation.generate(lm, rng.integers(0, 96, 300).tolist(), "snapkv", 64, max_new_tokens=4)  # warm-up
+    for length in lengths:
+        ids = rng.integers(0, 96, length).tolist()
+        full = best(ids, "full")
+        limit = best(ids[-args.budget:], "full")
+        rows = [("full", "-", full), (f"limit (dense {args.budget})", "-", limit)]
+        for backend in backends:  # snapkv layers (equal lengths) always take the bmm path
+            os.environ["HEADPROF_ATTENTION"] = backend
+            for method in ("snapkv", "headkv") if backend == "torch" else ("headkv",):
+                rows.append((f"{method} @ {args.budget}", backend, best(ids, method, scores)))
+        os.environ.pop("HEADPROF_ATTENTION", None)
+        for name, backend, r in rows:
+            tps = r.decode_tokens_per_s or 0.0
+            print(f"| {length} | {name} | {backend} | {tps:.1f} | {tps / limit.decode_tokens_per_s:.2f} | "
+                  f"{tps / full.decode_tokens_per_s:.2f} | {r.kv_bytes / 1e6:.2f} | "
+                  f"{r.kv_bytes / max(r.kv_bytes_ideal, 1):.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Models built in code for benchmarks and GPU checks (no download): a Llama-3-shaped model with random
+weights and a character tokenizer, saved as an ordinary Hugging Face directory that `headprof` loads
+like any local model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def llama3_shaped(layers: int = 32, max_positions: int = 16384) -> LlamaConfig:
+    """Llama-3-8B's head layout (32 layers, 32 query heads, 8 KV heads) at hidden size 512, head_dim 16."""
+    return LlamaConfig(vocab_size=128, hidden_size=512, intermediate_size=1024, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=16,
+                       max_position_embeddings=max_positions,
+                       rope_theta=500000.0, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    vocab = {chr(i): i - 32 for i in range(32, 127)}
+    vocab["\n"] = 95
+    vocab["[UNK]"] = 96
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    fast.chat_template = CHAT
+    return fast
+
+
+def save(path: str | Path, layers: int = 32, seed: int = 0, max_positions: int = 16384) -> Path:
+    """Write the model and tokenizer to `path` (a directory) and return it."""
+    path = Path(path)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(llama3_shaped(layers, max_positions), dtype=torch.float32)
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path

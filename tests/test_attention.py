@@ -1,0 +1,143 @@
+"""Batched attention over a compressed cache equals the per-head computation; bytes held are real."""
+
+import numpy as np
+import pytest
+import torch
+from fakes import loaded
+
+from headprof import attention, compress, generation, reference
+from headprof.cache import HeadKVCache, HeadKVLayer
+
+CASES = [("llama", False), ("llama-mha", False), ("qwen2", False), ("mistral", False),
+         ("gemma3", True), ("gemma2", True), ("gemma3", False)]
+
+
+def _decode_compared(lm, method, budget, compress_sliding, steps=(1, 1, 3, 1, 2, 1, 1, 1, 4, 1), n=60):
+    """Prefill with compression, decode `steps` tokens at a time; compare every compressed layer's
+    batched attention with the per-head reference. Returns the largest difference and the cache."""
+    lay = lm.info.layout
+    ids = torch.randint(0, 96, (1, n), generator=torch.Generator().manual_seed(5))
+    scores = np.random.default_rng(1).random((lay.num_layers, lay.num_kv_heads)) ** 4  # skewed budgets
+    plan = compress.make_plan(method, lay, n, budget, 8, 7, scores, 1.05, compress_sliding)
+    cache = HeadKVCache(*plan.cache_kinds())
+    worst = []
+    batched = attention.attend
+
+    def both(layer, query, scaling, softcap, backend=None):
+        out = batched(layer, query, scaling, softcap, backend)
+        ref = reference.per_head_attention(layer, query, scaling, softcap)
+        worst.append(float((out - ref).abs().max()))
+        return out
+
+    attention.attend = both
+    try:
+        with torch.no_grad(), generation.compressing(plan, cache):
+            lm.model(ids, past_key_values=cache)
+            for q in steps:
+                tok = torch.randint(0, 96, (1, q), generator=torch.Generator().manual_seed(q))
+                lm.model(tok, past_key_values=cache)
+    finally:
+        attention.attend = batched
+    return worst, cache, plan
+
+
+@pytest.mark.parametrize("arch,compress_sliding", CASES)
+@pytest.mark.parametrize("method", ["headkv", "snapkv"])
+def test_batched_attention_equals_per_head_reference(arch, compress_sliding, method):
+    lm = loaded(arch)
+    worst, cache, plan = _decode_compared(lm, method, 24, compress_sliding)
+    compressed_layers = sum(isinstance(layer, HeadKVLayer) for layer in cache.layers)
+    assert compressed_layers == int(plan.compressible.any(axis=1).sum()) > 0
+    assert len(worst) == 10 * compressed_layers  # every decode step of every compressed layer was compared
+    assert max(worst) < 1e-5
+    if method == "headkv" and lm.info.layout.num_kv_heads > 1:  # skewed budgets: the padded view was exercised
+        assert any(not layer.uniform for layer in cache.layers if isinstance(layer, HeadKVLayer))
+
+
+def test_sliding_layers_compressed_inside_their_window_forget_old_keys():
+    lm = loaded("gemma3", sliding_window=20)  # layers 0 and 2 slide
+    steps = (1,) * 30
+    worst, cache, plan = _decode_compared(lm, "snapkv", 12, True, steps=steps)
+    assert len(worst) == 3 * 30 and max(worst) < 1e-5
+    for layer in (0, 2):
+        assert plan.first_candidate(layer) == 60 - 20 + 1
+        kept = cache.layers[layer].positions
+        assert int(kept.min()) >= 60 - 20 + 1 and kept.numel() == 12  # chosen inside the window only
+    # 30 tokens decoded with a window of 20: the tail dropped entries the window has passed
+    assert cache.layers[0].t0 > 0 and cache.layers[0].t < 30
+
+
+def test_merge_of_two_key_sets_equals_one_softmax():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 3, 1, 8, generator=g), torch.randn(2, 1, 20, 8, generator=g), torch.randn(
+        2, 1, 20, 8, generator=g)
+    logits = torch.matmul(q, k.transpose(-1, -2))
+    full = torch.matmul(torch.softmax(logits, -1), v)
+    parts = []
+    for sl in (slice(0, 13), slice(13, 20)):
+        lg = logits[..., sl]
+        lse = torch.logsumexp(lg, -1)
+        parts += [torch.matmul(torch.exp(lg - lse[..., None]), v[:, :, sl]), lse]
+    torch.testing.assert_close(attention._merge(*parts), full, atol=1e-6, rtol=1e-6)
+
+
+def _storage_bytes(cache) -> int:
+    """Bytes of every distinct storage the cache's tensors live in, measured independently of nbytes()."""
+    seen = {}
+    for layer in cache.layers:
+        packed = isinstance(layer, HeadKVLayer) and layer.compressed
+        names = ("pk", "pv", "tk", "tv", "head_of") if packed else ("keys", "values")
+        for name in names:
+            t = getattr(layer, name, None)
+            if t is not None:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("budget,new", [(64, 3), (64, 24), (128, 24), (32, 60)])
+def test_bytes_held_are_the_tensors_and_within_5_percent_of_ideal_on_any_stop(budget, new):
+    lm = loaded("llama")
+    ids = torch.randint(0, 96, (400,), generator=torch.Generator().manual_seed(2)).tolist()
+    captured = {}
+    original = HeadKVCache.__init__
+
+    def keep(self, *a, **kw):
+        original(self, *a, **kw)
+        captured["cache"] = self
+
+    HeadKVCache.__init__ = keep
+    try:
+        r = generation.generate(lm, ids, "headkv", budget, np.random.default_rng(0).random((3, 2)),
+                                max_new_tokens=new)
+    finally:
+        HeadKVCache.__init__ = original
+    assert r.kv_bytes == _storage_bytes(captured["cache"])
+    assert r.kv_entries == r.kv_entries_ideal
+    assert r.kv_bytes <= 1.05 * r.kv_bytes_ideal
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("backend", ["flash", "torch-varlen"])
+def test_cuda_varlen_backends_equal_the_fallback(backend):
+    if backend not in attention.available("cuda", torch.bfloat16):
+        pytest.skip(f"{backend} is not available here")
+    torch.manual_seed(0)
+    layer = HeadKVLayer()
+    heads, group, d = 8, 4, 128
+    lens = [5, 900, 17, 64, 300, 8, 1200, 40]
+    keys = torch.randn(1, heads, 1500, d, device="cuda", dtype=torch.bfloat16)
+    layer.keys, layer.values = keys, torch.randn_like(keys)
+    layer.seen = 1500
+    layer.compress([torch.randperm(1500, device="cuda")[:n].sort().values for n in lens])
+    for q in (1, 3):
+        new = torch.randn(1, heads, q, d, device="cuda", dtype=torch.bfloat16)
+        layer.update(new, torch.randn_like(new))
+        query = torch.randn(1, heads * group, q, d, device="cuda", dtype=torch.bfloat16)
+        fast = attention.attend(layer, query, d ** -0.5, None, backend)
+        slow = attention.attend(layer, query, d ** -0.5, None, "torch")
+        ref = reference.per_head_attention(layer, query.float(), d ** -0.5, None)
+        assert (fast.float() - ref).abs().max() < 2e-2
+        assert (fast.float() - slow.float()).abs().max() < 2e-2
