@@ -261,6 +261,8 @@ def run(
     beta: Annotated[float, typer.Option(help="HeadKV: share of the budget that is guaranteed is 1 - 1/beta")] = 1.2,
     group_reduce: Annotated[str, typer.Option(help="query heads -> KV head: mean or max")] = "mean",
     max_new_tokens: Annotated[int, typer.Option()] = 64,
+    compress_sliding: Annotated[bool, typer.Option("--compress-sliding", help="sliding-window layers (Gemma) "
+                                                   "also keep only their best tokens inside their window")] = False,
     no_baseline: Annotated[bool, typer.Option("--no-baseline", help="skip the full-cache run")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON report")] = False,
     no_chat_template: Annotated[bool, typer.Option("--no-chat-template")] = False,
@@ -297,13 +299,15 @@ def run(
                                       tokenize=True, return_dict=True)["input_ids"]
     else:
         ids = tok(text)["input_ids"]
-    results = [generation.generate(lm, ids, method, budget, kv_scores, window, kernel, beta, max_new_tokens)]
+    results = [generation.generate(lm, ids, method, budget, kv_scores, window, kernel, beta, max_new_tokens,
+                                   compress_sliding=compress_sliding)]
     if not no_baseline and method != "full":
         results.append(generation.generate(lm, ids, "full", budget, max_new_tokens=max_new_tokens))
     ours = results[0]
     base = results[1] if len(results) > 1 else None
     report = {"model": lm.info.resolved, "prompt_tokens": len(ids), "method": method, "budget": budget,
               "window": window, "kernel": kernel, "beta": beta, "group_reduce": group_reduce,
+              "compress_sliding": compress_sliding,
               "profile": str(path) if path else None,
               "runs": [r.to_dict() for r in results]}
     if base is not None:
@@ -534,6 +538,8 @@ def eval_(
     allow_overlap: Annotated[bool, typer.Option(help="run even if eval items overlap the profiles' probes")] = False,
     window: Annotated[int, typer.Option()] = 8,
     max_new_tokens: Annotated[int, typer.Option()] = 24,
+    compress_sliding: Annotated[bool, typer.Option("--compress-sliding", help="sliding-window layers also keep "
+                                                   "only their best tokens inside their window")] = False,
     force: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
     quiet: Annotated[bool, typer.Option()] = False,
     device: Annotated[str, typer.Option()] = "auto",
@@ -582,7 +588,7 @@ def eval_(
             item_list += its
     results = _with_progress(quiet, 0, lambda cb: evaluate.evaluate(
         lm, item_list, method_list, budget_list, profiles, betas, window, max_new_tokens=max_new_tokens,
-        progress=cb), label="evaluating")
+        compress_sliding=compress_sliding, progress=cb), label="evaluating")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:

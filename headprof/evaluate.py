@@ -131,7 +131,8 @@ class Progress:
 
 def evaluate(lm: LoadedModel, items: list[Item], methods: list[str], budgets: list[int],
              profiles: dict[str, Profile], betas: Sequence[float] = (1.2,), window: int = 8, kernel: int = 7,
-             max_new_tokens: int = 24, progress: Callable[[Progress], None] | None = None) -> dict[str, Any]:
+             max_new_tokens: int = 24, progress: Callable[[Progress], None] | None = None,
+             compress_sliding: bool = False) -> dict[str, Any]:
     """Run the grid; returns the results document (see docs/results.md for its shape)."""
     if any(b <= window for b in budgets):
         raise HeadprofError(f"every budget must exceed the observation window ({window})")
@@ -154,7 +155,8 @@ def evaluate(lm: LoadedModel, items: list[Item], methods: list[str], budgets: li
     def run(item: Item, method: str, budget: int, beta: float) -> generation.RunResult:
         kv = profiles[method.removeprefix("headkv-")].kv_scores("mean") if method.startswith("headkv-") else None
         base = "headkv" if kv is not None else method
-        return generation.generate(lm, item.prompt_ids, base, budget, kv, window, kernel, beta, max_new_tokens)
+        return generation.generate(lm, item.prompt_ids, base, budget, kv, window, kernel, beta, max_new_tokens,
+                                   compress_sliding=compress_sliding)
 
     for item in items:
         t = time.perf_counter()
@@ -174,6 +176,7 @@ def evaluate(lm: LoadedModel, items: list[Item], methods: list[str], budgets: li
                                                         or r["beta"] == chosen[r["method"]][str(r["budget"])])]
     return {"results_version": RESULTS_VERSION, "model": lm.info.resolved, "methods": methods, "budgets": budgets,
             "betas": list(betas), "chosen_beta": chosen, "window": window, "kernel": kernel,
+            **({"compress_sliding": True} if compress_sliding else {}),
             "items": len([i for i in items if i.split == "test"]),
             "validation_items": len([i for i in items if i.split == "validation"]),
             "summary": summarise(test, methods, budgets), "rows": rows}

@@ -158,3 +158,25 @@ def test_run_bad_inputs(tiny_dir, tiny_profile, tmp_path, args, words):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     if words:
         one_line_error(r, *words)
+
+
+def test_run_compress_sliding_holds_less_on_sliding_window_models(tmp_path):
+    gemma = save("gemma3", tmp_path / "gemma3", seed=0)
+    with open(gemma / "config.json") as f:
+        cfg = json.load(f)
+    cfg["sliding_window"] = 64  # a window the budget can cut into
+    (gemma / "config.json").write_text(json.dumps(cfg))
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The harbour was quiet this morning. " * 8 + "What was quiet?")
+    held = {}
+    for flag in ([], ["--compress-sliding"]):
+        r = headprof("run", "--model", gemma, "--method", "snapkv", "--budget", "24", "--max-new-tokens", "4",
+                     "--no-baseline", "--json", *flag, prompt)
+        assert r.returncode == 0, r.stderr
+        assert "Warning" not in r.stderr  # nothing from third parties reaches the user
+        report = json.loads(r.stdout)
+        assert report["compress_sliding"] == bool(flag)
+        run = report["runs"][0]
+        assert run["kv_bytes"] <= 1.05 * run["kv_bytes_ideal"]
+        held[bool(flag)] = run["kv_bytes"]
+    assert held[True] < held[False]
