@@ -1,12 +1,32 @@
 """headprof: find the attention heads that matter, write them down as a profile, compress the KV cache.
 
-Library entry points (the CLI is a thin layer over these):
+The Python API (the `headprof` command is a thin layer over it; see docs/api.md):
 
-    from headprof import models, probes, scoring, profile
-    lm = models.load("smollm2-135m")
-    ps = probes.build_probe_set("r2", lengths=[1000], depths=5, seed=0)
-    prof = scoring.score(lm, ps, "r2", haystack=probes.Haystack(0))
-    profile.save(prof, "r2.json")
+    import headprof
+    prof = headprof.score("smollm2-135m", "retrieval", lengths=[1000], depths=3)    # -> Profile
+    prof.save("retrieval.json")
+    report = headprof.generate("smollm2-135m", "...long text... Question?", "headkv", budget=64, profile=prof)
+    with headprof.compression(model, "headkv", budget=128, profile=prof) as cache:  # any HF causal LM
+        model.generate(ids, past_key_values=cache, max_new_tokens=64)
+
+Names are imported on first use, so `import headprof` (and the CLI's start) stays cheap.
 """
 
+from importlib import import_module
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "score": "headprof.api", "generate": "headprof.api", "evaluate": "headprof.api", "check": "headprof.api",
+    "load_model": "headprof.api", "GenerationReport": "headprof.api", "EvalReport": "headprof.api",
+    "CheckResult": "headprof.api", "compression": "headprof.generation", "RunResult": "headprof.generation",
+    "Profile": "headprof.profile", "Method": "headprof.methods", "register": "headprof.methods",
+    "HeadprofError": "headprof.errors",
+}
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'headprof' has no attribute '{name}'")

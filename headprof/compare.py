@@ -82,7 +82,8 @@ def full_size(r: float | None) -> float | None:
 
 
 def bootstrap_ci(per_probe: np.ndarray, draws: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """95% percentile intervals of each head's mean score, resampling probes."""
+    """95% percentile intervals of the mean over axis 0 (each head's mean score over probes, or the mean
+    of per-item values), resampling rows."""
     rng = np.random.default_rng(seed)
     n = per_probe.shape[0]
     means = np.stack([per_probe[rng.integers(0, n, n)].mean(0) for _ in range(draws)])
@@ -163,3 +164,29 @@ def subset_scores(profile: Profile, ids: list[str]) -> np.ndarray:
     chosen = [rows[i] for i in ids if i in rows]
     counted = [r for r in chosen if r.get("counted", True)] or chosen
     return np.mean([np.asarray(r["scores"], dtype=float) for r in counted], axis=0)
+
+
+@dataclass
+class Summary:
+    """What `headprof show` prints: the top heads with bootstrap intervals, split-half stability, mass."""
+
+    top: list[dict]  # rank, head, score, low, high (None without per-probe scores)
+    split_half: float | None
+    split_half_full_size: float | None
+    mass_top10: float
+
+
+def summarise(profile: Profile, top: int = 10) -> Summary:
+    has_query = profile.data["scores"].get("query") is not None
+    scores = profile.query_scores() if has_query else profile.kv_scores("mean")
+    heads = scores.shape[1]
+    per_probe = profile.per_probe() if has_query and profile.data["probes"] else None
+    lo = hi = None
+    if per_probe is not None and per_probe.shape[0] >= 2:
+        lo, hi = bootstrap_ci(per_probe)
+    rows = [{"rank": rank, "head": head_name(int(i), heads), "score": float(scores.ravel()[i]),
+             "low": float(lo.ravel()[i]) if lo is not None else None,
+             "high": float(hi.ravel()[i]) if hi is not None else None}
+            for rank, i in enumerate(np.argsort(-scores.ravel(), kind="stable")[:top], 1)]
+    sh = split_half(per_probe) if per_probe is not None else None
+    return Summary(rows, sh, full_size(sh), mass_in_top(scores))

@@ -1,9 +1,9 @@
-"""SnapKV-style token selection inside each KV head, and the plan that applies a method to a prompt.
+"""The compression plan: a method's budgets for one prompt, and SnapKV-style pooling of the window rows.
 
 At prefill, the capture mechanism hands each layer the attention of the last `window` prompt queries
 (fp32 softmax rows). Per KV head: average over the window queries and over the query heads of the
-group, max-pool over positions (`kernel`) so neighbours of a strong token come along, keep the top
-budget_h prefix positions in position order, plus the window itself.
+group, max-pool over positions (`kernel`) so neighbours of a strong token come along. The method
+(`headprof/methods`) decides how many positions each head keeps and which; the window is always kept.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from headprof import allocate
+from headprof import methods
 from headprof.models import HeadLayout
 
 
@@ -29,36 +29,22 @@ def pooled_scores(probs: torch.Tensor, group: int, kernel: int) -> torch.Tensor:
     return s
 
 
-def top_positions(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    """The `keep` best positions of one head, in position order."""
-    keep = min(keep, scores.numel())
-    if keep <= 0:
-        return torch.zeros(0, dtype=torch.long, device=scores.device)
-    return scores.topk(keep).indices.sort().values
-
-
-def streaming_positions(prefix: int, keep: int, sink: int = 4) -> torch.Tensor:
-    """StreamingLLM: the first `sink` tokens and the most recent ones before the window."""
-    keep = min(keep, prefix)
-    first = min(sink, keep)
-    return torch.cat([torch.arange(first), torch.arange(prefix - (keep - first), prefix)]).long()
-
-
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """What to keep per KV head, decided before prefill except for `adakv` (decided per layer from scores).
+    """What `method` keeps per KV head of one prompt. `budgets` are decided before prefill (adaptive
+    methods decide theirs per layer in `select`).
 
     Sliding-window layers keep their whole window as the model does, unless `compress_sliding`: then they
     take part in the budget and keep their best tokens from inside their window.
     """
 
-    method: str
+    method: methods.Method
     layout: HeadLayout
     budget: int
     window: int
     kernel: int
     prompt_len: int
-    budgets: np.ndarray  # [layer, kv_head] prefix tokens to keep (adakv: filled in per layer)
+    budgets: np.ndarray  # [layer, kv_head] prefix tokens to keep
     compressible: np.ndarray  # [layer, kv_head] bool: heads that take part in the budget
     compress_sliding: bool = False
 
@@ -75,57 +61,36 @@ class Plan:
             return min(self.prefix, max(0, self.prompt_len - self.layout.sliding_window + 1))
         return 0
 
-    def capacity(self) -> np.ndarray:
-        """[layer, kv_head] how many prefix positions each head can choose from."""
-        caps = [self.prefix - self.first_candidate(layer) for layer in range(self.layout.num_layers)]
-        return np.repeat(np.array(caps, dtype=np.int64)[:, None], self.layout.num_kv_heads, axis=1)
-
-    def cache_kinds(self) -> tuple[list[str], list[int | None]]:
-        """Per layer: "compress" or "sliding" (kept as the model keeps it), and its window."""
-        lay = self.layout
-        kinds = ["compress" if self.compressible[layer].any() else "sliding" for layer in range(lay.num_layers)]
-        windows = [lay.sliding_window if self.sliding(layer) else None for layer in range(lay.num_layers)]
-        return kinds, windows
+    def pooled(self, layer: int, probs: torch.Tensor) -> torch.Tensor:
+        """(kv_heads, prefix) selection scores; positions a head may not keep score -inf."""
+        scores = pooled_scores(probs, self.layout.group_size, self.kernel)
+        lo = self.first_candidate(layer)
+        if lo:
+            scores[:, :lo] = float("-inf")
+        return scores
 
     def select(self, layer: int, probs: torch.Tensor) -> list[torch.Tensor]:
-        """Kept positions (prefix picks + window) per KV head of one layer, from its window rows."""
+        """Kept positions (the method's prefix picks + the window) per KV head of one layer."""
         window_pos = torch.arange(self.prefix, self.prompt_len, device=probs.device)
-        kv_heads = self.layout.num_kv_heads
-        lo = self.first_candidate(layer)
-        if self.method == "streaming":
-            keep = [streaming_positions(self.prefix - lo, int(b)).to(probs.device) + lo for b in self.budgets[layer]]
-        else:
-            scores = pooled_scores(probs, self.layout.group_size, self.kernel)
-            if lo:
-                scores[:, :lo] = float("-inf")
-            if self.method == "adakv":
-                self.budgets[layer] = allocate.adakv_layer(scores.float().cpu().numpy(), self.budget, self.window,
-                                                           self.prefix - lo)
-            keep = [top_positions(scores[h], int(self.budgets[layer, h])) for h in range(kv_heads)]
-        return [torch.cat([k, window_pos]) for k in keep]
+        return [torch.cat([k, window_pos]) for k in self.method.choose(self, layer, probs)]
 
 
-def make_plan(method: str, layout: HeadLayout, prompt_len: int, budget: int, window: int = 8, kernel: int = 7,
-              kv_scores: np.ndarray | None = None, beta: float = 1.2, compress_sliding: bool = False) -> Plan:
+def capacity(layout: HeadLayout, prompt_len: int, window: int) -> np.ndarray:
+    """[layer, kv_head] how many prefix positions each head can choose from (sliding layers: its window)."""
+    prefix = prompt_len - window
+    caps = [prefix - (min(prefix, max(0, prompt_len - layout.sliding_window + 1))
+                      if kind == "sliding_attention" and layout.sliding_window else 0)
+            for kind in layout.attention_kinds]
+    return np.repeat(np.array(caps, dtype=np.int64)[:, None], layout.num_kv_heads, axis=1)
+
+
+def make_plan(method: str | methods.Method, layout: HeadLayout, prompt_len: int, budget: int, window: int = 8,
+              kernel: int = 7, kv_scores: np.ndarray | None = None, beta: float = 1.2,
+              compress_sliding: bool = False) -> Plan:
     """Allocate budgets for `method`. Raises BudgetError for budgets the prompt cannot honour."""
-    if method not in allocate.METHODS:
-        raise allocate.BudgetError(f"unknown method '{method}' (use {', '.join(allocate.METHODS)})")
-    compressible = np.array([[kind != "sliding_attention" or compress_sliding] * layout.num_kv_heads
-                             for kind in layout.attention_kinds])
-    shape = (layout.num_layers, layout.num_kv_heads)
-    plan = Plan(method, layout, budget, window, kernel, prompt_len, np.zeros(shape, dtype=np.int64), compressible,
-                compress_sliding)
-    caps = plan.capacity()
-    if method == "full":
-        compressible[:] = False
-    elif method == "headkv":
-        if kv_scores is None:
-            raise allocate.BudgetError("headkv needs a profile")
-        plan.budgets = allocate.headkv(kv_scores, budget, window, caps, compressible, beta)
-    elif method == "pyramidkv":
-        plan.budgets = allocate.pyramid(budget, window, caps, compressible)
-    elif method == "adakv":
-        allocate.uniform(budget, window, caps, compressible)  # validates the budget
-    else:
-        plan.budgets = allocate.uniform(budget, window, caps, compressible)
-    return plan
+    m = methods.get(method) if isinstance(method, str) else method
+    compressible = np.array([[m.compresses and (kind != "sliding_attention" or compress_sliding)]
+                             * layout.num_kv_heads for kind in layout.attention_kinds])
+    budgets = (m.allocate(budget, window, capacity(layout, prompt_len, window), compressible, kv_scores, beta)
+               if m.compresses else np.zeros(compressible.shape, dtype=np.int64))
+    return Plan(m, layout, budget, window, kernel, prompt_len, budgets, compressible, compress_sliding)

@@ -11,24 +11,25 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from headprof import generation, probes
+from headprof import generation, methods, probes
+from headprof.compare import bootstrap_ci
 from headprof.errors import HeadprofError, ProbeError
-from headprof.files import read_text
+from headprof.files import read_jsonl
 from headprof.models import LoadedModel
 from headprof.profile import Profile
+from headprof.progress import Callback, Progress
 from headprof.scores import token_f1, words
 
-BASELINES = ("full", "streaming", "snapkv", "pyramidkv", "adakv")
 RESULTS_VERSION = 1
+FULL = next(n for n in methods.names() if not methods.REGISTRY[n].compresses)  # the reference: no compression
 
 
 @dataclass
@@ -50,18 +51,20 @@ def best_f1(response: str, answers: Sequence[str]) -> float:
 
 
 def parse_methods(text: str, profiles: dict[str, Profile]) -> list[str]:
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    for m in methods:
-        if m in BASELINES:
-            continue
-        if m.startswith("headkv-") and m.removeprefix("headkv-") in profiles:
-            continue
-        if m.startswith("headkv-"):
-            raise HeadprofError(f"method {m} needs a profile for '{m.removeprefix('headkv-')}' (pass --profile)")
-        raise HeadprofError(f"unknown method '{m}' (use {', '.join(BASELINES)}, headkv-retrieval, headkv-r2)")
-    if not methods:
+    """Method specs of the grid: registered names, and NAME-PROFILE for profile-driven ones (headkv-r2)."""
+    specs = [m.strip() for m in text.split(",") if m.strip()]
+    for spec in specs:
+        try:
+            m, profile = methods.parse_spec(spec)
+        except HeadprofError:
+            examples = [f"{n}-{p}" for n in methods.names() if methods.REGISTRY[n].needs_profile for p in profiles]
+            known = [n for n in methods.names() if not methods.REGISTRY[n].needs_profile] + examples
+            raise HeadprofError(f"unknown method '{spec}' (use {', '.join(known)})") from None
+        if m.needs_profile and profile not in profiles:
+            raise HeadprofError(f"method {spec} needs a profile (e.g. {m.name}-r2 with a profile r2.json)")
+    if not specs:
         raise HeadprofError("no methods given")
-    return methods
+    return specs
 
 
 def overlapping(profile: Profile, probe_set: probes.ProbeSet) -> list[str]:
@@ -88,50 +91,31 @@ def probe_items(lm: LoadedModel, task: str, lengths: Sequence[int], items: int, 
 
 def file_items(lm: LoadedModel, path: Path) -> list[Item]:
     """Items from JSONL lines with context, question and answers (a list, or one string)."""
-    lines = read_text(path, "tasks file", ProbeError).splitlines()
-    items = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-            context, question, answers = str(d["context"]), str(d["question"]), d["answers"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ProbeError(f"{path}:{i}: expected JSON with context, question, answers ({type(e).__name__})"
-                             ) from None
+    def parse(d: dict[str, Any]) -> tuple[str, str, list[str]]:
+        context, question, answers = str(d["context"]), str(d["question"]), d["answers"]
         answers = [answers] if isinstance(answers, str) else [str(a) for a in answers]
         if not answers or not context.strip() or not question.strip():
-            raise ProbeError(f"{path}:{i}: context, question and answers must be non-empty")
-        content = f"{context}\n\n{probes.INSTRUCTION}\nQuestion: {question}"
-        if lm.info.chat_template:
-            ids = lm.tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                                   tokenize=True, return_dict=True)["input_ids"]
-        else:
-            ids = lm.tokenizer(content + "\nAnswer:")["input_ids"]
-        items.append(Item(f"task-{i}", "tasks", list(ids), answers))
-    if not items:
-        raise ProbeError(f"tasks file {path} holds no items")
-    return items
+            raise ProbeError("context, question and answers must be non-empty")
+        return context, question, answers
+
+    rows = read_jsonl(path, "tasks file", "items", "context, question, answers", parse, ProbeError)
+    chat = lm.info.chat_template
+    return [Item(f"task-{i}", "tasks", list(probes.encode(lm.tokenizer, probes.question_text(
+        lm.tokenizer, context, question, chat), chat)["input_ids"]), answers)
+        for i, (context, question, answers) in rows]
 
 
-def bootstrap(values: Sequence[float], draws: int = 1000, seed: int = 0) -> tuple[float, float]:
-    v = np.asarray(values, dtype=float)
-    if v.size < 2:
-        return (float(v.mean()), float(v.mean())) if v.size else (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, v.size, (draws, v.size))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+def bootstrap(values: Sequence[float]) -> tuple[float, float]:
+    """95% bootstrap interval of the mean of per-item values."""
+    if len(values) < 2:
+        return (float(np.mean(values)), float(np.mean(values))) if len(values) else (float("nan"), float("nan"))
+    lo, hi = bootstrap_ci(np.asarray(values, dtype=float))
+    return float(lo), float(hi)
 
 
-@dataclass
-class Progress:
-    done: int
-    total: int
-
-
-def evaluate(lm: LoadedModel, items: list[Item], methods: list[str], budgets: list[int],
+def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budgets: list[int],
              profiles: dict[str, Profile], betas: Sequence[float] = (1.2,), window: int = 8, kernel: int = 7,
-             max_new_tokens: int = 24, progress: Callable[[Progress], None] | None = None,
+             max_new_tokens: int = 24, progress: Callback | None = None,
              compress_sliding: bool = False) -> dict[str, Any]:
     """Run the grid; returns the results document (see docs/results.md for its shape)."""
     if any(b <= window for b in budgets):
@@ -139,9 +123,9 @@ def evaluate(lm: LoadedModel, items: list[Item], methods: list[str], budgets: li
     tune = len(betas) > 1
     for i, item in enumerate(items):
         item.split = "validation" if tune and i % 2 == 0 else "test"
-    headkv = [m for m in methods if m.startswith("headkv-")]
-    compressed = [m for m in methods if m != "full"]
-    per_budget = len([m for m in compressed if not m.startswith("headkv-")]) + len(headkv) * len(betas)
+    by_profile = [m for m in method_specs if methods.parse_spec(m)[1]]
+    compressed = [m for m in method_specs if methods.parse_spec(m)[0].compresses]
+    per_budget = len([m for m in compressed if not methods.parse_spec(m)[1]]) + len(by_profile) * len(betas)
     total = len(items) * (1 + per_budget * len(budgets))
     done = 0
     rows: list[dict[str, Any]] = []
@@ -153,33 +137,34 @@ def evaluate(lm: LoadedModel, items: list[Item], methods: list[str], budgets: li
             progress(Progress(done, total))
 
     def run(item: Item, method: str, budget: int, beta: float) -> generation.RunResult:
-        kv = profiles[method.removeprefix("headkv-")].kv_scores("mean") if method.startswith("headkv-") else None
-        base = "headkv" if kv is not None else method
-        return generation.generate(lm, item.prompt_ids, base, budget, kv, window, kernel, beta, max_new_tokens,
+        m, profile = methods.parse_spec(method)
+        kv = profiles[profile].kv_scores("mean") if profile else None
+        return generation.generate(lm, item.prompt_ids, m.name, budget, kv, window, kernel, beta, max_new_tokens,
                                    compress_sliding=compress_sliding)
 
     for item in items:
         t = time.perf_counter()
-        full = run(item, "full", 0, 1.2)
-        full_row = _row(item, "full", None, None, full, full.text, time.perf_counter() - t)
+        full = run(item, FULL, 0, 1.2)
+        full_row = _row(item, FULL, None, None, full, full.text, time.perf_counter() - t)
         tick()
         for budget in budgets:
             rows.append({**full_row, "budget": budget})
             for method in compressed:
-                for beta in (betas if method.startswith("headkv-") else [None]):
+                for beta in (betas if methods.parse_spec(method)[1] else [None]):
                     t = time.perf_counter()
                     r = run(item, method, budget, beta or 1.2)
                     rows.append(_row(item, method, budget, beta, r, full.text, time.perf_counter() - t))
                     tick()
-    chosen = _choose_betas(rows, headkv, budgets, betas) if tune else {}
+    chosen = _choose_betas(rows, by_profile, budgets, betas) if tune else {}
     test = [r for r in rows if r["split"] == "test" and (r["beta"] is None or not tune
                                                         or r["beta"] == chosen[r["method"]][str(r["budget"])])]
-    return {"results_version": RESULTS_VERSION, "model": lm.info.resolved, "methods": methods, "budgets": budgets,
+    return {"results_version": RESULTS_VERSION, "model": lm.info.resolved, "methods": method_specs,
+            "budgets": budgets,
             "betas": list(betas), "chosen_beta": chosen, "window": window, "kernel": kernel,
             **({"compress_sliding": True} if compress_sliding else {}),
             "items": len([i for i in items if i.split == "test"]),
             "validation_items": len([i for i in items if i.split == "validation"]),
-            "summary": summarise(test, methods, budgets), "rows": rows}
+            "summary": summarise(test, method_specs, budgets), "rows": rows}
 
 
 def _row(item: Item, method: str, budget: int | None, beta: float | None, r: generation.RunResult, full_text: str,
@@ -240,7 +225,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
         rows = sorted((r for r in results["summary"] if r["method"] == m), key=lambda r: r["budget"])
         if not rows:
             continue
-        if m == "full":
+        if not methods.parse_spec(m)[0].compresses:
             ax.axhline(np.mean([r["f1"] for r in rows]), color="black", linestyle="--", label="full cache")
             continue
         x = [r["budget"] for r in rows]

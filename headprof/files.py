@@ -7,9 +7,13 @@ a file, and an existing output is only replaced with `force`.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from headprof.errors import HeadprofError, OutputError
 
@@ -21,6 +25,47 @@ def read_text(path: Path, what: str, error: type[HeadprofError] = HeadprofError)
         raise error(f"{what} not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise error(f"cannot read {what} {path}: {type(e).__name__}") from None
+
+
+T = TypeVar("T")
+
+
+def read_jsonl(path: Path, what: str, noun: str, fields: str, parse: Callable[[dict[str, Any]], T],
+               error: type[HeadprofError] = HeadprofError) -> list[tuple[int, T]]:
+    """(line number, `parse` of it) for every non-blank JSON line; a line that is not JSON or lacks a field
+    is named in a one-line error."""
+    records = []
+    for i, line in enumerate(read_text(path, what, error).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((i, parse(json.loads(line))))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise error(f"{path}:{i}: expected JSON with {fields} ({type(e).__name__})") from None
+        except HeadprofError as e:
+            raise error(f"{path}:{i}: {e}") from None
+    if not records:
+        raise error(f"{what} {path} holds no {noun}")
+    return records
+
+
+def read_prompt(path: Path) -> str:
+    """A prompt file's text: UTF-8, not binary, not empty."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise HeadprofError(f"prompt file not found: {path}") from None
+    except OSError as e:
+        raise HeadprofError(f"cannot read prompt file {path}: {e.strerror}") from None
+    if b"\x00" in data:
+        raise HeadprofError(f"prompt file {path} is binary, not text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HeadprofError(f"prompt file {path} is not UTF-8 text") from None
+    if not text.strip():
+        raise HeadprofError(f"prompt file {path} is empty")
+    return text
 
 
 def check_output(path: str | Path, force: bool) -> Path:
@@ -54,3 +99,35 @@ def write_atomic(path: str | Path, text: str, force: bool = False) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return p
+
+
+def write_dir_atomic(path: str | Path, force: bool, write: Callable[[Path], None]) -> Path:
+    """Fill a temp directory beside `path` with `write(tmp)`, then put it in place: a reader sees the old
+    directory or the whole new one, never half of it."""
+    out = Path(path)
+    if out.exists() and not force:
+        raise OutputError(f"{out} exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        write(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def replace_with(path: str | Path, write: Callable[[Path], None], error: type[HeadprofError] = OutputError) -> Path:
+    """`write(tmp)` to a temp file beside `path` (same suffix, for writers that go by it), then rename."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp{p.suffix}")
+    try:
+        write(tmp)
+        tmp.replace(p)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise error(f"cannot write {p}: {e.strerror}") from None
+    return p
+

@@ -20,7 +20,7 @@ import numpy as np
 import headprof
 from headprof.errors import ProfileError
 from headprof.files import read_text
-from headprof.profile import SCHEMA_VERSION, Profile, kv_reduce, rounded, validate
+from headprof.profile import SCHEMA_VERSION, Profile, rounded, validate
 
 FORMATS = ("headkv", "duo")
 
@@ -86,7 +86,7 @@ def import_headkv(path: Path, model_id: str, kv_heads: int | None = None, method
     source = {"format": "headkv", "file": path.name, "sha256": "sha256:" + hashlib.sha256(text.encode()).hexdigest(),
               "unknown": unknown, "note": "scores are the raw means of each list (HeadKV's loader also "
                                           "divides by their sum; allocation normalises anyway)"}
-    return _profile(model_id, layers, heads, kv, name, query, kv_reduce(query, kv), probes, source)
+    return _profile(model_id, layers, heads, kv, name, query, Profile.kv_reduce(query, kv), probes, source)
 
 
 def import_duo(path: Path, model_id: str, query_heads: int | None = None) -> Profile:

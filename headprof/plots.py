@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from headprof.errors import OutputError
+from headprof.files import replace_with
 from headprof.profile import Profile
 
 FORMATS = (".png", ".svg", ".pdf")
@@ -83,16 +84,10 @@ def save_heatmap(profile: Profile, path: Path, kv: bool = False, top: int = 10, 
     lines = [textwrap.fill(line, width=int(width * 11)) for line in title(profile, kv, other).splitlines()]
     ax.set_title("\n".join(lines), fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
     try:
-        fig.savefig(tmp)
-        tmp.replace(path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {e.strerror}") from None
+        return replace_with(path, fig.savefig)
     finally:
         plt.close(fig)
-    return path
 
 
 def terminal_heatmap(profile: Profile, kv: bool = False, top: int = 10, other: Profile | None = None):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from headprof.errors import ProbeError
-from headprof.files import read_text
+from headprof.files import read_jsonl
 from headprof.haystack import Haystack
 
 __all__ = ["Haystack", "ProbeSet", "Probe", "Needle", "build_probe_set", "render"]
@@ -72,13 +72,14 @@ class Needle:
     answer: str
     distractor: str | None = None
 
-    def check(self, where: str) -> None:
+    def check(self) -> Needle:
         if not self.needle or not self.question or not self.answer:
-            raise ProbeError(f"{where}: needle, question and answer must be non-empty")
+            raise ProbeError("needle, question and answer must be non-empty")
         if self.answer not in self.needle:
-            raise ProbeError(f"{where}: the answer '{self.answer}' does not occur in the needle")
+            raise ProbeError(f"the answer '{self.answer}' does not occur in the needle")
         if self.distractor is not None and self.distractor not in self.needle:
-            raise ProbeError(f"{where}: the distractor '{self.distractor}' does not occur in the needle")
+            raise ProbeError(f"the distractor '{self.distractor}' does not occur in the needle")
+        return self
 
 
 @dataclass(frozen=True)
@@ -118,9 +119,15 @@ class ProbeSet:
                 "seed": self.seed, "lengths": list(self.lengths), "depths": self.depths,
                 "haystack": self.haystack, "count": len(self.probes)}
 
-    def to_jsonl(self) -> str:
+    def to_jsonl(self, tokenizer=None, haystack: Haystack | None = None) -> str:
+        """Header line, then one probe per line; with a tokenizer, each rendered prompt and answer span too."""
         lines = [json.dumps({"probe_set": self.header()})]
-        lines += [json.dumps(p.to_dict()) for p in self.probes]
+        for p in self.probes:
+            row = p.to_dict()
+            if tokenizer is not None:
+                r = render(p, tokenizer, haystack or Haystack(self.seed))
+                row.update(prompt_tokens=len(r.input_ids), answer_span=list(r.answer_span), prompt=r.text)
+            lines.append(json.dumps(row))
         return "\n".join(lines) + "\n"
 
 
@@ -156,22 +163,12 @@ def default_lengths(max_positions: int, cap: int = 4000) -> list[int]:
 
 
 def load_needles(path: Path, family: str) -> list[Needle]:
-    raw = read_text(path, "needles file", ProbeError)
-    needles = []
-    for i, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-            n = Needle(str(d["needle"]), str(d["question"]), str(d["answer"]),
-                       str(d["distractor"]) if d.get("distractor") else None)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ProbeError(f"{path}:{i}: expected JSON with needle, question, answer ({type(e).__name__})"
-                             ) from None
-        n.check(f"{path}:{i}")
-        needles.append(n)
-    if not needles:
-        raise ProbeError(f"needles file {path} holds no needles")
+    def parse(d: dict[str, Any]) -> Needle:
+        return Needle(str(d["needle"]), str(d["question"]), str(d["answer"]),
+                      str(d["distractor"]) if d.get("distractor") else None).check()
+
+    needles = [n for _, n in read_jsonl(path, "needles file", "needles", "needle, question, answer", parse,
+                                        ProbeError)]
     if family == "r2" and any(n.distractor is None for n in needles):
         raise ProbeError(f"{path}: r2 needles need a 'distractor' (the other candidate fact)")
     return needles
@@ -222,23 +219,35 @@ class RenderedProbe:
     text: str
 
 
-def _prompt_text(tokenizer, context: str, question: str, chat_template: bool) -> str:
-    content = f"{context}\n\n{INSTRUCTION}\nQuestion: {question}"
+def chat_text(tokenizer, content: str, chat_template: bool, suffix: str = "") -> str:
+    """The user message as the model sees it: in its chat template (with the assistant's turn opened),
+    or raw with `suffix` when there is no template or it is not wanted."""
     if chat_template:
         return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                              add_generation_prompt=True)
-    return content + "\nAnswer:"
+    return content + suffix
 
 
-def _encode(tokenizer, text: str, chat_template: bool):
-    return tokenizer(text, add_special_tokens=not chat_template, return_offsets_mapping=True)
+def encode(tokenizer, text: str, chat_template: bool, offsets: bool = False):
+    """Token ids of a rendered prompt (the template brings its own special tokens)."""
+    return tokenizer(text, add_special_tokens=not chat_template, return_offsets_mapping=offsets)
+
+
+def question_text(tokenizer, context: str, question: str, chat_template: bool) -> str:
+    return chat_text(tokenizer, f"{context}\n\n{INSTRUCTION}\nQuestion: {question}", chat_template, "\nAnswer:")
+
+
+def prompt_ids(tokenizer, content: str, chat_template: bool = True, suffix: str = "") -> list[int]:
+    """Token ids of a user message, in the tokenizer's chat template when it has one and it is wanted."""
+    chat_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
+    return list(encode(tokenizer, chat_text(tokenizer, content, chat_template, suffix), chat_template)["input_ids"])
 
 
 def render(probe: Probe, tokenizer, haystack: Haystack, chat_template: bool = True) -> RenderedProbe:
     """Fit haystack sentences around the needle so the prompt has about `probe.length` tokens."""
     chat_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
-    overhead = len(_encode(tokenizer, _prompt_text(tokenizer, probe.needle, probe.question, chat_template),
-                           chat_template)["input_ids"])
+    overhead = len(encode(tokenizer, question_text(tokenizer, probe.needle, probe.question, chat_template),
+                          chat_template)["input_ids"])
     budget = probe.length - overhead
     sentences: list[str] = []
     if budget > 0:
@@ -255,8 +264,8 @@ def render(probe: Probe, tokenizer, haystack: Haystack, chat_template: bool = Tr
     while True:
         k = round(probe.depth * len(sentences))
         context = " ".join(sentences[:k] + [probe.needle] + sentences[k:])
-        text = _prompt_text(tokenizer, context, probe.question, chat_template)
-        enc = _encode(tokenizer, text, chat_template)
+        text = question_text(tokenizer, context, probe.question, chat_template)
+        enc = encode(tokenizer, text, chat_template, offsets=True)
         if len(enc["input_ids"]) <= probe.length or not sentences:
             break
         sentences.pop()

@@ -19,7 +19,7 @@ import numpy as np
 from headprof.errors import ProfileError
 from headprof.files import check_output, read_text, write_atomic
 
-__all__ = ["Profile", "load", "save", "validate", "check_output", "write_atomic", "check_fits", "shipped"]
+__all__ = ["Profile", "load", "save", "validate", "check_output", "write_atomic", "shipped"]
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("profile.schema.json")
@@ -30,9 +30,64 @@ _MODEL_KEYS = ("spec", "num_layers", "num_query_heads", "num_kv_heads")
 
 @dataclass
 class Profile:
-    """A loaded, validated profile. `data` is the JSON document; accessors give numpy views."""
+    """A loaded, validated profile. `data` is the JSON document; accessors give numpy views.
+
+    `Profile.load(path)`, `profile.save(path)`, `Profile.shipped("smollm2-135m", "r2")`,
+    `Profile.score(model, ...)` (runs the probes), `profile.check_fits(layout)`.
+    """
 
     data: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        """Read and validate a profile file; one-line ProfileError for anything wrong with it."""
+        p = Path(path)
+        text = read_text(p, "profile", ProfileError)
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ProfileError(f"profile {p} is not valid JSON (line {e.lineno}: {e.msg})") from None
+        try:
+            validate(d)
+        except ProfileError as e:
+            raise ProfileError(f"{p}: {e}") from None
+        return cls(d)
+
+    @classmethod
+    def shipped(cls, model_spec: str, method: str = "r2") -> Profile | None:
+        """The profile headprof ships for a model alias, or None."""
+        path = shipped(model_spec, method)
+        return cls.load(path) if path is not None else None
+
+    @classmethod
+    def score(cls, model, method: str = "r2", **options) -> Profile:
+        """Score `model` (a spec or a loaded model) on needle probes: see `headprof.score`."""
+        from headprof.api import score
+
+        return score(model, method, **options)
+
+    def save(self, path: str | Path, force: bool = False) -> Path:
+        """Validate and write atomically; an existing file is only replaced with `force`."""
+        validate(self.data)
+        return write_atomic(path, json.dumps(self.data, indent=1) + "\n", force)
+
+    def check_fits(self, layout) -> None:
+        """Refuse a profile made for a model with another head layout (`layout`: models.HeadLayout)."""
+        m = self.model
+        theirs = (m["num_layers"], m["num_query_heads"], m["num_kv_heads"])
+        ours = (layout.num_layers, layout.num_query_heads, layout.num_kv_heads)
+        if theirs != ours:
+            raise ProfileError(f"profile was made for {m.get('spec', 'another model')} ({theirs[0]} layers, "
+                               f"{theirs[1]} query heads, {theirs[2]} KV heads); this model has {ours[0]} layers, "
+                               f"{ours[1]} query heads, {ours[2]} KV heads")
+
+    @staticmethod
+    def kv_reduce(query: np.ndarray, num_kv_heads: int) -> dict[str, Any]:
+        """Query-head scores [layer, head] -> KV-head scores, mean and max over each group."""
+        layers, heads = query.shape
+        grouped = np.asarray(query, dtype=float).reshape(layers, num_kv_heads, heads // num_kv_heads)
+        return {"mean": rounded(grouped.mean(-1)), "max": rounded(grouped.max(-1)),
+                "note": "KV head k groups query heads [k*g, (k+1)*g), g = query heads / KV heads"}
 
     @property
     def model(self) -> dict[str, Any]:
@@ -66,20 +121,9 @@ class Profile:
         return np.asarray(rows, dtype=float).reshape(-1, *self.shape)
 
 
-def kv_reduce(query: np.ndarray, num_kv_heads: int) -> dict[str, list[list[float]]]:
-    layers, heads = query.shape
-    grouped = query.reshape(layers, num_kv_heads, heads // num_kv_heads)
-    return {"mean": _round(grouped.mean(-1)), "max": _round(grouped.max(-1)),
-            "note": "KV head k groups query heads [k*g, (k+1)*g), g = query heads / KV heads"}
-
-
-def _round(a: np.ndarray) -> list:
-    return np.round(np.asarray(a, dtype=float), 8).tolist()
-
-
 def rounded(a: np.ndarray) -> list:
     """Scores as stored in files (8 decimals), so a reloaded profile equals the written one."""
-    return _round(a)
+    return np.round(np.asarray(a, dtype=float), 8).tolist()
 
 
 def validate(d: Any) -> None:
@@ -132,39 +176,16 @@ def _grid(g: Any, rows: int, cols: int, where: str) -> None:
 
 
 def load(path: str | Path) -> Profile:
-    p = Path(path)
-    text = read_text(p, "profile", ProfileError)
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ProfileError(f"profile {p} is not valid JSON (line {e.lineno}: {e.msg})") from None
-    try:
-        validate(d)
-    except ProfileError as e:
-        raise ProfileError(f"{p}: {e}") from None
-    return Profile(d)
+    return Profile.load(path)
 
 
 def save(profile: Profile, path: str | Path, force: bool = False) -> Path:
-    validate(profile.data)
-    return write_atomic(path, json.dumps(profile.data, indent=1) + "\n", force)
-
-
-def check_fits(profile: Profile, num_layers: int, num_query_heads: int, num_kv_heads: int) -> None:
-    """Refuse a profile made for a model with another head layout."""
-    m = profile.model
-    theirs = (m["num_layers"], m["num_query_heads"], m["num_kv_heads"])
-    ours = (num_layers, num_query_heads, num_kv_heads)
-    if theirs != ours:
-        raise ProfileError(f"profile was made for {m.get('spec', 'another model')} ({theirs[0]} layers, {theirs[1]} "
-                           f"query heads, {theirs[2]} KV heads); this model has {ours[0]} layers, {ours[1]} query "
-                           f"heads, {ours[2]} KV heads")
+    return profile.save(path, force)
 
 
 def shipped(model_spec: str, method: str = "r2") -> Path | None:
-    """The shipped profile for an alias, from ./profiles or the source checkout's profiles/."""
-    for root in (Path("profiles"), Path(__file__).resolve().parents[1] / "profiles"):
-        p = root / model_spec / f"{method}.json"
-        if p.is_file():
-            return p
-    return None
+    """The path of a shipped profile (package data: headprof/profiles/ALIAS/METHOD.json), or None."""
+    from importlib.resources import files
+
+    p = Path(str(files("headprof") / "profiles" / model_spec / f"{method}.json"))
+    return p if p.is_file() else None

@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache
 
 from headprof.capture import implementation
-from headprof.scoring import stop_token_ids
+from headprof.scoring import answer_done, stop_token_ids
 
 
 @torch.no_grad()
@@ -41,10 +41,7 @@ def naive_score_probe(lm, input_ids: list[int], span: tuple[int, int], method: s
                     for v, i in zip(values.tolist(), idx.tolist(), strict=True):
                         if start <= i < end and (method == "r2" or tokens[i] == token):
                             result[layer, head] += (v if method == "r2" else 1.0) / n
-            if token in stops:
-                break
-            generated.append(token)
-            if "\n" in lm.tokenizer.decode([token]) and lm.tokenizer.decode(generated).strip():
+            if answer_done(lm.tokenizer, token, generated, stops):
                 break
             tokens.append(token)
             step_input = torch.tensor([[token]], device=lm.model.device)

@@ -15,8 +15,6 @@ import datetime as dt
 import json
 import os
 import platform
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +31,19 @@ from headprof.errors import OutputError, ProbeError
 from headprof.files import write_atomic
 from headprof.haystack import Haystack
 from headprof.models import LoadedModel
-from headprof.profile import SCHEMA_VERSION, Profile, kv_reduce, rounded
+from headprof.profile import SCHEMA_VERSION, Profile, rounded
+from headprof.progress import Callback, Progress
 
 DEFAULT_MARGIN = 10
 
 
-@dataclass
-class Progress:
-    done: int
-    total: int
-    successes: int
-    resumed: int
+def answer_done(tokenizer, token: int, generated: list[int], stops: set[int]) -> bool:
+    """Greedy decoding of an answer stops at an end token, or at a newline once some text exists.
+    Appends `token` to `generated` unless it is an end token."""
+    if token in stops:
+        return True
+    generated.append(token)
+    return "\n" in tokenizer.decode([token]) and bool(tokenizer.decode(generated).strip())
 
 
 def stop_token_ids(lm: LoadedModel) -> set[int]:
@@ -87,10 +87,7 @@ def score_probe(lm: LoadedModel, rendered: probes_mod.RenderedProbe, method: str
             total += scores.retrieval_step(top_idx, tokens, token, (start, end))
         else:
             total += scores.r2_step(top_vals, top_idx, (start, end))
-        if token in stops:
-            break
-        generated.append(token)
-        if "\n" in lm.tokenizer.decode([token]) and lm.tokenizer.decode(generated).strip():
+        if answer_done(lm.tokenizer, token, generated, stops):
             break
         tokens = torch.cat([tokens, torch.tensor([token], device=device)])
         step_input = torch.tensor([[token]], device=device)
@@ -141,7 +138,7 @@ def partial_path_for(out: Path) -> Path:
 def score(lm: LoadedModel, probe_set: probes_mod.ProbeSet, method: str, haystack: Haystack,
           chat_template: bool = True, filter_probes: bool = True, margin: int = DEFAULT_MARGIN,
           partial: Path | None = None, resume: bool = False,
-          progress: Callable[[Progress], None] | None = None) -> Profile:
+          progress: Callback | None = None) -> Profile:
     """Run every probe and return the profile. See the module docstring for partial/resume."""
     if method not in scores.METHODS:
         raise ProbeError(f"unknown scoring method '{method}' (use {' or '.join(scores.METHODS)})")
@@ -218,7 +215,7 @@ def build_profile(lm: LoadedModel, probe_set: probes_mod.ProbeSet, method: str,
         "probe_set": {**probe_set.header(), "successes": sum(r["success"] for r in probe_rows),
                       "counted": len(counted)},
         "probes": probe_rows,
-        "scores": {"query": rounded(query), "kv": kv_reduce(query, layout.num_kv_heads)},
+        "scores": {"query": rounded(query), "kv": Profile.kv_reduce(query, layout.num_kv_heads)},
         "environment": environment(lm),
     }
     return Profile(data)

@@ -19,7 +19,7 @@ def _decode_compared(lm, method, budget, compress_sliding, steps=(1, 1, 3, 1, 2,
     ids = torch.randint(0, 96, (1, n), generator=torch.Generator().manual_seed(5))
     scores = np.random.default_rng(1).random((lay.num_layers, lay.num_kv_heads)) ** 4  # skewed budgets
     plan = compress.make_plan(method, lay, n, budget, 8, 7, scores, 1.05, compress_sliding)
-    cache = HeadKVCache(*plan.cache_kinds())
+    cache = generation.cache_for(lay, plan.method, plan.compress_sliding)
     worst = []
     batched = attention.attend
 
@@ -31,7 +31,7 @@ def _decode_compared(lm, method, budget, compress_sliding, steps=(1, 1, 3, 1, 2,
 
     attention.attend = both
     try:
-        with torch.no_grad(), generation.compressing(plan, cache):
+        with torch.no_grad(), generation.compressing(cache, 8, lambda _: plan):
             lm.model(ids, past_key_values=cache)
             for q in steps:
                 tok = torch.randint(0, 96, (1, q), generator=torch.Generator().manual_seed(q))

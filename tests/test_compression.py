@@ -6,8 +6,8 @@ from tiny import ARCHS
 from transformers import DynamicCache
 
 from headprof import compress, generation
-from headprof.cache import HeadKVCache
 from headprof.capture import AttentionCapture, implementation
+from headprof.methods.streaming import streaming_positions
 
 
 def _ids(n=40, seed=0):
@@ -22,8 +22,8 @@ def _compressed_vs_full(lm, method, budget, steps=10, kv_scores=None):
         ref_cache = DynamicCache(config=lm.model.config)
         ref = [lm.model(ids, past_key_values=ref_cache).logits[:, -1]]
         plan = compress.make_plan(method, lay, n, budget, 8, 7, kv_scores)
-        cache = HeadKVCache(*plan.cache_kinds())
-        with generation.compressing(plan, cache):
+        cache = generation.cache_for(lay, plan.method, plan.compress_sliding)
+        with generation.compressing(cache, 8, lambda _: plan):
             ours = [lm.model(ids, past_key_values=cache).logits[:, -1]]
             tok = ref[0].argmax(-1, keepdim=True)
             for _ in range(steps):  # more steps than the first tail room: the tail must grow
@@ -74,7 +74,7 @@ def test_kept_positions_equal_naive_snapkv():
 
 
 def test_streaming_keeps_sink_and_recent():
-    assert compress.streaming_positions(100, 10).tolist() == [0, 1, 2, 3, 94, 95, 96, 97, 98, 99]
+    assert streaming_positions(100, 10).tolist() == [0, 1, 2, 3, 94, 95, 96, 97, 98, 99]
 
 
 def test_generate_measures_bytes_held_and_continues_positions():

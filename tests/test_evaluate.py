@@ -24,7 +24,7 @@ def _profile(lm):
     layers, heads, kv = lm.info.layout.num_layers, lm.info.layout.num_query_heads, lm.info.layout.num_kv_heads
     q = np.random.default_rng(1).random((layers, heads))
     return profile.Profile({"model": {"num_layers": layers, "num_query_heads": heads, "num_kv_heads": kv},
-                            "scores": {"query": q.tolist(), "kv": profile.kv_reduce(q, kv)}, "probes": [],
+                            "scores": {"query": q.tolist(), "kv": profile.Profile.kv_reduce(q, kv)}, "probes": [],
                             "method": {"name": "r2"}})
 
 

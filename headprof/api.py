@@ -1,0 +1,257 @@
+"""The Python API: what the CLI calls, for users' own code (a notebook, an eval harness, a generate loop).
+
+Every function takes a model spec (hub id, directory, .gguf file, shipped alias) or a model already
+loaded with `load_model`, returns values (dataclasses, `Profile`), raises `HeadprofError` subclasses
+with one-line messages, reports long work through a `progress` callback, and never prints.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from headprof import compare, generation, methods, models, probes, scoring
+from headprof import evaluate as evaluate_mod
+from headprof.errors import HeadprofError, ProfileError
+from headprof.files import check_output, write_dir_atomic
+from headprof.models import LoadedModel
+from headprof.profile import Profile, shipped
+from headprof.progress import Callback
+from headprof.scores import token_f1
+
+DEFAULT_EVAL_METHODS = "full,streaming,snapkv,pyramidkv,adakv,headkv-retrieval,headkv-r2"
+
+
+def load_model(spec: str | LoadedModel, device: str = "auto", dtype: str = "auto",
+               device_map: str | None = None) -> LoadedModel:
+    """Load a causal LM (or pass a loaded one through), attached to headprof's attention function."""
+    if isinstance(spec, LoadedModel):
+        return spec
+    return models.load(spec, device=device, dtype=dtype, device_map=device_map)
+
+
+def probe_set(method: str = "r2", lengths: Sequence[int] | None = None, depths: int = 10, seed: int = 0,
+              needles: Path | None = None, haystack: Path | None = None, max_positions: int = 0,
+              on_gpu: bool = False) -> tuple[probes.ProbeSet, probes.Haystack]:
+    """The probe grid lengths x depths (default lengths: five up to 4000 tokens on CPU, 32000 on GPU)."""
+    hs = probes.Haystack(seed, haystack)
+    user_needles = probes.load_needles(needles, method) if needles else None
+    lens = list(lengths) if lengths else probes.default_lengths(max_positions, cap=32000 if on_gpu else 4000)
+    return probes.build_probe_set(method, lens, depths, seed, user_needles, hs), hs
+
+
+def default_profile_path(spec: str, method: str) -> Path:
+    """profiles/MODEL/METHOD.json, MODEL a file-system-safe name of the spec."""
+    name = Path(spec).stem if spec.endswith(".gguf") else spec.rstrip("/").split("/")[-1]
+    return Path("profiles") / re.sub(r"[^a-z0-9._-]+", "-", name.lower()) / f"{method}.json"
+
+
+def score(model: str | LoadedModel, method: str = "r2", *, lengths: Sequence[int] | None = None, depths: int = 10,
+          seed: int = 0, needles: Path | None = None, haystack: Path | None = None, chat_template: bool = True,
+          filter_probes: bool = True, margin: int = scoring.DEFAULT_MARGIN, out: str | Path | None = None,
+          force: bool = False, resume: bool = False, progress: Callback | None = None, device: str = "auto",
+          dtype: str = "auto", device_map: str | None = None) -> Profile:
+    """Score every head on needle probes and return the profile.
+
+    With `out`, the profile is written there atomically, and finished probes are kept in
+    `OUT.partial.jsonl` while it runs: an interrupted run keeps its work and `resume=True` continues it.
+    """
+    target = check_output(out, force) if out is not None else None
+    partial = scoring.partial_path_for(target) if target is not None else None
+    if partial is not None and force:
+        partial.unlink(missing_ok=True)
+    lm = load_model(model, device, dtype, device_map)
+    ps, hs = probe_set(method, lengths, depths, seed, needles, haystack, lm.info.max_positions,
+                       lm.device.startswith("cuda"))
+    prof = scoring.score(lm, ps, method, hs, chat_template=chat_template, filter_probes=filter_probes,
+                         margin=margin, partial=partial, resume=resume, progress=progress)
+    if target is not None:
+        prof.save(target, force=True)
+        partial.unlink(missing_ok=True)
+    return prof
+
+
+@dataclass
+class GenerationReport:
+    """A compressed generation next to the full-cache one (`runs[1]`, unless `baseline=False`)."""
+
+    model: str
+    prompt_tokens: int
+    method: str
+    budget: int
+    window: int
+    kernel: int
+    beta: float
+    group_reduce: str
+    compress_sliding: bool
+    profile: str | None
+    runs: list[generation.RunResult]
+    agreement: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k not in ("runs", "agreement")}
+        d["runs"] = [r.to_dict() for r in self.runs]
+        if self.agreement is not None:
+            d["agreement"] = self.agreement
+        return d
+
+
+def _profile(profile: Profile | str | Path | None, model: str, method: str = "r2") -> tuple[Profile, str]:
+    if isinstance(profile, Profile):
+        return profile, "(in memory)"
+    path = Path(profile) if profile is not None else shipped(model, method)
+    if path is None:
+        raise ProfileError(f"headkv needs a profile for {model}: pass --profile (make one with headprof score)")
+    return Profile.load(path), str(path)
+
+
+def generate(model: str | LoadedModel, prompt: str | Sequence[int], method: str = "headkv", budget: int = 128, *,
+             profile: Profile | str | Path | None = None, window: int = 8, kernel: int = 7, beta: float = 1.2,
+             group_reduce: str = "mean", max_new_tokens: int = 64, baseline: bool = True,
+             chat_template: bool = True, compress_sliding: bool = False, device: str = "auto",
+             dtype: str = "auto") -> GenerationReport:
+    """Generate greedily with `method` at `budget` tokens per KV head, next to the full cache.
+
+    `prompt` is the user message (wrapped in the chat template when the model has one) or token ids.
+    `profile` (headkv): a Profile, a path, or None for the shipped profile of a model alias.
+    """
+    m = methods.get(method)
+    if m.compresses and budget <= window:
+        raise HeadprofError(f"--budget {budget} must exceed --window {window}")
+    if max_new_tokens < 1:
+        raise HeadprofError("--max-new-tokens must be at least 1")
+    spec = model if isinstance(model, str) else model.info.spec
+    prof, where = _profile(profile, spec) if m.needs_profile else (None, None)
+    lm = load_model(model, device, dtype)
+    kv_scores = None
+    if prof is not None:
+        prof.check_fits(lm.info.layout)
+        kv_scores = prof.kv_scores(group_reduce)
+    ids = list(prompt) if not isinstance(prompt, str) else probes.prompt_ids(lm.tokenizer, prompt, chat_template)
+    runs = [generation.generate(lm, ids, method, budget, kv_scores, window, kernel, beta, max_new_tokens,
+                                compress_sliding=compress_sliding)]
+    if baseline and m.compresses:
+        runs.append(generation.generate(lm, ids, "full", budget, max_new_tokens=max_new_tokens))
+    agreement = None
+    if len(runs) > 1:
+        agreement = {"exact": runs[0].text == runs[1].text, "token_f1": token_f1(runs[0].text, runs[1].text)}
+    return GenerationReport(model=lm.info.resolved, prompt_tokens=len(ids), method=method, budget=budget,
+                            window=window, kernel=kernel, beta=beta, group_reduce=group_reduce,
+                            compress_sliding=compress_sliding, profile=where, runs=runs, agreement=agreement)
+
+
+@dataclass
+class EvalReport:
+    """Quality versus budget (`data` is results.json); `warnings` are for the user (overlapping items)."""
+
+    data: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def summary(self) -> list[dict[str, Any]]:
+        return self.data["summary"]
+
+    def save(self, out_dir: str | Path, force: bool = False) -> Path:
+        """results.json, results.csv and quality_vs_budget.png, put in place all at once."""
+        def write(tmp: Path) -> None:
+            (tmp / "results.json").write_text(json.dumps(self.data, indent=1) + "\n")
+            (tmp / "results.csv").write_text(evaluate_mod.to_csv(self.data))
+            evaluate_mod.plot(self.data, tmp / "quality_vs_budget.png")
+
+        return write_dir_atomic(out_dir, force, write)
+
+
+def eval_profiles(model: str, method_specs: str, profile_dir: Path | None = None) -> dict[str, Profile]:
+    """The profiles `headkv-NAME` methods need: PROFILE_DIR/NAME.json, or the shipped NAME profile."""
+    wanted = sorted({name for spec in method_specs.split(",") if spec.strip()
+                     for name in [methods.parse_spec(spec.strip())[1]] if name})
+    profiles = {}
+    for name in wanted:
+        path = (profile_dir / f"{name}.json") if profile_dir else shipped(model, name)
+        if path is None or not path.is_file():
+            raise ProfileError(f"no {name} profile for {model}: pass --profile-dir (make one with headprof score)")
+        profiles[name] = Profile.load(path)
+    return profiles
+
+
+def evaluate(model: str | LoadedModel, budgets: Sequence[int] = (32, 64, 128, 256),
+             methods_spec: str = DEFAULT_EVAL_METHODS, *, profiles: dict[str, Profile] | None = None,
+             profile_dir: Path | None = None, tasks: Path | None = None, items: int = 5,
+             lengths: Sequence[int] = (1500,), seed: int = 1000, betas: Sequence[float] = (1.2,),
+             allow_overlap: bool = False, window: int = 8, max_new_tokens: int = 24, compress_sliding: bool = False,
+             device: str = "auto", progress: Callback | None = None) -> EvalReport:
+    """Every method at every budget on the same items, next to the full cache (docs/results.md)."""
+    spec = model if isinstance(model, str) else model.info.spec
+    if profiles is None:
+        profiles = eval_profiles(spec, methods_spec, profile_dir)
+    method_list = evaluate_mod.parse_methods(methods_spec, profiles)
+    lm = load_model(model, device)
+    for p in profiles.values():
+        p.check_fits(lm.info.layout)
+    warnings: list[str] = []
+    if tasks:
+        item_list = evaluate_mod.file_items(lm, tasks)
+    else:
+        item_list = []
+        for task in ("needle", "reasoning"):
+            exclude = frozenset() if allow_overlap else evaluate_mod.used_texts(list(profiles.values()))
+            its, ps = evaluate_mod.probe_items(lm, task, list(lengths), items, seed, exclude)
+            for name, p in profiles.items():
+                clash = evaluate_mod.overlapping(p, ps)
+                if clash and not allow_overlap:
+                    raise HeadprofError(f"{len(clash)} eval items overlap the {name} profile's probes "
+                                        f"(e.g. {clash[0]}): use another --seed, or --allow-overlap")
+                if clash:
+                    warnings.append(f"{len(clash)} eval items overlap the {name} profile's probes; results are "
+                                    "optimistic for headkv")
+            item_list += its
+    data = evaluate_mod.evaluate(lm, item_list, method_list, list(budgets), profiles, betas, window,
+                                 max_new_tokens=max_new_tokens, progress=progress, compress_sliding=compress_sliding)
+    return EvalReport(data, warnings)
+
+
+@dataclass
+class CheckResult:
+    """A profile re-scored on its own probes: do the heads that matter still match?"""
+
+    profile: str
+    model: str
+    probes: int
+    spearman: float
+    top10_overlap: float
+    answered: int
+    answered_before: int
+    failures: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+def check(profile: Profile | str | Path, model: str | LoadedModel | None = None, *, max_probes: int | None = None,
+          min_spearman: float = compare.MIN_SPEARMAN, min_overlap: float = compare.MIN_OVERLAP,
+          device: str = "auto", dtype: str = "auto", progress: Callback | None = None) -> CheckResult:
+    """Re-score the profile's model on (some of) the profile's own probes and compare (docs/ci.md)."""
+    prof = profile if isinstance(profile, Profile) else Profile.load(profile)
+    ps, hs = probes.from_profile(prof.data, max_probes)
+    lm = load_model(model or prof.model["spec"], device, dtype)
+    prof.check_fits(lm.info.layout)
+    params = prof.data["method"].get("params", {})
+    new = scoring.score(lm, ps, prof.method, hs, chat_template=params.get("chat_template", True),
+                        filter_probes=params.get("filter", True),
+                        margin=params.get("margin", scoring.DEFAULT_MARGIN), progress=progress)
+    ids = [p.id for p in ps.probes]
+    old_scores, new_scores = compare.subset_scores(prof, ids), compare.subset_scores(new, ids)
+    rho = compare.spearman(old_scores, new_scores)
+    top = compare.overlap(old_scores, new_scores, 0.1)
+    failures = [f"Spearman {rho:.3f} < {min_spearman}"] if rho < min_spearman else []
+    failures += [f"top-10% overlap {top:.2f} < {min_overlap}"] if top < min_overlap else []
+    return CheckResult(profile=str(profile) if not isinstance(profile, Profile) else "(in memory)",
+                       model=lm.info.resolved, probes=len(ids), spearman=rho, top10_overlap=top,
+                       answered=new.data["probe_set"]["successes"],
+                       answered_before=sum(r["success"] for r in prof.data["probes"] if r["id"] in ids),
+                       failures=failures)

@@ -1,0 +1,123 @@
+"""What every command shares: the Typer app, the consoles, one-line errors, progress, argument types."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from headprof.errors import HeadprofError, ProbeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Find the attention heads that matter, and compress the KV cache with them.")
+# when piped, rich would draw tables 80 columns wide and wrap their headers
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 140)
+err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 140)
+
+
+@app.callback()
+def configure(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show third-party warnings, "
+                                                    "logs and progress bars")] = False) -> None:
+    """Keep third-party warnings, logs and progress bars away from the user unless --verbose."""
+    if verbose:
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF conversion uses tqdm directly
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def friendly(fn):
+    """One-line errors and exit codes instead of tracebacks."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except HeadprofError as e:
+            err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted", highlight=False)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def parse_ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in re.split(r"[,\s]+", text.strip()) if x]
+    except ValueError:
+        raise ProbeError(f"{what} must be comma-separated integers, got '{text}'") from None
+    if not values or any(v <= 0 for v in values):
+        raise ProbeError(f"{what} must be positive integers, got '{text}'")
+    return values
+
+
+def with_progress(quiet: bool, total: int, run, label: str = "scoring"):
+    """Run `run(callback)`; the bar appears with the first finished step, so early errors stay one line."""
+    if quiet:
+        return run(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[rate]}/s"), TimeRemainingColumn(),
+                   TextColumn("{task.fields[ok]}"), console=err)
+    task = bar.add_task(label, total=total or None, rate="-", ok="")
+
+    def update(p) -> None:
+        if not bar.live.is_started:
+            bar.start()
+        bar.update(task, completed=p.done, total=p.total)
+        speed = bar.tasks[task].speed
+        ok = f"answered {p.successes}/{p.done}" if p.successes is not None else ""
+        bar.update(task, rate=f"{speed:.2f}" if speed else "-", ok=ok)
+
+    try:
+        return run(update)
+    finally:
+        bar.stop()
+
+
+def emit(text: str, out_path: Path | None, force: bool, what: str) -> None:
+    """Write `text` atomically to `out_path`, or to stdout when there is none."""
+    from headprof.files import write_atomic
+
+    if out_path is None:
+        sys.stdout.write(text)
+        return
+    write_atomic(out_path, text, force)
+    out.print(f"wrote {out_path}: {what}", highlight=False)
+
+
+def method_names() -> str:
+    from headprof import methods
+
+    return ", ".join(methods.names())
+
+
+ModelArg = Annotated[str, typer.Argument(help="hub id, local directory, .gguf file, or alias "
+                                               "(smollm2-135m, gemma3-270m)")]
+ScoringMethod = Annotated[str, typer.Option("--method", help="retrieval (Wu et al.) or r2 (HeadKV "
+                                                             "retrieval-reasoning)")]
+Depths = Annotated[int, typer.Option(help="needle depths per length, evenly spaced over 0-100%")]
+Seed = Annotated[int, typer.Option(help="seed for needles and haystack")]
+NeedlesOpt = Annotated[Path | None, typer.Option("--needles", help="your own needles, JSONL: needle, "
+                                                  "question, answer[, distractor]")]
+HaystackOpt = Annotated[Path | None, typer.Option("--haystack", help="your own haystack text file")]
+Device = Annotated[str, typer.Option(help="cpu, cuda or auto")]
+Dtype = Annotated[str, typer.Option(help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")]
+Quiet = Annotated[bool, typer.Option(help="no progress bar")]
+Force = Annotated[bool, typer.Option(help="overwrite an existing output")]
+ProfileArg = Annotated[Path, typer.Argument(metavar="PROFILE")]

@@ -1,0 +1,140 @@
+"""Commands that compress the KV cache: run (one prompt) and eval (quality versus budget)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from headprof.cli.common import (
+    Device,
+    Dtype,
+    ModelArg,
+    Quiet,
+    app,
+    err,
+    friendly,
+    method_names,
+    out,
+    parse_ints,
+    with_progress,
+)
+
+CompressSliding = Annotated[bool, typer.Option("--compress-sliding", help="sliding-window layers (Gemma) also keep "
+                                               "only their best tokens inside their window")]
+
+
+@app.command()
+@friendly
+def run(
+    prompt: Annotated[Path, typer.Argument(help="a UTF-8 text file: the prompt (context and question)")],
+    model: Annotated[str, typer.Option(help="model spec, as for `score`")] = "smollm2-135m",
+    profile_path: Annotated[Path | None, typer.Option("--profile", help="head profile for headkv "
+                                                      "[default: the shipped r2 profile of --model]")] = None,
+    method: Annotated[str, typer.Option(help=f"one of: {method_names()}")] = "headkv",
+    budget: Annotated[int, typer.Option(help="KV tokens per KV head, observation window included")] = 128,
+    window: Annotated[int, typer.Option(help="observation window: last prompt tokens, always kept")] = 8,
+    kernel: Annotated[int, typer.Option(help="max-pool width over positions")] = 7,
+    beta: Annotated[float, typer.Option(help="HeadKV: share of the budget that is guaranteed is 1 - 1/beta")] = 1.2,
+    group_reduce: Annotated[str, typer.Option(help="query heads -> KV head: mean or max")] = "mean",
+    max_new_tokens: Annotated[int, typer.Option()] = 64,
+    compress_sliding: CompressSliding = False,
+    no_baseline: Annotated[bool, typer.Option("--no-baseline", help="skip the full-cache run")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON report")] = False,
+    no_chat_template: Annotated[bool, typer.Option("--no-chat-template")] = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+) -> None:
+    """Generate with a head-level compressed KV cache, next to the full-cache answer."""
+    from headprof import api
+    from headprof.files import read_prompt
+
+    report = api.generate(model, read_prompt(prompt), method, budget, profile=profile_path, window=window,
+                          kernel=kernel, beta=beta, group_reduce=group_reduce, max_new_tokens=max_new_tokens,
+                          baseline=not no_baseline, chat_template=not no_chat_template,
+                          compress_sliding=compress_sliding, device=device, dtype=dtype)
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=1) + "\n")
+        return
+    from rich.columns import Columns
+    from rich.panel import Panel
+
+    out.print(f"{report.model}: prompt of {report.prompt_tokens} tokens, {report.method} at {report.budget} tokens "
+              "per KV head", highlight=False)
+    for note in report.runs[0].notes:
+        out.print(f"note: {note}", highlight=False)
+    panels = [Panel(r.text or "(empty)", title=f"{r.method}" + (" (full cache)" if r is not report.runs[0] else ""),
+                    expand=True) for r in report.runs]
+    out.print(Columns(panels, equal=True, expand=True))
+    if report.agreement is not None:
+        a = report.agreement
+        out.print(f"agreement: exact {'yes' if a['exact'] else 'no'}, token F1 {a['token_f1']:.2f}")
+    t = Table("run", "KV entries", "KV MB held", "MB full", "MB ideal", "kept", "prefill s", "decode tok/s")
+    for r in report.runs:
+        t.add_row(r.method, f"{r.kv_entries:,}", f"{r.kv_bytes / 1e6:.2f}", f"{r.kv_bytes_full / 1e6:.2f}",
+                  f"{r.kv_bytes_ideal / 1e6:.2f}", f"{r.kv_bytes / max(r.kv_bytes_full, 1):.1%}",
+                  f"{r.prefill_s:.2f}", f"{r.decode_tokens_per_s:.1f}" if r.decode_tokens_per_s else "-")
+    out.print(t)
+
+
+@app.command("eval")
+@friendly
+def eval_(
+    model: ModelArg = "smollm2-135m",
+    budgets: Annotated[str, typer.Option(help="KV tokens per KV head, comma-separated")] = "32,64,128,256",
+    methods: Annotated[str, typer.Option(help=f"comma-separated: {method_names()}; profile-driven ones as "
+                                              "NAME-PROFILE (headkv-retrieval, headkv-r2)")] =
+        "full,streaming,snapkv,pyramidkv,adakv,headkv-retrieval,headkv-r2",
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="directory for results.json, results.csv, "
+                                                              "quality_vs_budget.png")] = Path("results"),
+    tasks: Annotated[Path | None, typer.Option(help="your own items, JSONL: context, question, answers "
+                                                    "[default: needle and reasoning probes]")] = None,
+    items: Annotated[int, typer.Option(help="items per task and length")] = 5,
+    lengths: Annotated[str, typer.Option(help="probe lengths in tokens")] = "1500",
+    seed: Annotated[int, typer.Option(help="seed of the eval items (the profiles use 0)")] = 1000,
+    beta: Annotated[str, typer.Option(help="HeadKV beta, or a list to choose per budget on a validation half")]
+        = "1.2",
+    profile_dir: Annotated[Path | None, typer.Option(help="where PROFILE.json profiles are "
+                                                          "[default: the shipped profiles of MODEL]")] = None,
+    allow_overlap: Annotated[bool, typer.Option(help="run even if eval items overlap the profiles' probes")] = False,
+    window: Annotated[int, typer.Option()] = 8,
+    max_new_tokens: Annotated[int, typer.Option()] = 24,
+    compress_sliding: CompressSliding = False,
+    force: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
+    quiet: Quiet = False,
+    device: Device = "auto",
+) -> None:
+    """Quality versus budget for every method, with bootstrap intervals, measured KV bytes and a plot."""
+    from headprof import api
+    from headprof.errors import HeadprofError, OutputError
+
+    budget_list = parse_ints(budgets, "--budgets")
+    try:
+        betas = [float(x) for x in beta.split(",") if x.strip()]
+    except ValueError:
+        raise HeadprofError(f"--beta must be numbers, got '{beta}'") from None
+    if out_dir.exists() and not force:
+        raise OutputError(f"{out_dir} exists; pass --force to replace it")
+    report = with_progress(quiet, 0, lambda cb: api.evaluate(
+        model, budget_list, methods, profile_dir=profile_dir, tasks=tasks, items=items,
+        lengths=parse_ints(lengths, "--lengths"), seed=seed, betas=betas, allow_overlap=allow_overlap, window=window,
+        max_new_tokens=max_new_tokens, compress_sliding=compress_sliding, device=device, progress=cb),
+        label="evaluating")
+    for w in report.warnings:
+        err.print(f"[bold red]WARNING[/bold red]: {w}", highlight=False)
+    report.save(out_dir, force=True)
+    results = report.data
+    t = Table("method", "budget", "F1", "95% interval", "contains", "agrees w/ full", "KV MB", "s/item",
+              title=f"{results['model']}: {results['items']} items" + (f", beta chosen on {results['validation_items']}"
+                                                                     if results["chosen_beta"] else ""))
+    for r in report.summary:
+        t.add_row(r["method"], str(r["budget"]), f"{r['f1']:.2f}", f"{r['f1_low']:.2f}-{r['f1_high']:.2f}",
+                  f"{r['contains']:.2f}", f"{r['agreement']:.2f}", f"{r['kv_bytes'] / 1e6:.2f}", f"{r['seconds']:.1f}")
+    out.print(t)
+    if results["chosen_beta"]:
+        out.print(f"beta chosen per budget: {results['chosen_beta']}", highlight=False)
+    out.print(f"wrote {out_dir}/results.json, results.csv, quality_vs_budget.png", highlight=False)

@@ -1,0 +1,150 @@
+"""Commands that make and check profiles: score, probes, info, check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from headprof.cli.common import (
+    Depths,
+    Device,
+    Dtype,
+    Force,
+    HaystackOpt,
+    ModelArg,
+    NeedlesOpt,
+    ProfileArg,
+    Quiet,
+    ScoringMethod,
+    Seed,
+    app,
+    emit,
+    err,
+    friendly,
+    out,
+    parse_ints,
+    with_progress,
+)
+
+
+@app.command()
+@friendly
+def score(
+    model: ModelArg,
+    method: ScoringMethod = "r2",
+    lengths: Annotated[str | None, typer.Option(help="prompt lengths in tokens, e.g. 1000,2000 "
+                                                     "[default: 5 lengths up to 4000 on CPU]")] = None,
+    depths: Depths = 10,
+    seed: Seed = 0,
+    out_path: Annotated[Path | None, typer.Option("--out", "-o", help="profile to write "
+                                                  "[default: profiles/MODEL/METHOD.json]")] = None,
+    force: Annotated[bool, typer.Option(help="overwrite an existing profile / discard a partial run")] = False,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
+    no_filter: Annotated[bool, typer.Option("--no-filter", help="count every probe, answered or not")] = False,
+    no_chat_template: Annotated[bool, typer.Option("--no-chat-template")] = False,
+    needles: NeedlesOpt = None,
+    haystack: HaystackOpt = None,
+    margin: Annotated[int, typer.Option(help="decode steps beyond the answer's length")] = 10,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    device_map: Annotated[str | None, typer.Option(help="'auto' to spread a large model (accelerate)")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Run needle probes and write per-head scores as a profile."""
+    from headprof import api, scoring
+
+    target = out_path or api.default_profile_path(model, method)
+    try:
+        prof = with_progress(quiet, 0, lambda cb: api.score(
+            model, method, lengths=parse_ints(lengths, "--lengths") if lengths else None, depths=depths, seed=seed,
+            needles=needles, haystack=haystack, chat_template=not no_chat_template, filter_probes=not no_filter,
+            margin=margin, out=target, force=force, resume=resume, progress=cb, device=device, dtype=dtype,
+            device_map=device_map))
+    except KeyboardInterrupt:
+        err.print(f"interrupted: finished probes are kept in {scoring.partial_path_for(Path(target))}; rerun "
+                  "with --resume to continue", highlight=False)
+        raise typer.Exit(130) from None
+    p = prof.data["probe_set"]
+    out.print(f"wrote {target}: {prof.method} scores for {p['count']} probes, {p['successes']} answered "
+              f"correctly, {p['counted']} counted", highlight=False)
+    if p["successes"] == 0 and not no_filter:
+        err.print("warning: the model answered no probe; every probe was counted (as with --no-filter)",
+                  highlight=False)
+
+
+@app.command()
+@friendly
+def probes(
+    method: ScoringMethod = "r2",
+    lengths: Annotated[str, typer.Option(help="prompt lengths in tokens, e.g. 1000,2000")] = "1000",
+    depths: Depths = 10,
+    seed: Seed = 0,
+    out_path: Annotated[Path | None, typer.Option("--out", "-o", help="JSONL file [default: stdout]")] = None,
+    force: Force = False,
+    needles: NeedlesOpt = None,
+    haystack: HaystackOpt = None,
+    model: Annotated[str | None, typer.Option(help="also render each prompt for this model's tokenizer")] = None,
+) -> None:
+    """Write a probe set as JSONL (header line, then one probe per line) to inspect it."""
+    from headprof import api
+    from headprof.files import check_output
+
+    if out_path:
+        check_output(out_path, force)
+    ps, hs = api.probe_set(method, parse_ints(lengths, "--lengths"), depths, seed, needles, haystack)
+    tokenizer = api.load_model(model).tokenizer if model else None
+    emit(ps.to_jsonl(tokenizer, hs), out_path, force, f"{len(ps.probes)} probes, {ps.hash}")
+
+
+@app.command()
+@friendly
+def info(model: ModelArg) -> None:
+    """Show a model's head layout: layers, query heads, KV heads, group size, attention kinds."""
+    from headprof import models
+
+    i = models.describe(model)
+    lay = i.layout
+    kinds = sorted(set(lay.attention_kinds))
+    t = Table(show_header=False, box=None)
+    for k, v in [("model", i.resolved), ("architecture", f"{i.architecture} ({i.model_type})"),
+                 ("layers", lay.num_layers), ("query heads", lay.num_query_heads),
+                 ("KV heads", lay.num_kv_heads), ("group size", lay.group_size), ("head dim", lay.head_dim),
+                 ("attention kinds", ", ".join(f"{k} x{lay.attention_kinds.count(k)}" for k in kinds)),
+                 ("sliding window", lay.sliding_window or "-"), ("max positions", i.max_positions),
+                 ("chat template", "yes" if i.chat_template else "no"),
+                 ("weights sha256", i.weights_sha256 or i.revision or "-")]:
+        t.add_row(f"[bold]{k}[/bold]", str(v))
+    out.print(t)
+
+
+@app.command()
+@friendly
+def check(
+    profile_path: ProfileArg,
+    model: Annotated[str | None, typer.Option(help="model to re-score [default: the profile's model]")] = None,
+    max_probes: Annotated[int | None, typer.Option(help="re-score only this many of the profile's probes")] = None,
+    min_spearman: Annotated[float | None, typer.Option(help="fail below this rank correlation [default: 0.9]")]
+        = None,
+    min_overlap: Annotated[float | None, typer.Option(help="fail below this top-10% overlap [default: 0.7]")] = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    quiet: Quiet = False,
+) -> None:
+    """Re-score the profile's model on the profile's own probes; exit 1 if the heads changed."""
+    from headprof import api, compare
+
+    r = with_progress(quiet, 0, lambda cb: api.check(
+        profile_path, model, max_probes=max_probes,
+        min_spearman=compare.MIN_SPEARMAN if min_spearman is None else min_spearman,
+        min_overlap=compare.MIN_OVERLAP if min_overlap is None else min_overlap, device=device, dtype=dtype,
+        progress=cb))
+    out.print(f"re-scored {r.probes} probes of {profile_path} on {r.model}: Spearman {r.spearman:.3f}, "
+              f"top-10% overlap {r.top10_overlap:.2f}, answered {r.answered}/{r.probes} "
+              f"(profile: {r.answered_before}/{r.probes})", highlight=False)
+    if not r.passed:
+        out.print("FAIL: " + "; ".join(r.failures), highlight=False)
+        raise typer.Exit(1)
+    out.print("OK: the heads that matter have not changed", highlight=False)

@@ -1,0 +1,27 @@
+"""StreamingLLM (Xiao et al. 2023): attention sinks (the first tokens) and the most recent ones."""
+
+from __future__ import annotations
+
+import torch
+
+from headprof.methods.base import Method, register
+
+SINK = 4
+
+
+def streaming_positions(prefix: int, keep: int, sink: int = SINK) -> torch.Tensor:
+    """The first `sink` tokens and the most recent ones before the window."""
+    keep = min(keep, prefix)
+    first = min(sink, keep)
+    return torch.cat([torch.arange(first), torch.arange(prefix - (keep - first), prefix)]).long()
+
+
+@register
+class Streaming(Method):
+    name = "streaming"
+    rank = 10
+    summary = f"the first {SINK} tokens and the most recent b - {SINK}"
+
+    def choose(self, plan, layer, probs):
+        lo = plan.first_candidate(layer)
+        return [streaming_positions(plan.prefix - lo, int(b)).to(probs.device) + lo for b in plan.budgets[layer]]
