@@ -30,9 +30,11 @@ def configure(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="sho
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF conversion uses tqdm directly
     warnings.filterwarnings("ignore")
+    import tqdm.std  # transformers' GGUF conversion draws a tqdm bar of its own
     from transformers.utils import logging as hf_logging
+
+    tqdm.std.tqdm.__init__ = functools.partialmethod(tqdm.std.tqdm.__init__, disable=True)
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
