@@ -116,7 +116,7 @@ def bootstrap(values: Sequence[float]) -> tuple[float, float]:
 def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budgets: list[int],
              profiles: dict[str, Profile], betas: Sequence[float] = (1.2,), window: int = 8, kernel: int = 7,
              max_new_tokens: int = 24, progress: Callback | None = None,
-             compress_sliding: bool = False) -> dict[str, Any]:
+             compress_sliding: bool = True) -> dict[str, Any]:
     """Run the grid; returns the results document (see docs/results.md for its shape)."""
     if any(b <= window for b in budgets):
         raise HeadprofError(f"every budget must exceed the observation window ({window})")
@@ -161,7 +161,7 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
     return {"results_version": RESULTS_VERSION, "model": lm.info.resolved, "methods": method_specs,
             "budgets": budgets,
             "betas": list(betas), "chosen_beta": chosen, "window": window, "kernel": kernel,
-            **({"compress_sliding": True} if compress_sliding else {}),
+            **({} if compress_sliding else {"keep_sliding_window": True}),
             "items": len([i for i in items if i.split == "test"]),
             "validation_items": len([i for i in items if i.split == "validation"]),
             "summary": summarise(test, method_specs, budgets), "rows": rows}

@@ -90,7 +90,7 @@ def compressing(cache: HeadKVCache, window: int, plan_for: Callable[[int], Plan]
 @contextmanager
 def compression(model, method: str = "headkv", budget: int = 128, profile=None, window: int = 8,
                 kernel: int = 7, beta: float = 1.2, group_reduce: str = "mean",
-                compress_sliding: bool = False) -> Iterator[HeadKVCache]:
+                compress_sliding: bool = True) -> Iterator[HeadKVCache]:
     """Head-level KV compression inside your own `model.generate` (batch size 1), on any HF causal LM:
 
         with headprof.compression(model, "headkv", budget=128, profile=prof) as cache:
@@ -137,11 +137,11 @@ def _full_entries(layout: HeadLayout, seq: int) -> int:
 @torch.no_grad()
 def generate(lm: LoadedModel, prompt_ids: list[int], method: str = "headkv", budget: int = 128,
              kv_scores: np.ndarray | None = None, window: int = 8, kernel: int = 7, beta: float = 1.2,
-             max_new_tokens: int = 64, min_new_tokens: int = 0, compress_sliding: bool = False) -> RunResult:
+             max_new_tokens: int = 64, min_new_tokens: int = 0, compress_sliding: bool = True) -> RunResult:
     """Generate greedily from `prompt_ids` with `method` at `budget` tokens per KV head.
 
-    `compress_sliding`: sliding-window layers also take part in the budget, keeping their best tokens
-    inside their window, instead of keeping the whole window (docs/run.md).
+    `compress_sliding` (default): sliding-window layers also take part in the budget, keeping their best
+    tokens inside their window; False keeps their whole window as the model does (docs/run.md).
     """
     lay = lm.info.layout
     m = methods.get(method)

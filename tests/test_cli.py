@@ -169,14 +169,14 @@ def test_run_compress_sliding_holds_less_on_sliding_window_models(tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("The harbour was quiet this morning. " * 8 + "What was quiet?")
     held = {}
-    for flag in ([], ["--compress-sliding"]):
+    for flag in (["--keep-sliding-window"], []):  # compressing inside the window is the default
         r = headprof("run", "--model", gemma, "--method", "snapkv", "--budget", "24", "--max-new-tokens", "4",
                      "--no-baseline", "--json", *flag, prompt)
         assert r.returncode == 0, r.stderr
         assert "Warning" not in r.stderr  # nothing from third parties reaches the user
         report = json.loads(r.stdout)
-        assert report["compress_sliding"] == bool(flag)
+        assert report["compress_sliding"] == (not flag)
         run = report["runs"][0]
         assert run["kv_bytes"] <= 1.05 * run["kv_bytes_ideal"]
-        held[bool(flag)] = run["kv_bytes"]
+        held[not flag] = run["kv_bytes"]
     assert held[True] < held[False]

@@ -24,8 +24,9 @@ from headprof.cli.common import (
     with_progress,
 )
 
-CompressSliding = Annotated[bool, typer.Option("--compress-sliding", help="sliding-window layers (Gemma) also keep "
-                                               "only their best tokens inside their window")]
+CompressSliding = Annotated[bool, typer.Option("--compress-sliding/--keep-sliding-window", help="sliding-window "
+                                               "layers (Gemma) keep only their best tokens inside their window, or "
+                                               "their whole window (docs/run.md)")]
 
 
 @app.command()
@@ -42,7 +43,7 @@ def run(
     beta: Annotated[float, typer.Option(help="HeadKV: share of the budget that is guaranteed is 1 - 1/beta")] = 1.2,
     group_reduce: Annotated[str, typer.Option(help="query heads -> KV head: mean or max")] = "mean",
     max_new_tokens: Annotated[int, typer.Option()] = 64,
-    compress_sliding: CompressSliding = False,
+    compress_sliding: CompressSliding = True,
     no_baseline: Annotated[bool, typer.Option("--no-baseline", help="skip the full-cache run")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON report")] = False,
     no_chat_template: Annotated[bool, typer.Option("--no-chat-template")] = False,
@@ -103,7 +104,7 @@ def eval_(
     allow_overlap: Annotated[bool, typer.Option(help="run even if eval items overlap the profiles' probes")] = False,
     window: Annotated[int, typer.Option()] = 8,
     max_new_tokens: Annotated[int, typer.Option()] = 24,
-    compress_sliding: CompressSliding = False,
+    compress_sliding: CompressSliding = True,
     force: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
     quiet: Quiet = False,
     device: Device = "auto",
