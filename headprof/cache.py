@@ -41,7 +41,6 @@ class HeadKVLayer(DynamicLayer):
         self.pv: torch.Tensor | None = None
         self.lens: list[int] = []  # kept tokens per head (host copy: sizes are decided on the host)
         self.uniform = True
-        self.starts: torch.Tensor | None = None  # (heads,) int64 on the cache's device
         self.cu_seqlens: torch.Tensor | None = None  # (heads + 1,) int32, for varlen kernels
         self.positions: torch.Tensor | None = None  # (N,) positions of kept tokens (sliding layers only)
         self.tk: torch.Tensor | None = None  # (heads, room, dim) generated keys
@@ -91,7 +90,6 @@ class HeadKVLayer(DynamicLayer):
         for n in self.lens:
             cu.append(cu[-1] + n)
         self.cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=device)
-        self.starts = self.cu_seqlens[:-1].long()
         self.positions = pos if self.sliding_window is not None else None
         self.prompt_len = keys.shape[2]
         self.tk = keys.new_empty(heads, self._step(1), dim)
@@ -198,7 +196,3 @@ class HeadKVCache(Cache):
             elif getattr(layer, "keys", None) is not None:
                 total += layer.keys.nbytes + layer.values.nbytes
         return total
-
-    def head_lengths(self) -> list[list[int]]:
-        return [[n + layer.t for n in layer.lens] if isinstance(layer, HeadKVLayer) and layer.compressed else []
-                for layer in self.layers]
