@@ -34,16 +34,23 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--repeats", type=int, default=2, help="decode runs per cell; the best is reported")
+    ap.add_argument("--real-layers", type=int, default=0, metavar="N",
+                    help="instead: N layers of Llama-3-8B's real size (hidden 4096, head_dim 128), built in memory")
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = synthetic.save(Path(tmp) / "llama3-shaped", max_positions=max(lengths) + args.new_tokens + 64)
-        lm = models.load(str(path), device=args.device, dtype=args.dtype)
+    if args.real_layers:
+        dtype = models.pick_dtype(args.dtype, args.device)
+        config = synthetic.llama3_8b_layers(args.real_layers, max(lengths) + args.new_tokens + 64)
+        lm = synthetic.loaded_in_memory(config, args.device, dtype)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = synthetic.save(Path(tmp) / "llama3-shaped", max_positions=max(lengths) + args.new_tokens + 64)
+            lm = models.load(str(path), device=args.device, dtype=args.dtype)
     lay = lm.info.layout
     scores = np.random.default_rng(0).random((lay.num_layers, lay.num_kv_heads)) ** 4  # a skewed profile
     backends = attention.available(lm.device, lm.model.dtype)
-    print(f"device {lm.device}, dtype {lm.dtype}, torch {torch.__version__}, attention backends {backends}, "
-          f"threads {torch.get_num_threads()}")
+    print(f"model {lm.info.resolved}, device {lm.device}, dtype {lm.dtype}, torch {torch.__version__}, "
+          f"attention backends {backends}, threads {torch.get_num_threads()}")
     print("| prompt | run | backend | decode tok/s | / limit | / full | KV MB held | held / ideal |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     rng = np.random.default_rng(1)

@@ -21,6 +21,31 @@ def llama3_shaped(layers: int = 32, max_positions: int = 16384) -> LlamaConfig:
                        rope_theta=500000.0, bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
 
+def llama3_8b_layers(layers: int = 8, max_positions: int = 40000) -> LlamaConfig:
+    """Llama-3-8B's own layer size (hidden 4096, 32 query heads, 8 KV heads, head_dim 128, MLP 14336),
+    fewer layers: attention and cache per layer cost what they cost in the real model."""
+    return LlamaConfig(vocab_size=128, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                       max_position_embeddings=max_positions, rope_theta=500000.0, bos_token_id=None,
+                       eos_token_id=None, pad_token_id=None)
+
+
+def loaded_in_memory(config: LlamaConfig, device: str, dtype: torch.dtype):
+    """A LoadedModel built directly on `device` (no files: a multi-GB random model need not be saved)."""
+    from headprof import capture
+    from headprof.models import LoadedModel, ModelInfo, layout_of
+
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    model.generation_config.eos_token_id = None
+    info = ModelInfo(spec="llama3-8b-layers", resolved=f"Llama-3-8B-sized layers x{config.num_hidden_layers}",
+                     revision=None, weights_sha256=None, architecture="LlamaForCausalLM", model_type="llama",
+                     layout=layout_of(config), max_positions=config.max_position_embeddings, chat_template=False)
+    impl = capture.attach(model)
+    return LoadedModel(model=model, tokenizer=char_tokenizer(), info=info, device=device,
+                       dtype=str(dtype).removeprefix("torch."), attn_implementation=impl)
+
+
 def char_tokenizer() -> PreTrainedTokenizerFast:
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
