@@ -166,11 +166,12 @@ class HeadKVCache(Cache):
     """One layer per model layer: `HeadKVLayer` where heads are compressed, transformers' own otherwise.
 
     `kinds[i]` is "compress" (a full-attention layer, or a sliding layer compressed inside its window when
-    `windows[i]` is set), or "sliding" (a sliding-window layer kept as the model keeps it).
+    `windows[i]` is set), or "keep" (the layer as the model keeps it: its window, or everything).
     """
 
     def __init__(self, kinds: list[str], windows: list[int | None], growth: float = GROWTH) -> None:
-        layers = [DynamicSlidingWindowLayer(w) if kind == "sliding" else HeadKVLayer(w, growth)
+        layers = [HeadKVLayer(w, growth) if kind == "compress"
+                  else DynamicSlidingWindowLayer(w) if w else DynamicLayer()
                   for kind, w in zip(kinds, windows, strict=True)]
         super().__init__(layers=layers)
 

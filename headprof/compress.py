@@ -52,14 +52,9 @@ class Plan:
     def prefix(self) -> int:
         return self.prompt_len - self.window
 
-    def sliding(self, layer: int) -> bool:
-        return self.layout.attention_kinds[layer] == "sliding_attention" and bool(self.layout.sliding_window)
-
     def first_candidate(self, layer: int) -> int:
         """The oldest prefix position a head of this layer may keep (inside the window on sliding layers)."""
-        if self.sliding(layer):
-            return min(self.prefix, max(0, self.prompt_len - self.layout.sliding_window + 1))
-        return 0
+        return first_candidate(self.layout, layer, self.prompt_len, self.window)
 
     def pooled(self, layer: int, probs: torch.Tensor) -> torch.Tensor:
         """(kv_heads, prefix) selection scores; positions a head may not keep score -inf."""
@@ -75,12 +70,27 @@ class Plan:
         return [torch.cat([k, window_pos]) for k in self.method.choose(self, layer, probs)]
 
 
+def is_sliding(layout: HeadLayout, layer: int) -> bool:
+    return layout.attention_kinds[layer] == "sliding_attention" and bool(layout.sliding_window)
+
+
+def first_candidate(layout: HeadLayout, layer: int, prompt_len: int, window: int) -> int:
+    """The oldest prefix position a head of `layer` may keep: 0, or the window's start on sliding layers."""
+    if is_sliding(layout, layer):
+        return min(prompt_len - window, max(0, prompt_len - layout.sliding_window + 1))
+    return 0
+
+
+def compressed_layers(layout: HeadLayout, method: methods.Method, compress_sliding: bool) -> list[bool]:
+    """Per layer: does `method` compress it (sliding layers only with `compress_sliding`)?"""
+    return [method.compresses and (compress_sliding or not is_sliding(layout, layer))
+            for layer in range(layout.num_layers)]
+
+
 def capacity(layout: HeadLayout, prompt_len: int, window: int) -> np.ndarray:
     """[layer, kv_head] how many prefix positions each head can choose from (sliding layers: its window)."""
-    prefix = prompt_len - window
-    caps = [prefix - (min(prefix, max(0, prompt_len - layout.sliding_window + 1))
-                      if kind == "sliding_attention" and layout.sliding_window else 0)
-            for kind in layout.attention_kinds]
+    caps = [prompt_len - window - first_candidate(layout, layer, prompt_len, window)
+            for layer in range(layout.num_layers)]
     return np.repeat(np.array(caps, dtype=np.int64)[:, None], layout.num_kv_heads, axis=1)
 
 
@@ -89,8 +99,8 @@ def make_plan(method: str | methods.Method, layout: HeadLayout, prompt_len: int,
               compress_sliding: bool = False) -> Plan:
     """Allocate budgets for `method`. Raises BudgetError for budgets the prompt cannot honour."""
     m = methods.get(method) if isinstance(method, str) else method
-    compressible = np.array([[m.compresses and (kind != "sliding_attention" or compress_sliding)]
-                             * layout.num_kv_heads for kind in layout.attention_kinds])
+    compressible = np.repeat(np.array(compressed_layers(layout, m, compress_sliding))[:, None],
+                             layout.num_kv_heads, axis=1)
     budgets = (m.allocate(budget, window, capacity(layout, prompt_len, window), compressible, kv_scores, beta)
                if m.compresses else np.zeros(compressible.shape, dtype=np.int64))
     return Plan(m, layout, budget, window, kernel, prompt_len, budgets, compressible, compress_sliding)

@@ -24,7 +24,7 @@ from transformers import DynamicCache, StoppingCriteria
 from headprof import capture, methods
 from headprof.cache import HeadKVCache, HeadKVLayer
 from headprof.capture import AttentionCapture
-from headprof.compress import Plan, make_plan
+from headprof.compress import Plan, compressed_layers, make_plan
 from headprof.errors import HeadprofError
 from headprof.models import HeadLayout, LoadedModel, layout_of
 
@@ -60,8 +60,7 @@ class RunResult:
 def cache_for(layout: HeadLayout, method: methods.Method, compress_sliding: bool = False) -> HeadKVCache:
     """An empty cache whose layers the method compresses (sliding layers stay the model's own unless
     `compress_sliding`)."""
-    kinds = ["compress" if method.compresses and (kind != "sliding_attention" or compress_sliding) else "sliding"
-             for kind in layout.attention_kinds]
+    kinds = ["compress" if c else "keep" for c in compressed_layers(layout, method, compress_sliding)]
     windows = [layout.sliding_window if kind == "sliding_attention" else None for kind in layout.attention_kinds]
     return HeadKVCache(kinds, windows)
 

@@ -89,7 +89,8 @@ def with_progress(quiet: bool, total: int, run, label: str = "scoring"):
     try:
         return run(update)
     finally:
-        bar.stop()
+        if bar.live.is_started:  # stopping a bar that never started would print an empty line
+            bar.stop()
 
 
 def emit(text: str, out_path: Path | None, force: bool, what: str) -> None:
