@@ -36,12 +36,18 @@ def load_model(spec: str | LoadedModel, device: str = "auto", dtype: str = "auto
 
 def probe_set(method: str = "r2", lengths: Sequence[int] | None = None, depths: int = 10, seed: int = 0,
               needles: Path | None = None, haystack: Path | None = None, max_positions: int = 0,
-              on_gpu: bool = False) -> tuple[probes.ProbeSet, probes.Haystack]:
-    """The probe grid lengths x depths (default lengths: five up to 4000 tokens on CPU, 32000 on GPU)."""
+              on_gpu: bool = False, families: str | Sequence[str] | None = None,
+              version: str | None = None) -> tuple[probes.ProbeSet, probes.Haystack]:
+    """The probe grid lengths x depths (default lengths: five up to 4000 tokens on CPU, 32000 on GPU).
+
+    r2 probes mix the graded `families` (needles.R2_FAMILIES, default all); `version="1"` rebuilds the
+    legacy r2 probe sets of profiles made before them."""
     hs = probes.Haystack(seed, haystack)
     user_needles = probes.load_needles(needles, method) if needles else None
+    if user_needles and families is not None:
+        raise HeadprofError("--families draws generated probes; it cannot be used with --needles")
     lens = list(lengths) if lengths else probes.default_lengths(max_positions, cap=32000 if on_gpu else 4000)
-    return probes.build_probe_set(method, lens, depths, seed, user_needles, hs), hs
+    return probes.build_probe_set(method, lens, depths, seed, user_needles, hs, version=version, families=families), hs
 
 
 def default_profile_path(spec: str, method: str) -> Path:
@@ -54,21 +60,30 @@ def score(model: str | LoadedModel, method: str = "r2", *, lengths: Sequence[int
           seed: int = 0, needles: Path | None = None, haystack: Path | None = None, chat_template: bool = True,
           filter_probes: bool = True, margin: int = scoring.DEFAULT_MARGIN, out: str | Path | None = None,
           force: bool = False, resume: bool = False, progress: Callback | None = None, device: str = "auto",
-          dtype: str = "auto", device_map: str | None = None) -> Profile:
+          dtype: str = "auto", device_map: str | None = None, families: str | Sequence[str] | None = None,
+          version: str | None = None, min_answered: int | None = None, max_drawn: int | None = None,
+          teacher_forced: bool = False) -> Profile:
     """Score every head on needle probes and return the profile.
 
     With `out`, the profile is written there atomically, and finished probes are kept in
     `OUT.partial.jsonl` while it runs: an interrupted run keeps its work and `resume=True` continues it.
+    `min_answered` draws further rounds of the grid (at most `max_drawn` probes, default 4x) until that
+    many probes were answered; `teacher_forced` feeds the gold answer instead (docs/profiles.md).
     """
     target = check_output(out, force) if out is not None else None
     partial = scoring.partial_path_for(target) if target is not None else None
     if partial is not None and force:
         partial.unlink(missing_ok=True)
+    settings = scoring.Settings(method, chat_template, filter_probes, margin, min_answered=min_answered,
+                                max_drawn=max_drawn, teacher_forced=teacher_forced)
+    if min_answered is not None and not filter_probes:
+        raise HeadprofError("--min-answered counts answered probes; it cannot be used with --no-filter")
+    if min_answered is not None and needles is not None:
+        raise HeadprofError("--min-answered draws more generated probes; it cannot be used with --needles")
     lm = load_model(model, device, dtype, device_map)
     ps, hs = probe_set(method, lengths, depths, seed, needles, haystack, lm.info.max_positions,
-                       lm.device.startswith("cuda"))
-    prof = scoring.score(lm, ps, method, hs, chat_template=chat_template, filter_probes=filter_probes,
-                         margin=margin, partial=partial, resume=resume, progress=progress)
+                       lm.device.startswith("cuda"), families, version)
+    prof = scoring.score(lm, ps, settings, hs, partial=partial, resume=resume, progress=progress)
     if target is not None:
         prof.save(target, force=True)
         partial.unlink(missing_ok=True)
@@ -241,9 +256,10 @@ def check(profile: Profile | str | Path, model: str | LoadedModel | None = None,
     lm = load_model(model or prof.model["spec"], device, dtype)
     prof.check_fits(lm.info.layout)
     params = prof.data["method"].get("params", {})
-    new = scoring.score(lm, ps, prof.method, hs, chat_template=params.get("chat_template", True),
-                        filter_probes=params.get("filter", True),
-                        margin=params.get("margin", scoring.DEFAULT_MARGIN), progress=progress)
+    settings = scoring.Settings(prof.method, params.get("chat_template", True), params.get("filter", True),
+                                params.get("margin", scoring.DEFAULT_MARGIN), rule=params.get("success_metric"),
+                                teacher_forced=params.get("teacher_forced", False))
+    new = scoring.score(lm, ps, settings, hs, progress=progress)
     ids = [p.id for p in ps.probes]
     old_scores, new_scores = compare.subset_scores(prof, ids), compare.subset_scores(new, ids)
     rho = compare.spearman(old_scores, new_scores)

@@ -1,12 +1,9 @@
-"""Needle-in-a-haystack probes: the two families, probe sets with seed/version/hash, and rendering.
-
-`retrieval` (Wu et al.): one fact in a needle sentence; the question asks for it.
-`r2` (HeadKV-R2): the needle holds two candidate facts and what is needed to choose between them;
-the question needs one reasoning step ("the older one"). The answer span is the correct fact only;
-the other fact is recorded as the distractor.
+"""Needle-in-a-haystack probe sets (seed, version, hash) and rendering; the needles are in `needles.py`.
 
 A probe is model independent (text, target length in tokens, depth). `render` fits the haystack to the
-target length with a given tokenizer, so the same probe set serves every model.
+target length with a given tokenizer, so the same probe set serves every model. Probe sets can be drawn
+again in further *rounds* (same seed stream, new needles in the same grid), which `score
+--min-answered` uses until enough probes were answered.
 """
 
 from __future__ import annotations
@@ -15,71 +12,20 @@ import hashlib
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from headprof.errors import ProbeError
 from headprof.files import read_jsonl
 from headprof.haystack import Haystack
+from headprof.needles import R2_FAMILIES, Needle, parse_families, r2_needle, r2_v1_needle, retrieval_needle
 
 __all__ = ["Haystack", "ProbeSet", "Probe", "Needle", "build_probe_set", "render"]
 
 FAMILIES = ("retrieval", "r2")
-PROBE_SET_VERSION = "1"
+VERSIONS = {"retrieval": ("1",), "r2": ("2", "1")}  # the first is the default; r2 version 1 is the legacy form
 INSTRUCTION = "Answer the question using only the text above. Reply with a short answer."
-
-_NAMES = ["Mara", "Tobias", "Ines", "Kofi", "Linnea", "Ravi", "Odile", "Mateo", "Yuki", "Priya", "Henrik",
-          "Amara", "Dmitri", "Sofia", "Jonah", "Leila", "Emeka", "Greta", "Anselm", "Noor"]
-_CITIES = ["Port Elsworth", "Brackenford", "Kestrel Bay", "Dunmarrow", "Ashcombe", "Vellmouth"]
-_RETRIEVAL = [
-    ("{name}'s secret ingredient for the harvest pie is {x}.",
-     "What is {name}'s secret ingredient for the harvest pie?",
-     ["smoked cinnamon", "black cardamom", "orange blossom honey", "toasted fennel seeds", "wild thyme"]),
-    ("The code for {name}'s bicycle lock is {x}.", "What is the code for {name}'s bicycle lock?",
-     ["4729", "8116", "3052", "9941", "6283"]),
-    ("{name} hid the spare key {x}.", "Where did {name} hide the spare key?",
-     ["under the blue flowerpot", "inside the broken lantern", "behind the loose brick", "in the tin of buttons"]),
-    ("The best thing to do in {city} is {x}.", "What is the best thing to do in {city}?",
-     ["eat a sandwich in the harbour park", "ride the night ferry", "visit the glass museum",
-      "climb the lighthouse stairs"]),
-    ("{name}'s favourite painting shows {x}.", "What does {name}'s favourite painting show?",
-     ["a red kite over the sea", "three pears on a plate", "a lighthouse in a storm", "a fox asleep in snow"]),
-]
-# (needle, question, (word if the larger number wins, word if the smaller wins), facts, number range)
-_R2 = [
-    ("{A} is {a} years old and collects {x}; {B} is {b} years old and collects {y}.",
-     "What does the {cmp} of {A} and {B} collect?", ("older", "younger"),
-     ["old postage stamps", "glass marbles", "seashells", "vintage maps", "tin soldiers", "pressed flowers",
-      "copper coins", "jazz records"], (19, 80)),
-    ("{A} was born in {a} and plays the {x}, while {B} was born in {b} and plays the {y}.",
-     "Which instrument does the one of {A} and {B} who was born {cmp} play?", ("later", "earlier"),
-     ["cello", "oboe", "banjo", "harp", "trumpet", "accordion", "violin", "flute"], (1950, 2005)),
-    ("{A} is {a} centimetres tall and owns a {x}; {B} is {b} centimetres tall and owns a {y}.",
-     "What pet does the {cmp} of {A} and {B} own?", ("taller", "shorter"),
-     ["tortoise", "parrot", "ferret", "goldfish", "beagle", "rabbit", "hamster", "cockatiel"], (150, 199)),
-    ("{A} runs {a} kilometres every week and grows {x}; {B} runs {b} kilometres every week and grows {y}.",
-     "What does the one of {A} and {B} who runs {cmp} kilometres every week grow?", ("more", "fewer"),
-     ["tomatoes", "sunflowers", "pumpkins", "lavender", "strawberries", "runner beans", "garlic", "roses"],
-     (5, 60)),
-]
-
-
-@dataclass(frozen=True)
-class Needle:
-    needle: str
-    question: str
-    answer: str
-    distractor: str | None = None
-
-    def check(self) -> Needle:
-        if not self.needle or not self.question or not self.answer:
-            raise ProbeError("needle, question and answer must be non-empty")
-        if self.answer not in self.needle:
-            raise ProbeError(f"the answer '{self.answer}' does not occur in the needle")
-        if self.distractor is not None and self.distractor not in self.needle:
-            raise ProbeError(f"the distractor '{self.distractor}' does not occur in the needle")
-        return self
 
 
 @dataclass(frozen=True)
@@ -91,10 +37,26 @@ class Probe:
     needle: str
     question: str
     answer: str
-    distractor: str | None = None
+    distractors: tuple[str, ...] = ()
+    kind: str | None = None  # the r2 family of a version-2 probe (disambiguation, comparison, ...)
+
+    @property
+    def distractor(self) -> str | None:
+        return self.distractors[0] if self.distractors else None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = {"id": self.id, "family": self.family, "length": self.length, "depth": self.depth,
+             "needle": self.needle, "question": self.question, "answer": self.answer, "distractor": self.distractor}
+        if self.kind is not None or len(self.distractors) > 1:  # version-1 probes keep their old shape (and hash)
+            d.update(distractors=list(self.distractors), kind=self.kind)
+        return d
+
+    @classmethod
+    def from_dict(cls, r: dict[str, Any], family: str) -> Probe:
+        ds = r.get("distractors") or ([r["distractor"]] if r.get("distractor") else [])
+        return cls(id=r["id"], family=r.get("family", family), length=int(r["length"]), depth=float(r["depth"]),
+                   needle=r["needle"], question=r["question"], answer=r["answer"], distractors=tuple(ds),
+                   kind=r.get("kind"))
 
 
 @dataclass(frozen=True)
@@ -107,6 +69,8 @@ class ProbeSet:
     depths: int
     haystack: str
     probes: tuple[Probe, ...]
+    families: tuple[str, ...] | None = None  # r2 version 2: the families mixed
+    rounds: int = 1
 
     @property
     def hash(self) -> str:
@@ -115,9 +79,11 @@ class ProbeSet:
         return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
 
     def header(self) -> dict[str, Any]:
+        extra = {} if self.families is None else {"families": list(self.families)}
+        extra.update({} if self.rounds == 1 else {"rounds": self.rounds})
         return {"name": self.name, "version": self.version, "hash": self.hash, "family": self.family,
                 "seed": self.seed, "lengths": list(self.lengths), "depths": self.depths,
-                "haystack": self.haystack, "count": len(self.probes)}
+                "haystack": self.haystack, "count": len(self.probes), **extra}
 
     def to_jsonl(self, tokenizer=None, haystack: Haystack | None = None) -> str:
         """Header line, then one probe per line; with a tokenizer, each rendered prompt and answer span too."""
@@ -130,23 +96,18 @@ class ProbeSet:
             lines.append(json.dumps(row))
         return "\n".join(lines) + "\n"
 
+    def redraw(self, r: int) -> ProbeSet:
+        """Round r (>= 1) of this generated set: the same grid with new needles from the same seed stream
+        (a set of the user's own needles has no further rounds; the caller refuses that up front)."""
+        drawn = build_probe_set(self.family, self.lengths, self.depths, self.seed, version=self.version,
+                                families=self.families, draw=r)
+        return replace(drawn, name=self.name, haystack=self.haystack)
 
-def retrieval_needle(rng: random.Random) -> Needle:
-    needle, question, facts = rng.choice(_RETRIEVAL)
-    name, city, x = rng.choice(_NAMES), rng.choice(_CITIES), rng.choice(facts)
-    return Needle(needle.format(name=name, city=city, x=x), question.format(name=name, city=city), x)
-
-
-def r2_needle(rng: random.Random) -> Needle:
-    needle, question, words, facts, (lo, hi) = rng.choice(_R2)
-    a_name, b_name = rng.sample(_NAMES, 2)
-    x, y = rng.sample(facts, 2)
-    a, b = rng.sample(range(lo, hi + 1), 2)
-    larger_wins = rng.random() < 0.5
-    a_wins = (a > b) == larger_wins
-    return Needle(needle.format(A=a_name, B=b_name, a=a, b=b, x=x, y=y),
-                  question.format(A=a_name, B=b_name, cmp=words[0] if larger_wins else words[1]),
-                  answer=x if a_wins else y, distractor=y if a_wins else x)
+    def joined(self, others: Sequence[ProbeSet]) -> ProbeSet:
+        """This set followed by further rounds of it, as one set."""
+        probes = self.probes + tuple(p for o in others for p in o.probes)
+        return ProbeSet(self.name, self.version, self.family, self.seed, self.lengths, self.depths, self.haystack,
+                        probes, self.families, self.rounds + len(others))
 
 
 def depth_grid(count: int) -> list[float]:
@@ -163,51 +124,71 @@ def default_lengths(max_positions: int, cap: int = 4000) -> list[int]:
 
 
 def load_needles(path: Path, family: str) -> list[Needle]:
+    """A user's needles (JSONL: needle, question, answer; r2 also distractor or distractors)."""
     def parse(d: dict[str, Any]) -> Needle:
-        return Needle(str(d["needle"]), str(d["question"]), str(d["answer"]),
-                      str(d["distractor"]) if d.get("distractor") else None).check()
+        ds = d.get("distractors") or ([d["distractor"]] if d.get("distractor") else [])
+        if family == "r2" and not ds:
+            raise ProbeError("an r2 needle needs a 'distractor' (a wrong fact of the same kind, inside the needle)")
+        return Needle(str(d["needle"]), str(d["question"]), str(d["answer"]), tuple(str(x) for x in ds)).check()
 
-    needles = [n for _, n in read_jsonl(path, "needles file", "needles", "needle, question, answer", parse,
-                                        ProbeError)]
-    if family == "r2" and any(n.distractor is None for n in needles):
-        raise ProbeError(f"{path}: r2 needles need a 'distractor' (the other candidate fact)")
-    return needles
+    return [n for _, n in read_jsonl(path, "needles file", "needles", "needle, question, answer", parse,
+                                     ProbeError)]
 
 
 def build_probe_set(family: str, lengths: Sequence[int], depths: int, seed: int = 0,
                     needles: Sequence[Needle] | None = None, haystack: Haystack | None = None,
-                    exclude: frozenset[str] = frozenset()) -> ProbeSet:
+                    exclude: frozenset[str] = frozenset(), version: str | None = None,
+                    families: Sequence[str] | str | None = None, draw: int = 0) -> ProbeSet:
     """The grid lengths x depths, one needle per cell, deterministic from the seed.
 
     Generated needles whose text or question is in `exclude` are drawn again (eval items must not
-    repeat a profile's probes).
+    repeat a profile's probes). `version` picks the needle generator (VERSIONS); `families` the r2
+    families of version 2; `round` > 0 draws the grid again with new needles.
     """
     if family not in FAMILIES:
         raise ProbeError(f"unknown probe family '{family}' (use {' or '.join(FAMILIES)})")
+    version = version or VERSIONS[family][0]
+    if version not in VERSIONS[family]:
+        raise ProbeError(f"unknown {family} probe-set version '{version}' (use {', '.join(VERSIONS[family])})")
     if not lengths:
         raise ProbeError("at least one length is needed")
     for n in lengths:
         if n <= 0:
             raise ProbeError(f"lengths must be positive token counts, got {n}")
+    mixed = parse_families(families) if family == "r2" and version == "2" else None
+    if families is not None and mixed is None:
+        raise ProbeError("--families chooses among r2 (version 2) probes only")
     haystack = haystack or Haystack(seed)
-    make = retrieval_needle if family == "retrieval" else r2_needle
+    if family == "retrieval":
+        make = retrieval_needle
+    elif version == "1":
+        make = r2_v1_needle
+    else:
+        def make(rng: random.Random) -> Needle:
+            return r2_needle(rng, mixed or R2_FAMILIES)
+    suffix = f"-R{draw}" if draw else ""
     probes = []
     for li, length in enumerate(lengths):
         for di, depth in enumerate(depth_grid(depths)):
             if needles:
                 nd = needles[(li * depths + di) % len(needles)]
             else:
-                nd = make(random.Random(f"{family}-{seed}-{length}-{di}"))
+                nd = make(random.Random(f"{family}-{seed}-{length}-{di}{suffix}"))
                 for retry in range(1, 200):
                     if nd.needle not in exclude and nd.question not in exclude:
                         break
-                    nd = make(random.Random(f"{family}-{seed}-{length}-{di}-{retry}"))
-            probes.append(Probe(id=f"{family}-L{length}-D{round(depth * 100):03d}", family=family,
+                    nd = make(random.Random(f"{family}-{seed}-{length}-{di}{suffix}-{retry}"))
+            probes.append(Probe(id=f"{family}-L{length}-D{round_pct(depth)}{suffix}", family=family,
                                 length=int(length), depth=depth, needle=nd.needle, question=nd.question,
-                                answer=nd.answer, distractor=nd.distractor))
+                                answer=nd.answer, distractors=nd.distractors, kind=nd.kind))
     name = "headprof-default" if needles is None and haystack.path is None else "custom"
-    return ProbeSet(name=name, version=PROBE_SET_VERSION, family=family, seed=seed, lengths=tuple(lengths),
-                    depths=depths, haystack=haystack.identity, probes=tuple(probes))
+    return ProbeSet(name=name, version=version, family=family, seed=seed, lengths=tuple(lengths),
+                    depths=depths, haystack=haystack.identity, probes=tuple(probes),
+                    families=mixed if needles is None else None)
+
+
+def round_pct(depth: float) -> str:
+    return f"{round(depth * 100):03d}"
 
 
 @dataclass(frozen=True)
@@ -300,11 +281,11 @@ def from_profile(data: dict[str, Any], max_probes: int | None = None) -> tuple[P
         if max_probes < 1:
             raise ProbeError(f"--max-probes must be positive, got {max_probes}")
         rows = [rows[round(i * (len(rows) - 1) / max(max_probes - 1, 1))] for i in range(max_probes)]
-    probes = tuple(Probe(id=r["id"], family=ps.get("family", "r2"), length=int(r["length"]), depth=float(r["depth"]),
-                         needle=r["needle"], question=r["question"], answer=r["answer"],
-                         distractor=r.get("distractor")) for r in rows)
+    family = ps.get("family", "r2")
+    probes = tuple(Probe.from_dict(r, family) for r in rows)
     haystack = Haystack(int(hay.split("=")[1]))
-    return ProbeSet(name=ps.get("name", "profile"), version=ps.get("version", PROBE_SET_VERSION),
-                    family=ps.get("family", "r2"), seed=int(ps.get("seed") or 0),
+    return ProbeSet(name=ps.get("name", "profile"), version=ps.get("version", "1"), family=family,
+                    seed=int(ps.get("seed") or 0),
                     lengths=tuple(sorted({p.length for p in probes})), depths=int(ps.get("depths") or 1),
-                    haystack=haystack.identity, probes=probes), haystack
+                    haystack=haystack.identity, probes=probes,
+                    families=tuple(ps["families"]) if ps.get("families") else None), haystack

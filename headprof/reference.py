@@ -17,8 +17,9 @@ from headprof.scoring import answer_done, stop_token_ids
 
 @torch.no_grad()
 def naive_score_probe(lm, input_ids: list[int], span: tuple[int, int], method: str,
-                      margin: int) -> tuple[list[int], np.ndarray]:
-    """(generated tokens, [layer, head] scores) computed the naive way."""
+                      margin: int, forced: list[int] | None = None) -> tuple[list[int], np.ndarray]:
+    """(generated tokens, [layer, head] scores) computed the naive way; with `forced`, the gold tokens
+    are fed (teacher forcing) and the generated tokens are the greedy predictions at each step."""
     start, end = span
     n = end - start
     layout = lm.info.layout
@@ -31,9 +32,12 @@ def naive_score_probe(lm, input_ids: list[int], span: tuple[int, int], method: s
         ids = torch.tensor([input_ids], device=lm.model.device)
         lm.model(ids[:, :-1], past_key_values=cache, use_cache=True)
         step_input = ids[:, -1:]
-        for _ in range(n + margin):
+        for step in range(len(forced) if forced is not None else n + margin):
             out = lm.model(step_input, past_key_values=cache, use_cache=True, output_attentions=True)
             token = int(out.logits[0, -1].argmax())
+            if forced is not None:
+                generated.append(token)
+                token = forced[step]
             for layer in range(layout.num_layers):
                 for head in range(layout.num_query_heads):
                     row = out.attentions[layer][0, head, -1].float()
@@ -41,7 +45,7 @@ def naive_score_probe(lm, input_ids: list[int], span: tuple[int, int], method: s
                     for v, i in zip(values.tolist(), idx.tolist(), strict=True):
                         if start <= i < end and (method == "r2" or tokens[i] == token):
                             result[layer, head] += (v if method == "r2" else 1.0) / n
-            if answer_done(lm.tokenizer, token, generated, stops):
+            if forced is None and answer_done(lm.tokenizer, token, generated, stops):
                 break
             tokens.append(token)
             step_input = torch.tensor([[token]], device=lm.model.device)

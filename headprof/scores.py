@@ -7,12 +7,20 @@ capture mechanism); they are vectorised over layers and heads.
   there equals the token generated at this step. N = answer-span tokens.
 - `r2` (HeadKV Eq. 2): k = N; + attention weight / N for each of a head's top-k positions that lies in
   the correct-answer span (no token test).
+
+Answer checks (recorded by name in every profile, so a re-score uses the same rule):
+- `rouge1_recall` (retrieval): more than half of the answer's words are in the response.
+- `answer_not_distractor` (r2, probe-set version 2): the response holds every word of the answer and no
+  word that only a distractor has. It accepts "The oldest of them collects tin soldiers." and rejects a
+  response naming two candidates, which token F1 gets wrong both ways on sentence-long responses.
+- `token_f1` (r2, version 1 profiles): token F1 > 0.5, as the official HeadKV script.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Sequence
 
 import torch
 
@@ -63,11 +71,29 @@ def token_f1(response: str, answer: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-SUCCESS = {"retrieval": ("rouge1_recall", rouge1_recall), "r2": ("token_f1", token_f1)}
+_STOP = frozenset("a an the of and in on at to".split())
+
+
+def answer_not_distractor(response: str, answer: str, distractors: Sequence[str] = ()) -> float:
+    """1.0 when the response has all of the answer's words and none that only a distractor has, else 0.0."""
+    said, wanted = set(words(response)), set(words(answer))
+    wrong = {w for d in distractors for w in words(d)} - wanted - _STOP
+    return float(bool(wanted) and wanted <= said and not (wrong & said))
+
+
+RULES = {"rouge1_recall": "more than half of the answer's words are in the response",
+         "token_f1": "token F1 of response and answer > 0.5",
+         "answer_not_distractor": "the response has every word of the answer and no word that only a distractor has"}
+DEFAULT_RULE = {"retrieval": "rouge1_recall", "r2": "answer_not_distractor"}
 SUCCESS_THRESHOLD = 0.5
 
 
-def answer_check(method: str, response: str, answer: str) -> tuple[bool, float]:
-    """(counts, metric value): retrieval uses ROUGE-1 recall, r2 token F1, both > 0.5."""
-    value = SUCCESS[method][1](response, answer)
+def answer_check(rule: str, response: str, answer: str, distractors: Sequence[str] = ()) -> tuple[bool, float]:
+    """(counts, metric value) under the named rule (RULES)."""
+    if rule == "answer_not_distractor":
+        value = answer_not_distractor(response, answer, distractors)
+    elif rule in ("rouge1_recall", "token_f1"):
+        value = (rouge1_recall if rule == "rouge1_recall" else token_f1)(response, answer)
+    else:
+        raise ValueError(f"unknown answer check '{rule}'")
     return value > SUCCESS_THRESHOLD, value

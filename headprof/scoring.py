@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import os
 import platform
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +55,20 @@ def stop_token_ids(lm: LoadedModel) -> set[int]:
     return {i for i in ids if i is not None}
 
 
+def forced_tokens(tokenizer, answer: str) -> list[int]:
+    """The gold answer as the response's first tokens (what `--teacher-forced` feeds)."""
+    return list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+
+
 @torch.no_grad()
 def score_probe(lm: LoadedModel, rendered: probes_mod.RenderedProbe, method: str,
-                margin: int = DEFAULT_MARGIN) -> tuple[str, np.ndarray]:
-    """(response, [layer, head] scores) of one rendered probe."""
+                margin: int = DEFAULT_MARGIN, forced: list[int] | None = None) -> tuple[str, np.ndarray, bool]:
+    """(response, [layer, head] scores, followed) of one rendered probe.
+
+    Greedy decoding for at most answer tokens + margin steps; or, with `forced` answer tokens, exactly
+    those steps with the gold tokens fed (teacher forcing), `followed` saying whether greedy decoding
+    would have produced every one of them.
+    """
     layout = lm.info.layout
     start, end = rendered.answer_span
     k = scores.topk_for(method, end - start)
@@ -79,20 +90,28 @@ def score_probe(lm: LoadedModel, rendered: probes_mod.RenderedProbe, method: str
     total = torch.zeros(layout.num_layers, layout.num_query_heads, device=device)
     stops = stop_token_ids(lm)
     generated: list[int] = []
-    for _ in range(end - start + margin):
+    predicted: list[torch.Tensor] = []
+    for step in range(len(forced) if forced is not None else end - start + margin):
         with AttentionCapture(sink):
             logits = lm.model(step_input, past_key_values=cache, use_cache=True).logits
-        token = int(logits[0, -1].argmax())
+        if forced is not None:  # no host sync: whether greedy agrees is read once at the end
+            predicted.append(logits[0, -1].argmax())
+            token = forced[step]
+        else:
+            token = int(logits[0, -1].argmax())
         if method == "retrieval":
             total += scores.retrieval_step(top_idx, tokens, token, (start, end))
         else:
             total += scores.r2_step(top_vals, top_idx, (start, end))
-        if answer_done(lm.tokenizer, token, generated, stops):
+        if forced is None and answer_done(lm.tokenizer, token, generated, stops):
             break
         tokens = torch.cat([tokens, torch.tensor([token], device=device)])
         step_input = torch.tensor([[token]], device=device)
+    if forced is not None:
+        followed = bool(torch.equal(torch.stack(predicted).cpu(), torch.tensor(forced))) if forced else False
+        return lm.tokenizer.decode(forced, skip_special_tokens=True).strip(), total.double().cpu().numpy(), followed
     response = lm.tokenizer.decode(generated, skip_special_tokens=True).strip()
-    return response, total.double().cpu().numpy()
+    return response, total.double().cpu().numpy(), True
 
 
 def check_lengths(probe_set: probes_mod.ProbeSet, max_positions: int, margin: int) -> None:
@@ -103,11 +122,39 @@ def check_lengths(probe_set: probes_mod.ProbeSet, max_positions: int, margin: in
             raise ProbeError(f"length {n} does not fit the model: it handles at most {max_positions} positions")
 
 
-def _fingerprint(lm: LoadedModel, probe_set: probes_mod.ProbeSet, method: str, chat_template: bool,
-                 margin: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Settings:
+    """How probes are scored and counted; recorded in the profile and in the partial run's fingerprint."""
+
+    method: str
+    chat_template: bool = True
+    filter_probes: bool = True
+    margin: int = DEFAULT_MARGIN
+    rule: str | None = None  # answer check (scores.RULES); None: the method's default for the probe set
+    min_answered: int | None = None
+    max_drawn: int | None = None  # default 4 x min_answered
+    teacher_forced: bool = False
+
+    def resolved(self, probe_set: probes_mod.ProbeSet, lm: LoadedModel) -> Settings:
+        if self.method not in scores.METHODS:
+            raise ProbeError(f"unknown scoring method '{self.method}' (use {' or '.join(scores.METHODS)})")
+        if self.min_answered is not None and self.min_answered < 1:
+            raise ProbeError(f"--min-answered must be at least 1, got {self.min_answered}")
+        if self.max_drawn is not None and self.max_drawn < 1:
+            raise ProbeError(f"--max-drawn must be at least 1, got {self.max_drawn}")
+        legacy = self.method == "r2" and probe_set.version == "1"
+        rule = self.rule or ("token_f1" if legacy else scores.DEFAULT_RULE[self.method])
+        if rule not in scores.RULES:
+            raise ProbeError(f"unknown answer check '{rule}' (use {', '.join(scores.RULES)})")
+        cap = self.max_drawn or (4 * self.min_answered if self.min_answered else None)
+        return replace(self, chat_template=self.chat_template and lm.info.chat_template, rule=rule, max_drawn=cap)
+
+
+def _fingerprint(lm: LoadedModel, probe_set: probes_mod.ProbeSet, s: Settings) -> dict[str, Any]:
     return {"model": lm.info.resolved, "weights_sha256": lm.info.weights_sha256, "revision": lm.info.revision,
-            "method": method, "probe_set": probe_set.hash, "chat_template": chat_template, "margin": margin,
-            "dtype": lm.dtype, "device": lm.device}
+            "method": s.method, "probe_set": probe_set.hash, "chat_template": s.chat_template, "margin": s.margin,
+            "dtype": lm.dtype, "device": lm.device, "rule": s.rule, "min_answered": s.min_answered,
+            "max_drawn": s.max_drawn, "teacher_forced": s.teacher_forced}
 
 
 def _read_partial(path: Path, fingerprint: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -135,16 +182,29 @@ def partial_path_for(out: Path) -> Path:
     return out.with_name(out.name + ".partial.jsonl")
 
 
-def score(lm: LoadedModel, probe_set: probes_mod.ProbeSet, method: str, haystack: Haystack,
-          chat_template: bool = True, filter_probes: bool = True, margin: int = DEFAULT_MARGIN,
-          partial: Path | None = None, resume: bool = False,
-          progress: Callback | None = None) -> Profile:
-    """Run every probe and return the profile. See the module docstring for partial/resume."""
-    if method not in scores.METHODS:
-        raise ProbeError(f"unknown scoring method '{method}' (use {' or '.join(scores.METHODS)})")
-    check_lengths(probe_set, lm.info.max_positions, margin)
-    use_template = chat_template and lm.info.chat_template
-    fingerprint = _fingerprint(lm, probe_set, method, use_template, margin)
+def run_probe(lm: LoadedModel, probe: probes_mod.Probe, haystack: Haystack, s: Settings) -> dict[str, Any]:
+    """One probe's record: response, answer check, per-head scores."""
+    rendered = probes_mod.render(probe, lm.tokenizer, haystack, s.chat_template)
+    forced = forced_tokens(lm.tokenizer, probe.answer) if s.teacher_forced else None
+    response, head_scores, followed = score_probe(lm, rendered, s.method, s.margin, forced)
+    assert s.rule is not None
+    ok, metric = scores.answer_check(s.rule, response, probe.answer, probe.distractors)
+    if s.teacher_forced:
+        ok, metric = followed, float(followed)
+    return {"id": probe.id, "success": ok, "metric": round(metric, 6), "response": response,
+            "tokens": len(rendered.input_ids), "answer_span": list(rendered.answer_span),
+            "scores": rounded(head_scores)}
+
+
+def score(lm: LoadedModel, probe_set: probes_mod.ProbeSet, settings: Settings | str, haystack: Haystack,
+          partial: Path | None = None, resume: bool = False, progress: Callback | None = None) -> Profile:
+    """Run every probe (and, for `min_answered`, further rounds) and return the profile.
+
+    See the module docstring for partial/resume.
+    """
+    s = (Settings(settings) if isinstance(settings, str) else settings).resolved(probe_set, lm)
+    check_lengths(probe_set, lm.info.max_positions, s.margin)
+    fingerprint = _fingerprint(lm, probe_set, s)
     done: dict[str, dict[str, Any]] = {}
     if partial is not None and partial.exists():
         if not resume:
@@ -157,66 +217,90 @@ def score(lm: LoadedModel, probe_set: probes_mod.ProbeSet, method: str, haystack
         lines = [json.dumps({"run": fingerprint})] + [json.dumps(r) for r in done.values()]
         write_atomic(partial, "\n".join(lines) + "\n", force=True)
         writer = partial.open("a", encoding="utf-8")
+    rounds = [probe_set]
     try:
-        for probe in probe_set.probes:
-            if probe.id not in done:
-                rendered = probes_mod.render(probe, lm.tokenizer, haystack, use_template)
-                response, head_scores = score_probe(lm, rendered, method, margin)
-                ok, metric = scores.answer_check(method, response, probe.answer)
-                done[probe.id] = {"id": probe.id, "success": ok, "metric": round(metric, 6),
-                                  "response": response, "tokens": len(rendered.input_ids),
-                                  "answer_span": list(rendered.answer_span), "scores": rounded(head_scores)}
-                if writer is not None:
-                    writer.write(json.dumps(done[probe.id]) + "\n")
-                    writer.flush()
-                    os.fsync(writer.fileno())
-            if progress is not None:
-                progress(Progress(len(done), len(probe_set.probes),
-                                  sum(r["success"] for r in done.values()), resumed))
+        while True:
+            drawn = [p for r in rounds for p in r.probes]
+            for probe in rounds[-1].probes:
+                if probe.id not in done:
+                    done[probe.id] = run_probe(lm, probe, haystack, s)
+                    if writer is not None:
+                        writer.write(json.dumps(done[probe.id]) + "\n")
+                        writer.flush()
+                        os.fsync(writer.fileno())
+                if progress is not None:
+                    progress(Progress(sum(p.id in done for p in drawn), len(drawn),
+                                      sum(done[p.id]["success"] for p in drawn if p.id in done), resumed))
+            answered = sum(done[p.id]["success"] for p in drawn)
+            if s.min_answered is None or answered >= s.min_answered or len(drawn) >= (s.max_drawn or 0):
+                break
+            rounds.append(probe_set.redraw(len(rounds)))
     finally:
         if writer is not None:
             writer.close()
-    return build_profile(lm, probe_set, method, [done[p.id] for p in probe_set.probes],
-                         use_template, filter_probes, margin)
+    full_set = probe_set.joined(rounds[1:])
+    return build_profile(lm, full_set, [done[p.id] for p in full_set.probes], s)
 
 
-def build_profile(lm: LoadedModel, probe_set: probes_mod.ProbeSet, method: str,
-                  results: list[dict[str, Any]], chat_template: bool, filter_probes: bool,
-                  margin: int) -> Profile:
+def _by_family(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per r2 family: drawn, answered, counted, and the chance of answering by luck."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        f = out.setdefault(r.get("kind") or r.get("family") or "probes",
+                           {"drawn": 0, "answered": 0, "counted": 0, "candidates": 0})
+        f["drawn"] += 1
+        f["answered"] += bool(r["success"])
+        f["counted"] += bool(r["counted"])
+        f["candidates"] = max(f["candidates"], 1 + len(r.get("distractors") or ([1] if r.get("distractor") else [])))
+    for f in out.values():
+        f["chance"] = round(1 / f.pop("candidates"), 4) if f["candidates"] > 1 else None
+        f["answered_rate"] = round(f["answered"] / f["drawn"], 4)
+    return out
+
+
+def build_profile(lm: LoadedModel, probe_set: probes_mod.ProbeSet, results: list[dict[str, Any]],
+                  settings: Settings) -> Profile:
+    s = settings
     layout = lm.info.layout
     by_id = {p.id: p for p in probe_set.probes}
+    filtering = s.filter_probes and not s.teacher_forced
     # A model that answers no probe would get an all-zero profile; count every probe instead, and say so.
-    fallback = filter_probes and not any(r["success"] for r in results)
-    counting = "every probe" if not filter_probes else (
-        "every probe: none was answered correctly, so the filter was dropped" if fallback
-        else "answered probes only")
-    probe_rows = []
-    for r in results:
-        p = by_id[r["id"]]
-        probe_rows.append({**r, "counted": bool(r["success"] or not filter_probes or fallback),
-                           "length": p.length,
-                           "depth": p.depth, "needle": p.needle, "question": p.question, "answer": p.answer,
-                           "distractor": p.distractor})
+    fallback = filtering and not any(r["success"] for r in results)
+    counting = ("every probe (teacher-forced)" if s.teacher_forced else "every probe" if not filtering else
+                "every probe: none was answered correctly, so the filter was dropped" if fallback
+                else "answered probes only")
+    probe_rows = [{**r, "counted": bool(r["success"] or not filtering or fallback),
+                   **{k: v for k, v in by_id[r["id"]].to_dict().items() if k != "id"}} for r in results]
     counted = [r["scores"] for r in probe_rows if r["counted"]]
     query = (np.mean(np.asarray(counted, dtype=float), axis=0) if counted
              else np.zeros((layout.num_layers, layout.num_query_heads)))
-    metric_name = scores.SUCCESS[method][0]
+    answered = sum(r["success"] for r in probe_rows)
+    warnings = []
+    target = None
+    if s.min_answered is not None:
+        target = {"min_answered": s.min_answered, "max_drawn": s.max_drawn, "reached": answered >= s.min_answered}
+        if not target["reached"]:
+            warnings.append(f"only {answered} of the {s.min_answered} answered probes asked for: the cap of "
+                            f"{s.max_drawn} drawn probes was reached ({len(probe_rows)} drawn)")
     data = {
         "schema_version": SCHEMA_VERSION,
         "headprof_version": headprof.__version__,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "model": {**lm.info.to_dict()},
-        "method": {"name": method, "params": {
-            "decode_steps": f"answer tokens + {margin}", "margin": margin, "greedy": True,
-            "topk": 1 if method == "retrieval" else "answer tokens",
-            "success_metric": metric_name, "success_threshold": scores.SUCCESS_THRESHOLD,
-            "filter": filter_probes, "counted_probes": counting, "chat_template": chat_template,
+        "method": {"name": s.method, "params": {
+            "decode_steps": "answer tokens (teacher-forced)" if s.teacher_forced else f"answer tokens + {s.margin}",
+            "margin": s.margin, "greedy": not s.teacher_forced, "teacher_forced": s.teacher_forced,
+            "topk": 1 if s.method == "retrieval" else "answer tokens",
+            "success_metric": s.rule, "success_rule": scores.RULES[s.rule or ""],
+            "success_threshold": scores.SUCCESS_THRESHOLD,
+            "filter": s.filter_probes, "counted_probes": counting, "chat_template": s.chat_template,
             "aggregate": "mean over counted probes"}},
-        "probe_set": {**probe_set.header(), "successes": sum(r["success"] for r in probe_rows),
-                      "counted": len(counted)},
+        "probe_set": {**probe_set.header(), "successes": answered, "counted": len(counted),
+                      "by_family": _by_family(probe_rows), **({"target": target} if target else {})},
         "probes": probe_rows,
         "scores": {"query": rounded(query), "kv": Profile.kv_reduce(query, layout.num_kv_heads)},
         "environment": environment(lm),
+        **({"warnings": warnings} if warnings else {}),
     }
     return Profile(data)
 

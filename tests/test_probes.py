@@ -17,14 +17,53 @@ def test_probe_sets_are_deterministic_and_hashed():
     assert len(a.probes) == 8 and {p.depth for p in a.probes} == {0.0, 0.3333, 0.6667, 1.0}
 
 
-def test_r2_needles_vary_and_answer_is_not_the_distractor():
-    ps = probes.build_probe_set("r2", [1000, 2000, 3000], 10, seed=0)
-    firsts = set()
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_r2_needles_vary_and_answer_is_not_the_distractor(version):
+    ps = probes.build_probe_set("r2", [1000, 2000, 3000], 10, seed=0, version=version)
+    places = set()
     for p in ps.probes:
-        assert p.answer in p.needle and p.distractor in p.needle and p.answer != p.distractor
-        firsts.add(p.needle.index(p.answer) < p.needle.index(p.distractor))
-    assert firsts == {True, False}  # sometimes the first candidate is correct, sometimes the second
+        assert p.answer in p.needle and p.answer not in p.distractors
+        assert all(d in p.needle for d in p.distractors) and len(p.distractors) == (1 if version == "1" else 2)
+        places.add(sorted([p.answer, *p.distractors], key=p.needle.index).index(p.answer))
+    assert places == set(range(len(ps.probes[0].distractors) + 1))  # the correct fact sits in every place
     assert len({p.question.split()[0] for p in ps.probes}) > 1
+
+
+# The shipped profiles made before the graded families: their probe sets must rebuild bit for bit.
+OLD_HASHES = {"r2": "sha256:a274e218c74c2befb653dcf2ebf22ec6861884d5ddb201f33bb90d0ca4fac758",
+              "retrieval": "sha256:7c7ab2ef6b341a7a860c5b598735d18f24036aad2fcbea031496708650e2d6f2"}
+
+
+@pytest.mark.parametrize("family", ["r2", "retrieval"])
+def test_version_1_probe_sets_are_reproducible(family):
+    ps = probes.build_probe_set(family, [800, 1600, 2400, 3200, 4000], 10, seed=0, version="1")
+    assert ps.hash == OLD_HASHES[family] and ps.version == "1"
+    assert probes.build_probe_set("r2", [800], 10).version == "2"  # r2 defaults to the graded families
+
+
+def test_families_are_chosen_and_mixed():
+    ps = probes.build_probe_set("r2", [500, 900], 10, seed=1)
+    kinds = [p.kind for p in ps.probes]
+    assert set(kinds) == set(probes.R2_FAMILIES) and ps.families == probes.R2_FAMILIES
+    only = probes.build_probe_set("r2", [500], 6, seed=1, families="two-hop,comparison")
+    assert {p.kind for p in only.probes} == {"two-hop", "comparison"}
+    with pytest.raises(ProbeError, match="unknown r2 family 'riddles'.*disambiguation, comparison"):
+        probes.build_probe_set("r2", [500], 2, families="riddles")
+    with pytest.raises(ProbeError, match="r2 \\(version 2\\) probes only"):
+        probes.build_probe_set("retrieval", [500], 2, families="paper")
+    with pytest.raises(ProbeError, match="version '3'"):
+        probes.build_probe_set("r2", [500], 2, version="3")
+
+
+def test_further_rounds_draw_new_needles_in_the_same_grid():
+    ps = probes.build_probe_set("r2", [500], 4, seed=1)
+    r1 = ps.redraw(1)
+    assert [p.id for p in r1.probes] == [p.id + "-R1" for p in ps.probes]
+    assert [p.depth for p in r1.probes] == [p.depth for p in ps.probes]
+    assert {p.needle for p in r1.probes}.isdisjoint({p.needle for p in ps.probes})
+    assert r1.hash == ps.redraw(1).hash
+    both = ps.joined([r1])
+    assert both.rounds == 2 and len(both.probes) == 8 and both.header()["rounds"] == 2
 
 
 def test_render_fits_length_and_finds_the_answer_span():
@@ -79,3 +118,22 @@ def test_bad_grid():
         probes.build_probe_set("nope", [100], 1)
     with pytest.raises(ProbeError, match="not found"):
         probes.load_needles(__import__("pathlib").Path("/nonexistent.jsonl"), "r2")
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"needle": "Ana owns a cat. Bo owns a dog.", "question": "q", "answer": "cat"}', r"n.jsonl:2: an r2 needle "
+     "needs a 'distractor'"),
+    ('{"needle": "Ana owns a cat.", "question": "q", "answer": "cat", "distractor": "dog"}',
+     r"n.jsonl:2: the distractor 'dog' does not occur"),
+    ('{"needle": "Ana owns a cat.", "question": "q", "answer": "cow", "distractors": ["cat"]}',
+     r"n.jsonl:2: the answer 'cow' does not occur"),
+])
+def test_bad_r2_needles_name_the_line(tmp_path, line, message):
+    good = {"needle": "Ana owns a cat. Bo owns a dog.", "question": "Which pet does Ana own?", "answer": "cat",
+            "distractors": ["dog"]}
+    f = tmp_path / "n.jsonl"
+    f.write_text(json.dumps(good) + "\n" + line + "\n")
+    with pytest.raises(ProbeError, match=message):
+        probes.load_needles(f, "r2")
+    f.write_text(json.dumps(good) + "\n")
+    assert probes.load_needles(f, "r2")[0].distractors == ("dog",)

@@ -21,7 +21,7 @@ def lm(tiny_dir):
 
 def _run(lm, method="r2", **kw):
     ps = probes.build_probe_set(method, [200, 300], 2, seed=0)
-    return scoring.score(lm, ps, method, probes.Haystack(0), filter_probes=False, **kw)
+    return scoring.score(lm, ps, scoring.Settings(method, filter_probes=False), probes.Haystack(0), **kw)
 
 
 def test_profile_round_trip_and_schema(lm, tmp_path):
@@ -75,16 +75,18 @@ def test_filter_counts_only_successes(lm):
     ps = probes.build_probe_set("retrieval", [200], 2, seed=0)
     results = [{"id": p.id, "success": i == 0, "metric": 1.0, "response": "", "tokens": 1,
                 "answer_span": [0, 1], "scores": [[float(i + 1)] * 4] * 3} for i, p in enumerate(ps.probes)]
-    prof = scoring.build_profile(lm, ps, "retrieval", results, False, filter_probes=True, margin=10)
+    settings = scoring.Settings("retrieval", rule="rouge1_recall")
+    prof = scoring.build_profile(lm, ps, results, settings)
     assert [p["counted"] for p in prof.data["probes"]] == [True, False]
     assert prof.query_scores().tolist() == [[1.0] * 4] * 3  # mean over the answered probe only
-    unfiltered = scoring.build_profile(lm, ps, "retrieval", results, False, filter_probes=False, margin=10)
+    unfiltered = scoring.build_profile(lm, ps, results, scoring.Settings("retrieval", filter_probes=False,
+                                                                         rule="rouge1_recall"))
     assert unfiltered.query_scores().tolist() == [[1.5] * 4] * 3
 
 
 def test_no_answered_probe_counts_every_probe_and_says_so(lm):
     ps = probes.build_probe_set("retrieval", [200], 2, seed=0)
-    prof = scoring.score(lm, ps, "retrieval", probes.Haystack(0), filter_probes=True)
+    prof = scoring.score(lm, ps, "retrieval", probes.Haystack(0))
     assert prof.data["probe_set"]["successes"] == 0  # a random tiny model answers nothing
     assert prof.data["probe_set"]["counted"] == 2
     assert "none was answered" in prof.data["method"]["params"]["counted_probes"]

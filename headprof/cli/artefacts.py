@@ -22,12 +22,18 @@ def show(profile_path: ProfileArg, top: Annotated[int, typer.Option(help="how ma
 
     prof = Profile.load(profile_path)
     m, p = prof.model, prof.data["probe_set"]
+    for warning in prof.data.get("warnings", []):
+        out.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     out.print(f"[bold]{m['spec']}[/bold] ({m['num_layers']} layers, {m['num_query_heads']} query heads, "
               f"{m['num_kv_heads']} KV heads), method {prof.method}", highlight=False)
     count = p.get("count", 0)
     out.print(f"probe set {p.get('name')} v{p.get('version')} {str(p.get('hash', ''))[:19]}: {count} probes, "
               f"{p.get('successes', 0)} answered ({p.get('successes', 0) / max(count, 1):.0%}), "
               f"{p.get('counted', count)} counted", highlight=False)
+    for family, f in p.get("by_family", {}).items():
+        chance = f", chance {f['chance']:.0%}" if f.get("chance") else ""
+        out.print(f"  {family}: {f['answered']} of {f['drawn']} answered ({f['answered_rate']:.0%}{chance}), "
+                  f"{f['counted']} counted", highlight=False)
     if "source" in prof.data:
         out.print(f"imported from {prof.data['source']['file']} ({prof.data['source']['format']}); unknown: "
                   + "; ".join(prof.data["source"]["unknown"]), highlight=False)

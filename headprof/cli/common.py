@@ -117,8 +117,12 @@ ScoringMethod = Annotated[str, typer.Option("--method", help="retrieval (Wu et a
 Depths = Annotated[int, typer.Option(help="needle depths per length, evenly spaced over 0-100%")]
 Seed = Annotated[int, typer.Option(help="seed for needles and haystack")]
 NeedlesOpt = Annotated[Path | None, typer.Option("--needles", help="your own needles, JSONL: needle, "
-                                                  "question, answer[, distractor]")]
+                                                  "question, answer[, distractor(s)]")]
 HaystackOpt = Annotated[Path | None, typer.Option("--haystack", help="your own haystack text file")]
+FamiliesOpt = Annotated[str | None, typer.Option(help="r2 families to mix: disambiguation, comparison, paper, "
+                                                      "two-hop [default: all]")]
+ProbeVersionOpt = Annotated[str | None, typer.Option(help="probe-set version; r2 '1' is the legacy "
+                                                          "two-candidate form")]
 Device = Annotated[str, typer.Option(help="cpu, cuda or auto")]
 Dtype = Annotated[str, typer.Option(help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")]
 Quiet = Annotated[bool, typer.Option(help="no progress bar")]

@@ -12,10 +12,12 @@ from headprof.cli.common import (
     Depths,
     Device,
     Dtype,
+    FamiliesOpt,
     Force,
     HaystackOpt,
     ModelArg,
     NeedlesOpt,
+    ProbeVersionOpt,
     ProfileArg,
     Quiet,
     ScoringMethod,
@@ -51,6 +53,13 @@ def score(
     device: Device = "auto",
     dtype: Dtype = "auto",
     device_map: Annotated[str | None, typer.Option(help="'auto' to spread a large model (accelerate)")] = None,
+    families: FamiliesOpt = None,
+    probe_version: ProbeVersionOpt = None,
+    min_answered: Annotated[int | None, typer.Option(help="draw further rounds of probes until this many "
+                                                          "were answered")] = None,
+    max_drawn: Annotated[int | None, typer.Option(help="cap on probes drawn for --min-answered "
+                                                       "[default: 4x --min-answered]")] = None,
+    teacher_forced: Annotated[bool, typer.Option(help="feed the gold answer and score every probe")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Run needle probes and write per-head scores as a profile."""
@@ -62,7 +71,8 @@ def score(
             model, method, lengths=parse_ints(lengths, "--lengths") if lengths else None, depths=depths, seed=seed,
             needles=needles, haystack=haystack, chat_template=not no_chat_template, filter_probes=not no_filter,
             margin=margin, out=target, force=force, resume=resume, progress=cb, device=device, dtype=dtype,
-            device_map=device_map))
+            device_map=device_map, families=families, version=probe_version, min_answered=min_answered,
+            max_drawn=max_drawn, teacher_forced=teacher_forced))
     except KeyboardInterrupt:
         err.print(f"interrupted: finished probes are kept in {scoring.partial_path_for(Path(target))}; rerun "
                   "with --resume to continue", highlight=False)
@@ -70,7 +80,13 @@ def score(
     p = prof.data["probe_set"]
     out.print(f"wrote {target}: {prof.method} scores for {p['count']} probes, {p['successes']} answered "
               f"correctly, {p['counted']} counted", highlight=False)
-    if p["successes"] == 0 and not no_filter:
+    for family, f in p.get("by_family", {}).items():
+        chance = f" (chance {f['chance']:.0%})" if f.get("chance") else ""
+        out.print(f"  {family}: {f['answered']} of {f['drawn']} answered{chance}, {f['counted']} counted",
+                  highlight=False)
+    for warning in prof.data.get("warnings", []):
+        err.print(f"warning: {warning}", highlight=False)
+    if p["successes"] == 0 and not no_filter and not teacher_forced:
         err.print("warning: the model answered no probe; every probe was counted (as with --no-filter)",
                   highlight=False)
 
@@ -87,6 +103,8 @@ def probes(
     needles: NeedlesOpt = None,
     haystack: HaystackOpt = None,
     model: Annotated[str | None, typer.Option(help="also render each prompt for this model's tokenizer")] = None,
+    families: FamiliesOpt = None,
+    probe_version: ProbeVersionOpt = None,
 ) -> None:
     """Write a probe set as JSONL (header line, then one probe per line) to inspect it."""
     from headprof import api
@@ -94,7 +112,8 @@ def probes(
 
     if out_path:
         check_output(out_path, force)
-    ps, hs = api.probe_set(method, parse_ints(lengths, "--lengths"), depths, seed, needles, haystack)
+    ps, hs = api.probe_set(method, parse_ints(lengths, "--lengths"), depths, seed, needles, haystack,
+                           families=families, version=probe_version)
     tokenizer = api.load_model(model).tokenizer if model else None
     emit(ps.to_jsonl(tokenizer, hs), out_path, force, f"{len(ps.probes)} probes, {ps.hash}")
 
