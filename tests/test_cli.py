@@ -44,6 +44,20 @@ def test_score_writes_a_profile_then_refuses_to_overwrite(tiny_dir, tmp_path):
     assert out.read_text() == before
 
 
+def test_min_answered_beyond_the_cap_writes_what_it_has_and_warns(tiny_dir, tmp_path):
+    out = tmp_path / "p.json"
+    r = headprof("score", tiny_dir, "--lengths", "150", "--depths", "2", "--min-answered", "3", "--max-drawn", "4",
+                 "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "warning: only 0 of the 3 answered probes asked for" in r.stderr and "Traceback" not in r.stderr
+    d = json.loads(out.read_text())
+    assert d["probe_set"]["count"] == 4 and d["probe_set"]["rounds"] == 2  # a random model answers nothing
+    assert d["probe_set"]["target"] == {"min_answered": 3, "max_drawn": 4, "reached": False}
+    assert sum(f["drawn"] for f in d["probe_set"]["by_family"].values()) == 4
+    shown = headprof("show", out)
+    assert shown.returncode == 0 and shown.stdout.lstrip().startswith("warning: only 0 of the 3")
+
+
 def test_info_and_probes(tiny_dir, tmp_path):
     r = headprof("info", tiny_dir)
     assert r.returncode == 0 and "KV heads" in r.stdout
@@ -67,6 +81,11 @@ def test_info_and_probes(tiny_dir, tmp_path):
     (["score", "TINY", "--haystack", "BINARY"], ["cannot read haystack"]),
     (["score", "TINY", "--out", "/proc/headprof/p.json"], ["cannot create directory"]),
     (["score", "TINY", "--method", "bogus", "--lengths", "150", "--depths", "1"], ["unknown"]),
+    (["score", "TINY", "--families", "riddles", "--lengths", "150"], ["unknown r2 family 'riddles'", "two-hop"]),
+    (["score", "TINY", "--method", "retrieval", "--families", "paper"], ["r2 (version 2) probes only"]),
+    (["score", "TINY", "--min-answered", "0"], ["at least 1"]),
+    (["score", "TINY", "--min-answered", "5", "--no-filter"], ["cannot be used with --no-filter"]),
+    (["probes", "--probe-version", "7"], ["version '7'"]),
     (["info", "BERT"], ["not a causal language model"]),
 ])
 def test_bad_inputs_give_one_line_errors(tiny_dir, tmp_path, args, words):

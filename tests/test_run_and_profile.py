@@ -131,3 +131,43 @@ def test_save_never_overwrites_without_force(lm, tmp_path):
     profile.save(prof, p, force=True)
     assert profile.load(p).data["schema_version"] == 1
     assert [f.name for f in tmp_path.iterdir()] == ["p.json"]  # no temp files left behind
+
+
+def _fake_runs(monkeypatch, answered):
+    """Probes succeed when `answered(probe)`; each scores its own constant, so counting shows in the mean."""
+    def run_probe(lm, probe, haystack, s):
+        return {"id": probe.id, "success": answered(probe), "metric": 1.0, "response": "", "tokens": 1,
+                "answer_span": [0, 1], "scores": [[float(len(probe.id))] * 4] * 3}
+
+    monkeypatch.setattr(scoring, "run_probe", run_probe)
+
+
+def test_min_answered_draws_rounds_until_reached(lm, monkeypatch):
+    _fake_runs(monkeypatch, lambda p: p.id.endswith(("-R1", "-R2")))  # round 0 answers nothing
+    ps = probes.build_probe_set("r2", [200], 2, seed=0)
+    prof = scoring.score(lm, ps, scoring.Settings("r2", min_answered=3), probes.Haystack(0))
+    d = prof.data["probe_set"]
+    assert d["rounds"] == 3 and d["count"] == 6 and d["successes"] == 4 and d["counted"] == 4
+    assert d["target"] == {"min_answered": 3, "max_drawn": 12, "reached": True} and "warnings" not in prof.data
+    assert sum(f["answered"] for f in d["by_family"].values()) == 4
+    assert all(f["chance"] == round(1 / 3, 4) for f in d["by_family"].values())
+    assert prof.query_scores()[0, 0] == len("r2-L200-D000-R1")  # only answered probes counted
+
+
+def test_min_answered_stops_at_the_cap_and_says_so(lm, monkeypatch):
+    _fake_runs(monkeypatch, lambda p: False)
+    ps = probes.build_probe_set("r2", [200], 2, seed=0)
+    prof = scoring.score(lm, ps, scoring.Settings("r2", min_answered=5, max_drawn=5), probes.Haystack(0))
+    assert prof.data["probe_set"]["count"] == 6  # whole rounds, while fewer than the cap were drawn
+    assert prof.data["probe_set"]["target"]["reached"] is False
+    assert "only 0 of the 5 answered probes" in prof.data["warnings"][0]
+
+
+def test_teacher_forced_counts_every_probe(lm):
+    ps = probes.build_probe_set("r2", [200], 2, seed=0)
+    prof = scoring.score(lm, ps, scoring.Settings("r2", teacher_forced=True), probes.Haystack(0))
+    params = prof.data["method"]["params"]
+    assert params["teacher_forced"] and "teacher-forced" in params["counted_probes"]
+    assert prof.data["probe_set"]["counted"] == 2
+    gold = [lm.tokenizer.decode(scoring.forced_tokens(lm.tokenizer, p.answer)).strip() for p in ps.probes]
+    assert [p["response"] for p in prof.data["probes"]] == gold
