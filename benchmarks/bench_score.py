@@ -36,7 +36,7 @@ def measure(mode: str, model: str, length: int, n_probes: int, method: str) -> d
     for r in rendered:
         if mode == "ours":
             t = time.perf_counter()
-            response, _ = scoring.score_probe(lm, r, method)
+            response, _, _ = scoring.score_probe(lm, r, method)
             times.append(time.perf_counter() - t)
             tokens.append(len(r.input_ids) + len(lm.tokenizer(response, add_special_tokens=False)["input_ids"]))
         elif mode == "naive":
@@ -44,7 +44,7 @@ def measure(mode: str, model: str, length: int, n_probes: int, method: str) -> d
             naive_score_probe(lm, r.input_ids, r.answer_span, method, scoring.DEFAULT_MARGIN)
             times.append(time.perf_counter() - t)
         else:  # one plain SDPA forward over prompt + the answer ours generated
-            response, _ = scoring.score_probe(lm, r, method)
+            response, _, _ = scoring.score_probe(lm, r, method)
             ids = r.input_ids + lm.tokenizer(response, add_special_tokens=False)["input_ids"]
             with capture.implementation(lm.model, "sdpa"):
                 t = time.perf_counter()

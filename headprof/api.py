@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from headprof import compare, generation, methods, models, probes, scoring
+from headprof import compare, distributed, generation, methods, models, probes, scoring
 from headprof import evaluate as evaluate_mod
-from headprof.errors import HeadprofError, ProfileError
+from headprof.errors import HeadprofError, OutputError, ProfileError
 from headprof.files import check_output, write_dir_atomic
 from headprof.models import LoadedModel
 from headprof.profile import Profile, shipped
@@ -70,22 +70,38 @@ def score(model: str | LoadedModel, method: str = "r2", *, lengths: Sequence[int
     `min_answered` draws further rounds of the grid (at most `max_drawn` probes, default 4x) until that
     many probes were answered; `teacher_forced` feeds the gold answer instead (docs/profiles.md).
     """
+    world = distributed.world()
     target = check_output(out, force) if out is not None else None
-    partial = scoring.partial_path_for(target) if target is not None else None
-    if partial is not None and force:
-        partial.unlink(missing_ok=True)
+    partial = scoring.partial_path_for(target, world) if target is not None else None
+    if target is not None:
+        foreign = scoring.foreign_partials(target, world)
+        if force:
+            for p in [*foreign, partial]:
+                p.unlink(missing_ok=True)
+        elif foreign:
+            raise OutputError(f"{foreign[0].name} is from a run with another number of processes: resume it "
+                              "with the same number, or pass --force to start over")
     settings = scoring.Settings(method, chat_template, filter_probes, margin, min_answered=min_answered,
                                 max_drawn=max_drawn, teacher_forced=teacher_forced)
     if min_answered is not None and not filter_probes:
         raise HeadprofError("--min-answered counts answered probes; it cannot be used with --no-filter")
     if min_answered is not None and needles is not None:
         raise HeadprofError("--min-answered draws more generated probes; it cannot be used with --needles")
-    lm = load_model(model, device, dtype, device_map)
+    lm, failure = None, None
+    try:
+        lm = load_model(model, world.device(device), dtype, device_map)
+    except HeadprofError as e:
+        failure = e
+    world.agree(failure)  # every process stops with the error, none waits for the others
+    assert lm is not None
     ps, hs = probe_set(method, lengths, depths, seed, needles, haystack, lm.info.max_positions,
                        lm.device.startswith("cuda"), families, version)
-    prof = scoring.score(lm, ps, settings, hs, partial=partial, resume=resume, progress=progress)
+    prof = scoring.score(lm, ps, settings, hs, partial=partial, resume=resume,
+                         progress=progress if world.main else None, world=world)
     if target is not None:
-        prof.save(target, force=True)
+        if world.main:
+            prof.save(target, force=True)
+        world.barrier()  # the profile is in place before any process drops its finished probes
         partial.unlink(missing_ok=True)
     return prof
 

@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import headprof
 from headprof import probes as probes_mod
 from headprof import scores
 from headprof.capture import AttentionCapture
+from headprof.distributed import World
 from headprof.errors import OutputError, ProbeError
 from headprof.files import write_atomic
 from headprof.haystack import Haystack
@@ -178,8 +180,18 @@ def _read_partial(path: Path, fingerprint: dict[str, Any]) -> dict[str, dict[str
     return done
 
 
-def partial_path_for(out: Path) -> Path:
-    return out.with_name(out.name + ".partial.jsonl")
+def partial_path_for(out: Path, world: World | None = None) -> Path:
+    """Where finished probes are kept while `out` is made: one file per process."""
+    if world is None or world.size == 1:
+        return out.with_name(out.name + ".partial.jsonl")
+    return out.with_name(f"{out.name}.partial.rank{world.rank}of{world.size}.jsonl")
+
+
+def foreign_partials(out: Path, world: World) -> list[Path]:
+    """Partial files of `out` left by a run with another number of processes (never mixed in silently)."""
+    mine = re.compile(re.escape(out.name) + (r"\.partial\.jsonl" if world.size == 1
+                                            else rf"\.partial\.rank\d+of{world.size}\.jsonl"))
+    return sorted(p for p in out.parent.glob(out.name + ".partial*.jsonl") if not mine.fullmatch(p.name))
 
 
 def run_probe(lm: LoadedModel, probe: probes_mod.Probe, haystack: Haystack, s: Settings) -> dict[str, Any]:
@@ -197,14 +209,18 @@ def run_probe(lm: LoadedModel, probe: probes_mod.Probe, haystack: Haystack, s: S
 
 
 def score(lm: LoadedModel, probe_set: probes_mod.ProbeSet, settings: Settings | str, haystack: Haystack,
-          partial: Path | None = None, resume: bool = False, progress: Callback | None = None) -> Profile:
+          partial: Path | None = None, resume: bool = False, progress: Callback | None = None,
+          world: World | None = None) -> Profile:
     """Run every probe (and, for `min_answered`, further rounds) and return the profile.
 
-    See the module docstring for partial/resume.
+    See the module docstring for partial/resume. Launched over several processes (`world`), each runs
+    every size-th probe of a round and keeps its own partial file; results are gathered after each
+    round, so every process returns the same profile as a single process would.
     """
+    world = world or World()
     s = (Settings(settings) if isinstance(settings, str) else settings).resolved(probe_set, lm)
     check_lengths(probe_set, lm.info.max_positions, s.margin)
-    fingerprint = _fingerprint(lm, probe_set, s)
+    fingerprint = {**_fingerprint(lm, probe_set, s), "processes": world.size, "rank": world.rank}
     done: dict[str, dict[str, Any]] = {}
     if partial is not None and partial.exists():
         if not resume:
@@ -221,16 +237,20 @@ def score(lm: LoadedModel, probe_set: probes_mod.ProbeSet, settings: Settings | 
     try:
         while True:
             drawn = [p for r in rounds for p in r.probes]
-            for probe in rounds[-1].probes:
+            mine = [p for r in rounds for p in world.shard(list(r.probes))]
+            for probe in world.shard(list(rounds[-1].probes)):
                 if probe.id not in done:
                     done[probe.id] = run_probe(lm, probe, haystack, s)
                     if writer is not None:
                         writer.write(json.dumps(done[probe.id]) + "\n")
                         writer.flush()
                         os.fsync(writer.fileno())
-                if progress is not None:
-                    progress(Progress(sum(p.id in done for p in drawn), len(drawn),
-                                      sum(done[p.id]["success"] for p in drawn if p.id in done), resumed))
+                if progress is not None:  # this process's share of the probes
+                    progress(Progress(sum(p.id in done for p in mine), len(mine),
+                                      sum(done[p.id]["success"] for p in mine if p.id in done), resumed))
+            if world.size > 1:
+                for part in world.gather([done[p.id] for p in world.shard(list(rounds[-1].probes))]):
+                    done.update((r["id"], r) for r in part)
             answered = sum(done[p.id]["success"] for p in drawn)
             if s.min_answered is None or answered >= s.min_answered or len(drawn) >= (s.max_drawn or 0):
                 break
@@ -239,7 +259,9 @@ def score(lm: LoadedModel, probe_set: probes_mod.ProbeSet, settings: Settings | 
         if writer is not None:
             writer.close()
     full_set = probe_set.joined(rounds[1:])
-    return build_profile(lm, full_set, [done[p.id] for p in full_set.probes], s)
+    prof = build_profile(lm, full_set, [done[p.id] for p in full_set.probes], s)
+    prof.data["environment"]["processes"] = world.size
+    return prof
 
 
 def _by_family(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -64,19 +64,23 @@ def score(
 ) -> None:
     """Run needle probes and write per-head scores as a profile."""
     from headprof import api, scoring
+    from headprof.distributed import world
 
     target = out_path or api.default_profile_path(model, method)
+    w = world()  # under torchrun / accelerate launch, only the first process shows progress and results
     try:
-        prof = with_progress(quiet, 0, lambda cb: api.score(
+        prof = with_progress(quiet or not w.main, 0, lambda cb: api.score(
             model, method, lengths=parse_ints(lengths, "--lengths") if lengths else None, depths=depths, seed=seed,
             needles=needles, haystack=haystack, chat_template=not no_chat_template, filter_probes=not no_filter,
             margin=margin, out=target, force=force, resume=resume, progress=cb, device=device, dtype=dtype,
             device_map=device_map, families=families, version=probe_version, min_answered=min_answered,
             max_drawn=max_drawn, teacher_forced=teacher_forced))
     except KeyboardInterrupt:
-        err.print(f"interrupted: finished probes are kept in {scoring.partial_path_for(Path(target))}; rerun "
-                  "with --resume to continue", highlight=False)
+        err.print(f"interrupted: finished probes are kept in {scoring.partial_path_for(Path(target), w)}; "
+                  "rerun with --resume to continue", highlight=False)
         raise typer.Exit(130) from None
+    if not w.main:
+        return
     p = prof.data["probe_set"]
     out.print(f"wrote {target}: {prof.method} scores for {p['count']} probes, {p['successes']} answered "
               f"correctly, {p['counted']} counted", highlight=False)
