@@ -26,7 +26,7 @@ from headprof.files import read_jsonl
 from headprof.models import LoadedModel
 from headprof.profile import Profile
 from headprof.progress import Callback, Progress
-from headprof.scores import token_f1, words
+from headprof.scores import answer_not_distractor, token_f1, words
 
 RESULTS_VERSION = 1
 FULL = next(n for n in methods.names() if not methods.REGISTRY[n].compresses)  # the reference: no compression
@@ -39,9 +39,13 @@ class Item:
     prompt_ids: list[int]
     answers: list[str]
     split: str = "test"
+    distractors: tuple[str, ...] = ()  # reasoning items: a response naming one of these is not correct
 
 
-def contains(response: str, answers: Sequence[str]) -> float:
+def contains(response: str, answers: Sequence[str], distractors: Sequence[str] = ()) -> float:
+    """1.0 when the response contains an answer (and, with distractors, names none of them)."""
+    if distractors:
+        return max(answer_not_distractor(response, a, distractors) for a in answers)
     text = " ".join(words(response))
     return float(any(" ".join(words(a)) in text for a in answers if words(a)))
 
@@ -85,7 +89,8 @@ def probe_items(lm: LoadedModel, task: str, lengths: Sequence[int], items: int, 
     family = "retrieval" if task == "needle" else "r2"
     hs = probes.Haystack(seed)
     ps = probes.build_probe_set(family, lengths, items, seed, exclude=exclude)
-    out = [Item(f"{task}-{p.id}", task, probes.render(p, lm.tokenizer, hs).input_ids, [p.answer]) for p in ps.probes]
+    out = [Item(f"{task}-{p.id}", task, probes.render(p, lm.tokenizer, hs).input_ids, [p.answer],
+                distractors=p.distractors) for p in ps.probes]
     return out, ps
 
 
@@ -164,13 +169,15 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
             **({} if compress_sliding else {"keep_sliding_window": True}),
             "items": len([i for i in items if i.split == "test"]),
             "validation_items": len([i for i in items if i.split == "validation"]),
-            "summary": summarise(test, method_specs, budgets), "rows": rows}
+            "summary": summarise(test, method_specs, budgets),
+            "by_task": {task: summarise([r for r in test if r["task"] == task], method_specs, budgets)
+                        for task in dict.fromkeys(r["task"] for r in test)}, "rows": rows}
 
 
 def _row(item: Item, method: str, budget: int | None, beta: float | None, r: generation.RunResult, full_text: str,
          seconds: float) -> dict[str, Any]:
     return {"item": item.id, "task": item.task, "split": item.split, "method": method, "budget": budget,
-            "beta": beta, "response": r.text, "contains": contains(r.text, item.answers),
+            "beta": beta, "response": r.text, "contains": contains(r.text, item.answers, item.distractors),
             "f1": best_f1(r.text, item.answers), "agreement": token_f1(r.text, full_text) if full_text or r.text
             else 1.0, "kv_bytes": r.kv_bytes, "seconds": seconds, "prompt_tokens": r.prompt_tokens}
 
@@ -195,8 +202,10 @@ def summarise(rows: list[dict[str, Any]], methods: list[str], budgets: list[int]
                 continue
             f1 = [r["f1"] for r in sel]
             lo, hi = bootstrap(f1)
+            c_lo, c_hi = bootstrap([r["contains"] for r in sel])
             out.append({"method": m, "budget": b, "n": len(sel), "f1": float(np.mean(f1)), "f1_low": lo,
                         "f1_high": hi, "contains": float(np.mean([r["contains"] for r in sel])),
+                        "contains_low": c_lo, "contains_high": c_hi,
                         "agreement": float(np.mean([r["agreement"] for r in sel])),
                         "kv_bytes": float(np.mean([r["kv_bytes"] for r in sel])),
                         "seconds": float(np.mean([r["seconds"] for r in sel]))})
@@ -205,7 +214,8 @@ def summarise(rows: list[dict[str, Any]], methods: list[str], budgets: list[int]
 
 def to_csv(results: dict[str, Any]) -> str:
     buf = io.StringIO()
-    fields = ["method", "budget", "n", "f1", "f1_low", "f1_high", "contains", "agreement", "kv_bytes", "seconds"]
+    fields = ["method", "budget", "n", "f1", "f1_low", "f1_high", "contains", "contains_low", "contains_high",
+              "agreement", "kv_bytes", "seconds"]
     w = csv.DictWriter(buf, fieldnames=fields)
     w.writeheader()
     for row in results["summary"]:

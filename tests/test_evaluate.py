@@ -11,8 +11,9 @@ from headprof import evaluate, probes, profile
 from headprof.errors import ProbeError
 
 SCHEMA_KEYS = {"results_version", "model", "methods", "budgets", "betas", "chosen_beta", "window", "kernel",
-               "items", "validation_items", "summary", "rows"}
-SUMMARY_KEYS = {"method", "budget", "n", "f1", "f1_low", "f1_high", "contains", "agreement", "kv_bytes", "seconds"}
+               "items", "validation_items", "summary", "by_task", "rows"}
+SUMMARY_KEYS = {"method", "budget", "n", "f1", "f1_low", "f1_high", "contains", "contains_low", "contains_high",
+                "agreement", "kv_bytes", "seconds"}
 
 
 def _items(lm, n=3, length=80):
@@ -44,6 +45,13 @@ def test_grid_full_is_budget_independent_and_large_budget_matches_full():
     full_bytes = [r["kv_bytes"] for r in rows if r["method"] == "full"][0]
     assert all(r["kv_bytes"] < full_bytes for r in small)
     assert len(res["summary"]) == len(methods) * 2
+    assert res["by_task"]["needle"] == res["summary"]  # one task: its summary is the whole summary
+
+
+def test_reasoning_items_naming_a_distractor_do_not_count():
+    assert evaluate.contains("It is the harp.", ["harp"], ("oboe", "violin")) == 1.0
+    assert evaluate.contains("the harp or the oboe", ["harp"], ("oboe", "violin")) == 0.0
+    assert evaluate.contains("the harp or the oboe", ["harp"]) == 1.0  # needle items have no distractors
 
 
 def test_beta_list_is_chosen_on_validation_half():
