@@ -121,8 +121,12 @@ def bootstrap(values: Sequence[float]) -> tuple[float, float]:
 def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budgets: list[int],
              profiles: dict[str, Profile], betas: Sequence[float] = (1.2,), window: int = 8, kernel: int = 7,
              max_new_tokens: int = 24, progress: Callback | None = None,
-             compress_sliding: bool = True) -> dict[str, Any]:
-    """Run the grid; returns the results document (see docs/results.md for its shape)."""
+             compress_sliding: bool = True, share_prefill: bool = True) -> dict[str, Any]:
+    """Run the grid; returns the results document (see docs/results.md for its shape).
+
+    Each item is prefilled once (`share_prefill`) and every method and budget starts from that prefill:
+    the answers are the same as prefilling per cell, and prefill is most of the time. A cell's
+    `seconds` then counts its decode only; the prefill's time is in the item's full-cache row."""
     if any(b <= window for b in budgets):
         raise HeadprofError(f"every budget must exceed the observation window ({window})")
     tune = len(betas) > 1
@@ -145,10 +149,12 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
         m, profile = methods.parse_spec(method)
         kv = profiles[profile].kv_scores("mean") if profile else None
         return generation.generate(lm, item.prompt_ids, m.name, budget, kv, window, kernel, beta, max_new_tokens,
-                                   compress_sliding=compress_sliding)
+                                   compress_sliding=compress_sliding, shared=shared)
 
+    shared: generation.Prefill | None = None
     for item in items:
         t = time.perf_counter()
+        shared = generation.prefill(lm, item.prompt_ids, window) if share_prefill else None
         full = run(item, FULL, 0, 1.2)
         full_row = _row(item, FULL, None, None, full, full.text, time.perf_counter() - t)
         tick()

@@ -10,6 +10,7 @@ from the plan.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -127,6 +128,55 @@ class _Clock(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+@dataclass
+class Prefill:
+    """One prompt's prefill, shared by every method and budget of an eval: the first generated token,
+    every layer's prompt keys and values, and the attention rows of the observation window, which is all
+    that any method selects from. Building a method's cache from it equals prefilling with that cache."""
+
+    prompt_ids: list[int]
+    first: int
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    rows: dict[int, torch.Tensor]
+    window: int
+    seconds: float
+
+
+@torch.no_grad()
+def prefill(lm: LoadedModel, prompt_ids: list[int], window: int = 8) -> Prefill:
+    """Prefill once with a full cache (every layer keeps every prompt token, sliding ones too)."""
+    rows: dict[int, torch.Tensor] = {}
+    cache = DynamicCache()
+    ids = torch.tensor([prompt_ids], device=lm.model.device)
+    start = time.perf_counter()
+    with AttentionCapture(lambda layer, probs: rows.__setitem__(layer, probs), last_n=window):
+        out = _generate(lm, ids, cache, max_new_tokens=1)
+    kv = [(layer.keys, layer.values) for layer in cache.layers]
+    return Prefill(list(prompt_ids), int(out[0, -1]), kv, rows, window, time.perf_counter() - start)
+
+
+def _generate(lm: LoadedModel, ids: torch.Tensor, cache, clock: StoppingCriteria | None = None, **kw):
+    kwargs = dict(do_sample=False, past_key_values=cache, pad_token_id=lm.tokenizer.eos_token_id, top_p=None,
+                  top_k=None, temperature=None, stopping_criteria=[clock] if clock else None, **kw)
+    with warnings.catch_warnings():  # transformers renames generate's cache argument; both spellings work
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+        return lm.model.generate(ids, **kwargs)
+
+
+def _stops(lm: LoadedModel) -> set[int]:
+    """The tokens at which `generate` itself stops (its generation config's end tokens)."""
+    eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
+def _from_prefill(cache, shared: Prefill, plan: Plan | None) -> None:
+    """Put the shared prompt keys into `cache` as the prefill would have, and compress like its sink."""
+    for i, (k, v) in enumerate(shared.kv):
+        cache.update(k, v, i)
+        if plan is not None and isinstance(cache.layers[i], HeadKVLayer):
+            cache.compress(i, plan.select(i, shared.rows[i]))
+
+
 def _full_entries(layout: HeadLayout, seq: int) -> int:
     per_layer = [min(seq, layout.sliding_window) if k == "sliding_attention" and layout.sliding_window else seq
                  for k in layout.attention_kinds]
@@ -136,8 +186,12 @@ def _full_entries(layout: HeadLayout, seq: int) -> int:
 @torch.no_grad()
 def generate(lm: LoadedModel, prompt_ids: list[int], method: str = "headkv", budget: int = 128,
              kv_scores: np.ndarray | None = None, window: int = 8, kernel: int = 7, beta: float = 1.2,
-             max_new_tokens: int = 64, min_new_tokens: int = 0, compress_sliding: bool = True) -> RunResult:
+             max_new_tokens: int = 64, min_new_tokens: int = 0, compress_sliding: bool = True,
+             shared: Prefill | None = None) -> RunResult:
     """Generate greedily from `prompt_ids` with `method` at `budget` tokens per KV head.
+
+    `shared`: a `prefill` of the same prompt to start from instead of prefilling again (eval runs every
+    method and budget from one prefill per item; the tokens are the same as without it).
 
     `compress_sliding` (default): sliding-window layers also take part in the budget, keeping their best
     tokens inside their window; False keeps their whole window as the model does (docs/run.md).
@@ -160,17 +214,24 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str = "headkv", bud
         cache = DynamicCache(config=lm.model.config)
     ids = torch.tensor([prompt_ids], device=lm.model.device)
     clock = _Clock()
-    kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
-                  stopping_criteria=[clock], past_key_values=cache, pad_token_id=lm.tokenizer.eos_token_id,
-                  top_p=None, top_k=None, temperature=None)
+    kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
     start = time.perf_counter()
-    with warnings.catch_warnings():  # transformers renames generate's cache argument; both spellings work
-        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
-        if m.compresses:
-            with compressing(cache, window, lambda _: plan):  # made before prefill: errors come first
-                out = lm.model.generate(ids, **kwargs)
-        else:
-            out = lm.model.generate(ids, **kwargs)
+    if shared is not None:  # continue from the shared prefill: its first token, then decode with this cache
+        if shared.prompt_ids != list(prompt_ids) or (m.compresses and shared.window != window):
+            raise ValueError("the shared prefill was made for another prompt or window")
+        _from_prefill(cache, shared, plan if m.compresses else None)
+        clock.times.append(time.perf_counter())
+        out = torch.tensor([[*prompt_ids, shared.first]], device=lm.model.device)
+        if max_new_tokens > 1 and shared.first not in _stops(lm):
+            with capture.compressed(cache) if m.compresses else contextlib.nullcontext():
+                out = _generate(lm, out, cache, clock, max_new_tokens=max_new_tokens - 1,
+                                min_new_tokens=max(min_new_tokens - 1, 0))
+        start -= shared.seconds  # the prefill's time counts as if it were this run's own
+    elif m.compresses:
+        with compressing(cache, window, lambda _: plan):  # made before prefill: errors come first
+            out = _generate(lm, ids, cache, clock, **kwargs)
+    else:
+        out = _generate(lm, ids, cache, clock, **kwargs)
     tokens = out[0, n:].tolist()
     appended = max(len(tokens) - 1, 0)  # the last token is produced but never fed back
     prefill_s = clock.times[0] - start if clock.times else time.perf_counter() - start

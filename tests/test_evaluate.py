@@ -124,3 +124,19 @@ def test_eval_cli_writes_outputs_and_refuses_bad_input(tmp_path):
     (other / "r2.json").write_text(json.dumps(d))
     r = run("eval", *args[:-1], tmp_path / "new", "--profile-dir", other)
     assert r.returncode != 0 and "made for" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("arch,compress_sliding", [("llama", True), ("gemma3", True), ("gemma3", False)])
+def test_one_prefill_per_item_gives_the_per_cell_results(arch, compress_sliding):
+    lm = loaded(arch)
+    methods = ["full", "streaming", "snapkv", "pyramidkv", "adakv", "headkv-r2"]
+    kw = dict(max_new_tokens=5, compress_sliding=compress_sliding)
+    items = _items(lm, 2, length=120)
+    shared = evaluate.evaluate(lm, items, methods, [16, 40], {"r2": _profile(lm)}, **kw)
+    per_cell = evaluate.evaluate(lm, items, methods, [16, 40], {"r2": _profile(lm)}, share_prefill=False, **kw)
+
+    def strip(res):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in res["rows"]]
+
+    assert strip(shared) == strip(per_cell)
+    assert len({r["response"] for r in shared["rows"]}) > 1  # the methods do not all answer alike
