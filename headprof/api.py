@@ -16,6 +16,7 @@ from typing import Any
 
 from headprof import compare, distributed, generation, methods, models, probes, scoring
 from headprof import evaluate as evaluate_mod
+from headprof.defaults import BETA, KERNEL, WINDOW
 from headprof.errors import HeadprofError, OutputError, ProfileError
 from headprof.files import check_output, write_dir_atomic
 from headprof.models import LoadedModel
@@ -141,7 +142,8 @@ def _profile(profile: Profile | str | Path | None, model: str, method: str = "r2
 
 
 def generate(model: str | LoadedModel, prompt: str | Sequence[int], method: str = "headkv", budget: int = 128, *,
-             profile: Profile | str | Path | None = None, window: int = 8, kernel: int = 7, beta: float = 1.2,
+             profile: Profile | str | Path | None = None, window: int = WINDOW, kernel: int = KERNEL,
+             beta: float = BETA,
              group_reduce: str = "mean", max_new_tokens: int = 64, baseline: bool = True,
              chat_template: bool = True, compress_sliding: bool = True, device: str = "auto",
              dtype: str = "auto") -> GenerationReport:
@@ -212,8 +214,8 @@ def eval_profiles(model: str, method_specs: str, profile_dir: Path | None = None
 def evaluate(model: str | LoadedModel, budgets: Sequence[int] = (32, 64, 128, 256),
              methods_spec: str = DEFAULT_EVAL_METHODS, *, profiles: dict[str, Profile] | None = None,
              profile_dir: Path | None = None, tasks: Path | None = None, items: int = 5,
-             lengths: Sequence[int] = (1500,), seed: int = 1000, betas: Sequence[float] = (1.2,),
-             allow_overlap: bool = False, window: int = 8, max_new_tokens: int = 24, compress_sliding: bool = True,
+             lengths: Sequence[int] = (1500,), seed: int = 1000, betas: Sequence[float] = (BETA,),
+             allow_overlap: bool = False, window: int = WINDOW, max_new_tokens: int = 24, compress_sliding: bool = True,
              device: str = "auto", progress: Callback | None = None) -> EvalReport:
     """Every method at every budget on the same items, next to the full cache (docs/results.md)."""
     spec = model if isinstance(model, str) else model.info.spec

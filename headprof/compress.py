@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from headprof import methods
+from headprof.defaults import BETA, KERNEL, WINDOW
 from headprof.models import HeadLayout
 
 
@@ -94,8 +95,8 @@ def capacity(layout: HeadLayout, prompt_len: int, window: int) -> np.ndarray:
     return np.repeat(np.array(caps, dtype=np.int64)[:, None], layout.num_kv_heads, axis=1)
 
 
-def make_plan(method: str | methods.Method, layout: HeadLayout, prompt_len: int, budget: int, window: int = 8,
-              kernel: int = 7, kv_scores: np.ndarray | None = None, beta: float = 1.2,
+def make_plan(method: str | methods.Method, layout: HeadLayout, prompt_len: int, budget: int, window: int = WINDOW,
+              kernel: int = KERNEL, kv_scores: np.ndarray | None = None, beta: float = BETA,
               compress_sliding: bool = False) -> Plan:
     """Allocate budgets for `method`. Raises BudgetError for budgets the prompt cannot honour."""
     m = methods.get(method) if isinstance(method, str) else method

@@ -21,6 +21,7 @@ import numpy as np
 
 from headprof import generation, methods, probes
 from headprof.compare import bootstrap_ci
+from headprof.defaults import BETA, KERNEL, WINDOW
 from headprof.errors import HeadprofError, ProbeError
 from headprof.files import read_jsonl
 from headprof.models import LoadedModel
@@ -119,7 +120,7 @@ def bootstrap(values: Sequence[float]) -> tuple[float, float]:
 
 
 def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budgets: list[int],
-             profiles: dict[str, Profile], betas: Sequence[float] = (1.2,), window: int = 8, kernel: int = 7,
+             profiles: dict[str, Profile], betas: Sequence[float] = (BETA,), window: int = WINDOW, kernel: int = KERNEL,
              max_new_tokens: int = 24, progress: Callback | None = None,
              compress_sliding: bool = True, share_prefill: bool = True) -> dict[str, Any]:
     """Run the grid; returns the results document (see docs/results.md for its shape).
@@ -155,7 +156,7 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
     for item in items:
         t = time.perf_counter()
         shared = generation.prefill(lm, item.prompt_ids, window) if share_prefill else None
-        full = run(item, FULL, 0, 1.2)
+        full = run(item, FULL, 0, BETA)
         full_row = _row(item, FULL, None, None, full, full.text, time.perf_counter() - t)
         tick()
         for budget in budgets:
@@ -163,7 +164,7 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
             for method in compressed:
                 for beta in (betas if methods.parse_spec(method)[1] else [None]):
                     t = time.perf_counter()
-                    r = run(item, method, budget, beta or 1.2)
+                    r = run(item, method, budget, beta or BETA)
                     rows.append(_row(item, method, budget, beta, r, full.text, time.perf_counter() - t))
                     tick()
     chosen = _choose_betas(rows, by_profile, budgets, betas) if tune else {}

@@ -26,6 +26,7 @@ from headprof import capture, methods
 from headprof.cache import HeadKVCache, HeadKVLayer
 from headprof.capture import AttentionCapture
 from headprof.compress import Plan, compressed_layers, make_plan
+from headprof.defaults import BETA, KERNEL, WINDOW
 from headprof.errors import HeadprofError
 from headprof.models import HeadLayout, LoadedModel, layout_of
 
@@ -88,8 +89,8 @@ def compressing(cache: HeadKVCache, window: int, plan_for: Callable[[int], Plan]
 
 
 @contextmanager
-def compression(model, method: str = "headkv", budget: int = 128, profile=None, window: int = 8,
-                kernel: int = 7, beta: float = 1.2, group_reduce: str = "mean",
+def compression(model, method: str = "headkv", budget: int = 128, profile=None, window: int = WINDOW,
+                kernel: int = KERNEL, beta: float = BETA, group_reduce: str = "mean",
                 compress_sliding: bool = True) -> Iterator[HeadKVCache]:
     """Head-level KV compression inside your own `model.generate` (batch size 1), on any HF causal LM:
 
@@ -143,7 +144,7 @@ class Prefill:
 
 
 @torch.no_grad()
-def prefill(lm: LoadedModel, prompt_ids: list[int], window: int = 8) -> Prefill:
+def prefill(lm: LoadedModel, prompt_ids: list[int], window: int = WINDOW) -> Prefill:
     """Prefill once with a full cache (every layer keeps every prompt token, sliding ones too)."""
     rows: dict[int, torch.Tensor] = {}
     cache = DynamicCache()
@@ -185,7 +186,7 @@ def _full_entries(layout: HeadLayout, seq: int) -> int:
 
 @torch.no_grad()
 def generate(lm: LoadedModel, prompt_ids: list[int], method: str = "headkv", budget: int = 128,
-             kv_scores: np.ndarray | None = None, window: int = 8, kernel: int = 7, beta: float = 1.2,
+             kv_scores: np.ndarray | None = None, window: int = WINDOW, kernel: int = KERNEL, beta: float = BETA,
              max_new_tokens: int = 64, min_new_tokens: int = 0, compress_sliding: bool = True,
              shared: Prefill | None = None) -> RunResult:
     """Generate greedily from `prompt_ids` with `method` at `budget` tokens per KV head.

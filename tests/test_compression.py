@@ -84,7 +84,7 @@ def test_generate_measures_bytes_held_and_continues_positions():
     same = generation.generate(lm, ids, "snapkv", 400, max_new_tokens=6)
     assert same.tokens == full.tokens  # positions continue correctly after compression (RoPE)
     assert same.notes and "every prompt token" in same.notes[0]
-    small = generation.generate(lm, ids, "snapkv", 16, max_new_tokens=6)
+    small = generation.generate(lm, ids, "snapkv", 16, window=8, max_new_tokens=6)
     lay = lm.info.layout
     per_entry = 2 * lay.head_dim * 4
     # kept (8) + window (8) + 5 appended tokens per KV head (the 6th is produced, never fed back)

@@ -32,7 +32,8 @@ def _profile(lm):
 def test_grid_full_is_budget_independent_and_large_budget_matches_full():
     lm = loaded("llama")
     methods = ["full", "streaming", "snapkv", "pyramidkv", "adakv", "headkv-r2"]
-    res = evaluate.evaluate(lm, _items(lm), methods, [16, 200], {"r2": _profile(lm)}, max_new_tokens=4)
+    res = evaluate.evaluate(lm, _items(lm), methods, [16, 200], {"r2": _profile(lm)}, max_new_tokens=4,
+                            window=8)
     assert SCHEMA_KEYS <= set(res) and all(SUMMARY_KEYS <= set(r) for r in res["summary"])
     rows = res["rows"]
     for item in ("i0", "i1", "i2"):
@@ -57,7 +58,7 @@ def test_reasoning_items_naming_a_distractor_do_not_count():
 def test_beta_list_is_chosen_on_validation_half():
     lm = loaded("llama")
     res = evaluate.evaluate(lm, _items(lm, 4), ["full", "headkv-r2"], [16], {"r2": _profile(lm)},
-                            betas=[1.01, 5.0], max_new_tokens=3)
+                            betas=[1.01, 5.0], max_new_tokens=3, window=8)
     assert res["validation_items"] == 2 and res["items"] == 2
     assert res["chosen_beta"]["headkv-r2"]["16"] in (1.01, 5.0)
     assert {r["n"] for r in res["summary"]} == {2}
@@ -130,7 +131,7 @@ def test_eval_cli_writes_outputs_and_refuses_bad_input(tmp_path):
 def test_one_prefill_per_item_gives_the_per_cell_results(arch, compress_sliding):
     lm = loaded(arch)
     methods = ["full", "streaming", "snapkv", "pyramidkv", "adakv", "headkv-r2"]
-    kw = dict(max_new_tokens=5, compress_sliding=compress_sliding)
+    kw = dict(max_new_tokens=5, compress_sliding=compress_sliding, window=8)
     items = _items(lm, 2, length=120)
     shared = evaluate.evaluate(lm, items, methods, [16, 40], {"r2": _profile(lm)}, **kw)
     per_cell = evaluate.evaluate(lm, items, methods, [16, 40], {"r2": _profile(lm)}, share_prefill=False, **kw)

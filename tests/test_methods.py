@@ -35,7 +35,7 @@ def test_a_new_method_is_one_class_and_runs_everywhere():
     try:
         lm = loaded("llama")
         ids = torch.randint(0, 96, (60,), generator=torch.Generator().manual_seed(0)).tolist()
-        r = generation.generate(lm, ids, "oldest", 20, max_new_tokens=3)
+        r = generation.generate(lm, ids, "oldest", 20, window=8, max_new_tokens=3)
         assert r.budgets == [[12, 12]] * 3 and r.kv_bytes <= 1.05 * r.kv_bytes_ideal
         assert evaluate.parse_methods("full,oldest", {}) == ["full", "oldest"]
         assert methods.parse_spec("headkv-r2")[1] == "r2" and methods.parse_spec("oldest")[1] is None
@@ -46,7 +46,7 @@ def test_a_new_method_is_one_class_and_runs_everywhere():
 def test_adaptive_budgets_are_reported_without_mutating_the_plan():
     lm = loaded("llama")
     ids = torch.randint(0, 96, (80,), generator=torch.Generator().manual_seed(1)).tolist()
-    r = generation.generate(lm, ids, "adakv", 24, max_new_tokens=3)
+    r = generation.generate(lm, ids, "adakv", 24, window=8, max_new_tokens=3)
     kept = np.array(r.budgets)
     assert kept.sum() == 3 * 2 * 16  # each layer's pool (b x heads) is spent exactly
     assert r.kv_entries == r.kv_entries_ideal

@@ -23,6 +23,7 @@ from headprof.cli.common import (
     parse_ints,
     with_progress,
 )
+from headprof.defaults import BETA, KERNEL, WINDOW
 
 CompressSliding = Annotated[bool, typer.Option("--compress-sliding/--keep-sliding-window", help="sliding-window "
                                                "layers (Gemma) keep only their best tokens inside their window, or "
@@ -38,9 +39,9 @@ def run(
                                                       "[default: the shipped r2 profile of --model]")] = None,
     method: Annotated[str, typer.Option(help=f"one of: {method_names()}")] = "headkv",
     budget: Annotated[int, typer.Option(help="KV tokens per KV head, observation window included")] = 128,
-    window: Annotated[int, typer.Option(help="observation window: last prompt tokens, always kept")] = 8,
-    kernel: Annotated[int, typer.Option(help="max-pool width over positions")] = 7,
-    beta: Annotated[float, typer.Option(help="HeadKV: share of the budget that is guaranteed is 1 - 1/beta")] = 1.2,
+    window: Annotated[int, typer.Option(help="observation window: last prompt tokens, always kept")] = WINDOW,
+    kernel: Annotated[int, typer.Option(help="max-pool width over positions")] = KERNEL,
+    beta: Annotated[float, typer.Option(help="HeadKV: share of the budget that is guaranteed is 1 - 1/beta")] = BETA,
     group_reduce: Annotated[str, typer.Option(help="query heads -> KV head: mean or max")] = "mean",
     max_new_tokens: Annotated[int, typer.Option()] = 64,
     compress_sliding: CompressSliding = True,
@@ -98,11 +99,11 @@ def eval_(
     lengths: Annotated[str, typer.Option(help="probe lengths in tokens")] = "1500",
     seed: Annotated[int, typer.Option(help="seed of the eval items (the profiles use 0)")] = 1000,
     beta: Annotated[str, typer.Option(help="HeadKV beta, or a list to choose per budget on a validation half")]
-        = "1.2",
+        = str(BETA),
     profile_dir: Annotated[Path | None, typer.Option(help="where PROFILE.json profiles are "
                                                           "[default: the shipped profiles of MODEL]")] = None,
     allow_overlap: Annotated[bool, typer.Option(help="run even if eval items overlap the profiles' probes")] = False,
-    window: Annotated[int, typer.Option()] = 8,
+    window: Annotated[int, typer.Option(help="observation window")] = WINDOW,
     max_new_tokens: Annotated[int, typer.Option()] = 24,
     compress_sliding: CompressSliding = True,
     force: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from headprof.allocate import prefix_budget
+from headprof.defaults import BETA
 from headprof.methods.base import Method, register, top_positions
 
 SAFEGUARD = 0.2
@@ -30,7 +31,7 @@ class AdaKV(Method):
     summary = (f"per layer, a pool of b x heads: {SAFEGUARD:.0%} of b guaranteed to each head, the rest to the "
                "layer's highest-scoring (head, position) pairs")
 
-    def allocate(self, budget, window, caps, compressible, kv_scores=None, beta=1.2):
+    def allocate(self, budget, window, caps, compressible, kv_scores=None, beta=BETA):
         super().allocate(budget, window, caps, compressible)  # validates the budget
         return np.zeros(compressible.shape, dtype=np.int64)  # decided per layer, from the window (choose)
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from headprof import allocate
+from headprof.defaults import BETA
 
 if TYPE_CHECKING:
     from headprof.compress import Plan
@@ -59,7 +60,7 @@ class Method:
     rank: ClassVar[int] = 50  # where it is listed
 
     def allocate(self, budget: int, window: int, caps: np.ndarray, compressible: np.ndarray,
-                 kv_scores: np.ndarray | None = None, beta: float = 1.2) -> np.ndarray:
+                 kv_scores: np.ndarray | None = None, beta: float = BETA) -> np.ndarray:
         """[layer, kv_head] prefix tokens to keep (the window is kept on top); caps bound each head."""
         return allocate.uniform(budget, window, caps, compressible)
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 from headprof.allocate import BudgetError, capacity, prefix_budget, share
+from headprof.defaults import BETA
 from headprof.methods.base import Method, register
 
 
 def headkv(scores: np.ndarray, budget: int, window: int, prefix: int | np.ndarray, compressible: np.ndarray,
-           beta: float = 1.2) -> np.ndarray:
+           beta: float = BETA) -> np.ndarray:
     """Eq. 4: every head keeps b - b/beta; a pool of (b/beta) x heads is split by importance."""
     if beta < 1:
         raise BudgetError(f"beta must be >= 1, got {beta}")
@@ -32,7 +33,7 @@ class HeadKV(Method):
                "KV-head scores")
     needs_profile = True
 
-    def allocate(self, budget, window, caps, compressible, kv_scores=None, beta=1.2):
+    def allocate(self, budget, window, caps, compressible, kv_scores=None, beta=BETA):
         if kv_scores is None:
             raise BudgetError("headkv needs a profile")
         return headkv(kv_scores, budget, window, caps, compressible, beta)

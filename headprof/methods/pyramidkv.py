@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from headprof.allocate import capacity, prefix_budget, share
+from headprof.defaults import BETA
 from headprof.methods.base import Method, register
 
 RATIO = 20.0
@@ -36,5 +37,5 @@ class PyramidKV(Method):
     rank = 30
     summary = "per layer, falling linearly with depth from 2b - b/20 to b/20; same total"
 
-    def allocate(self, budget, window, caps, compressible, kv_scores=None, beta=1.2):
+    def allocate(self, budget, window, caps, compressible, kv_scores=None, beta=BETA):
         return pyramid(budget, window, caps, compressible)
