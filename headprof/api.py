@@ -57,6 +57,19 @@ def default_profile_path(spec: str, method: str) -> Path:
     return Path("profiles") / re.sub(r"[^a-z0-9._-]+", "-", name.lower()) / f"{method}.json"
 
 
+def _load_on_every_process(world: distributed.World, model: str | LoadedModel, device: str, dtype: str = "auto",
+                           device_map: str | None = None) -> LoadedModel:
+    """Load on this process; if any process fails, every process raises its error, none waits for the others."""
+    lm, failure = None, None
+    try:
+        lm = load_model(model, world.device(device), dtype, device_map)
+    except HeadprofError as e:
+        failure = e
+    world.agree(failure)
+    assert lm is not None
+    return lm
+
+
 def score(model: str | LoadedModel, method: str = "r2", *, lengths: Sequence[int] | None = None, depths: int = 10,
           seed: int = 0, needles: Path | None = None, haystack: Path | None = None, chat_template: bool = True,
           filter_probes: bool = True, margin: int = scoring.DEFAULT_MARGIN, out: str | Path | None = None,
@@ -88,13 +101,7 @@ def score(model: str | LoadedModel, method: str = "r2", *, lengths: Sequence[int
         raise HeadprofError("--min-answered counts answered probes; it cannot be used with --no-filter")
     if min_answered is not None and needles is not None:
         raise HeadprofError("--min-answered draws more generated probes; it cannot be used with --needles")
-    lm, failure = None, None
-    try:
-        lm = load_model(model, world.device(device), dtype, device_map)
-    except HeadprofError as e:
-        failure = e
-    world.agree(failure)  # every process stops with the error, none waits for the others
-    assert lm is not None
+    lm = _load_on_every_process(world, model, device, dtype, device_map)
     ps, hs = probe_set(method, lengths, depths, seed, needles, haystack, lm.info.max_positions,
                        lm.device.startswith("cuda"), families, version)
     prof = scoring.score(lm, ps, settings, hs, partial=partial, resume=resume,
@@ -222,7 +229,8 @@ def evaluate(model: str | LoadedModel, budgets: Sequence[int] = (32, 64, 128, 25
     if profiles is None:
         profiles = eval_profiles(spec, methods_spec, profile_dir)
     method_list = evaluate_mod.parse_methods(methods_spec, profiles)
-    lm = load_model(model, device)
+    world = distributed.world()  # torchrun / accelerate launch: items are sharded over the processes
+    lm = _load_on_every_process(world, model, device)
     for p in profiles.values():
         p.check_fits(lm.info.layout)
     warnings: list[str] = []
@@ -243,7 +251,8 @@ def evaluate(model: str | LoadedModel, budgets: Sequence[int] = (32, 64, 128, 25
                                     "optimistic for headkv")
             item_list += its
     data = evaluate_mod.evaluate(lm, item_list, method_list, list(budgets), profiles, betas, window,
-                                 max_new_tokens=max_new_tokens, progress=progress, compress_sliding=compress_sliding)
+                                 max_new_tokens=max_new_tokens, progress=progress, compress_sliding=compress_sliding,
+                                 world=world)
     return EvalReport(data, warnings)
 
 

@@ -1,5 +1,6 @@
 """Processes launched by `torchrun` or `accelerate launch`: who this process is, and the few collectives
-scoring needs (probes are sharded by index; results are gathered after each round of probes).
+scoring and eval need (probes or eval items are sharded by index; results are gathered after each round
+of probes, eval rows at the end).
 
 Both launchers set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; the process group is
 created on first use with NCCL when every process has a GPU and gloo otherwise (CPU runs, tests). A

@@ -22,6 +22,7 @@ import numpy as np
 from headprof import generation, methods, probes
 from headprof.compare import bootstrap_ci
 from headprof.defaults import BETA, KERNEL, WINDOW
+from headprof.distributed import World
 from headprof.errors import HeadprofError, ProbeError
 from headprof.files import read_jsonl
 from headprof.models import LoadedModel
@@ -122,8 +123,11 @@ def bootstrap(values: Sequence[float]) -> tuple[float, float]:
 def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budgets: list[int],
              profiles: dict[str, Profile], betas: Sequence[float] = (BETA,), window: int = WINDOW, kernel: int = KERNEL,
              max_new_tokens: int = 24, progress: Callback | None = None,
-             compress_sliding: bool = True, share_prefill: bool = True) -> dict[str, Any]:
+             compress_sliding: bool = True, share_prefill: bool = True, world: World | None = None) -> dict[str, Any]:
     """Run the grid; returns the results document (see docs/results.md for its shape).
+
+    Under torchrun / accelerate launch (`world`), each process runs every size-th item and the rows are
+    gathered in item order, so every process returns the document a single process would have made.
 
     Each item is prefilled once (`share_prefill`) and every method and budget starts from that prefill:
     the answers are the same as prefilling per cell, and prefill is most of the time. A cell's
@@ -136,7 +140,9 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
     by_profile = [m for m in method_specs if methods.parse_spec(m)[1]]
     compressed = [m for m in method_specs if methods.parse_spec(m)[0].compresses]
     per_budget = len([m for m in compressed if not methods.parse_spec(m)[1]]) + len(by_profile) * len(betas)
-    total = len(items) * (1 + per_budget * len(budgets))
+    world = world or World()
+    mine = world.shard(items)
+    total = len(mine) * (1 + per_budget * len(budgets))
     done = 0
     rows: list[dict[str, Any]] = []
 
@@ -153,7 +159,7 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
                                    compress_sliding=compress_sliding, shared=shared)
 
     shared: generation.Prefill | None = None
-    for item in items:
+    for item in mine:
         t = time.perf_counter()
         shared = generation.prefill(lm, item.prompt_ids, window) if share_prefill else None
         full = run(item, FULL, 0, BETA)
@@ -167,6 +173,9 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
                     r = run(item, method, budget, beta or BETA)
                     rows.append(_row(item, method, budget, beta, r, full.text, time.perf_counter() - t))
                     tick()
+    if world.size > 1:  # every process's rows, in the order one process would have produced them
+        order = {item.id: i for i, item in enumerate(items)}
+        rows = sorted((r for part in world.gather(rows) for r in part), key=lambda r: order[r["item"]])
     chosen = _choose_betas(rows, by_profile, budgets, betas) if tune else {}
     test = [r for r in rows if r["split"] == "test" and (r["beta"] is None or not tune
                                                         or r["beta"] == chosen[r["method"]][str(r["budget"])])]
@@ -174,6 +183,7 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
             "budgets": budgets,
             "betas": list(betas), "chosen_beta": chosen, "window": window, "kernel": kernel,
             **({} if compress_sliding else {"keep_sliding_window": True}),
+            **({"processes": world.size} if world.size > 1 else {}),
             "items": len([i for i in items if i.split == "test"]),
             "validation_items": len([i for i in items if i.split == "validation"]),
             "summary": summarise(test, method_specs, budgets),

@@ -1,4 +1,4 @@
-"""Scoring sharded over processes (gloo on CPU): the same profile as one process, resumable, no hangs."""
+"""Scoring and eval sharded over processes (gloo on CPU): the same results as one process, resumable, no hangs."""
 
 import datetime as dt
 import json
@@ -111,3 +111,23 @@ def test_torchrun_two_processes_equal_one(tiny_dir, tmp_path):
     r = torchrun(*args, "--out", tmp_path / "three.json", "--resume", cwd=tmp_path)
     assert r.returncode != 0 and "another number of processes" in r.stderr
     assert (tmp_path / "three.json.partial.jsonl").read_text() == "{}\n"
+
+
+def test_eval_over_two_processes_equals_one(tiny_dir, tmp_path):
+    args = ["eval", tiny_dir, "--methods", "full,snapkv,pyramidkv", "--budgets", "24,64", "--window", "8",
+            "--items", "3", "--lengths", "150", "--max-new-tokens", "4", "--quiet"]
+    r = torchrun(*args, "--out", tmp_path / "two", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("wrote") == 1  # one process writes and reports
+    one = subprocess.run([sys.executable, "-m", "headprof", *args, "--out", tmp_path / "one"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert "processes" not in a and b.pop("processes") == 2
+
+    def timeless(doc):  # wall time differs between runs; everything else must not
+        for r in doc["rows"] + doc["summary"] + [x for rows in doc["by_task"].values() for x in rows]:
+            r.pop("seconds")
+        return doc
+
+    assert len(a["rows"]) == 6 * 2 * (1 + 2) and timeless(a) == timeless(b)

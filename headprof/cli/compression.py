@@ -112,6 +112,7 @@ def eval_(
 ) -> None:
     """Quality versus budget for every method, with bootstrap intervals, measured KV bytes and a plot."""
     from headprof import api
+    from headprof.distributed import world
     from headprof.errors import HeadprofError, OutputError
 
     budget_list = parse_ints(budgets, "--budgets")
@@ -121,13 +122,16 @@ def eval_(
         raise HeadprofError(f"--beta must be numbers, got '{beta}'") from None
     if out_dir.exists() and not force:
         raise OutputError(f"{out_dir} exists; pass --force to replace it")
-    report = with_progress(quiet, 0, lambda cb: api.evaluate(
+    w = world()  # under torchrun / accelerate launch, items are sharded; the first process writes and prints
+    report = with_progress(quiet or not w.main, 0, lambda cb: api.evaluate(
         model, budget_list, methods, profile_dir=profile_dir, tasks=tasks, items=items,
         lengths=parse_ints(lengths, "--lengths"), seed=seed, betas=betas, allow_overlap=allow_overlap, window=window,
         max_new_tokens=max_new_tokens, compress_sliding=compress_sliding, device=device, progress=cb),
         label="evaluating")
-    for w in report.warnings:
-        err.print(f"[bold red]WARNING[/bold red]: {w}", highlight=False)
+    if not w.main:
+        return
+    for warning in report.warnings:
+        err.print(f"[bold red]WARNING[/bold red]: {warning}", highlight=False)
     report.save(out_dir, force=True)
     results = report.data
     t = Table("method", "budget", "F1", "95% interval", "contains", "agrees w/ full", "KV MB", "s/item",
