@@ -280,6 +280,9 @@ def _by_family(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+FEW_COUNTED = 20  # below this many counted probes a profile is noisy (split-half rank correlation falls)
+
+
 def build_profile(lm: LoadedModel, probe_set: probes_mod.ProbeSet, results: list[dict[str, Any]],
                   settings: Settings) -> Profile:
     s = settings
@@ -304,6 +307,12 @@ def build_profile(lm: LoadedModel, probe_set: probes_mod.ProbeSet, results: list
         if not target["reached"]:
             warnings.append(f"only {answered} of the {s.min_answered} answered probes asked for: the cap of "
                             f"{s.max_drawn} drawn probes was reached ({len(probe_rows)} drawn)")
+    elif fallback:
+        warnings.append(f"no probe of {len(probe_rows)} was answered, so every probe was counted: the scores show "
+                        "where the model looked while failing (docs/profiles.md)")
+    elif filtering and len(counted) < FEW_COUNTED:
+        warnings.append(f"only {len(counted)} of {len(probe_rows)} probes were answered and counted: a noisy "
+                        f"profile; --min-answered 30 draws more until 30 are (docs/profiles.md)")
     data = {
         "schema_version": SCHEMA_VERSION,
         "headprof_version": headprof.__version__,

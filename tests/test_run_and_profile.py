@@ -171,3 +171,15 @@ def test_teacher_forced_counts_every_probe(lm):
     assert prof.data["probe_set"]["counted"] == 2
     gold = [lm.tokenizer.decode(scoring.forced_tokens(lm.tokenizer, p.answer)).strip() for p in ps.probes]
     assert [p["response"] for p in prof.data["probes"]] == gold
+
+
+def test_few_answered_probes_are_flagged(lm, monkeypatch):
+    ps = probes.build_probe_set("r2", [200], 2, seed=0)
+    _fake_runs(monkeypatch, lambda p: p.id.endswith("D000"))
+    prof = scoring.score(lm, ps, scoring.Settings("r2"), probes.Haystack(0))
+    assert prof.data["probe_set"]["counted"] == 1 and "only 1 of 2 probes" in prof.data["warnings"][0]
+    _fake_runs(monkeypatch, lambda p: False)
+    prof = scoring.score(lm, ps, scoring.Settings("r2"), probes.Haystack(0))
+    assert "every probe was counted" in prof.data["warnings"][0]
+    prof = scoring.score(lm, ps, scoring.Settings("r2", filter_probes=False), probes.Haystack(0))
+    assert "warnings" not in prof.data  # the user asked for every probe
