@@ -124,7 +124,10 @@ def _torch_attention(layer: HeadKVLayer, qg: torch.Tensor, scaling: float, softc
         qpos = (layer.seen - q + torch.arange(q, device=qg.device)).repeat(group)
         inside = pos > (qpos[:, None] - layer.sliding_window)
         mask = inside if mask is None else mask & inside
-    if mask is not None:
+    if mask is not None and pos is None:  # other heads' entries: adding a (heads, 1, N) bias in place is
+        zero = torch.zeros((), dtype=logits_p.dtype, device=qg.device)  # 3x cheaper than masked_fill
+        logits_p = logits_p.add_(torch.where(mask, zero, float("-inf")))
+    elif mask is not None:
         logits_p = logits_p.masked_fill(~mask, float("-inf"))
     mt = _tail_mask(layer, q, qg.device)
     if mt is not None:
