@@ -238,7 +238,8 @@ def score(lm: LoadedModel, probe_set: probes_mod.ProbeSet, settings: Settings | 
         while True:
             drawn = [p for r in rounds for p in r.probes]
             mine = [p for r in rounds for p in world.shard(list(r.probes))]
-            for probe in world.shard(list(rounds[-1].probes)):
+            batch = world.shard(list(rounds[-1].probes))  # this process's share of the newest round
+            for probe in batch:
                 if probe.id not in done:
                     done[probe.id] = run_probe(lm, probe, haystack, s)
                     if writer is not None:
@@ -249,7 +250,7 @@ def score(lm: LoadedModel, probe_set: probes_mod.ProbeSet, settings: Settings | 
                     progress(Progress(sum(p.id in done for p in mine), len(mine),
                                       sum(done[p.id]["success"] for p in mine if p.id in done), resumed))
             if world.size > 1:
-                for part in world.gather([done[p.id] for p in world.shard(list(rounds[-1].probes))]):
+                for part in world.gather([done[p.id] for p in batch]):
                     done.update((r["id"], r) for r in part)
             answered = sum(done[p.id]["success"] for p in drawn)
             if s.min_answered is None or answered >= s.min_answered or len(drawn) >= (s.max_drawn or 0):
