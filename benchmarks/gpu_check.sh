@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end check of the GPU path on a CUDA machine, in one command (prints what it measured):
 #   bash benchmarks/gpu_check.sh            # from the repository root
-# 1. the CUDA tests: varlen backends (flash-attn if installed, PyTorch's varlen kernel) vs the fallback, bf16
+# 1. the CUDA tests: both attention backends (torch SDPA; flash-attn's kv-cache kernel if installed) vs the
+#    per-head reference, bf16
 # 2. `headprof score` and `headprof run` in bf16 on a hub-format Llama-3-shaped model built in code
 # 3. benchmarks/bench_scale.py on CUDA: decode tok/s per attention backend at 4k, 8k and 32k-token prompts
 set -euo pipefail
@@ -25,7 +26,7 @@ $PY -c "import sys; sys.path.insert(0, 'benchmarks'); import synthetic; syntheti
 $PY -m headprof score "$tmp/model" --method retrieval --lengths 2000 --depths 3 --no-filter --device cuda \
     --dtype bfloat16 --out "$tmp/profile.json" --quiet
 $PY -c "print(' '.join(['The harbour is quiet tonight.'] * 200) + ' What is quiet?')" > "$tmp/prompt.txt"
-for backend in torch torch-varlen flash; do
+for backend in torch flash; do
   echo "-- run, HEADPROF_ATTENTION=$backend"
   HEADPROF_ATTENTION=$backend $PY -m headprof run --model "$tmp/model" --profile "$tmp/profile.json" \
       --budget 64 --max-new-tokens 16 --device cuda --dtype bfloat16 --json "$tmp/prompt.txt" \

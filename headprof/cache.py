@@ -1,18 +1,20 @@
 """A KV cache that holds a different number of prompt tokens in every KV head.
 
-A compressed layer keeps two parts:
+A compressed layer keeps one buffer for its keys and one for its values. Each KV head owns a contiguous
+*segment* of it: the prompt tokens it kept, then the tokens generated since, then a little free room.
+The room grows in small steps (a few percent of what the head holds), so an early stop leaves little
+unused, and nothing but kept and generated tokens is ever stored.
 
-- the **prefix**: the prompt tokens each KV head kept, packed head after head in one (N, dim) buffer
-  (head h at [starts[h], starts[h] + lens[h])). It never changes after compression, so it holds exactly
-  the kept tokens, and its layout is the one a varlen attention kernel reads (`cu_seqlens`).
-- the **tail**: the generated tokens, which every head receives alike, in a dense (heads, room, dim)
-  buffer. Appending a step is one slice write per layer; the room grows in small steps (a few percent of
-  what the layer holds), so an early stop leaves little unused.
+Attention reads the segments through one strided view, (heads, W, dim): window i starts at i * S. The
+segments are ordered, and S chosen, so that every segment lies inside its own window (`windows`). A
+window may also cover its neighbours' entries; a mask hides them. When all heads keep the same count
+(SnapKV, PyramidKV), S = W = the segment size and the view is a plain dense cache, with no mask. When
+they differ (HeadKV, AdaKV), W is close to the largest segment: one batched call per layer does about
+the work of a cache padded to the longest head, without storing the padding.
 
-Attention over a compressed layer is one call per layer for all KV heads (`attention.py`). Positions
-keep counting from the prompt length, so RoPE continues where the prompt ended. A layer may also carry a
-sliding window (Gemma-style layers compressed inside their window): keys older than the window are
-masked by position.
+Positions keep counting from the prompt length, so RoPE continues where the prompt ended. A layer may
+also carry a sliding window (Gemma-style layers compressed inside their window): keys older than the
+window are masked by position and dropped when the layer grows.
 
 Uncompressed layers (the full cache, or sliding-window layers left as the model keeps them) are
 transformers' own layers; the cache mixes both kinds.
@@ -21,15 +23,73 @@ transformers' own layers; the cache mixes both kinds.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 GROWTH = 0.02  # tail room grows by this share of what a head holds (and at least the step's tokens)
 
 
+@dataclass(frozen=True)
+class Windows:
+    """Where each head's segment lies: segment of head order[i] starts at start[i], inside the window
+    [i * stride, i * stride + width) of the strided view."""
+
+    order: list[int]
+    start: list[int]
+    stride: int
+    width: int
+
+    def grown(self, by: int) -> Windows:
+        """The windows after every segment grew by `by` entries: same order, each start shifted by the growth
+        of the segments before it; entries before a window's segment stay as many (the mask still fits)."""
+        return Windows(self.order, [a + i * by for i, a in enumerate(self.start)], self.stride + by,
+                       self.width + by)
+
+
+def windows(sizes: list[int]) -> Windows:
+    """Order segments of `sizes` entries so that one strided view covers each in its own window, with the
+    window as narrow as we can find (never narrower than the largest segment).
+
+    With windows every `stride` entries and the last one ending where the buffer ends, segment i fits iff
+    the entries before it stay within [i * stride, i * stride + D], D = total - heads * stride. A greedy
+    order (the largest segment that keeps that bound) finds it when it exists; a binary search picks the
+    widest stride that works. Stride = the smallest segment always works.
+    """
+    heads, total = len(sizes), sum(sizes)
+
+    def order_for(stride: int) -> list[int] | None:
+        slack = total - heads * stride
+        left, ahead, order = sorted(range(heads), key=lambda h: sizes[h]), 0, []
+        while left:
+            h = max((h for h in left if ahead + sizes[h] - stride <= slack), key=lambda h: sizes[h])
+            ahead += sizes[h] - stride
+            if ahead < 0:
+                return None
+            order.append(h)
+            left.remove(h)
+        return order
+
+    lo, hi = min(sizes), total // heads
+    best = (lo, order_for(lo))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        found = order_for(mid)
+        if found is None:
+            hi = mid - 1
+        else:
+            lo, best = mid, (mid, found)
+    stride, order = best
+    start = [0]
+    for h in order[:-1]:
+        start.append(start[-1] + sizes[h])
+    return Windows(order, start, stride, total - (heads - 1) * stride)
+
+
 class HeadKVLayer(DynamicLayer):
-    """Dense during prefill; after `compress`, a packed per-head prefix and a dense tail."""
+    """Dense during prefill; after `compress`, one buffer per K and V with a segment per head."""
 
     def __init__(self, sliding_window: int | None = None, growth: float = GROWTH) -> None:
         super().__init__()
@@ -37,23 +97,28 @@ class HeadKVLayer(DynamicLayer):
         self.growth = growth
         self.seen = 0  # positions so far (prompt + appended)
         self.prompt_len = 0
-        self.pk: torch.Tensor | None = None  # (N, dim) kept prompt keys, packed by head
-        self.pv: torch.Tensor | None = None
-        self.lens: list[int] = []  # kept tokens per head (host copy: sizes are decided on the host)
-        self.uniform = True
-        self.cu_seqlens: torch.Tensor | None = None  # (heads + 1,) int32, for varlen kernels
-        self.positions: torch.Tensor | None = None  # (N,) positions of kept tokens (sliding layers only)
-        self.tk: torch.Tensor | None = None  # (heads, room, dim) generated keys
-        self.tv: torch.Tensor | None = None
-        self.t = 0  # tokens in the tail
-        self.t0 = 0  # position of tail[0] minus the prompt length (sliding layers drop old tail entries)
+        self.k: torch.Tensor | None = None  # (entries, dim), segments as in the module docstring
+        self.v: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None  # (entries,) int32 position of every slot (sliding only)
+        self.lens: list[int] = []  # kept prompt tokens per head (host copy: sizes are decided on the host)
+        self.room = 0  # slots per head for generated tokens
+        self.t = 0  # generated tokens held per head
+        self.t0 = 0  # position of the first one held minus the prompt length (sliding layers drop old ones)
+        self.win: Windows | None = None
+        self.uniform = True  # every head keeps the same count: the view is a dense cache, no mask
+        self.reach = 0  # the furthest a window reads, less t
         self.returned: torch.Tensor | None = None
-        self.head_of: torch.Tensor | None = None  # (N,) int16 head of each packed entry (unequal lengths)
-        self.head_ids: torch.Tensor | None = None
+        self.in_order = True
+        self.order = self.unorder = None  # device copies of `win.order` and its inverse
+        self._lo = self._kept = self._next = None  # window-relative segment starts, kept counts, next slot
 
     @property
     def compressed(self) -> bool:
-        return self.pk is not None
+        return self.k is not None
+
+    @property
+    def heads(self) -> int:
+        return len(self.lens)
 
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -61,10 +126,15 @@ class HeadKVLayer(DynamicLayer):
         self.seen += q
         if not self.compressed:
             return super().update(key_states, value_states, *args, **kwargs)
-        if self.t + q > self.tk.shape[1]:
+        if self.t + q > self.room:
             self._grow(q)
-        self.tk[:, self.t:self.t + q] = key_states[0]
-        self.tv[:, self.t:self.t + q] = value_states[0]
+        slots = self._next + self.t if q == 1 else (self._next[:, None] + self.t + torch.arange(
+            q, device=self._next.device)).flatten()
+        self.k.index_copy_(0, slots, key_states[0].reshape(-1, key_states.shape[-1]))
+        self.v.index_copy_(0, slots, value_states[0].reshape(-1, value_states.shape[-1]))
+        if self.positions is not None:
+            new = self.seen - q + torch.arange(q, device=slots.device, dtype=torch.int32)
+            self.positions.index_copy_(0, slots, new.repeat(self.heads))
         self.t += q
         self.returned = key_states  # attention recognises this call's keys and reads the layer itself
         return key_states, value_states
@@ -74,70 +144,107 @@ class HeadKVLayer(DynamicLayer):
         keys, values = self.keys, self.values  # (1, heads, seq, dim)
         if keys.shape[0] != 1:
             raise ValueError("head-level compression supports batch size 1")
-        heads, dim = keys.shape[1], keys.shape[-1]
         device = keys.device
         self.lens = [int(k.numel()) for k in keep]
-        self.uniform = len(set(self.lens)) == 1  # every head keeps the same count: a (heads, len) view
-        head_of = torch.repeat_interleave(torch.arange(heads, device=device),
+        self.uniform = len(set(self.lens)) == 1
+        head_of = torch.repeat_interleave(torch.arange(len(keep), device=device),
                                           torch.tensor(self.lens, device=device))
         pos = torch.cat([k.to(device) for k in keep])
-        self.pk = keys[0, head_of, pos].contiguous()
-        self.pv = values[0, head_of, pos].contiguous()
-        # otherwise which head each packed entry belongs to (int16: 2 bytes per entry, counted in nbytes)
-        self.head_ids = torch.arange(heads, device=device, dtype=torch.int16)
-        self.head_of = None if self.uniform else head_of.to(torch.int16)
-        cu = [0]
-        for n in self.lens:
-            cu.append(cu[-1] + n)
-        self.cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=device)
-        self.positions = pos if self.sliding_window is not None else None
         self.prompt_len = keys.shape[2]
-        self.tk = keys.new_empty(heads, self._step(1), dim)
-        self.tv = values.new_empty(heads, self.tk.shape[1], dim)
         self.t = self.t0 = 0
+        room = self._step(1)
+        win = windows([n + room for n in self.lens])
+        self.in_order = win.order == list(range(self.heads))
+        self.order = torch.tensor(win.order, device=device)
+        self.unorder = torch.argsort(self.order)
+        lo = [a - i * win.stride for i, a in enumerate(win.start)]
+        self.reach = max(a + self.lens[h] for a, h in zip(lo, win.order, strict=True))
+        self._lo = torch.tensor(lo, device=device)
+        self._kept = torch.tensor([self.lens[h] for h in win.order], device=device)
+        kept_pos = pos.to(torch.int32) if self.sliding_window is not None else None
+        packed = np.concatenate([[0], np.cumsum(self.lens)[:-1]])
+        self._place(keys[0, head_of, pos], values[0, head_of, pos], kept_pos, packed, room, win)
         self.keys = self.values = None
 
     def _step(self, q: int) -> int:
-        per_head = self.pk.shape[0] / max(len(self.lens), 1) + self.t
+        per_head = sum(self.lens) / max(self.heads, 1) + self.t
         return max(q, math.ceil(self.growth * per_head))
 
     def _grow(self, q: int) -> None:
-        """Reallocate the tail with room for `q` more tokens plus one growth step."""
+        """Reallocate with room for `q` more tokens per head plus one growth step.
+
+        Every segment grows by the same amount, so the windows keep their order and only shift."""
         keep_from = 0
         if self.sliding_window is not None:  # entries the window has passed are never read again
             keep_from = max(0, self.t + q - self.sliding_window)
-        live = self.t - keep_from
-        room = live + q + self._step(q)
-        tk, tv = self.tk.new_empty(self.tk.shape[0], room, self.tk.shape[2]), self.tv.new_empty(
-            self.tv.shape[0], room, self.tv.shape[2])
-        tk[:, :live], tv[:, :live] = self.tk[:, keep_from:self.t], self.tv[:, keep_from:self.t]
-        self.tk, self.tv, self.t, self.t0 = tk, tv, live, self.t0 + keep_from
+        room = self.t - keep_from + q + self._step(q)
+        self._place(self.k, self.v, self.positions, self._segments(), room, self.win.grown(room - self.room),
+                    keep_from)
 
-    def prefix_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Keys and values of the prefix for a batched matmul against queries (heads, rows, dim).
+    def _segments(self) -> np.ndarray:
+        """(heads,) where each head's segment starts in the buffer."""
+        seg = np.empty(self.heads, dtype=np.int64)
+        seg[self.win.order] = self.win.start
+        return seg
 
-        Equal lengths: (heads, len, dim) views, no mask. Otherwise the packed (N, dim) buffer as it is, with a
-        (heads, 1, N) mask of each head's own entries: no copy, at the price of scoring every query head
-        against every kept token (cheap on CPU; CUDA uses a varlen kernel instead). Also returns the
-        positions, broadcastable the same way (sliding-window layers), else None.
-        """
-        heads = len(self.lens)
-        pos = self.positions
+    def _place(self, k, v, pos, starts: np.ndarray, room: int, win: Windows, keep_from: int = 0) -> None:
+        """New buffers laid out by `win` with `room` slots per head. In the old flat `k`, `v` (and `pos`),
+        head h's kept tokens start at starts[h], followed by its `t` generated ones, of which the first
+        `keep_from` are dropped."""
+        heads, device, lens = self.heads, k.device, np.asarray(self.lens)
+        self.room, self.win = room, win
+        seg = np.empty(heads, dtype=np.int64)
+        seg[win.order] = win.start
+        moved = np.full(heads, self.t - keep_from)
+        src = _ranges(np.stack([starts, starts + lens + keep_from], 1), np.stack([lens, moved], 1), device)
+        dst = _ranges(np.stack([seg, seg + lens], 1), np.stack([lens, moved], 1), device)
+        total = int(lens.sum()) + heads * room
+        # free slots are read under a mask, so they must hold finite numbers (0 * NaN is NaN)
+        self.k, self.v = k.new_zeros(total, k.shape[-1]), v.new_zeros(total, v.shape[-1])
+        self.k.index_copy_(0, dst, k.index_select(0, src))
+        self.v.index_copy_(0, dst, v.index_select(0, src))
+        if pos is not None:
+            self.positions = torch.zeros(total, dtype=torch.int32, device=device)
+            self.positions.index_copy_(0, dst, pos.index_select(0, src))
+        self.t, self.t0 = self.t - keep_from, self.t0 + keep_from
+        self._next = torch.from_numpy(seg + lens).to(device)  # each head's first free slot
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Keys and values for one attention call, window i for KV head `win.order[i]`, and an additive
+        (heads, width) mask of what each window may read (None: everything, the dense case)."""
+        w, d, width = self.win, self.k.shape[-1], self.reach + self.t  # no window reads past `width`
+        k = self.k.as_strided((self.heads, width, d), (w.stride * d, d, 1))
+        v = self.v.as_strided((self.heads, width, d), (w.stride * d, d, 1))
         if self.uniform:
-            n = self.lens[0]
-            return (self.pk.view(heads, n, -1), self.pv.view(heads, n, -1), None,
-                    None if pos is None else pos.view(heads, 1, n))
-        own = self.head_of[None, :] == self.head_ids[:, None]
-        return self.pk, self.pv, own[:, None, :], None if pos is None else pos[None, None, :]
+            return k, v, None
+        rel = torch.arange(width, device=self.k.device) - self._lo[:, None]
+        mine = (rel >= 0) & (rel < (self._kept + self.t)[:, None])
+        return k, v, torch.where(mine, torch.zeros((), dtype=k.dtype, device=k.device), float("-inf"))
+
+    def window_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(heads,) int32 first and one-past-last entry each window reads, relative to the window."""
+        return self._lo.int(), (self._lo + self._kept + self.t).int()
+
+    def view_positions(self) -> torch.Tensor:
+        """Positions of the entries `view` returns, (heads, width). Kept prompt tokens of a layer without a
+        window read as -1: they come before every query, which is all a causal mask needs."""
+        w, width = self.win, self.reach + self.t
+        if self.positions is not None:
+            return self.positions.as_strided((self.heads, width), (w.stride, 1))
+        rel = torch.arange(width, device=self.k.device, dtype=torch.int32) - (self._lo + self._kept)[:, None]
+        return torch.where(rel < 0, -1, self.prompt_len + self.t0 + rel)
 
     def head_kv(self, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(keys, values, positions) of head h, prefix then tail: the obvious per-head view (reference)."""
-        a, n = int(self.cu_seqlens[h]), self.lens[h]
-        pos = (self.positions[a:a + n] if self.positions is not None
-               else torch.full((n,), -1, dtype=torch.long, device=self.pk.device))
-        tail_pos = self.prompt_len + self.t0 + torch.arange(self.t, device=self.pk.device)
-        return (torch.cat([self.pk[a:a + n], self.tk[h, :self.t]]), torch.cat([self.pv[a:a + n], self.tv[h, :self.t]]),
-                torch.cat([pos, tail_pos]))
+        """(keys, values, positions) of head h, kept then generated: the obvious per-head view (reference)."""
+        i = self.win.order.index(h)
+        a, n = self.win.start[i], self.lens[h] + self.t
+        if self.positions is not None:
+            pos = self.positions[a:a + n]
+        else:
+            pos = torch.cat([torch.full((self.lens[h],), -1, dtype=torch.int32, device=self.k.device),
+                             self.prompt_len + self.t0 + torch.arange(self.t, device=self.k.device,
+                                                                      dtype=torch.int32)])
+        return self.k[a:a + n], self.v[a:a + n], pos
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -148,13 +255,25 @@ class HeadKVLayer(DynamicLayer):
     def entries(self) -> int:
         """KV entries (tokens x KV heads) in use."""
         if self.compressed:
-            return self.pk.shape[0] + len(self.lens) * self.t
+            return sum(self.lens) + self.heads * self.t
         return _dense_entries(self)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the layer holds for its tokens."""
+        held = [self.k, self.v, self.positions] if self.compressed else [self.keys, self.values]
+        return [t for t in held if t is not None]
 
     def nbytes(self) -> int:
         """Bytes of the tensors actually allocated for this layer."""
-        tensors = [self.pk, self.pv, self.tk, self.tv, self.head_of] if self.compressed else [self.keys, self.values]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def _ranges(starts: np.ndarray, lens: np.ndarray, device) -> torch.Tensor:
+    """Indices of the ranges [starts[i], starts[i] + lens[i]), concatenated in order."""
+    starts, lens = starts.ravel(), lens.ravel()
+    ends = np.cumsum(lens)
+    idx = np.arange(int(ends[-1])) + np.repeat(starts - (ends - lens), lens)
+    return torch.from_numpy(idx).to(device)
 
 
 def _dense_entries(layer) -> int:
