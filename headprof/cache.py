@@ -110,7 +110,9 @@ class HeadKVLayer(DynamicLayer):
         self.returned: torch.Tensor | None = None
         self.in_order = True
         self.order = self.unorder = None  # device copies of `win.order` and its inverse
-        self._lo = self._kept = self._next = None  # window-relative segment starts, kept counts, next slot
+        # device copies, per window: where its segment starts and where its kept tokens end (relative to
+        # the window, (heads, 1)); per head: its first free slot; a zero of the cache's dtype
+        self._lo = self._kept_end = self._next = self._zero = None
 
     @property
     def compressed(self) -> bool:
@@ -159,8 +161,9 @@ class HeadKVLayer(DynamicLayer):
         self.unorder = torch.argsort(self.order)
         lo = [a - i * win.stride for i, a in enumerate(win.start)]
         self.reach = max(a + self.lens[h] for a, h in zip(lo, win.order, strict=True))
-        self._lo = torch.tensor(lo, device=device)
-        self._kept = torch.tensor([self.lens[h] for h in win.order], device=device)
+        self._lo = torch.tensor(lo, device=device)[:, None]
+        self._kept_end = self._lo + torch.tensor([self.lens[h] for h in win.order], device=device)[:, None]
+        self._zero = torch.zeros((), dtype=keys.dtype, device=device)
         kept_pos = pos.to(torch.int32) if self.sliding_window is not None else None
         packed = np.concatenate([[0], np.cumsum(self.lens)[:-1]])
         self._place(keys[0, head_of, pos], values[0, head_of, pos], kept_pos, packed, room, win)
@@ -217,13 +220,13 @@ class HeadKVLayer(DynamicLayer):
         v = self.v.as_strided((self.heads, width, d), (w.stride * d, d, 1))
         if self.uniform:
             return k, v, None
-        rel = torch.arange(width, device=self.k.device) - self._lo[:, None]
-        mine = (rel >= 0) & (rel < (self._kept + self.t)[:, None])
-        return k, v, torch.where(mine, torch.zeros((), dtype=k.dtype, device=k.device), float("-inf"))
+        j = torch.arange(width, device=self.k.device)
+        mine = (j >= self._lo) & (j < self._kept_end + self.t)
+        return k, v, torch.where(mine, self._zero, float("-inf"))
 
     def window_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(heads,) int32 first and one-past-last entry each window reads, relative to the window."""
-        return self._lo.int(), (self._lo + self._kept + self.t).int()
+        return self._lo[:, 0].int(), (self._kept_end[:, 0] + self.t).int()
 
     def view_positions(self) -> torch.Tensor:
         """Positions of the entries `view` returns, (heads, width). Kept prompt tokens of a layer without a
@@ -231,7 +234,7 @@ class HeadKVLayer(DynamicLayer):
         w, width = self.win, self.reach + self.t
         if self.positions is not None:
             return self.positions.as_strided((self.heads, width), (w.stride, 1))
-        rel = torch.arange(width, device=self.k.device, dtype=torch.int32) - (self._lo + self._kept)[:, None]
+        rel = torch.arange(width, device=self.k.device, dtype=torch.int32) - self._kept_end
         return torch.where(rel < 0, -1, self.prompt_len + self.t0 + rel)
 
     def head_kv(self, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
