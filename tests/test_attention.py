@@ -130,6 +130,30 @@ def test_bytes_held_are_the_tensors_and_within_5_percent_of_ideal_on_any_stop(bu
     assert r.kv_bytes <= 1.05 * r.kv_bytes_ideal
 
 
+@pytest.mark.parametrize("arch,softcap", [("llama", None), ("llama-mha", None), ("llama", 30.0)])
+def test_flash_route_passes_each_window_bounds_and_layout_as_documented(monkeypatch, arch, softcap):
+    """The CUDA kernel cannot run here; a stand-in with flash-attn's documented semantics checks what
+    headprof hands it (window order, cache_leftpad / cache_seqlens, GQA layout, causal q > 1)."""
+    import types
+
+    import fakes
+
+    monkeypatch.setitem(__import__("sys").modules, "flash_attn",
+                        types.SimpleNamespace(flash_attn_with_kvcache=fakes.flash_attn_with_kvcache))
+    lm = loaded(arch)
+    lay = lm.info.layout
+    worst, cache, _ = _decode_compared(lm, "headkv", 24, False)  # leaves a compressed cache behind
+    layer = next(x for x in cache.layers if isinstance(x, HeadKVLayer) and not x.uniform and not x.in_order)
+    g = torch.Generator().manual_seed(3)
+    for q in (1, 3):
+        new = torch.randn(1, lay.num_kv_heads, q, lay.head_dim, generator=g)
+        layer.update(new, torch.randn(new.shape, generator=g))
+        query = torch.randn(1, lay.num_query_heads, q, lay.head_dim, generator=g)
+        flash = attention.attend(layer, query, lay.head_dim ** -0.5, softcap, "flash")
+        ref = reference.per_head_attention(layer, query, lay.head_dim ** -0.5, softcap)
+        assert (flash - ref).abs().max() < 1e-5
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
