@@ -62,8 +62,10 @@ def attend(layer: HeadKVLayer, query: torch.Tensor, scaling: float, softcap: flo
     if not layer.in_order:  # window i belongs to KV head win.order[i]
         qg = qg.index_select(0, layer.order)
     if backend is None:
-        backend = "torch" if layer.uniform else pick(query.device, query.dtype, softcap,
-                                                     layer.sliding_window is not None)
+        if layer.backend is None:  # decided once per layer (equal counts are a dense view: always torch)
+            layer.backend = "torch" if layer.uniform else pick(query.device, query.dtype, softcap,
+                                                               layer.sliding_window is not None)
+        backend = layer.backend
     out = _flash(layer, qg, scaling, softcap) if backend == "flash" else _torch(layer, qg, scaling, softcap)
     if not layer.in_order:
         out = out.index_select(0, layer.unorder)

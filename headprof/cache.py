@@ -108,6 +108,7 @@ class HeadKVLayer(DynamicLayer):
         self.uniform = True  # every head keeps the same count: the view is a dense cache, no mask
         self.reach = 0  # the furthest a window reads, less t
         self.returned: torch.Tensor | None = None
+        self.backend: str | None = None  # the attention backend, chosen at the first call (attention.py)
         self.in_order = True
         self.order = self.unorder = None  # device copies of `win.order` and its inverse
         # device copies, per window: where its segment starts and where its kept tokens end (relative to
@@ -121,7 +122,6 @@ class HeadKVLayer(DynamicLayer):
     @property
     def heads(self) -> int:
         return len(self.lens)
-
 
     def update(self, key_states, value_states, *args, **kwargs):
         q = key_states.shape[-2]
