@@ -27,9 +27,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
-GROWTH = 0.02  # tail room grows by this share of what a head holds (and at least the step's tokens)
+GROWTH = 0.04  # free room grows by this share of what a head holds: bytes held <= (1 + GROWTH) x ideal
 
 
 @dataclass(frozen=True)
@@ -112,8 +113,11 @@ class HeadKVLayer(DynamicLayer):
         self.in_order = True
         self.order = self.unorder = None  # device copies of `win.order` and its inverse
         # device copies, per window: where its segment starts and where its kept tokens end (relative to
-        # the window, (heads, 1)); per head: its first free slot; a zero of the cache's dtype
-        self._lo = self._kept_end = self._next = self._zero = None
+        # the window, (heads, 1)); per head: its first free slot
+        self._lo = self._kept_end = self._next = None
+        # unequal heads: the additive (heads, reach + room) mask of what each window may read, kept up to date
+        # by `update` (it opens one slot per window and new token)
+        self._mask: torch.Tensor | None = None
 
     @property
     def compressed(self) -> bool:
@@ -130,13 +134,15 @@ class HeadKVLayer(DynamicLayer):
             return super().update(key_states, value_states, *args, **kwargs)
         if self.t + q > self.room:
             self._grow(q)
-        slots = self._next + self.t if q == 1 else (self._next[:, None] + self.t + torch.arange(
-            q, device=self._next.device)).flatten()
+        steps = None if q == 1 else torch.arange(q, device=self._next.device)
+        slots = self._next + self.t if q == 1 else (self._next[:, None] + self.t + steps).flatten()
         self.k.index_copy_(0, slots, key_states[0].reshape(-1, key_states.shape[-1]))
         self.v.index_copy_(0, slots, value_states[0].reshape(-1, value_states.shape[-1]))
         if self.positions is not None:
             new = self.seen - q + torch.arange(q, device=slots.device, dtype=torch.int32)
             self.positions.index_copy_(0, slots, new.repeat(self.heads))
+        if self._mask is not None:
+            self._mask.scatter_(1, self._kept_end + self.t if q == 1 else self._kept_end + self.t + steps, 0.0)
         self.t += q
         self.returned = key_states  # attention recognises this call's keys and reads the layer itself
         return key_states, value_states
@@ -154,7 +160,7 @@ class HeadKVLayer(DynamicLayer):
         pos = torch.cat([k.to(device) for k in keep])
         self.prompt_len = keys.shape[2]
         self.t = self.t0 = 0
-        room = self._step(1)
+        room = self._step()
         win = windows([n + room for n in self.lens])
         self.in_order = win.order == list(range(self.heads))
         self.order = torch.tensor(win.order, device=device)
@@ -163,15 +169,15 @@ class HeadKVLayer(DynamicLayer):
         self.reach = max(a + self.lens[h] for a, h in zip(lo, win.order, strict=True))
         self._lo = torch.tensor(lo, device=device)[:, None]
         self._kept_end = self._lo + torch.tensor([self.lens[h] for h in win.order], device=device)[:, None]
-        self._zero = torch.zeros((), dtype=keys.dtype, device=device)
         kept_pos = pos.to(torch.int32) if self.sliding_window is not None else None
         packed = np.concatenate([[0], np.cumsum(self.lens)[:-1]])
         self._place(keys[0, head_of, pos], values[0, head_of, pos], kept_pos, packed, room, win)
         self.keys = self.values = None
 
-    def _step(self, q: int) -> int:
+    def _step(self) -> int:
+        """Free slots per head after a growth: never more than `growth` of what a head holds."""
         per_head = sum(self.lens) / max(self.heads, 1) + self.t
-        return max(q, math.ceil(self.growth * per_head))
+        return max(1, math.floor(self.growth * per_head))
 
     def _grow(self, q: int) -> None:
         """Reallocate with room for `q` more tokens per head plus one growth step.
@@ -180,9 +186,31 @@ class HeadKVLayer(DynamicLayer):
         keep_from = 0
         if self.sliding_window is not None:  # entries the window has passed are never read again
             keep_from = max(0, self.t + q - self.sliding_window)
-        room = self.t - keep_from + q + self._step(q)
-        self._place(self.k, self.v, self.positions, self._segments(), room, self.win.grown(room - self.room),
-                    keep_from)
+        room = self.t - keep_from + q + self._step()
+        if keep_from == 0:
+            self._shift(room)
+        else:
+            self._place(self.k, self.v, self.positions, self._segments(), room, self.win.grown(room - self.room),
+                        keep_from)
+
+    def _shift(self, room: int) -> None:
+        """Grow every segment's free room to `room`: segment i of the window order moves by i * (growth),
+        as it is, free slots included, so one index copy per buffer moves them all."""
+        by, heads = room - self.room, self.heads
+        sizes = np.asarray([self.lens[h] for h in self.win.order]) + self.room
+        dst = torch.from_numpy(np.arange(int(sizes.sum())) + np.repeat(np.arange(heads) * by, sizes)).to(
+            self.k.device)
+        total = int(sizes.sum()) + heads * by
+
+        def moved(old: torch.Tensor) -> torch.Tensor:
+            return old.new_zeros((total, *old.shape[1:])).index_copy_(0, dst, old)
+
+        self.k, self.v = moved(self.k), moved(self.v)
+        if self.positions is not None:
+            self.positions = moved(self.positions)
+        if self._mask is not None:  # each window's new slots come after everything it reads: closed
+            self._mask = F.pad(self._mask, (0, by), value=float("-inf"))
+        self._laid_out(room, self.win.grown(by), remask=False)
 
     def _segments(self) -> np.ndarray:
         """(heads,) where each head's segment starts in the buffer."""
@@ -195,7 +223,6 @@ class HeadKVLayer(DynamicLayer):
         head h's kept tokens start at starts[h], followed by its `t` generated ones, of which the first
         `keep_from` are dropped."""
         heads, device, lens = self.heads, k.device, np.asarray(self.lens)
-        self.room, self.win = room, win
         seg = np.empty(heads, dtype=np.int64)
         seg[win.order] = win.start
         moved = np.full(heads, self.t - keep_from)
@@ -210,7 +237,17 @@ class HeadKVLayer(DynamicLayer):
             self.positions = torch.zeros(total, dtype=torch.int32, device=device)
             self.positions.index_copy_(0, dst, pos.index_select(0, src))
         self.t, self.t0 = self.t - keep_from, self.t0 + keep_from
-        self._next = torch.from_numpy(seg + lens).to(device)  # each head's first free slot
+        self._laid_out(room, win)
+
+    def _laid_out(self, room: int, win: Windows, remask: bool = True) -> None:
+        """Bookkeeping after the buffers were (re)laid out by `win` with `room` slots per head."""
+        self.room, self.win = room, win
+        device = self.k.device
+        self._next = torch.from_numpy(self._segments() + np.asarray(self.lens)).to(device)  # first free slots
+        if remask and not self.uniform:
+            j = torch.arange(self.reach + room, device=device)
+            mine = (j >= self._lo) & (j < self._kept_end + self.t)
+            self._mask = torch.zeros(mine.shape, dtype=self.k.dtype, device=device).masked_fill_(~mine, float("-inf"))
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Keys and values for one attention call, window i for KV head `win.order[i]`, and an additive
@@ -218,11 +255,7 @@ class HeadKVLayer(DynamicLayer):
         w, d, width = self.win, self.k.shape[-1], self.reach + self.t  # no window reads past `width`
         k = self.k.as_strided((self.heads, width, d), (w.stride * d, d, 1))
         v = self.v.as_strided((self.heads, width, d), (w.stride * d, d, 1))
-        if self.uniform:
-            return k, v, None
-        j = torch.arange(width, device=self.k.device)
-        mine = (j >= self._lo) & (j < self._kept_end + self.t)
-        return k, v, torch.where(mine, self._zero, float("-inf"))
+        return k, v, None if self.uniform else self._mask[:, :width]
 
     def window_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(heads,) int32 first and one-past-last entry each window reads, relative to the window."""
