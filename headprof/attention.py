@@ -58,7 +58,7 @@ def attend(layer: HeadKVLayer, query: torch.Tensor, scaling: float, softcap: flo
     """query (1, query_heads, q, dim) -> output (1, q, query_heads, dim), as transformers expects."""
     _, hq, q, d = query.shape
     heads = layer.heads
-    qg = query[0].reshape(heads, hq // heads, q, d)  # query head h reads KV head h // group
+    qg = query.reshape(heads, hq // heads, q, d)  # query head h reads KV head h // group
     if not layer.in_order:  # window i belongs to KV head win.order[i]
         qg = qg.index_select(0, layer.order)
     if backend is None:
@@ -79,20 +79,17 @@ def _torch(layer: HeadKVLayer, qg: torch.Tensor, scaling: float, softcap: float 
     KV head meets its own queries without repeating keys.
     """
     heads, group, q, d = qg.shape
-    rows = qg.reshape(heads, group * q, d)
-    k, v, mask = layer.view()
-    if mask is not None:
-        mask = mask[:, None, :]  # (heads, 1, width), additive
+    rows = qg.reshape(1, heads, group * q, d)  # batched 4-D: PyTorch's fused CPU kernel, not its math path
+    k, v, mask = layer.view()  # (1, heads, width, d), mask (1, heads, 1, width) additive
     if q > 1 or layer.sliding_window is not None:  # causal among the new tokens; the window, if any
-        kpos = layer.view_positions()[:, None, :]
+        kpos = layer.view_positions()[None, :, None, :]
         qpos = (layer.seen - q + torch.arange(q, device=qg.device, dtype=kpos.dtype)).repeat(group)[:, None]
         hidden = kpos > qpos
         if layer.sliding_window is not None:
             hidden |= kpos <= qpos - layer.sliding_window
         mask = torch.where(hidden, float("-inf"), qg.new_zeros(()) if mask is None else mask)
     if softcap is None:
-        out = F.scaled_dot_product_attention(rows[None], k[None], v[None], scale=scaling,
-                                             attn_mask=None if mask is None else mask[None])[0]
+        out = F.scaled_dot_product_attention(rows, k, v, scale=scaling, attn_mask=mask)
     else:
         logits = torch.matmul(rows * scaling, k.transpose(-1, -2))
         logits = torch.tanh(logits / softcap) * softcap
@@ -108,7 +105,7 @@ def _flash(layer: HeadKVLayer, qg: torch.Tensor, scaling: float, softcap: float 
     from flash_attn import flash_attn_with_kvcache
 
     k, v, _ = layer.view()
-    heads, width, d = k.shape
+    _, heads, width, d = k.shape
     first, end = layer.window_bounds()
     out = flash_attn_with_kvcache(qg.transpose(1, 2), k.view(heads, width, 1, d), v.view(heads, width, 1, d),
                                   cache_seqlens=end, cache_leftpad=first, softmax_scale=scaling,

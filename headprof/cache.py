@@ -136,13 +136,14 @@ class HeadKVLayer(DynamicLayer):
             self._grow(q)
         steps = None if q == 1 else torch.arange(q, device=self._next.device)
         slots = self._next + self.t if q == 1 else (self._next[:, None] + self.t + steps).flatten()
-        self.k.index_copy_(0, slots, key_states[0].reshape(-1, key_states.shape[-1]))
-        self.v.index_copy_(0, slots, value_states[0].reshape(-1, value_states.shape[-1]))
+        self.k.index_copy_(0, slots, key_states.reshape(-1, key_states.shape[-1]))  # batch 1: (heads * q, dim)
+        self.v.index_copy_(0, slots, value_states.reshape(-1, value_states.shape[-1]))
         if self.positions is not None:
             new = self.seen - q + torch.arange(q, device=slots.device, dtype=torch.int32)
             self.positions.index_copy_(0, slots, new.repeat(self.heads))
         if self._mask is not None:
-            self._mask.scatter_(1, self._kept_end + self.t if q == 1 else self._kept_end + self.t + steps, 0.0)
+            opened = self._kept_end + self.t if q == 1 else self._kept_end + self.t + steps  # (heads, q)
+            self._mask[0, :, 0].scatter_(1, opened, 0.0)
         self.t += q
         self.returned = key_states  # attention recognises this call's keys and reads the layer itself
         return key_states, value_states
@@ -247,15 +248,17 @@ class HeadKVLayer(DynamicLayer):
         if remask and not self.uniform:
             j = torch.arange(self.reach + room, device=device)
             mine = (j >= self._lo) & (j < self._kept_end + self.t)
-            self._mask = torch.zeros(mine.shape, dtype=self.k.dtype, device=device).masked_fill_(~mine, float("-inf"))
+            self._mask = torch.zeros((1, self.heads, 1, j.numel()), dtype=self.k.dtype, device=device)
+            self._mask.masked_fill_(~mine[None, :, None], float("-inf"))
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Keys and values for one attention call, window i for KV head `win.order[i]`, and an additive
-        (heads, width) mask of what each window may read (None: everything, the dense case)."""
+        """Keys and values for one attention call, (1, heads, width, dim), window i for KV head `win.order[i]`,
+        and an additive (1, heads, 1, width) mask of what each window may read (None: everything, the
+        dense case)."""
         w, d, width = self.win, self.k.shape[-1], self.reach + self.t  # no window reads past `width`
-        k = self.k.as_strided((self.heads, width, d), (w.stride * d, d, 1))
-        v = self.v.as_strided((self.heads, width, d), (w.stride * d, d, 1))
-        return k, v, None if self.uniform else self._mask[:, :width]
+        shape, strides = (1, self.heads, width, d), (0, w.stride * d, d, 1)
+        k, v = self.k.as_strided(shape, strides), self.v.as_strided(shape, strides)
+        return k, v, None if self.uniform else self._mask[..., :width]
 
     def window_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(heads,) int32 first and one-past-last entry each window reads, relative to the window."""
