@@ -2,12 +2,15 @@
 
 A compressed layer keeps one buffer for its keys and one for its values. Each KV head owns a contiguous
 *segment* of it: the prompt tokens it kept, then the tokens generated since, then a little free room.
-The room grows in small steps (a few percent of what the head holds), so an early stop leaves little
-unused, and nothing but kept and generated tokens is ever stored.
+The room grows in small steps (`GROWTH` of what the head holds), so an early stop leaves little unused,
+and nothing but kept and generated tokens is ever stored. Growing moves each segment whole, with one
+indexed copy per buffer: the windows keep their order and only shift.
 
 Attention reads the segments through one strided view, (heads, W, dim): window i starts at i * S. The
 segments are ordered, and S chosen, so that every segment lies inside its own window (`windows`). A
-window may also cover its neighbours' entries; a mask hides them. When all heads keep the same count
+window may also cover its neighbours' entries; an additive mask hides them. The mask is built when the
+buffer is laid out and kept current by `update`, which opens one slot per window and new token, so a
+decode step costs a few small operations whatever the number of heads. When all heads keep the same count
 (SnapKV, PyramidKV), S = W = the segment size and the view is a plain dense cache, with no mask. When
 they differ (HeadKV, AdaKV), W is close to the largest segment: one batched call per layer does about
 the work of a cache padded to the longest head, without storing the padding.
