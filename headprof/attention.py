@@ -69,7 +69,7 @@ def attend(layer: HeadKVLayer, query: torch.Tensor, scaling: float, softcap: flo
     out = _flash(layer, qg, scaling, softcap) if backend == "flash" else _torch(layer, qg, scaling, softcap)
     if not layer.in_order:
         out = out.index_select(0, layer.unorder)
-    return out.reshape(hq, q, -1).transpose(0, 1).unsqueeze(0)
+    return out.reshape(1, hq, q, -1).transpose(1, 2)
 
 
 def _torch(layer: HeadKVLayer, qg: torch.Tensor, scaling: float, softcap: float | None) -> torch.Tensor:

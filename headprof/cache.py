@@ -1,19 +1,20 @@
 """A KV cache that holds a different number of prompt tokens in every KV head.
 
-A compressed layer keeps one buffer for its keys and one for its values. Each KV head owns a contiguous
-*segment* of it: the prompt tokens it kept, then the tokens generated since, then a little free room.
-The room grows in small steps (`GROWTH` of what the head holds), so an early stop leaves little unused,
-and nothing but kept and generated tokens is ever stored. Growing moves each segment whole, with one
-indexed copy per buffer: the windows keep their order and only shift.
+A compressed layer keeps one buffer whose entries hold a key and its value side by side. Each KV head
+owns a contiguous *segment* of it: the prompt tokens it kept, then the tokens generated since, then a
+little free room. The room grows in small steps (`GROWTH` of what the head holds), so an early stop
+leaves little unused, and nothing but kept and generated tokens is ever stored. Growing moves each
+segment whole, with one indexed copy: the windows keep their order and only shift.
 
 Attention reads the segments through one strided view, (heads, W, dim): window i starts at i * S. The
 segments are ordered, and S chosen, so that every segment lies inside its own window (`windows`). A
-window may also cover its neighbours' entries; an additive mask hides them. The mask is built when the
-buffer is laid out and kept current by `update`, which opens one slot per window and new token, so a
-decode step costs a few small operations whatever the number of heads. When all heads keep the same count
-(SnapKV, PyramidKV), S = W = the segment size and the view is a plain dense cache, with no mask. When
-they differ (HeadKV, AdaKV), W is close to the largest segment: one batched call per layer does about
-the work of a cache padded to the longest head, without storing the padding.
+window may also cover its neighbours' entries; a mask hides them. The mask (one byte per window and
+column, counted in the bytes held) is built when the buffer is laid out and kept current by `update`,
+which opens one slot per window and new token, so a decode step costs a few small operations whatever
+the number of heads. When all heads keep the same count (SnapKV, PyramidKV), S = W = the segment size
+and the view is a plain dense cache, with no mask. When they differ (HeadKV, AdaKV), W is close to the
+largest segment: one batched call per layer does about the work of a cache padded to the longest head,
+without storing the padding.
 
 Positions keep counting from the prompt length, so RoPE continues where the prompt ended. A layer may
 also carry a sliding window (Gemma-style layers compressed inside their window): keys older than the
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
-GROWTH = 0.04  # free room grows by this share of what a head holds: bytes held <= (1 + GROWTH) x ideal
+GROWTH = 0.04  # free room grows by this share of what a head holds (at most one step over the ideal)
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,10 @@ class HeadKVLayer(DynamicLayer):
         self.growth = growth
         self.seen = 0  # positions so far (prompt + appended)
         self.prompt_len = 0
-        self.k: torch.Tensor | None = None  # (entries, dim), segments as in the module docstring
+        # (entries, key dim + value dim): an entry's key then its value, segments as in the module docstring;
+        # `k` and `v` are views of it. One buffer: a step writes both with one copy, a growth moves both at once
+        self.kv: torch.Tensor | None = None
+        self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None  # (entries,) int32 position of every slot (sliding only)
         self.lens: list[int] = []  # kept prompt tokens per head (host copy: sizes are decided on the host)
@@ -117,10 +121,11 @@ class HeadKVLayer(DynamicLayer):
         self.order = self.unorder = None  # device copies of `win.order` and its inverse
         # device copies, per window: where its segment starts and where its kept tokens end (relative to
         # the window, (heads, 1)); per head: its first free slot
-        self._lo = self._kept_end = self._next = None
-        # unequal heads: the additive (heads, reach + room) mask of what each window may read, kept up to date
-        # by `update` (it opens one slot per window and new token)
-        self._mask: torch.Tensor | None = None
+        self._lo = self._kept_end = self._next = self._zero = self._ninf = None
+        # unequal heads: (1, heads, 1, reach + room) bool, what each window may read, kept up to date by
+        # `update` (it opens one slot per window and new token); bool, so it adds 1 byte per column and head
+        self._open: torch.Tensor | None = None
+        self._open_rows: torch.Tensor | None = None
 
     @property
     def compressed(self) -> bool:
@@ -139,14 +144,14 @@ class HeadKVLayer(DynamicLayer):
             self._grow(q)
         steps = None if q == 1 else torch.arange(q, device=self._next.device)
         slots = self._next + self.t if q == 1 else (self._next[:, None] + self.t + steps).flatten()
-        self.k.index_copy_(0, slots, key_states.reshape(-1, key_states.shape[-1]))  # batch 1: (heads * q, dim)
-        self.v.index_copy_(0, slots, value_states.reshape(-1, value_states.shape[-1]))
+        new = torch.cat((key_states, value_states), -1)  # batch 1: (heads * q, key dim + value dim)
+        self.kv.index_copy_(0, slots, new.view(-1, new.shape[-1]))
         if self.positions is not None:
             new = self.seen - q + torch.arange(q, device=slots.device, dtype=torch.int32)
             self.positions.index_copy_(0, slots, new.repeat(self.heads))
-        if self._mask is not None:
+        if self._open is not None:
             opened = self._kept_end + self.t if q == 1 else self._kept_end + self.t + steps  # (heads, q)
-            self._mask[0, :, 0].scatter_(1, opened, 0.0)
+            self._open_rows.scatter_(1, opened, True)
         self.t += q
         self.returned = key_states  # attention recognises this call's keys and reads the layer itself
         return key_states, value_states
@@ -162,7 +167,7 @@ class HeadKVLayer(DynamicLayer):
         head_of = torch.repeat_interleave(torch.arange(len(keep), device=device),
                                           torch.tensor(self.lens, device=device))
         pos = torch.cat([k.to(device) for k in keep])
-        self.prompt_len = keys.shape[2]
+        self.prompt_len, self.key_dim = keys.shape[2], keys.shape[-1]
         self.t = self.t0 = 0
         room = self._step()
         win = windows([n + room for n in self.lens])
@@ -172,10 +177,13 @@ class HeadKVLayer(DynamicLayer):
         lo = [a - i * win.stride for i, a in enumerate(win.start)]
         self.reach = max(a + self.lens[h] for a, h in zip(lo, win.order, strict=True))
         self._lo = torch.tensor(lo, device=device)[:, None]
-        self._kept_end = self._lo + torch.tensor([self.lens[h] for h in win.order], device=device)[:, None]
+        self._kept = torch.tensor([self.lens[h] for h in win.order], device=device)  # per window
+        self._kept_end = self._lo + self._kept[:, None]
+        self._zero = torch.zeros((), dtype=keys.dtype, device=device)
+        self._ninf = torch.full((), float("-inf"), dtype=keys.dtype, device=device)
         kept_pos = pos.to(torch.int32) if self.sliding_window is not None else None
         packed = np.concatenate([[0], np.cumsum(self.lens)[:-1]])
-        self._place(keys[0, head_of, pos], values[0, head_of, pos], kept_pos, packed, room, win)
+        self._place(torch.cat((keys[0, head_of, pos], values[0, head_of, pos]), -1), kept_pos, packed, room, win)
         self.keys = self.values = None
 
     def _step(self) -> int:
@@ -194,27 +202,29 @@ class HeadKVLayer(DynamicLayer):
         if keep_from == 0:
             self._shift(room)
         else:
-            self._place(self.k, self.v, self.positions, self._segments(), room, self.win.grown(room - self.room),
+            self._place(self.kv, self.positions, self._segments(), room, self.win.grown(room - self.room),
                         keep_from)
 
     def _shift(self, room: int) -> None:
         """Grow every segment's free room to `room`: segment i of the window order moves by i * (growth),
         as it is, free slots included, so one index copy per buffer moves them all."""
-        by, heads = room - self.room, self.heads
-        sizes = np.asarray([self.lens[h] for h in self.win.order]) + self.room
-        dst = torch.from_numpy(np.arange(int(sizes.sum())) + np.repeat(np.arange(heads) * by, sizes)).to(
-            self.k.device)
-        total = int(sizes.sum()) + heads * by
+        by, heads, device = room - self.room, self.heads, self.k.device
+        used = sum(self.lens) + heads * self.room
+        shift = torch.repeat_interleave(torch.arange(0, heads * by, by, device=device), self._kept + self.room,
+                                        output_size=used)  # computed where the buffer is: no host copy
+        dst = torch.arange(used, device=device) + shift
+        total = used + heads * by
 
         def moved(old: torch.Tensor) -> torch.Tensor:
             return old.new_zeros((total, *old.shape[1:])).index_copy_(0, dst, old)
 
-        self.k, self.v = moved(self.k), moved(self.v)
+        self._hold(moved(self.kv))
         if self.positions is not None:
             self.positions = moved(self.positions)
-        if self._mask is not None:  # each window's new slots come after everything it reads: closed
-            self._mask = F.pad(self._mask, (0, by), value=float("-inf"))
-        self._laid_out(room, self.win.grown(by), remask=False)
+        if self._open is not None:  # each window's new slots come after everything it reads: closed
+            self._set_open(F.pad(self._open, (0, by), value=False))
+        self._next = self._next + self.unorder * by  # head h's segment is window unorder[h]
+        self.room, self.win = room, self.win.grown(by)
 
     def _segments(self) -> np.ndarray:
         """(heads,) where each head's segment starts in the buffer."""
@@ -222,11 +232,11 @@ class HeadKVLayer(DynamicLayer):
         seg[self.win.order] = self.win.start
         return seg
 
-    def _place(self, k, v, pos, starts: np.ndarray, room: int, win: Windows, keep_from: int = 0) -> None:
-        """New buffers laid out by `win` with `room` slots per head. In the old flat `k`, `v` (and `pos`),
-        head h's kept tokens start at starts[h], followed by its `t` generated ones, of which the first
-        `keep_from` are dropped."""
-        heads, device, lens = self.heads, k.device, np.asarray(self.lens)
+    def _place(self, kv, pos, starts: np.ndarray, room: int, win: Windows, keep_from: int = 0) -> None:
+        """A new buffer laid out by `win` with `room` slots per head. In the old flat `kv` (and `pos`), head
+        h's kept tokens start at starts[h], followed by its `t` generated ones, of which the first `keep_from`
+        are dropped."""
+        heads, device, lens = self.heads, kv.device, np.asarray(self.lens)
         seg = np.empty(heads, dtype=np.int64)
         seg[win.order] = win.start
         moved = np.full(heads, self.t - keep_from)
@@ -234,34 +244,40 @@ class HeadKVLayer(DynamicLayer):
         dst = _ranges(np.stack([seg, seg + lens], 1), np.stack([lens, moved], 1), device)
         total = int(lens.sum()) + heads * room
         # free slots are read under a mask, so they must hold finite numbers (0 * NaN is NaN)
-        self.k, self.v = k.new_zeros(total, k.shape[-1]), v.new_zeros(total, v.shape[-1])
-        self.k.index_copy_(0, dst, k.index_select(0, src))
-        self.v.index_copy_(0, dst, v.index_select(0, src))
+        self._hold(kv.new_zeros(total, kv.shape[-1]).index_copy_(0, dst, kv.index_select(0, src)))
         if pos is not None:
             self.positions = torch.zeros(total, dtype=torch.int32, device=device)
             self.positions.index_copy_(0, dst, pos.index_select(0, src))
         self.t, self.t0 = self.t - keep_from, self.t0 + keep_from
         self._laid_out(room, win)
 
-    def _laid_out(self, room: int, win: Windows, remask: bool = True) -> None:
+    def _hold(self, kv: torch.Tensor) -> None:
+        self.kv, self.k, self.v = kv, kv[:, :self.key_dim], kv[:, self.key_dim:]
+
+    def _laid_out(self, room: int, win: Windows) -> None:
         """Bookkeeping after the buffers were (re)laid out by `win` with `room` slots per head."""
         self.room, self.win = room, win
         device = self.k.device
         self._next = torch.from_numpy(self._segments() + np.asarray(self.lens)).to(device)  # first free slots
-        if remask and not self.uniform:
+        if not self.uniform:
             j = torch.arange(self.reach + room, device=device)
             mine = (j >= self._lo) & (j < self._kept_end + self.t)
-            self._mask = torch.zeros((1, self.heads, 1, j.numel()), dtype=self.k.dtype, device=device)
-            self._mask.masked_fill_(~mine[None, :, None], float("-inf"))
+            self._set_open(mine[None, :, None].contiguous())
+
+    def _set_open(self, is_open: torch.Tensor) -> None:
+        self._open, self._open_rows = is_open, is_open[0, :, 0]  # (1, heads, 1, width) and a (heads, width) view
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Keys and values for one attention call, (1, heads, width, dim), window i for KV head `win.order[i]`,
         and an additive (1, heads, 1, width) mask of what each window may read (None: everything, the
         dense case)."""
-        w, d, width = self.win, self.k.shape[-1], self.reach + self.t  # no window reads past `width`
-        shape, strides = (1, self.heads, width, d), (0, w.stride * d, d, 1)
-        k, v = self.k.as_strided(shape, strides), self.v.as_strided(shape, strides)
-        return k, v, None if self.uniform else self._mask[..., :width]
+        w, row, width = self.win, self.kv.shape[-1], self.reach + self.t  # no window reads past `width`
+        strides = (0, w.stride * row, row, 1)
+        k = self.k.as_strided((1, self.heads, width, self.k.shape[-1]), strides)
+        v = self.v.as_strided((1, self.heads, width, self.v.shape[-1]), strides)
+        if self.uniform:
+            return k, v, None
+        return k, v, torch.where(self._open[..., :width], self._zero, self._ninf)
 
     def window_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(heads,) int32 first and one-past-last entry each window reads, relative to the window."""
@@ -302,7 +318,7 @@ class HeadKVLayer(DynamicLayer):
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the layer holds for its tokens."""
-        held = [self.k, self.v, self.positions] if self.compressed else [self.keys, self.values]
+        held = [self.kv, self.positions, self._open] if self.compressed else [self.keys, self.values]
         return [t for t in held if t is not None]
 
     def nbytes(self) -> int:

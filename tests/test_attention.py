@@ -100,7 +100,7 @@ def _storage_bytes(cache) -> int:
     seen = {}
     for layer in cache.layers:
         packed = isinstance(layer, HeadKVLayer) and layer.compressed
-        names = ("k", "v", "positions") if packed else ("keys", "values")
+        names = ("k", "v", "positions", "_open") if packed else ("keys", "values")
         for name in names:
             t = getattr(layer, name, None)
             if t is not None:
