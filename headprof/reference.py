@@ -62,7 +62,7 @@ def per_head_attention(layer, query: torch.Tensor, scaling: float, softcap: floa
     _, heads, q, _ = query.shape
     kv_heads = len(layer.lens)
     group = heads // kv_heads
-    out = query.new_empty(1, q, heads, layer.k.shape[-1])
+    out = query.new_empty(1, q, heads, layer.v.shape[-1])
     qpos = torch.arange(layer.seen - q, layer.seen, device=query.device)
     for h in range(kv_heads):
         k, v, pos = layer.head_kv(h)

@@ -95,6 +95,22 @@ def test_unequal_windows_are_far_narrower_than_the_whole_layer():
     assert windows(sizes).width <= 1.05 * max(sizes) < 0.45 * sum(sizes)
 
 
+def test_keys_and_values_of_different_widths_share_the_buffer():
+    """Some attention variants give values another width than keys (DeepSeek-V2/V3 MLA: 192 vs 128)."""
+    g = torch.Generator().manual_seed(4)
+    layer = HeadKVLayer()
+    layer.keys, layer.values = torch.randn(1, 4, 80, 16, generator=g), torch.randn(1, 4, 80, 8, generator=g)
+    layer.seen = 80
+    layer.compress([torch.randperm(80, generator=g)[:n].sort().values for n in (50, 6, 21, 9)])
+    assert not layer.uniform and layer.kv.shape[-1] == 24
+    for q in (1, 1, 3, 1, 1, 1, 1, 1, 2, 1):  # enough tokens to grow the room several times
+        layer.update(torch.randn(1, 4, q, 16, generator=g), torch.randn(1, 4, q, 8, generator=g))
+        query = torch.randn(1, 8, q, 16, generator=g)
+        out = attention.attend(layer, query, 0.25, None)
+        assert out.shape == (1, q, 8, 8)
+        assert (out - reference.per_head_attention(layer, query, 0.25, None)).abs().max() < 1e-5
+
+
 def _storage_bytes(cache) -> int:
     """Bytes of every distinct storage the cache's tensors live in, measured independently of nbytes()."""
     seen = {}
