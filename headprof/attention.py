@@ -8,7 +8,9 @@ view, a window per head, and a mask of what each window may read. Two backends c
   soft-capping (which SDPA lacks) one explicit matmul and softmax instead.
 - `flash`: flash-attn's `flash_attn_with_kvcache` over the same view, each head a batch entry whose keys
   run from `cache_leftpad` to `cache_seqlens`, the group's query heads sharing its one KV head. CUDA,
-  fp16/bf16, layers without a sliding window; chosen with `HEADPROF_ATTENTION=flash`.
+  fp16/bf16, layers without a sliding window whose values are as wide as their keys; chosen with
+  `HEADPROF_ATTENTION=flash` (its semantics read off flash-attn 2.8.4's sources: `cache_seqlens` is an
+  end index, the kernel reads keys from `cache_leftpad` up to it).
 
 Layers whose heads all keep the same count (SnapKV, PyramidKV, StreamingLLM) are a plain dense view with
 no mask and always take `torch`.
@@ -62,9 +64,11 @@ def attend(layer: HeadKVLayer, query: torch.Tensor, scaling: float, softcap: flo
     if not layer.in_order:  # window i belongs to KV head win.order[i]
         qg = qg.index_select(0, layer.order)
     if backend is None:
-        if layer.backend is None:  # decided once per layer (equal counts are a dense view: always torch)
-            layer.backend = "torch" if layer.uniform else pick(query.device, query.dtype, softcap,
-                                                               layer.sliding_window is not None)
+        if layer.backend is None:  # decided once per layer (equal counts are a dense view: always torch;
+            # flash-attn wants values as wide as keys)
+            dense = layer.uniform or layer.k.shape[-1] != layer.v.shape[-1]
+            layer.backend = "torch" if dense else pick(query.device, query.dtype, softcap,
+                                                       layer.sliding_window is not None)
         backend = layer.backend
     out = _flash(layer, qg, scaling, softcap) if backend == "flash" else _torch(layer, qg, scaling, softcap)
     if not layer.in_order:
