@@ -111,6 +111,37 @@ def test_keys_and_values_of_different_widths_share_the_buffer():
         assert (out - reference.per_head_attention(layer, query, 0.25, None)).abs().max() < 1e-5
 
 
+def _ops_per_step(heads: int) -> int:
+    """Tensor operations one decode step of one compressed layer runs (write + attention), with skewed
+    per-head counts; a step that does not grow the room."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(heads)
+    layer = HeadKVLayer()
+    layer.keys, layer.values = torch.randn(1, heads, 400, 16, generator=g), torch.randn(1, heads, 400, 16, generator=g)
+    layer.seen = 400
+    layer.compress([torch.randperm(400, generator=g)[:n].sort().values for n in range(5, 5 + 20 * heads, 20)])
+    new, query = torch.randn(1, heads, 1, 16, generator=g), torch.randn(1, 2 * heads, 1, 16, generator=g)
+    while layer.t + 1 > layer.room - 1:  # leave the step that grows behind
+        layer.update(new, new)
+    with Count():
+        layer.update(new, new)
+        attention.attend(layer, query, 0.25, None)
+    return Count.n
+
+
+def test_a_decode_step_costs_the_same_operations_for_any_number_of_heads():
+    """No loop over heads per decoded token: 4 or 32 KV heads, one write and one attention call per layer."""
+    assert _ops_per_step(4) == _ops_per_step(32) < 30
+
+
 def _storage_bytes(cache) -> int:
     """Bytes of every distinct storage the cache's tensors live in, measured independently of nbytes()."""
     seen = {}
