@@ -66,9 +66,9 @@ def attend(layer: HeadKVLayer, query: torch.Tensor, scaling: float, softcap: flo
     if backend is None:
         if layer.backend is None:  # decided once per layer (equal counts are a dense view: always torch;
             # flash-attn wants values as wide as keys)
-            dense = layer.uniform or layer.k.shape[-1] != layer.v.shape[-1]
-            layer.backend = "torch" if dense else pick(query.device, query.dtype, softcap,
-                                                       layer.sliding_window is not None)
+            torch_only = layer.uniform or layer.k.shape[-1] != layer.v.shape[-1]
+            layer.backend = "torch" if torch_only else pick(query.device, query.dtype, softcap,
+                                                            layer.sliding_window is not None)
         backend = layer.backend
     out = _flash(layer, qg, scaling, softcap) if backend == "flash" else _torch(layer, qg, scaling, softcap)
     if not layer.in_order:

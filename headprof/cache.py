@@ -94,7 +94,7 @@ def windows(sizes: list[int]) -> Windows:
 
 
 class HeadKVLayer(DynamicLayer):
-    """Dense during prefill; after `compress`, one buffer per K and V with a segment per head."""
+    """Dense during prefill; after `compress`, one buffer of keys and values with a segment per head."""
 
     def __init__(self, sliding_window: int | None = None, growth: float = GROWTH) -> None:
         super().__init__()
@@ -102,6 +102,7 @@ class HeadKVLayer(DynamicLayer):
         self.growth = growth
         self.seen = 0  # positions so far (prompt + appended)
         self.prompt_len = 0
+        self.key_dim = 0  # keys take the first key_dim columns of `kv`, values the rest
         # (entries, key dim + value dim): an entry's key then its value, segments as in the module docstring;
         # `k` and `v` are views of it. One buffer: a step writes both with one copy, a growth moves both at once
         self.kv: torch.Tensor | None = None
@@ -144,11 +145,11 @@ class HeadKVLayer(DynamicLayer):
             self._grow(q)
         steps = None if q == 1 else torch.arange(q, device=self._next.device)
         slots = self._next + self.t if q == 1 else (self._next[:, None] + self.t + steps).flatten()
-        new = torch.cat((key_states, value_states), -1)  # batch 1: (heads * q, key dim + value dim)
-        self.kv.index_copy_(0, slots, new.view(-1, new.shape[-1]))
+        entries = torch.cat((key_states, value_states), -1)  # batch 1: (heads * q, key dim + value dim)
+        self.kv.index_copy_(0, slots, entries.view(-1, entries.shape[-1]))
         if self.positions is not None:
-            new = self.seen - q + torch.arange(q, device=slots.device, dtype=torch.int32)
-            self.positions.index_copy_(0, slots, new.repeat(self.heads))
+            new_pos = self.seen - q + torch.arange(q, device=slots.device, dtype=torch.int32)
+            self.positions.index_copy_(0, slots, new_pos.repeat(self.heads))
         if self._open is not None:
             opened = self._kept_end + self.t if q == 1 else self._kept_end + self.t + steps  # (heads, q)
             self._open_rows.scatter_(1, opened, True)
@@ -226,10 +227,11 @@ class HeadKVLayer(DynamicLayer):
         self._next = self._next + self.unorder * by  # head h's segment is window unorder[h]
         self.room, self.win = room, self.win.grown(by)
 
-    def _segments(self) -> np.ndarray:
-        """(heads,) where each head's segment starts in the buffer."""
+    def _segments(self, win: Windows | None = None) -> np.ndarray:
+        """(heads,) where each head's segment starts in the buffer laid out by `win` (default: the current)."""
+        win = win or self.win
         seg = np.empty(self.heads, dtype=np.int64)
-        seg[self.win.order] = self.win.start
+        seg[win.order] = win.start
         return seg
 
     def _place(self, kv, pos, starts: np.ndarray, room: int, win: Windows, keep_from: int = 0) -> None:
@@ -237,8 +239,7 @@ class HeadKVLayer(DynamicLayer):
         h's kept tokens start at starts[h], followed by its `t` generated ones, of which the first `keep_from`
         are dropped."""
         heads, device, lens = self.heads, kv.device, np.asarray(self.lens)
-        seg = np.empty(heads, dtype=np.int64)
-        seg[win.order] = win.start
+        seg = self._segments(win)
         moved = np.full(heads, self.t - keep_from)
         src = _ranges(np.stack([starts, starts + lens + keep_from], 1), np.stack([lens, moved], 1), device)
         dst = _ranges(np.stack([seg, seg + lens], 1), np.stack([lens, moved], 1), device)
@@ -249,20 +250,15 @@ class HeadKVLayer(DynamicLayer):
             self.positions = torch.zeros(total, dtype=torch.int32, device=device)
             self.positions.index_copy_(0, dst, pos.index_select(0, src))
         self.t, self.t0 = self.t - keep_from, self.t0 + keep_from
-        self._laid_out(room, win)
-
-    def _hold(self, kv: torch.Tensor) -> None:
-        self.kv, self.k, self.v = kv, kv[:, :self.key_dim], kv[:, self.key_dim:]
-
-    def _laid_out(self, room: int, win: Windows) -> None:
-        """Bookkeeping after the buffers were (re)laid out by `win` with `room` slots per head."""
         self.room, self.win = room, win
-        device = self.k.device
-        self._next = torch.from_numpy(self._segments() + np.asarray(self.lens)).to(device)  # first free slots
+        self._next = torch.from_numpy(seg + lens).to(device)  # each head's first free slot
         if not self.uniform:
             j = torch.arange(self.reach + room, device=device)
             mine = (j >= self._lo) & (j < self._kept_end + self.t)
             self._set_open(mine[None, :, None].contiguous())
+
+    def _hold(self, kv: torch.Tensor) -> None:
+        self.kv, self.k, self.v = kv, kv[:, :self.key_dim], kv[:, self.key_dim:]
 
     def _set_open(self, is_open: torch.Tensor) -> None:
         self._open, self._open_rows = is_open, is_open[0, :, 0]  # (1, heads, 1, width) and a (heads, width) view
