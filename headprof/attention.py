@@ -57,12 +57,16 @@ def _pick(device: str, dtype: torch.dtype, softcap: float | None, sliding: bool,
 
 def attend(layer: HeadKVLayer, query: torch.Tensor, scaling: float, softcap: float | None,
            backend: str | None = None) -> torch.Tensor:
-    """query (1, query_heads, q, dim) -> output (1, q, query_heads, dim), as transformers expects."""
+    """query (1, query_heads, q, dim) -> output (1, q, query_heads, dim), as transformers expects.
+
+    The group's query heads and the new tokens are the rows of one (1, heads, group * q, dim) batch, so each
+    KV head meets its own queries without repeating keys. A decode step is a handful of tensor operations
+    whatever the number of heads (a test counts them)."""
     _, hq, q, d = query.shape
     heads = layer.heads
-    qg = query.reshape(heads, hq // heads, q, d)  # query head h reads KV head h // group
+    rows = query.reshape(1, heads, hq // heads * q, d)  # query head h reads KV head h // group
     if not layer.in_order:  # window i belongs to KV head win.order[i]
-        qg = qg.index_select(0, layer.order)
+        rows = rows.index_select(1, layer.order)
     if backend is None:
         if layer.backend is None:  # decided once per layer (equal counts are a dense view: always torch;
             # flash-attn wants values as wide as keys)
@@ -70,40 +74,36 @@ def attend(layer: HeadKVLayer, query: torch.Tensor, scaling: float, softcap: flo
             layer.backend = "torch" if torch_only else pick(query.device, query.dtype, softcap,
                                                             layer.sliding_window is not None)
         backend = layer.backend
-    out = _flash(layer, qg, scaling, softcap) if backend == "flash" else _torch(layer, qg, scaling, softcap)
+    out = (_flash if backend == "flash" else _torch)(layer, rows, q, scaling, softcap)
     if not layer.in_order:
-        out = out.index_select(0, layer.unorder)
-    return out.reshape(1, hq, q, -1).transpose(1, 2)
+        out = out.index_select(1, layer.unorder)
+    if q == 1:
+        return out.view(1, 1, hq, -1)
+    return out.view(1, hq, q, -1).transpose(1, 2)
 
 
-def _torch(layer: HeadKVLayer, qg: torch.Tensor, scaling: float, softcap: float | None) -> torch.Tensor:
-    """(heads, group, q, dim) in window order -> the same shape.
-
-    The group's query heads and the new tokens are the rows of one (heads, group * q, dim) batch, so each
-    KV head meets its own queries without repeating keys.
-    """
-    heads, group, q, d = qg.shape
-    rows = qg.reshape(1, heads, group * q, d)  # batched 4-D: PyTorch's fused CPU kernel, not its math path
+def _torch(layer: HeadKVLayer, rows: torch.Tensor, q: int, scaling: float, softcap: float | None) -> torch.Tensor:
+    """(1, heads, group * q, dim) in window order -> the same shape (batched 4-D: PyTorch's fused CPU kernel,
+    not its math path)."""
     k, v, mask = layer.view()  # (1, heads, width, d), mask (1, heads, 1, width) additive
     if q > 1 or layer.sliding_window is not None:  # causal among the new tokens; the window, if any
         kpos = layer.view_positions()[None, :, None, :]
-        qpos = (layer.seen - q + torch.arange(q, device=qg.device, dtype=kpos.dtype)).repeat(group)[:, None]
+        group = rows.shape[2] // q
+        qpos = (layer.seen - q + torch.arange(q, device=rows.device, dtype=kpos.dtype)).repeat(group)[:, None]
         hidden = kpos > qpos
         if layer.sliding_window is not None:
             hidden |= kpos <= qpos - layer.sliding_window
-        mask = torch.where(hidden, float("-inf"), qg.new_zeros(()) if mask is None else mask)
+        mask = torch.where(hidden, float("-inf"), rows.new_zeros(()) if mask is None else mask)
     if softcap is None:
-        out = F.scaled_dot_product_attention(rows, k, v, scale=scaling, attn_mask=mask)
-    else:
-        logits = torch.matmul(rows * scaling, k.transpose(-1, -2))
-        logits = torch.tanh(logits / softcap) * softcap
-        if mask is not None:
-            logits = logits + mask
-        out = torch.matmul(torch.softmax(logits, dim=-1, dtype=torch.float32).to(v.dtype), v)
-    return out.view(heads, group, q, -1)
+        return F.scaled_dot_product_attention(rows, k, v, scale=scaling, attn_mask=mask)
+    logits = torch.matmul(rows * scaling, k.transpose(-1, -2))
+    logits = torch.tanh(logits / softcap) * softcap
+    if mask is not None:
+        logits = logits + mask
+    return torch.matmul(torch.softmax(logits, dim=-1, dtype=torch.float32).to(v.dtype), v)
 
 
-def _flash(layer: HeadKVLayer, qg: torch.Tensor, scaling: float, softcap: float | None) -> torch.Tensor:
+def _flash(layer: HeadKVLayer, rows: torch.Tensor, q: int, scaling: float, softcap: float | None) -> torch.Tensor:
     """flash-attn over the windows: head i is batch entry i with one KV head; its keys run from the
     window's own start (`cache_leftpad`) to its last filled slot (`cache_seqlens`, an end index)."""
     from flash_attn import flash_attn_with_kvcache
@@ -111,7 +111,8 @@ def _flash(layer: HeadKVLayer, qg: torch.Tensor, scaling: float, softcap: float 
     k, v, _ = layer.view()
     _, heads, width, d = k.shape
     first, end = layer.window_bounds()
-    out = flash_attn_with_kvcache(qg.transpose(1, 2), k.view(heads, width, 1, d), v.view(heads, width, 1, d),
+    qg = rows.view(heads, -1, q, rows.shape[-1]).transpose(1, 2)  # (heads, q, group, dim)
+    out = flash_attn_with_kvcache(qg, k.view(heads, width, 1, d), v.view(heads, width, 1, d),
                                   cache_seqlens=end, cache_leftpad=first, softmax_scale=scaling,
-                                  causal=qg.shape[2] > 1, softcap=softcap or 0.0)
-    return out.transpose(1, 2)  # (heads, q, group, dim) -> (heads, group, q, dim)
+                                  causal=q > 1, softcap=softcap or 0.0)
+    return out.transpose(1, 2).reshape(1, heads, -1, out.shape[-1])  # back to (1, heads, group * q, dim)

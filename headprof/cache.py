@@ -4,17 +4,18 @@ A compressed layer keeps one buffer whose entries hold a key and its value side 
 owns a contiguous *segment* of it: the prompt tokens it kept, then the tokens generated since, then a
 little free room. The room grows in small steps (`GROWTH` of what the head holds), so an early stop
 leaves little unused, and nothing but kept and generated tokens is ever stored. Growing moves each
-segment whole, with one indexed copy: the windows keep their order and only shift.
+segment whole, with one indexed read of the old buffer: the windows keep their order and only shift.
 
 Attention reads the segments through one strided view, (heads, W, dim): window i starts at i * S. The
 segments are ordered, and S chosen, so that every segment lies inside its own window (`windows`). A
 window may also cover its neighbours' entries; a mask hides them. The mask (one byte per window and
 column, counted in the bytes held) is built when the buffer is laid out and kept current by `update`,
-which opens one slot per window and new token, so a decode step costs a few small operations whatever
-the number of heads. When all heads keep the same count (SnapKV, PyramidKV), S = W = the segment size
-and the view is a plain dense cache, with no mask. When they differ (HeadKV, AdaKV), W is close to the
-largest segment: one batched call per layer does about the work of a cache padded to the longest head,
-without storing the padding.
+which opens one slot per window and new token. What a decode step needs (its slots, the mask columns it
+opens, the views over the room) is made, on the host, with the room: a step is a few tensor operations
+whatever the number of heads, and on a GPU it computes no indices. When all heads keep the same count
+(SnapKV, PyramidKV), S = W = the segment size and the view is a plain dense cache, with no mask. When
+they differ (HeadKV, AdaKV), W is close to the largest segment: one batched call per layer does about the
+work of a cache padded to the longest head, without storing the padding.
 
 Positions keep counting from the prompt length, so RoPE continues where the prompt ended. A layer may
 also carry a sliding window (Gemma-style layers compressed inside their window): keys older than the
@@ -121,12 +122,20 @@ class HeadKVLayer(DynamicLayer):
         self.in_order = True
         self.order = self.unorder = None  # device copies of `win.order` and its inverse
         # device copies, per window: where its segment starts and where its kept tokens end (relative to
-        # the window, (heads, 1)); per head: its first free slot
-        self._lo = self._kept_end = self._next = self._zero = self._ninf = None
+        # the window, (heads, 1))
+        self._lo = self._kept_end = self._zero = self._ninf = None
+        # host copies (the layout is decided on the host): per window, its kept tokens and where they end; per
+        # head, its window and its first free slot when the room was laid out
+        self._kept_w = self._kept_end_w = self._unorder = self._next = np.zeros(0, dtype=np.int64)
         # unequal heads: (1, heads, 1, reach + room) bool, what each window may read, kept up to date by
         # `update` (it opens one slot per window and new token); bool, so it adds 1 byte per column and head
         self._open: torch.Tensor | None = None
         self._open_rows: torch.Tensor | None = None
+        # made with the room (`_ready`): per free step, its slots and mask columns; the views a masked layer reads
+        self._step_slots: list[torch.Tensor] = []
+        self._step_cols: list[torch.Tensor | None] = []
+        self._ready_t = 0
+        self._views: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def compressed(self) -> bool:
@@ -143,15 +152,18 @@ class HeadKVLayer(DynamicLayer):
             return super().update(key_states, value_states, *args, **kwargs)
         if self.t + q > self.room:
             self._grow(q)
-        steps = None if q == 1 else torch.arange(q, device=self._next.device)
-        slots = self._next + self.t if q == 1 else (self._next[:, None] + self.t + steps).flatten()
+        if q == 1:  # this step's slots, and the mask columns it opens: made ahead with the room (`_ready`)
+            slots, opened = self._step_slots[self.t - self._ready_t], self._step_cols[self.t - self._ready_t]
+        else:
+            steps = self.t + np.arange(q)
+            slots = _on((self._next[:, None] + steps).ravel(), self.kv.device)
+            opened = _on(self._kept_end_w[:, None] + steps, self.kv.device)  # (heads, q)
         entries = torch.cat((key_states, value_states), -1)  # batch 1: (heads * q, key dim + value dim)
         self.kv.index_copy_(0, slots, entries.view(-1, entries.shape[-1]))
         if self.positions is not None:
             new_pos = self.seen - q + torch.arange(q, device=slots.device, dtype=torch.int32)
             self.positions.index_copy_(0, slots, new_pos.repeat(self.heads))
         if self._open is not None:
-            opened = self._kept_end + self.t if q == 1 else self._kept_end + self.t + steps  # (heads, q)
             self._open_rows.scatter_(1, opened, True)
         self.t += q
         self.returned = key_states  # attention recognises this call's keys and reads the layer itself
@@ -174,12 +186,13 @@ class HeadKVLayer(DynamicLayer):
         win = windows([n + room for n in self.lens])
         self.in_order = win.order == list(range(self.heads))
         self.order = torch.tensor(win.order, device=device)
-        self.unorder = torch.argsort(self.order)
+        self._unorder = np.argsort(win.order)
+        self.unorder = _on(self._unorder, device)
         lo = [a - i * win.stride for i, a in enumerate(win.start)]
         self.reach = max(a + self.lens[h] for a, h in zip(lo, win.order, strict=True))
-        self._lo = torch.tensor(lo, device=device)[:, None]
-        self._kept = torch.tensor([self.lens[h] for h in win.order], device=device)  # per window
-        self._kept_end = self._lo + self._kept[:, None]
+        self._kept_w = np.array([self.lens[h] for h in win.order])
+        self._kept_end_w = np.array(lo) + self._kept_w
+        self._lo, self._kept_end = _on(np.array(lo)[:, None], device), _on(self._kept_end_w[:, None], device)
         self._zero = torch.zeros((), dtype=keys.dtype, device=device)
         self._ninf = torch.full((), float("-inf"), dtype=keys.dtype, device=device)
         kept_pos = pos.to(torch.int32) if self.sliding_window is not None else None
@@ -193,9 +206,8 @@ class HeadKVLayer(DynamicLayer):
         return max(1, math.floor(self.growth * per_head))
 
     def _grow(self, q: int) -> None:
-        """Reallocate with room for `q` more tokens per head plus one growth step.
-
-        Every segment grows by the same amount, so the windows keep their order and only shift."""
+        """Reallocate with room for `q` more tokens per head plus one growth step. Every segment grows by the
+        same amount, so the windows keep their order and only shift."""
         keep_from = 0
         if self.sliding_window is not None:  # entries the window has passed are never read again
             keep_from = max(0, self.t + q - self.sliding_window)
@@ -207,25 +219,21 @@ class HeadKVLayer(DynamicLayer):
                         keep_from)
 
     def _shift(self, room: int) -> None:
-        """Grow every segment's free room to `room`: segment i of the window order moves by i * (growth),
-        as it is, free slots included, so one index copy per buffer moves them all."""
-        by, heads, device = room - self.room, self.heads, self.k.device
-        used = sum(self.lens) + heads * self.room
-        shift = torch.repeat_interleave(torch.arange(0, heads * by, by, device=device), self._kept + self.room,
-                                        output_size=used)  # computed where the buffer is: no host copy
-        dst = torch.arange(used, device=device) + shift
-        total = used + heads * by
-
-        def moved(old: torch.Tensor) -> torch.Tensor:
-            return old.new_zeros((total, *old.shape[1:])).index_copy_(0, dst, old)
-
-        self._hold(moved(self.kv))
+        """Grow every segment's room to `room`: segment i of the window order moves by i * (growth), as it is,
+        so one indexed read of the old buffer makes the new one (new free slots read whatever follows: they
+        are masked, and only need to be finite)."""
+        by, heads, old = room - self.room, self.heads, self.kv.shape[0]
+        size = self._kept_w + room
+        src = np.arange(old + heads * by) - np.repeat(np.arange(0, heads * by, by), size)
+        src = _on(np.minimum(src, old - 1, out=src), self.kv.device)
+        self._hold(self.kv.index_select(0, src))
         if self.positions is not None:
-            self.positions = moved(self.positions)
-        if self._open is not None:  # each window's new slots come after everything it reads: closed
+            self.positions = self.positions.index_select(0, src)
+        if self._open is not None:  # each window's new columns come after everything it reads: closed
             self._set_open(F.pad(self._open, (0, by), value=False))
-        self._next = self._next + self.unorder * by  # head h's segment is window unorder[h]
+        self._next = self._next + self._unorder * by  # head h's segment is window unorder[h]
         self.room, self.win = room, self.win.grown(by)
+        self._ready()
 
     def _segments(self, win: Windows | None = None) -> np.ndarray:
         """(heads,) where each head's segment starts in the buffer laid out by `win` (default: the current)."""
@@ -235,27 +243,41 @@ class HeadKVLayer(DynamicLayer):
         return seg
 
     def _place(self, kv, pos, starts: np.ndarray, room: int, win: Windows, keep_from: int = 0) -> None:
-        """A new buffer laid out by `win` with `room` slots per head. In the old flat `kv` (and `pos`), head
-        h's kept tokens start at starts[h], followed by its `t` generated ones, of which the first `keep_from`
-        are dropped."""
-        heads, device, lens = self.heads, kv.device, np.asarray(self.lens)
-        seg = self._segments(win)
-        moved = np.full(heads, self.t - keep_from)
-        src = _ranges(np.stack([starts, starts + lens + keep_from], 1), np.stack([lens, moved], 1), device)
-        dst = _ranges(np.stack([seg, seg + lens], 1), np.stack([lens, moved], 1), device)
-        total = int(lens.sum()) + heads * room
-        # free slots are read under a mask, so they must hold finite numbers (0 * NaN is NaN)
-        self._hold(kv.new_zeros(total, kv.shape[-1]).index_copy_(0, dst, kv.index_select(0, src)))
+        """A new buffer laid out by `win` with `room` slots per head, gathered from the old flat `kv` (and
+        `pos`) in one indexed read, in which head h's kept tokens start at starts[h], followed by its `t`
+        generated ones, of which the first `keep_from` are dropped. Free slots repeat an entry of their head:
+        they are never read unmasked, but must hold finite numbers (0 * NaN is NaN)."""
+        order, lens = np.asarray(win.order), np.asarray(self.lens)
+        kept, first, moved = lens[order], starts[order], self.t - keep_from
+        size = kept + room  # window order: segment i, of head order[i], holds its kept, generated, free slots
+        offset = np.arange(size.sum()) - np.repeat(np.cumsum(size) - size, size)
+        kept_r = np.repeat(kept, size)
+        src = np.repeat(first, size) + np.where(offset < kept_r, offset,
+                                                np.where(offset < kept_r + moved, offset + keep_from, 0))
+        src = _on(src, kv.device)
+        self._hold(kv.index_select(0, src))
         if pos is not None:
-            self.positions = torch.zeros(total, dtype=torch.int32, device=device)
-            self.positions.index_copy_(0, dst, pos.index_select(0, src))
-        self.t, self.t0 = self.t - keep_from, self.t0 + keep_from
+            self.positions = pos.index_select(0, src)
+        self.t, self.t0 = moved, self.t0 + keep_from
         self.room, self.win = room, win
-        self._next = torch.from_numpy(seg + lens).to(device)  # each head's first free slot
+        self._next = self._segments(win) + lens  # each head's first free slot
         if not self.uniform:
-            j = torch.arange(self.reach + room, device=device)
-            mine = (j >= self._lo) & (j < self._kept_end + self.t)
-            self._set_open(mine[None, :, None].contiguous())
+            j = np.arange(self.reach + room)
+            mine = (j >= self._kept_end_w[:, None] - self._kept_w[:, None]) & (j < self._kept_end_w[:, None] + self.t)
+            self._set_open(_on(mine[None, :, None], kv.device))
+        self._ready()
+
+    def _ready(self) -> None:
+        """Make, for the room just laid out, what decode steps would otherwise compute at every step: each free
+        step's slots (per head) and mask columns (per window), as views picked by a list index; and, for a masked
+        layer, the views over its whole room (the mask hides what is not filled yet). They hold indices per head
+        and free step, as `_next` does per head, not tokens: `nbytes` does not count them."""
+        ahead, device = np.arange(self.t, self.room)[:, None], self.kv.device
+        self._step_slots = list(_on(self._next + ahead, device).unbind(0))
+        self._step_cols = [None] * len(self._step_slots) if self.uniform else list(
+            _on(self._kept_end_w[:, None] + ahead[:, None], device).unbind(0))
+        self._ready_t = self.t
+        self._views = None if self.uniform else self._strided(self.reach + self.room)
 
     def _hold(self, kv: torch.Tensor) -> None:
         self.kv, self.k, self.v = kv, kv[:, :self.key_dim], kv[:, self.key_dim:]
@@ -263,17 +285,24 @@ class HeadKVLayer(DynamicLayer):
     def _set_open(self, is_open: torch.Tensor) -> None:
         self._open, self._open_rows = is_open, is_open[0, :, 0]  # (1, heads, 1, width) and a (heads, width) view
 
+    @property
+    def width(self) -> int:
+        """Columns of `view`: a dense layer's filled ones; a masked layer's whole room (no window reads past it)."""
+        return self.reach + (self.t if self.uniform else self.room)
+
+    def _strided(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        row, stride = self.kv.shape[-1], self.win.stride
+        strides = (0, stride * row, row, 1)
+        return (self.k.as_strided((1, self.heads, width, self.k.shape[-1]), strides),
+                self.v.as_strided((1, self.heads, width, self.v.shape[-1]), strides))
+
     def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Keys and values for one attention call, (1, heads, width, dim), window i for KV head `win.order[i]`,
         and an additive (1, heads, 1, width) mask of what each window may read (None: everything, the
         dense case)."""
-        w, row, width = self.win, self.kv.shape[-1], self.reach + self.t  # no window reads past `width`
-        strides = (0, w.stride * row, row, 1)
-        k = self.k.as_strided((1, self.heads, width, self.k.shape[-1]), strides)
-        v = self.v.as_strided((1, self.heads, width, self.v.shape[-1]), strides)
         if self.uniform:
-            return k, v, None
-        return k, v, torch.where(self._open[..., :width], self._zero, self._ninf)
+            return *self._strided(self.width), None
+        return *self._views, torch.where(self._open, self._zero, self._ninf)
 
     def window_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(heads,) int32 first and one-past-last entry each window reads, relative to the window."""
@@ -282,9 +311,9 @@ class HeadKVLayer(DynamicLayer):
     def view_positions(self) -> torch.Tensor:
         """Positions of the entries `view` returns, (heads, width). Kept prompt tokens of a layer without a
         window read as -1: they come before every query, which is all a causal mask needs."""
-        w, width = self.win, self.reach + self.t
+        width = self.width
         if self.positions is not None:
-            return self.positions.as_strided((self.heads, width), (w.stride, 1))
+            return self.positions.as_strided((self.heads, width), (self.win.stride, 1))
         rel = torch.arange(width, device=self.k.device, dtype=torch.int32) - self._kept_end
         return torch.where(rel < 0, -1, self.prompt_len + self.t0 + rel)
 
@@ -322,12 +351,11 @@ class HeadKVLayer(DynamicLayer):
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
-def _ranges(starts: np.ndarray, lens: np.ndarray, device) -> torch.Tensor:
-    """Indices of the ranges [starts[i], starts[i] + lens[i]), concatenated in order."""
-    starts, lens = starts.ravel(), lens.ravel()
-    ends = np.cumsum(lens)
-    idx = np.arange(int(ends[-1])) + np.repeat(starts - (ends - lens), lens)
-    return torch.from_numpy(idx).to(device)
+def _on(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host-computed array (indices, a mask) on `device`: free on the CPU. Elsewhere it goes through pinned
+    memory, so the copy is queued without waiting for the kernels before it (one from pageable memory may)."""
+    host = torch.from_numpy(np.ascontiguousarray(array))
+    return host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
 
 
 def _dense_entries(layer) -> int:

@@ -139,7 +139,7 @@ def _ops_per_step(heads: int) -> int:
 
 def test_a_decode_step_costs_the_same_operations_for_any_number_of_heads():
     """No loop over heads per decoded token: 4 or 32 KV heads, one write and one attention call per layer."""
-    assert _ops_per_step(4) == _ops_per_step(32) < 30
+    assert _ops_per_step(4) == _ops_per_step(32) <= 10  # write (cat, copy, mask), attention (reorder, mask, sdpa)
 
 
 def _storage_bytes(cache) -> int:
