@@ -6,6 +6,10 @@ cache (snapkv and headkv at --budget), of the full cache, and of a dense cache h
 the compressed one ("limit": full-cache decoding of a prompt of --budget tokens), with bytes held / ideal.
 Targets: compressed >= 0.9 x limit and >= full. On CUDA every available attention backend is measured.
 
+HeadKV's budgets come from a skewed synthetic profile (random scores to the 4th power: a few heads keep
+most of the pool, the hardest case for one call per layer) and, where `../shared` holds it, also from
+HeadKV's published R2 head scores of Llama-3-8B-Instruct, whose head layout the model shares.
+
     python benchmarks/bench_scale.py [--lengths 4096,8192] [--budget 128] [--new-tokens 32] [--device cuda]
 """
 
@@ -23,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import synthetic  # noqa: E402
 
-from headprof import attention, generation, models  # noqa: E402
+from headprof import attention, generation, interop, models  # noqa: E402
 
 
 def main() -> None:
@@ -47,7 +51,10 @@ def main() -> None:
             path = synthetic.save(Path(tmp) / "llama3-shaped", max_positions=max(lengths) + args.new_tokens + 64)
             lm = models.load(str(path), device=args.device, dtype=args.dtype)
     lay = lm.info.layout
-    scores = np.random.default_rng(0).random((lay.num_layers, lay.num_kv_heads)) ** 4  # a skewed profile
+    profiles = {"headkv": np.random.default_rng(0).random((lay.num_layers, lay.num_kv_heads)) ** 4}  # skewed
+    published = Path(__file__).parents[2] / "shared/reference/Meta-Llama-3-8B-Instruct_retrieval_reasoning_heads.json"
+    if published.exists() and (lay.num_layers, lay.num_kv_heads) == (32, 8):
+        profiles["headkv (Llama-3-8B R2)"] = interop.import_headkv(published, "llama-3-8b", kv_heads=8).kv_scores()
     backends = attention.available(lm.device, lm.model.dtype)
     print(f"model {lm.info.resolved}, device {lm.device}, dtype {lm.dtype}, torch {torch.__version__}, "
           f"attention backends {backends}, threads {torch.get_num_threads()}")
@@ -64,10 +71,11 @@ def main() -> None:
         ids = rng.integers(0, 96, length).tolist()
         limit_name = f"limit (dense {args.budget})"
         cells = [("full", "-", ids, "full", None), (limit_name, "-", ids[-args.budget:], "full", None)]
-        for backend in backends:  # snapkv layers (equal lengths) always take the torch path
-            for method in ("snapkv", "headkv") if backend == "torch" else ("headkv",):
-                kv = scores if method == "headkv" else None
-                cells.append((f"{method} @ {args.budget}", backend, ids, method, kv))
+        for backend in backends:
+            if backend == "torch":  # equal counts are a dense view: always the torch path
+                cells.append((f"snapkv @ {args.budget}", backend, ids, "snapkv", None))
+            for name, kv in profiles.items():
+                cells.append((f"{name} @ {args.budget}", backend, ids, "headkv", kv))
         best = {}
         for _ in range(args.repeats):  # cells interleaved, so that the machine's drift hits all alike
             for name, backend, cell_ids, method, kv in cells:

@@ -352,10 +352,14 @@ class HeadKVLayer(DynamicLayer):
 
 
 def _on(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host-computed array (indices, a mask) on `device`: free on the CPU. Elsewhere it goes through pinned
+    """A host-computed array (indices, a mask) on `device`: free on the CPU. On CUDA it goes through pinned
     memory, so the copy is queued without waiting for the kernels before it (one from pageable memory may)."""
     host = torch.from_numpy(np.ascontiguousarray(array))
-    return host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def _dense_entries(layer) -> int:
