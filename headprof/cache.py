@@ -2,9 +2,12 @@
 
 A compressed layer keeps one buffer whose entries hold a key and its value side by side. Each KV head
 owns a contiguous *segment* of it: the prompt tokens it kept, then the tokens generated since, then a
-little free room. The room grows in small steps (`GROWTH` of what the head holds), so an early stop
-leaves little unused, and nothing but kept and generated tokens is ever stored. Growing moves each
-segment whole, with one indexed read of the old buffer: the windows keep their order and only shift.
+little free room. The room grows in small steps, sized so that what the layers hold beyond their tokens
+(free slots, masks) stays within `SLACK` of the tokens' bytes: an early stop leaves little unused, and
+nothing but kept and generated tokens is ever stored. Growing moves each segment whole, with one indexed
+read of the old buffer: the windows keep their order and only shift. In a `HeadKVCache` every compressed
+layer grows at the same token, in one burst before the forward pass reaches the first layer: the
+bookkeeping runs back to back, warm, rather than interrupting the forward pass at every token.
 
 Attention reads the segments through one strided view, (heads, W, dim): window i starts at i * S. The
 segments are ordered, and S chosen, so that every segment lies inside its own window (`windows`). A
@@ -35,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
-GROWTH = 0.04  # free room grows by this share of what a head holds (at most one step over the ideal)
+SLACK = 0.045  # right after growing, compressed layers hold at most this share more bytes than their tokens
 
 
 @dataclass(frozen=True)
@@ -97,10 +100,10 @@ def windows(sizes: list[int]) -> Windows:
 class HeadKVLayer(DynamicLayer):
     """Dense during prefill; after `compress`, one buffer of keys and values with a segment per head."""
 
-    def __init__(self, sliding_window: int | None = None, growth: float = GROWTH) -> None:
+    def __init__(self, sliding_window: int | None = None, slack: float = SLACK) -> None:
         super().__init__()
         self.sliding_window = sliding_window
-        self.growth = growth
+        self.slack = slack
         self.seen = 0  # positions so far (prompt + appended)
         self.prompt_len = 0
         self.key_dim = 0  # keys take the first key_dim columns of `kv`, values the rest
@@ -150,8 +153,8 @@ class HeadKVLayer(DynamicLayer):
         self.seen += q
         if not self.compressed:
             return super().update(key_states, value_states, *args, **kwargs)
-        if self.t + q > self.room:
-            self._grow(q)
+        if self.t + q > self.room:  # (a HeadKVCache grows all its layers at once before they get here)
+            self._grow(q, free_slots([self], q))
         if q == 1:  # this step's slots, and the mask columns it opens: made ahead with the room (`_ready`)
             slots, opened = self._step_slots[self.t - self._ready_t], self._step_cols[self.t - self._ready_t]
         else:
@@ -181,9 +184,8 @@ class HeadKVLayer(DynamicLayer):
                                           torch.tensor(self.lens, device=device))
         pos = torch.cat([k.to(device) for k in keep])
         self.prompt_len, self.key_dim = keys.shape[2], keys.shape[-1]
-        self.t = self.t0 = 0
-        room = self._step()
-        win = windows([n + room for n in self.lens])
+        self.t = self.t0 = room = 0  # the first token grows the room (together with the other layers, in a cache)
+        win = windows(self.lens)
         self.in_order = win.order == list(range(self.heads))
         self.order = torch.tensor(win.order, device=device)
         self._unorder = np.argsort(win.order)
@@ -200,18 +202,15 @@ class HeadKVLayer(DynamicLayer):
         self._place(torch.cat((keys[0, head_of, pos], values[0, head_of, pos]), -1), kept_pos, packed, room, win)
         self.keys = self.values = None
 
-    def _step(self) -> int:
-        """Free slots per head after a growth: never more than `growth` of what a head holds."""
-        per_head = sum(self.lens) / max(self.heads, 1) + self.t
-        return max(1, math.floor(self.growth * per_head))
+    def _keep_from(self, q: int) -> int:
+        """Generated entries a growth for `q` new tokens drops: those a sliding window has passed (never read again)."""
+        return 0 if self.sliding_window is None else max(0, self.t + q - self.sliding_window)
 
-    def _grow(self, q: int) -> None:
-        """Reallocate with room for `q` more tokens per head plus one growth step. Every segment grows by the
-        same amount, so the windows keep their order and only shift."""
-        keep_from = 0
-        if self.sliding_window is not None:  # entries the window has passed are never read again
-            keep_from = max(0, self.t + q - self.sliding_window)
-        room = self.t - keep_from + q + self._step()
+    def _grow(self, q: int, free: int) -> None:
+        """Reallocate with room for `q` more tokens per head plus `free` slots. Every segment grows by the same
+        amount, so the windows keep their order and only shift."""
+        keep_from = self._keep_from(q)
+        room = self.t - keep_from + q + free
         if keep_from == 0:
             self._shift(room)
         else:
@@ -351,6 +350,23 @@ class HeadKVLayer(DynamicLayer):
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
+def free_slots(layers: list[HeadKVLayer], q: int) -> int:
+    """Free slots per head that `layers`, grown for `q` new tokens, can all have while what they hold beyond
+    their tokens' own bytes (free slots, each masked window's columns, sliding layers' positions) stays within
+    `slack` of those bytes: an early stop right after the growth is the worst case. None where a single slot would
+    already break that (a tiny cache): the room then grows at every token."""
+    spare = per_slot = 0.0
+    for layer in layers:
+        entry = layer.kv.shape[-1] * layer.kv.element_size()
+        per_entry = 0 if layer.positions is None else layer.positions.element_size()
+        mask = 0 if layer.uniform else layer.heads  # bool columns per window and slot
+        generated = layer.t - layer._keep_from(q) + q
+        filled = sum(layer.lens) + layer.heads * generated
+        spare += layer.slack * filled * entry - filled * per_entry - mask * (layer.reach + generated)
+        per_slot += layer.heads * (entry + per_entry) + mask
+    return max(0, math.floor(spare / per_slot))
+
+
 def _on(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """A host-computed array (indices, a mask) on `device`: free on the CPU. On CUDA it goes through pinned
     memory, so the copy is queued without waiting for the kernels before it (one from pageable memory may)."""
@@ -374,11 +390,29 @@ class HeadKVCache(Cache):
     `windows[i]` is set), or "keep" (the layer as the model keeps it: its window, or everything).
     """
 
-    def __init__(self, kinds: list[str], windows: list[int | None], growth: float = GROWTH) -> None:
-        layers = [HeadKVLayer(w, growth) if kind == "compress"
+    def __init__(self, kinds: list[str], windows: list[int | None], slack: float = SLACK) -> None:
+        layers = [HeadKVLayer(w, slack) if kind == "compress"
                   else DynamicSlidingWindowLayer(w) if w else DynamicLayer()
                   for kind, w in zip(kinds, windows, strict=True)]
         super().__init__(layers=layers)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx == 0:  # a forward pass starts
+            self._grow(key_states.shape[-2])
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _grow(self, q: int) -> None:
+        """When the `q` new tokens overflow any compressed layer's room, lay out every compressed layer again,
+        in one go, with the same free slots per head (`free_slots`): they then run out together again. A growth
+        is one burst of work every few tokens, not one layer's bookkeeping interrupting the forward pass at
+        every token, and the free room is sized on the whole cache's bytes."""
+        layers = [layer for layer in self.layers if isinstance(layer, HeadKVLayer) and layer.compressed]
+        if not any(layer.t + q > layer.room for layer in layers):
+            return
+        free = free_slots(layers, q)
+        for layer in layers:
+            if layer.room != layer.t + q + free or layer._keep_from(q):
+                layer._grow(q, free)
 
     def compressed_layer(self, layer_idx: int, key: torch.Tensor) -> HeadKVLayer | None:
         """The compressed layer whose `update` just returned `key` (None for any other cache's keys)."""

@@ -68,6 +68,36 @@ def test_sliding_layers_compressed_inside_their_window_forget_old_keys():
     assert cache.layers[0].t0 > 0 and cache.layers[0].t < 30
 
 
+@pytest.mark.parametrize("arch,method", [("llama", "headkv"), ("gemma3", "headkv"), ("llama-mha", "snapkv")])
+def test_layers_grow_together_and_hold_at_most_the_slack_over_their_tokens_after_every_token(arch, method):
+    """Every compressed layer grows at the same token (one burst), and right after any token, what they hold
+    beyond their tokens' bytes (free room, masks, positions) stays within SLACK of those bytes."""
+    from headprof.cache import SLACK
+
+    lm = loaded(arch, sliding_window=20) if arch == "gemma3" else loaded(arch)
+    lay = lm.info.layout
+    ids = torch.randint(0, 96, (1, 200), generator=torch.Generator().manual_seed(5))
+    scores = np.random.default_rng(1).random((lay.num_layers, lay.num_kv_heads)) ** 4
+    plan = compress.make_plan(method, lay, 200, 64, 8, 7, scores, 1.05, True)  # (a head of ~20 tokens: one slot is 5%)
+    cache = generation.cache_for(lay, plan.method, plan.compress_sliding)
+    layers = [layer for layer in cache.layers if isinstance(layer, HeadKVLayer)]
+    bursts = 0
+    with torch.no_grad(), generation.compressing(cache, 8, lambda _: plan):
+        lm.model(ids, past_key_values=cache)
+        for step in range(40):
+            before = [layer.kv for layer in layers]
+            lm.model(torch.tensor([[step % 96]]), past_key_values=cache)
+            grown = [layer.kv is not b for layer, b in zip(layers, before, strict=True)]
+            assert not any(grown) or all(grown)
+            bursts += all(grown)
+            assert len({layer.room - layer.t for layer in layers}) == 1
+            token_bytes = sum(layer.entries() * layer.kv.shape[-1] * layer.kv.element_size() for layer in layers)
+            assert sum(layer.nbytes() for layer in layers) <= (1 + SLACK) * token_bytes
+    assert 3 <= bursts < 40  # the room grew in steps, several tokens apart
+    if arch == "gemma3":  # 40 tokens past a window of 20: sliding layers dropped what it passed, at the bursts
+        assert all(layer.t < 40 for layer in layers if layer.sliding_window)
+
+
 @pytest.mark.parametrize("sizes", [[40] * 8, [415, 36, 66, 166, 96, 116, 73, 56], [5, 900, 17, 64, 300, 8, 1200, 40],
                                    [1], [3, 3, 4], list(range(1, 65))])
 def test_every_segment_lies_in_its_own_window_and_no_padding_is_stored(sizes):
