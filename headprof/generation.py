@@ -46,6 +46,10 @@ class RunResult:
     bytes_per_entry: int
     budgets: list[list[int]] | None = None
     notes: list[str] = field(default_factory=list)
+    # the first decode step (first token to second), and the decode rate after it: after a long prefill the first
+    # step is slower for any cache (the prefill's memory traffic evicted what decoding reads)
+    first_step_s: float | None = None
+    steady_tokens_per_s: float | None = None
 
     @property
     def kv_bytes_full(self) -> int:
@@ -236,7 +240,10 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str = "headkv", bud
     tokens = out[0, n:].tolist()
     appended = max(len(tokens) - 1, 0)  # the last token is produced but never fed back
     prefill_s = clock.times[0] - start if clock.times else time.perf_counter() - start
-    decode = (len(clock.times) - 1) / (clock.times[-1] - clock.times[0]) if len(clock.times) > 1 else None
+    times = clock.times
+    decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None
+    first_step = times[1] - times[0] if len(times) > 1 else None
+    steady = (len(times) - 2) / (times[-1] - times[1]) if len(times) > 2 else None
     budgets = None
     if not m.compresses:
         entries = sum(layer.keys.shape[1] * layer.keys.shape[2] for layer in cache.layers if layer.is_initialized)
@@ -256,4 +263,5 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str = "headkv", bud
     return RunResult(method=method, text=lm.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                      tokens=tokens, prompt_tokens=n, prefill_s=prefill_s, decode_tokens_per_s=decode,
                      kv_entries=entries, kv_bytes=nbytes, kv_entries_full=_full_entries(lay, n + appended),
-                     kv_entries_ideal=ideal, bytes_per_entry=2 * lay.head_dim * elem, budgets=budgets, notes=notes)
+                     kv_entries_ideal=ideal, bytes_per_entry=2 * lay.head_dim * elem, budgets=budgets, notes=notes,
+                     first_step_s=first_step, steady_tokens_per_s=steady)

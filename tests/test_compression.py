@@ -91,3 +91,7 @@ def test_generate_measures_bytes_held_and_continues_positions():
     assert small.kv_entries == small.kv_entries_ideal == lay.num_layers * lay.num_kv_heads * (8 + 8 + 5)
     assert small.kv_entries * per_entry <= small.kv_bytes <= 1.05 * small.kv_bytes_ideal
     assert full.kv_bytes == full.kv_entries * per_entry == full.kv_bytes_full
+    for r in (full, small):  # 5 decode steps: the first one timed on its own, the other 4 make the steady rate
+        assert r.first_step_s > 0 and r.steady_tokens_per_s > 0
+        total = 5 / r.decode_tokens_per_s
+        assert abs(4 / r.steady_tokens_per_s + r.first_step_s - total) < 1e-6 * total
