@@ -7,7 +7,7 @@ The Python API (the `headprof` command is a thin layer over it; see docs/api.md)
     prof.save("retrieval.json")
     report = headprof.generate("smollm2-135m", "...long text... Question?", "headkv", budget=64, profile=prof)
     with headprof.compression(model, "headkv", budget=128, profile=prof) as cache:  # any HF causal LM
-        model.generate(ids, past_key_values=cache, max_new_tokens=64)
+        model.generate(ids, cache=cache, max_new_tokens=64)
 
 Names are imported on first use, so `import headprof` (and the CLI's start) stays cheap.
 """

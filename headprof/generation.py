@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,7 @@ from headprof.capture import AttentionCapture
 from headprof.compress import Plan, compressed_layers, make_plan
 from headprof.defaults import BETA, KERNEL, WINDOW
 from headprof.errors import HeadprofError
-from headprof.models import HeadLayout, LoadedModel, layout_of
+from headprof.models import HeadLayout, LoadedModel, layout_of, with_cache
 
 
 @dataclass
@@ -99,10 +98,11 @@ def compression(model, method: str = "headkv", budget: int = 128, profile=None, 
     """Head-level KV compression inside your own `model.generate` (batch size 1), on any HF causal LM:
 
         with headprof.compression(model, "headkv", budget=128, profile=prof) as cache:
-            out = model.generate(ids, past_key_values=cache, max_new_tokens=64)
+            out = model.generate(ids, cache=cache, max_new_tokens=64)
 
     The model's attention is routed through headprof's attention function (it computes what SDPA
-    computes). One generation per context: the prompt is compressed at prefill, then it decodes.
+    computes). One generation per context: the prompt is compressed at prefill, then it decodes. (Before
+    transformers renamed it, the argument was `past_key_values=cache`; `models.with_cache` picks the name.)
     """
     m = methods.get(method)
     layout = layout_of(model.config)
@@ -161,11 +161,9 @@ def prefill(lm: LoadedModel, prompt_ids: list[int], window: int = WINDOW) -> Pre
 
 
 def _generate(lm: LoadedModel, ids: torch.Tensor, cache, clock: StoppingCriteria | None = None, **kw):
-    kwargs = dict(do_sample=False, past_key_values=cache, pad_token_id=lm.tokenizer.eos_token_id, top_p=None,
-                  top_k=None, temperature=None, stopping_criteria=[clock] if clock else None, **kw)
-    with warnings.catch_warnings():  # transformers renames generate's cache argument; both spellings work
-        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
-        return lm.model.generate(ids, **kwargs)
+    return lm.model.generate(ids, **with_cache(lm.model, cache), do_sample=False,
+                             pad_token_id=lm.tokenizer.eos_token_id, top_p=None, top_k=None, temperature=None,
+                             stopping_criteria=[clock] if clock else None, **kw)
 
 
 def _stops(lm: LoadedModel) -> set[int]:

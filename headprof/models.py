@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
@@ -277,3 +278,11 @@ def load(spec: str, device: str = "auto", dtype: str = "auto", device_map: str |
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, device=dev,
                        dtype=str(torch_dtype).removeprefix("torch."),
                        attn_implementation=("flash-attn" if flash else "sdpa") + " + headprof capture")
+
+
+def with_cache(model, cache) -> dict[str, Any]:
+    """The keyword that hands `cache` to `model`'s forward and generate: transformers renamed
+    `past_key_values` to `cache` (the old name is deprecated, and removed in 5.40); older 5.x only know the
+    old one. Read off the model class's forward, which wrappers (accelerate hooks) leave alone."""
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    return {name: cache}

@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache
 
 from headprof.capture import implementation
+from headprof.models import with_cache
 from headprof.scoring import answer_done, stop_token_ids
 
 
@@ -30,10 +31,10 @@ def naive_score_probe(lm, input_ids: list[int], span: tuple[int, int], method: s
     with implementation(lm.model, "eager"):
         cache = DynamicCache()
         ids = torch.tensor([input_ids], device=lm.model.device)
-        lm.model(ids[:, :-1], past_key_values=cache, use_cache=True)
+        lm.model(ids[:, :-1], **with_cache(lm.model, cache), use_cache=True)
         step_input = ids[:, -1:]
         for step in range(len(forced) if forced is not None else n + margin):
-            out = lm.model(step_input, past_key_values=cache, use_cache=True, output_attentions=True)
+            out = lm.model(step_input, **with_cache(lm.model, cache), use_cache=True, output_attentions=True)
             token = int(out.logits[0, -1].argmax())
             if forced is not None:
                 generated.append(token)

@@ -33,7 +33,7 @@ from headprof.distributed import World
 from headprof.errors import OutputError, ProbeError
 from headprof.files import write_atomic
 from headprof.haystack import Haystack
-from headprof.models import LoadedModel
+from headprof.models import LoadedModel, with_cache
 from headprof.profile import SCHEMA_VERSION, Profile, rounded
 from headprof.progress import Callback, Progress
 
@@ -78,7 +78,7 @@ def score_probe(lm: LoadedModel, rendered: probes_mod.RenderedProbe, method: str
     ids = torch.tensor([rendered.input_ids], device=device)
     cache = DynamicCache()  # full per-layer cache: key index == position, also on sliding layers
     if ids.shape[1] > 1:
-        lm.model(ids[:, :-1], past_key_values=cache, use_cache=True)
+        lm.model(ids[:, :-1], **with_cache(lm.model, cache), use_cache=True)
     tokens = ids[0].clone()
     step_input = ids[:, -1:]
     top_vals = torch.zeros(layout.num_layers, layout.num_query_heads, k, device=device)
@@ -95,7 +95,7 @@ def score_probe(lm: LoadedModel, rendered: probes_mod.RenderedProbe, method: str
     predicted: list[torch.Tensor] = []
     for step in range(len(forced) if forced is not None else end - start + margin):
         with AttentionCapture(sink):
-            logits = lm.model(step_input, past_key_values=cache, use_cache=True).logits
+            logits = lm.model(step_input, **with_cache(lm.model, cache), use_cache=True).logits
         if forced is not None:  # no host sync: whether greedy agrees is read once at the end
             predicted.append(logits[0, -1].argmax())
             token = forced[step]

@@ -7,6 +7,7 @@ from fakes import loaded
 
 from headprof import attention, compress, generation, reference
 from headprof.cache import HeadKVCache, HeadKVLayer, windows
+from headprof.models import with_cache
 
 CASES = [("llama", False), ("llama-mha", False), ("qwen2", False), ("mistral", False),
          ("gemma3", True), ("gemma2", True), ("gemma3", False)]
@@ -32,10 +33,10 @@ def _decode_compared(lm, method, budget, compress_sliding, steps=(1, 1, 3, 1, 2,
     attention.attend = both
     try:
         with torch.no_grad(), generation.compressing(cache, 8, lambda _: plan):
-            lm.model(ids, past_key_values=cache)
+            lm.model(ids, **with_cache(lm.model, cache))
             for q in steps:
                 tok = torch.randint(0, 96, (1, q), generator=torch.Generator().manual_seed(q))
-                lm.model(tok, past_key_values=cache)
+                lm.model(tok, **with_cache(lm.model, cache))
     finally:
         attention.attend = batched
     return worst, cache, plan
@@ -83,10 +84,10 @@ def test_layers_grow_together_and_hold_at_most_the_slack_over_their_tokens_after
     layers = [layer for layer in cache.layers if isinstance(layer, HeadKVLayer)]
     bursts = 0
     with torch.no_grad(), generation.compressing(cache, 8, lambda _: plan):
-        lm.model(ids, past_key_values=cache)
+        lm.model(ids, **with_cache(lm.model, cache))
         for step in range(40):
             before = [layer.kv for layer in layers]
-            lm.model(torch.tensor([[step % 96]]), past_key_values=cache)
+            lm.model(torch.tensor([[step % 96]]), **with_cache(lm.model, cache))
             grown = [layer.kv is not b for layer, b in zip(layers, before, strict=True)]
             assert not any(grown) or all(grown)
             bursts += all(grown)

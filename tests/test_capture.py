@@ -4,6 +4,7 @@ from tiny import ARCHS, model
 from transformers import DynamicCache
 
 from headprof import capture
+from headprof.models import with_cache
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -30,10 +31,11 @@ def test_capture_during_decode_with_cache(arch):
     ids = torch.randint(0, 96, (1, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         # a full cache keeps key index == position, also on sliding-window layers
-        out = m(ids[:, :-1], past_key_values=DynamicCache(), use_cache=True)
+        cache = DynamicCache()
+        m(ids[:, :-1], **with_cache(m, cache), use_cache=True)
         rows: dict[int, torch.Tensor] = {}
         with capture.AttentionCapture(lambda layer, p: rows.__setitem__(layer, p)):
-            m(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+            m(ids[:, -1:], **with_cache(m, cache), use_cache=True)
         with capture.implementation(m, "eager"):
             ref = m(ids, output_attentions=True)
     for layer, att in enumerate(ref.attentions):

@@ -8,6 +8,7 @@ from transformers import DynamicCache
 from headprof import compress, generation
 from headprof.capture import AttentionCapture, implementation
 from headprof.methods.streaming import streaming_positions
+from headprof.models import with_cache
 
 
 def _ids(n=40, seed=0):
@@ -20,15 +21,15 @@ def _compressed_vs_full(lm, method, budget, steps=10, kv_scores=None):
     n = ids.shape[1]
     with torch.no_grad():
         ref_cache = DynamicCache(config=lm.model.config)
-        ref = [lm.model(ids, past_key_values=ref_cache).logits[:, -1]]
+        ref = [lm.model(ids, **with_cache(lm.model, ref_cache)).logits[:, -1]]
         plan = compress.make_plan(method, lay, n, budget, 8, 7, kv_scores)
         cache = generation.cache_for(lay, plan.method, plan.compress_sliding)
         with generation.compressing(cache, 8, lambda _: plan):
-            ours = [lm.model(ids, past_key_values=cache).logits[:, -1]]
+            ours = [lm.model(ids, **with_cache(lm.model, cache)).logits[:, -1]]
             tok = ref[0].argmax(-1, keepdim=True)
             for _ in range(steps):  # more steps than the first tail room: the tail must grow
-                ref.append(lm.model(tok, past_key_values=ref_cache).logits[:, -1])
-                ours.append(lm.model(tok, past_key_values=cache).logits[:, -1])
+                ref.append(lm.model(tok, **with_cache(lm.model, ref_cache)).logits[:, -1])
+                ours.append(lm.model(tok, **with_cache(lm.model, cache)).logits[:, -1])
                 tok = ref[-1].argmax(-1, keepdim=True)
     return torch.stack(ref), torch.stack(ours), cache
 
