@@ -127,9 +127,9 @@ class HeadKVLayer(DynamicLayer):
         # device copies, per window: where its segment starts and where its kept tokens end (relative to
         # the window, (heads, 1))
         self._lo = self._kept_end = self._zero = self._ninf = None
-        # host copies (the layout is decided on the host): per window, its kept tokens and where they end; per
-        # head, its window and its first free slot when the room was laid out
-        self._kept_w = self._kept_end_w = self._unorder = self._next = np.zeros(0, dtype=np.int64)
+        # host copies (the layout is decided on the host): per window, its kept tokens, where its segment starts
+        # and where its kept tokens end; per head, its window and its first free slot when the room was laid out
+        self._kept_w = self._lo_w = self._kept_end_w = self._unorder = self._next = np.zeros(0, dtype=np.int64)
         # unequal heads: (1, heads, 1, reach + room) bool, what each window may read, kept up to date by
         # `update` (it opens one slot per window and new token); bool, so it adds 1 byte per column and head
         self._open: torch.Tensor | None = None
@@ -187,14 +187,14 @@ class HeadKVLayer(DynamicLayer):
         self.t = self.t0 = room = 0  # the first token grows the room (together with the other layers, in a cache)
         win = windows(self.lens)
         self.in_order = win.order == list(range(self.heads))
-        self.order = torch.tensor(win.order, device=device)
+        self.order = _on(np.asarray(win.order), device)
         self._unorder = np.argsort(win.order)
         self.unorder = _on(self._unorder, device)
-        lo = [a - i * win.stride for i, a in enumerate(win.start)]
-        self.reach = max(a + self.lens[h] for a, h in zip(lo, win.order, strict=True))
-        self._kept_w = np.array([self.lens[h] for h in win.order])
-        self._kept_end_w = np.array(lo) + self._kept_w
-        self._lo, self._kept_end = _on(np.array(lo)[:, None], device), _on(self._kept_end_w[:, None], device)
+        self._kept_w = np.asarray(self.lens)[win.order]
+        self._lo_w = np.asarray(win.start) - np.arange(self.heads) * win.stride
+        self._kept_end_w = self._lo_w + self._kept_w
+        self.reach = int(self._kept_end_w.max())
+        self._lo, self._kept_end = _on(self._lo_w[:, None], device), _on(self._kept_end_w[:, None], device)
         self._zero = torch.zeros((), dtype=keys.dtype, device=device)
         self._ninf = torch.full((), float("-inf"), dtype=keys.dtype, device=device)
         kept_pos = pos.to(torch.int32) if self.sliding_window is not None else None
@@ -262,7 +262,7 @@ class HeadKVLayer(DynamicLayer):
         self._next = self._segments(win) + lens  # each head's first free slot
         if not self.uniform:
             j = np.arange(self.reach + room)
-            mine = (j >= self._kept_end_w[:, None] - self._kept_w[:, None]) & (j < self._kept_end_w[:, None] + self.t)
+            mine = (j >= self._lo_w[:, None]) & (j < self._kept_end_w[:, None] + self.t)
             self._set_open(_on(mine[None, :, None], kv.device))
         self._ready()
 

@@ -7,6 +7,7 @@ $HEADPROF_CACHE (default ~/.cache/headprof); later loads take about 0.2 s.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -284,5 +285,9 @@ def with_cache(model, cache) -> dict[str, Any]:
     """The keyword that hands `cache` to `model`'s forward and generate: transformers renamed
     `past_key_values` to `cache` (the old name is deprecated, and removed in 5.40); older 5.x only know the
     old one. Read off the model class's forward, which wrappers (accelerate hooks) leave alone."""
-    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-    return {name: cache}
+    return {_cache_keyword(type(model)): cache}
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:  # once per class: scoring asks at every decoded token
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
