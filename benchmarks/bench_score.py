@@ -21,30 +21,31 @@ import time
 def measure(mode: str, model: str, length: int, n_probes: int, method: str) -> dict:
     import torch
 
-    from headprof import capture, models, probes, scoring
-    from headprof.reference import naive_score_probe
+    from headprof import capture, families, models, probes, scoring
+    from headprof.reference import naive_scores
 
     torch.set_grad_enabled(False)
     lm = models.load(model, device="cpu")
     ps = probes.build_probe_set(method, [length], n_probes, seed=0)
     hs = probes.Haystack(0)
     rendered = [probes.render(p, lm.tokenizer, hs) for p in ps.probes]
+    fams = [families.get(p.kind or method) for p in ps.probes]
     # warm-up on a short prompt so one-time costs are not timed
-    scoring.score_probe(lm, probes.render(probes.build_probe_set(method, [200], 1).probes[0], lm.tokenizer, hs),
-                        method)
+    warm = probes.build_probe_set(method, [200], 1).probes[0]
+    scoring.score_probe(lm, probes.render(warm, lm.tokenizer, hs), families.get(warm.kind or method))
     times, tokens = [], []
-    for r in rendered:
+    for r, fam in zip(rendered, fams, strict=True):
         if mode == "ours":
             t = time.perf_counter()
-            response, _, _ = scoring.score_probe(lm, r, method)
+            response = scoring.score_probe(lm, r, fam).response
             times.append(time.perf_counter() - t)
             tokens.append(len(r.input_ids) + len(lm.tokenizer(response, add_special_tokens=False)["input_ids"]))
         elif mode == "naive":
             t = time.perf_counter()
-            naive_score_probe(lm, r.input_ids, r.answer_span, method, scoring.DEFAULT_MARGIN)
+            naive_scores(lm, r.input_ids, r.answer_span, fam.method == "r2", scoring.MAX_NEW_TOKENS)
             times.append(time.perf_counter() - t)
         else:  # one plain SDPA forward over prompt + the answer ours generated
-            response, _, _ = scoring.score_probe(lm, r, method)
+            response = scoring.score_probe(lm, r, fam).response
             ids = r.input_ids + lm.tokenizer(response, add_special_tokens=False)["input_ids"]
             with capture.implementation(lm.model, "sdpa"):
                 t = time.perf_counter()

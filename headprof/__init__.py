@@ -3,7 +3,7 @@
 The Python API (the `headprof` command is a thin layer over it; see docs/api.md):
 
     import headprof
-    prof = headprof.score("smollm2-135m", "retrieval", lengths=[1000], depths=3)    # -> Profile
+    prof = headprof.score("smollm2-135m", "retrieval", lengths=[1000], depths=3, min_answered=None)  # -> Profile
     prof.save("retrieval.json")
     report = headprof.generate("smollm2-135m", "...long text... Question?", "headkv", budget=64, profile=prof)
     with headprof.compression(model, "headkv", budget=128, profile=prof) as cache:  # any HF causal LM

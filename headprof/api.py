@@ -14,16 +14,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from headprof import compare, distributed, generation, methods, models, probes, scoring
+from headprof import compare, distributed, generation, methods, models, presets, probes, scoring
 from headprof import evaluate as evaluate_mod
+from headprof.answers import token_f1
 from headprof.defaults import BETA, KERNEL, WINDOW
 from headprof.errors import HeadprofError, OutputError, ProfileError
 from headprof.files import check_output, write_dir_atomic
 from headprof.models import LoadedModel
 from headprof.profile import Profile, shipped
 from headprof.progress import Callback
-from headprof.scores import token_f1
 
+CPU_LENGTH = 2000  # the longest default probe on CPU (small models answer r2 probes less often beyond)
 DEFAULT_EVAL_METHODS = "full,streaming,snapkv,pyramidkv,adakv,headkv-retrieval,headkv-r2"
 
 
@@ -39,16 +40,29 @@ def probe_set(method: str = "r2", lengths: Sequence[int] | None = None, depths: 
               needles: Path | None = None, haystack: Path | None = None, max_positions: int = 0,
               on_gpu: bool = False, families: str | Sequence[str] | None = None,
               version: str | None = None) -> tuple[probes.ProbeSet, probes.Haystack]:
-    """The probe grid lengths x depths (default lengths: five up to 4000 tokens on CPU, 32000 on GPU).
+    """The probe grid lengths x depths (default lengths: five up to 2000 tokens on CPU, 32000 on GPU).
 
-    r2 probes mix the graded `families` (needles.R2_FAMILIES, default all); `version="1"` rebuilds the
-    legacy r2 probe sets of profiles made before them."""
+    r2 probes mix the graded `families` (families.R2_FAMILIES, default all); `version` rebuilds an older
+    probe-set version (families.VERSIONS). `haystack`: a text file, or `Path("essays")` for the Paul
+    Graham essays of an installed package."""
     hs = probes.Haystack(seed, haystack)
     user_needles = probes.load_needles(needles, method) if needles else None
     if user_needles and families is not None:
         raise HeadprofError("--families draws generated probes; it cannot be used with --needles")
-    lens = list(lengths) if lengths else probes.default_lengths(max_positions, cap=32000 if on_gpu else 4000)
+    lens = list(lengths) if lengths else probes.default_lengths(max_positions, cap=32000 if on_gpu else CPU_LENGTH)
     return probes.build_probe_set(method, lens, depths, seed, user_needles, hs, version=version, families=families), hs
+
+
+def preset_probe_set(preset: str, folder: Path | None, lengths: Sequence[int] | None, depths: int | None,
+                     max_positions: int) -> tuple[probes.ProbeSet, presets.Folder]:
+    """An official protocol's probe grid over a needles folder in the official layout."""
+    p = presets.get(preset)
+    if folder is None:
+        raise HeadprofError(f"--preset {preset} reads its needles from a folder: pass --haystack DIR (with "
+                            "DIR/needles.jsonl and DIR/part0/, ...)")
+    f = presets.Folder(folder, p)
+    lens = list(lengths) if lengths else presets.official_lengths(max_positions)
+    return presets.probe_set(f, p, lens, 10 if depths is None else depths), f
 
 
 def default_profile_path(spec: str, method: str) -> Path:
@@ -70,20 +84,40 @@ def _load_on_every_process(world: distributed.World, model: str | LoadedModel, d
     return lm
 
 
-def score(model: str | LoadedModel, method: str = "r2", *, lengths: Sequence[int] | None = None, depths: int = 10,
-          seed: int = 0, needles: Path | None = None, haystack: Path | None = None, chat_template: bool = True,
-          filter_probes: bool = True, margin: int = scoring.DEFAULT_MARGIN, out: str | Path | None = None,
-          force: bool = False, resume: bool = False, progress: Callback | None = None, device: str = "auto",
-          dtype: str = "auto", device_map: str | None = None, families: str | Sequence[str] | None = None,
-          version: str | None = None, min_answered: int | None = None, max_drawn: int | None = None,
-          teacher_forced: bool = False) -> Profile:
+def score(model: str | LoadedModel, method: str = "r2", *, lengths: Sequence[int] | None = None,
+          depths: int | None = None, seed: int = 0, needles: Path | None = None, haystack: Path | None = None,
+          chat_template: bool = True, filter_probes: bool = True, span: str = "fact",
+          max_new_tokens: int = scoring.MAX_NEW_TOKENS, out: str | Path | None = None, force: bool = False,
+          resume: bool = False, progress: Callback | None = None, device: str = "auto", dtype: str = "auto",
+          device_map: str | None = None, families: str | Sequence[str] | None = None, version: str | None = None,
+          min_answered: int | None | str = "auto", max_drawn: int | None = None, teacher_forced: bool = False,
+          keep_chance_families: bool = False, preset: str | None = None) -> Profile:
     """Score every head on needle probes and return the profile.
 
     With `out`, the profile is written there atomically, and finished probes are kept in
     `OUT.partial.jsonl` while it runs: an interrupted run keeps its work and `resume=True` continues it.
-    `min_answered` draws further rounds of the grid (at most `max_drawn` probes, default 4x) until that
-    many probes were answered; `teacher_forced` feeds the gold answer instead (docs/profiles.md).
+    `min_answered` draws further rounds of the grid (at most `max_drawn` probes, default 6x) until that
+    many answered probes count; "auto" means 30 for generated probes that are filtered, else none.
+    `teacher_forced` feeds the gold answer instead. `preset` ("headkv", "retrieval-head") runs an
+    official protocol over the needles folder `haystack` (docs/profiles.md).
     """
+    if preset is not None:
+        p = presets.get(preset)
+        if method != p.method and method != "r2":
+            raise HeadprofError(f"--preset {preset} scores with --method {p.method}")
+        method = p.method
+        if needles is not None or families is not None or version is not None or span != "fact":
+            raise HeadprofError(f"--preset {preset} reads its needles from --haystack DIR; --needles, --families, "
+                                "--probe-version and --span do not apply")
+    generated = needles is None and preset is None
+    if min_answered == "auto":
+        min_answered = scoring.MIN_ANSWERED if generated and filter_probes and not teacher_forced else None
+    elif min_answered is not None and not isinstance(min_answered, int):
+        raise HeadprofError(f"--min-answered must be a number, got {min_answered!r}")
+    if min_answered is not None and not filter_probes:
+        raise HeadprofError("--min-answered counts answered probes; it cannot be used with --no-filter")
+    if min_answered is not None and not generated:
+        raise HeadprofError("--min-answered draws more generated probes; it cannot be used with --needles or --preset")
     world = distributed.world()
     target = check_output(out, force) if out is not None else None
     partial = scoring.partial_path_for(target, world) if target is not None else None
@@ -95,15 +129,15 @@ def score(model: str | LoadedModel, method: str = "r2", *, lengths: Sequence[int
         elif foreign:
             raise OutputError(f"{foreign[0].name} is from a run with another number of processes: resume it "
                               "with the same number, or pass --force to start over")
-    settings = scoring.Settings(method, chat_template, filter_probes, margin, min_answered=min_answered,
-                                max_drawn=max_drawn, teacher_forced=teacher_forced)
-    if min_answered is not None and not filter_probes:
-        raise HeadprofError("--min-answered counts answered probes; it cannot be used with --no-filter")
-    if min_answered is not None and needles is not None:
-        raise HeadprofError("--min-answered draws more generated probes; it cannot be used with --needles")
+    settings = scoring.Settings(method, chat_template, filter_probes, span, max_new_tokens, min_answered=min_answered,
+                                max_drawn=max_drawn, teacher_forced=teacher_forced,
+                                keep_chance=keep_chance_families, preset=preset)
     lm = _load_on_every_process(world, model, device, dtype, device_map)
-    ps, hs = probe_set(method, lengths, depths, seed, needles, haystack, lm.info.max_positions,
-                       lm.device.startswith("cuda"), families, version)
+    if preset is not None:
+        ps, hs = preset_probe_set(preset, haystack, lengths, depths, lm.info.max_positions)
+    else:
+        ps, hs = probe_set(method, lengths, 10 if depths is None else depths, seed, needles, haystack,
+                           lm.info.max_positions, lm.device.startswith("cuda"), families, version)
     prof = scoring.score(lm, ps, settings, hs, partial=partial, resume=resume,
                          progress=progress if world.main else None, world=world)
     if target is not None:
@@ -282,10 +316,7 @@ def check(profile: Profile | str | Path, model: str | LoadedModel | None = None,
     ps, hs = probes.from_profile(prof.data, max_probes)
     lm = load_model(model or prof.model["spec"], device, dtype)
     prof.check_fits(lm.info.layout)
-    params = prof.data["method"].get("params", {})
-    settings = scoring.Settings(prof.method, params.get("chat_template", True), params.get("filter", True),
-                                params.get("margin", scoring.DEFAULT_MARGIN), rule=params.get("success_metric"),
-                                teacher_forced=params.get("teacher_forced", False))
+    settings = scoring.Settings.from_params(prof.method, prof.data["method"].get("params", {}))
     new = scoring.score(lm, ps, settings, hs, progress=progress)
     ids = [p.id for p in ps.probes]
     old_scores, new_scores = compare.subset_scores(prof, ids), compare.subset_scores(new, ids)

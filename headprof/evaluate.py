@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from headprof import generation, methods, probes
+from headprof.answers import answer_not_distractor, token_f1, words
 from headprof.compare import bootstrap_ci
 from headprof.defaults import BETA, KERNEL, WINDOW
 from headprof.distributed import World
@@ -28,7 +29,6 @@ from headprof.files import read_jsonl
 from headprof.models import LoadedModel
 from headprof.profile import Profile
 from headprof.progress import Callback, Progress
-from headprof.scores import answer_not_distractor, token_f1, words
 
 RESULTS_VERSION = 1
 FULL = next(n for n in methods.names() if not methods.REGISTRY[n].compresses)  # the reference: no compression

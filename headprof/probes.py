@@ -1,9 +1,10 @@
-"""Needle-in-a-haystack probe sets (seed, version, hash) and rendering; the needles are in `needles.py`.
+"""Needle-in-a-haystack probe sets (seed, version, hash) and rendering; the needles come from `families/`.
 
 A probe is model independent (text, target length in tokens, depth). `render` fits the haystack to the
 target length with a given tokenizer, so the same probe set serves every model. Probe sets can be drawn
 again in further *rounds* (same seed stream, new needles in the same grid), which `score
---min-answered` uses until enough probes were answered.
+--min-answered` uses until enough probes were answered; a round may leave out families that stayed at
+chance.
 """
 
 from __future__ import annotations
@@ -16,39 +17,46 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from headprof import families as fam
 from headprof.errors import ProbeError
 from headprof.files import read_jsonl
-from headprof.haystack import Haystack
-from headprof.needles import R2_FAMILIES, Needle, parse_families, r2_needle, r2_v1_needle, retrieval_needle
+from headprof.haystack import ESSAYS, Haystack
 
-__all__ = ["Haystack", "ProbeSet", "Probe", "Needle", "build_probe_set", "render"]
+__all__ = ["Haystack", "ProbeSet", "Probe", "build_probe_set", "render"]
 
-FAMILIES = ("retrieval", "r2")
-VERSIONS = {"retrieval": ("1",), "r2": ("2", "1")}  # the first is the default; r2 version 1 is the legacy form
 INSTRUCTION = "Answer the question using only the text above. Reply with a short answer."
 
 
 @dataclass(frozen=True)
 class Probe:
     id: str
-    family: str
+    family: str  # the scoring method: retrieval or r2
     length: int
     depth: float
     needle: str
     question: str
     answer: str
     distractors: tuple[str, ...] = ()
-    kind: str | None = None  # the r2 family of a version-2 probe (disambiguation, comparison, ...)
+    kind: str | None = None  # the family that made the needle (disambiguation, comparison, ...)
+    fact: str = ""  # the correct-fact sentence; "" on probe sets made before probes carried it
+    part: int | None = None  # a preset folder's needle index (its haystack is DIR/part{i})
 
     @property
     def distractor(self) -> str | None:
         return self.distractors[0] if self.distractors else None
+
+    def as_needle(self) -> fam.Needle:
+        return fam.Needle(self.needle, self.question, self.answer, self.fact, self.distractors, self.kind)
 
     def to_dict(self) -> dict[str, Any]:
         d = {"id": self.id, "family": self.family, "length": self.length, "depth": self.depth,
              "needle": self.needle, "question": self.question, "answer": self.answer, "distractor": self.distractor}
         if self.kind is not None or len(self.distractors) > 1:  # version-1 probes keep their old shape (and hash)
             d.update(distractors=list(self.distractors), kind=self.kind)
+        if self.fact:
+            d["fact"] = self.fact
+        if self.part is not None:
+            d["part"] = self.part
         return d
 
     @classmethod
@@ -56,21 +64,22 @@ class Probe:
         ds = r.get("distractors") or ([r["distractor"]] if r.get("distractor") else [])
         return cls(id=r["id"], family=r.get("family", family), length=int(r["length"]), depth=float(r["depth"]),
                    needle=r["needle"], question=r["question"], answer=r["answer"], distractors=tuple(ds),
-                   kind=r.get("kind"))
+                   kind=r.get("kind"), fact=r.get("fact", ""), part=r.get("part"))
 
 
 @dataclass(frozen=True)
 class ProbeSet:
     name: str
     version: str
-    family: str
+    family: str  # the scoring method
     seed: int
     lengths: tuple[int, ...]
     depths: int
     haystack: str
     probes: tuple[Probe, ...]
-    families: tuple[str, ...] | None = None  # r2 version 2: the families mixed
+    families: tuple[str, ...] | None = None  # the families mixed (versions that mix them)
     rounds: int = 1
+    preset: str | None = None  # an official protocol (presets.py)
 
     @property
     def hash(self) -> str:
@@ -79,8 +88,9 @@ class ProbeSet:
         return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
 
     def header(self) -> dict[str, Any]:
-        extra = {} if self.families is None else {"families": list(self.families)}
+        extra: dict[str, Any] = {} if self.families is None else {"families": list(self.families)}
         extra.update({} if self.rounds == 1 else {"rounds": self.rounds})
+        extra.update({} if self.preset is None else {"preset": self.preset})
         return {"name": self.name, "version": self.version, "hash": self.hash, "family": self.family,
                 "seed": self.seed, "lengths": list(self.lengths), "depths": self.depths,
                 "haystack": self.haystack, "count": len(self.probes), **extra}
@@ -96,18 +106,18 @@ class ProbeSet:
             lines.append(json.dumps(row))
         return "\n".join(lines) + "\n"
 
-    def redraw(self, r: int) -> ProbeSet:
-        """Round r (>= 1) of this generated set: the same grid with new needles from the same seed stream
-        (a set of the user's own needles has no further rounds; the caller refuses that up front)."""
+    def redraw(self, r: int, families: Sequence[str] | None = None) -> ProbeSet:
+        """Round r (>= 1) of this generated set: the same grid with new needles from the same seed stream,
+        from `families` (default: this set's). A set of the user's own needles has no further rounds; the
+        caller refuses that up front."""
         drawn = build_probe_set(self.family, self.lengths, self.depths, self.seed, version=self.version,
-                                families=self.families, draw=r)
-        return replace(drawn, name=self.name, haystack=self.haystack)
+                                families=families or self.families, draw=r)
+        return replace(drawn, name=self.name, haystack=self.haystack, families=self.families)
 
     def joined(self, others: Sequence[ProbeSet]) -> ProbeSet:
         """This set followed by further rounds of it, as one set."""
         probes = self.probes + tuple(p for o in others for p in o.probes)
-        return ProbeSet(self.name, self.version, self.family, self.seed, self.lengths, self.depths, self.haystack,
-                        probes, self.families, self.rounds + len(others))
+        return replace(self, probes=probes, rounds=self.rounds + len(others))
 
 
 def depth_grid(count: int) -> list[float]:
@@ -123,49 +133,49 @@ def default_lengths(max_positions: int, cap: int = 4000) -> list[int]:
     return [max(100, round(top * i / 5 / 100) * 100) for i in range(1, 6)]
 
 
-def load_needles(path: Path, family: str) -> list[Needle]:
-    """A user's needles (JSONL: needle, question, answer; r2 also distractor or distractors)."""
-    def parse(d: dict[str, Any]) -> Needle:
+def load_needles(path: Path, method: str) -> list[fam.Needle]:
+    """A user's needles (JSONL: needle, question, answer; optionally fact or real_needle, the correct-fact
+    sentence; r2 also distractor or distractors)."""
+    def parse(d: dict[str, Any]) -> fam.Needle:
         ds = d.get("distractors") or ([d["distractor"]] if d.get("distractor") else [])
-        if family == "r2" and not ds:
-            raise ProbeError("an r2 needle needs a 'distractor' (a wrong fact of the same kind, inside the needle)")
-        return Needle(str(d["needle"]), str(d["question"]), str(d["answer"]), tuple(str(x) for x in ds)).check()
+        if fam.needs_distractors(method) and not ds:
+            raise ProbeError(f"an {method} needle needs a 'distractor' (a wrong fact of the same kind, inside the "
+                             "needle)")
+        fact = str(d.get("fact") or d.get("real_needle") or "")
+        return fam.Needle(str(d["needle"]), str(d["question"]), str(d["answer"]), fact,
+                          tuple(str(x) for x in ds)).check()
 
     return [n for _, n in read_jsonl(path, "needles file", "needles", "needle, question, answer", parse,
                                      ProbeError)]
 
 
-def build_probe_set(family: str, lengths: Sequence[int], depths: int, seed: int = 0,
-                    needles: Sequence[Needle] | None = None, haystack: Haystack | None = None,
+def build_probe_set(method: str, lengths: Sequence[int], depths: int, seed: int = 0,
+                    needles: Sequence[fam.Needle] | None = None, haystack: Haystack | None = None,
                     exclude: frozenset[str] = frozenset(), version: str | None = None,
                     families: Sequence[str] | str | None = None, draw: int = 0) -> ProbeSet:
     """The grid lengths x depths, one needle per cell, deterministic from the seed.
 
     Generated needles whose text or question is in `exclude` are drawn again (eval items must not
-    repeat a profile's probes). `version` picks the needle generator (VERSIONS); `families` the r2
-    families of version 2; `round` > 0 draws the grid again with new needles.
+    repeat a profile's probes). `version` picks the probe-set version (families.VERSIONS); `families`
+    the families a mixing version draws from; `draw` > 0 draws the grid again with new needles.
     """
-    if family not in FAMILIES:
-        raise ProbeError(f"unknown probe family '{family}' (use {' or '.join(FAMILIES)})")
-    version = version or VERSIONS[family][0]
-    if version not in VERSIONS[family]:
-        raise ProbeError(f"unknown {family} probe-set version '{version}' (use {', '.join(VERSIONS[family])})")
+    if method not in fam.METHODS:
+        raise ProbeError(f"unknown probe family '{method}' (use {' or '.join(fam.METHODS)})")
+    version = version or fam.VERSIONS[method][0]
+    chosen = fam.parse(families, method, version)
     if not lengths:
         raise ProbeError("at least one length is needed")
     for n in lengths:
         if n <= 0:
             raise ProbeError(f"lengths must be positive token counts, got {n}")
-    mixed = parse_families(families) if family == "r2" and version == "2" else None
-    if families is not None and mixed is None:
-        raise ProbeError("--families chooses among r2 (version 2) probes only")
     haystack = haystack or Haystack(seed)
-    if family == "retrieval":
-        make = retrieval_needle
-    elif version == "1":
-        make = r2_v1_needle
-    else:
-        def make(rng: random.Random) -> Needle:
-            return r2_needle(rng, mixed or R2_FAMILIES)
+    mixed = fam.mixes(method, version)
+    with_fact = fam.carries_fact(method, version)
+
+    def make(rng: random.Random) -> fam.Needle:
+        nd = fam.get(rng.choice(list(chosen)) if mixed else chosen[0]).make(rng).check()
+        return nd if with_fact else replace(nd, fact="")
+
     suffix = f"-R{draw}" if draw else ""
     probes = []
     for li, length in enumerate(lengths):
@@ -173,18 +183,19 @@ def build_probe_set(family: str, lengths: Sequence[int], depths: int, seed: int 
             if needles:
                 nd = needles[(li * depths + di) % len(needles)]
             else:
-                nd = make(random.Random(f"{family}-{seed}-{length}-{di}{suffix}"))
+                nd = make(random.Random(f"{method}-{seed}-{length}-{di}{suffix}"))
                 for retry in range(1, 200):
                     if nd.needle not in exclude and nd.question not in exclude:
                         break
-                    nd = make(random.Random(f"{family}-{seed}-{length}-{di}{suffix}-{retry}"))
-            probes.append(Probe(id=f"{family}-L{length}-D{round_pct(depth)}{suffix}", family=family,
+                    nd = make(random.Random(f"{method}-{seed}-{length}-{di}{suffix}-{retry}"))
+            probes.append(Probe(id=f"{method}-L{length}-D{round_pct(depth)}{suffix}", family=method,
                                 length=int(length), depth=depth, needle=nd.needle, question=nd.question,
-                                answer=nd.answer, distractors=nd.distractors, kind=nd.kind))
+                                answer=nd.answer, distractors=nd.distractors,
+                                kind=nd.kind if mixed or with_fact else None, fact=nd.fact))
     name = "headprof-default" if needles is None and haystack.path is None else "custom"
-    return ProbeSet(name=name, version=version, family=family, seed=seed, lengths=tuple(lengths),
+    return ProbeSet(name=name, version=version, family=method, seed=seed, lengths=tuple(lengths),
                     depths=depths, haystack=haystack.identity, probes=tuple(probes),
-                    families=mixed if needles is None else None)
+                    families=chosen if mixed and needles is None else None)
 
 
 def round_pct(depth: float) -> str:
@@ -224,8 +235,10 @@ def prompt_ids(tokenizer, content: str, chat_template: bool = True, suffix: str 
     return list(encode(tokenizer, chat_text(tokenizer, content, chat_template, suffix), chat_template)["input_ids"])
 
 
-def render(probe: Probe, tokenizer, haystack: Haystack, chat_template: bool = True) -> RenderedProbe:
-    """Fit haystack sentences around the needle so the prompt has about `probe.length` tokens."""
+def render(probe: Probe, tokenizer, haystack: Haystack, chat_template: bool = True,
+           span: str = "fact") -> RenderedProbe:
+    """Fit haystack sentences around the needle so the prompt has about `probe.length` tokens; the span
+    is the correct-fact sentence (`span="fact"`) or only the answer value (`"value"`) in token positions."""
     chat_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
     overhead = len(encode(tokenizer, question_text(tokenizer, probe.needle, probe.question, chat_template),
                           chat_template)["input_ids"])
@@ -250,12 +263,15 @@ def render(probe: Probe, tokenizer, haystack: Haystack, chat_template: bool = Tr
         if len(enc["input_ids"]) <= probe.length or not sentences:
             break
         sentences.pop()
-    start = text.index(context) + context.index(probe.needle) + probe.needle.index(probe.answer)
-    end = start + len(probe.answer)
-    span = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > start and a < end and b > a]
-    if not span:
+    nd = probe.as_needle()
+    fact = nd.fact_sentence
+    at = probe.needle.index(fact) + (0 if span == "fact" else fact.index(probe.answer))
+    start = text.index(context) + context.index(probe.needle) + at
+    end = start + len(fam.span_text(nd, span))
+    positions = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > start and a < end and b > a]
+    if not positions:
         raise ProbeError(f"probe {probe.id}: answer not found among the prompt's tokens")
-    return RenderedProbe(input_ids=list(enc["input_ids"]), answer_span=(span[0], span[-1] + 1), text=text)
+    return RenderedProbe(input_ids=list(enc["input_ids"]), answer_span=(positions[0], positions[-1] + 1), text=text)
 
 
 _SENTENCE_TOKENS: dict[tuple[int, str], int] = {}
@@ -275,7 +291,10 @@ def from_profile(data: dict[str, Any], max_probes: int | None = None) -> tuple[P
     if not rows:
         raise ProbeError("the profile stores no probe texts (an imported profile?); it cannot be re-scored")
     hay = str(ps.get("haystack", ""))
-    if not hay.startswith("generated:v1:seed="):
+    if ps.get("preset"):
+        raise ProbeError(f"the profile's probes come from a needles folder; re-score with headprof score "
+                         f"--preset {ps['preset']} --haystack DIR")
+    if not hay.startswith(("generated:v1:seed=", "essays:")):
         raise ProbeError("the profile's probes used your own haystack file; re-score with headprof score --haystack")
     if max_probes is not None and max_probes < len(rows):
         if max_probes < 1:
@@ -283,7 +302,9 @@ def from_profile(data: dict[str, Any], max_probes: int | None = None) -> tuple[P
         rows = [rows[round(i * (len(rows) - 1) / max(max_probes - 1, 1))] for i in range(max_probes)]
     family = ps.get("family", "r2")
     probes = tuple(Probe.from_dict(r, family) for r in rows)
-    haystack = Haystack(int(hay.split("=")[1]))
+    haystack = Haystack(0, Path(ESSAYS)) if hay.startswith("essays:") else Haystack(int(hay.split("=")[1]))
+    if haystack.identity != hay:
+        raise ProbeError(f"the installed essays differ from the profile's ({hay}); its probes cannot be rebuilt")
     return ProbeSet(name=ps.get("name", "profile"), version=ps.get("version", "1"), family=family,
                     seed=int(ps.get("seed") or 0),
                     lengths=tuple(sorted({p.length for p in probes})), depths=int(ps.get("depths") or 1),

@@ -1,8 +1,9 @@
 """Score a model's heads on a probe set and build a profile.
 
 Per probe: prefill the prompt minus its last token with plain attention (no capture), then decode
-greedily, capturing one attention row per layer at each step, for at most answer tokens + margin
-steps. Only top-k (position, weight) pairs per head are kept from each row.
+greedily from the last prompt token, capturing one attention row per layer at each step, until the
+answer's line ends (or an end token, or `max_new_tokens`); the probe's family (`families/`) turns each
+step's top-k (position, weight) pairs per head into score increments, summed over the steps.
 
 Finished probes are appended to a partial file as they complete, so an interrupted run keeps its work
 and `resume=True` continues it; per-probe work is deterministic and independent, so a resumed run
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import platform
 import re
@@ -26,8 +28,9 @@ import transformers
 from transformers import DynamicCache
 
 import headprof
+from headprof import answers, presets
+from headprof import families as fam
 from headprof import probes as probes_mod
-from headprof import scores
 from headprof.capture import AttentionCapture
 from headprof.distributed import World
 from headprof.errors import OutputError, ProbeError
@@ -37,16 +40,9 @@ from headprof.models import LoadedModel, with_cache
 from headprof.profile import SCHEMA_VERSION, Profile, rounded
 from headprof.progress import Callback, Progress
 
-DEFAULT_MARGIN = 10
-
-
-def answer_done(tokenizer, token: int, generated: list[int], stops: set[int]) -> bool:
-    """Greedy decoding of an answer stops at an end token, or at a newline once some text exists.
-    Appends `token` to `generated` unless it is an end token."""
-    if token in stops:
-        return True
-    generated.append(token)
-    return "\n" in tokenizer.decode([token]) and bool(tokenizer.decode(generated).strip())
+MAX_NEW_TOKENS = 50  # the official decode length (Retrieval_Head; HeadKV-R2's cap)
+MIN_ANSWERED = 30  # the default target of answered, counted probes for generated probe sets
+MAX_DRAWN_FACTOR = 6  # default cap on probes drawn: this many times the target
 
 
 def stop_token_ids(lm: LoadedModel) -> set[int]:
@@ -57,23 +53,60 @@ def stop_token_ids(lm: LoadedModel) -> set[int]:
     return {i for i in ids if i is not None}
 
 
+@dataclass
+class Decoder:
+    """When greedy decoding of a probe's answer stops, and why.
+
+    Default: at an end token, or at a newline once some text exists (the end of the answer line), or
+    after `cap` tokens. `official`: the scripts' rule, a newline or end token at any step, and with
+    `answer_tokens` (HeadKV-R2) once the output is as long as the answer."""
+
+    tokenizer: Any
+    stops: set[int]
+    cap: int
+    official: bool = False
+    answer_tokens: int | None = None
+    reason: str = "cap"
+
+    def done(self, token: int, generated: list[int]) -> bool:
+        """Records `token` in `generated` (end tokens only under the official rule) and says whether to stop."""
+        if token in self.stops and not self.official:
+            self.reason = "eos"
+            return True
+        generated.append(token)
+        if token in self.stops:
+            self.reason = "eos"
+        elif "\n" in self.tokenizer.decode([token]) and (self.official or self.tokenizer.decode(generated).strip()):
+            self.reason = "line"
+        elif self.answer_tokens is not None and len(generated) >= self.answer_tokens:
+            self.reason = "answer"
+        else:
+            return len(generated) >= self.cap
+        return True
+
+
 def forced_tokens(tokenizer, answer: str) -> list[int]:
     """The gold answer as the response's first tokens (what `--teacher-forced` feeds)."""
     return list(tokenizer(answer, add_special_tokens=False)["input_ids"])
 
 
-@torch.no_grad()
-def score_probe(lm: LoadedModel, rendered: probes_mod.RenderedProbe, method: str,
-                margin: int = DEFAULT_MARGIN, forced: list[int] | None = None) -> tuple[str, np.ndarray, bool]:
-    """(response, [layer, head] scores, followed) of one rendered probe.
+@dataclass
+class ProbeRun:
+    response: str
+    scores: np.ndarray  # [layer, head], summed over decode steps
+    followed: bool  # teacher forcing: greedy decoding would have produced every fed token
+    stop: str  # eos, line, answer, cap or forced
+    steps: int
 
-    Greedy decoding for at most answer tokens + margin steps; or, with `forced` answer tokens, exactly
-    those steps with the gold tokens fed (teacher forcing), `followed` saying whether greedy decoding
-    would have produced every one of them.
-    """
+
+@torch.no_grad()
+def score_probe(lm: LoadedModel, rendered: probes_mod.RenderedProbe, family: fam.Family,
+                decoder: Decoder | None = None, forced: list[int] | None = None) -> ProbeRun:
+    """Scores of one rendered probe: greedy decoding under `decoder`, or with `forced` answer tokens fed
+    (teacher forcing) for exactly those steps."""
     layout = lm.info.layout
     start, end = rendered.answer_span
-    k = scores.topk_for(method, end - start)
+    k = family.topk(end - start)
     device = lm.model.device
     ids = torch.tensor([rendered.input_ids], device=device)
     cache = DynamicCache()  # full per-layer cache: key index == position, also on sliding layers
@@ -90,10 +123,11 @@ def score_probe(lm: LoadedModel, rendered: probes_mod.RenderedProbe, method: str
         top_vals[layer, :, :kk], top_idx[layer, :, :kk] = v, i
 
     total = torch.zeros(layout.num_layers, layout.num_query_heads, device=device)
-    stops = stop_token_ids(lm)
+    decoder = decoder or Decoder(lm.tokenizer, stop_token_ids(lm), MAX_NEW_TOKENS)
     generated: list[int] = []
     predicted: list[torch.Tensor] = []
-    for step in range(len(forced) if forced is not None else end - start + margin):
+    steps = len(forced) if forced is not None else decoder.cap
+    for step in range(steps):
         with AttentionCapture(sink):
             logits = lm.model(step_input, **with_cache(lm.model, cache), use_cache=True).logits
         if forced is not None:  # no host sync: whether greedy agrees is read once at the end
@@ -101,26 +135,25 @@ def score_probe(lm: LoadedModel, rendered: probes_mod.RenderedProbe, method: str
             token = forced[step]
         else:
             token = int(logits[0, -1].argmax())
-        if method == "retrieval":
-            total += scores.retrieval_step(top_idx, tokens, token, (start, end))
-        else:
-            total += scores.r2_step(top_vals, top_idx, (start, end))
-        if forced is None and answer_done(lm.tokenizer, token, generated, stops):
+        total += family.step(top_vals, top_idx, tokens, token, (start, end))
+        if forced is None and decoder.done(token, generated):
             break
         tokens = torch.cat([tokens, torch.tensor([token], device=device)])
         step_input = torch.tensor([[token]], device=device)
+    result = total.double().cpu().numpy()
     if forced is not None:
         followed = bool(torch.equal(torch.stack(predicted).cpu(), torch.tensor(forced))) if forced else False
-        return lm.tokenizer.decode(forced, skip_special_tokens=True).strip(), total.double().cpu().numpy(), followed
+        return ProbeRun(lm.tokenizer.decode(forced, skip_special_tokens=True).strip(), result, followed, "forced",
+                        len(forced))
     response = lm.tokenizer.decode(generated, skip_special_tokens=True).strip()
-    return response, total.double().cpu().numpy(), True
+    return ProbeRun(response, result, True, decoder.reason, step + 1 if steps else 0)
 
 
-def check_lengths(probe_set: probes_mod.ProbeSet, max_positions: int, margin: int) -> None:
+def check_lengths(probe_set: probes_mod.ProbeSet, max_positions: int, new_tokens: int) -> None:
     if not max_positions:
         return
     for n in probe_set.lengths:
-        if n + margin + 16 > max_positions:
+        if n + new_tokens + 16 > max_positions:
             raise ProbeError(f"length {n} does not fit the model: it handles at most {max_positions} positions")
 
 
@@ -131,32 +164,104 @@ class Settings:
     method: str
     chat_template: bool = True
     filter_probes: bool = True
-    margin: int = DEFAULT_MARGIN
-    rule: str | None = None  # answer check (scores.RULES); None: the method's default for the probe set
+    span: str = "fact"  # families.SPANS: the correct-fact sentence, or only the answer value
+    max_new_tokens: int = MAX_NEW_TOKENS
+    margin: int | None = None  # profiles made before: at most span tokens + margin decode steps
+    rule: str | None = None  # answer check (answers.RULES); None: the family's own rule
     min_answered: int | None = None
-    max_drawn: int | None = None  # default 4 x min_answered
+    max_drawn: int | None = None  # default MAX_DRAWN_FACTOR x min_answered
     teacher_forced: bool = False
+    keep_chance: bool = False  # count answered probes of families that stay at chance
+    preset: str | None = None  # presets.PRESETS: the official protocol
 
     def resolved(self, probe_set: probes_mod.ProbeSet, lm: LoadedModel) -> Settings:
-        if self.method not in scores.METHODS:
-            raise ProbeError(f"unknown scoring method '{self.method}' (use {' or '.join(scores.METHODS)})")
+        if self.method not in fam.METHODS:
+            raise ProbeError(f"unknown scoring method '{self.method}' (use {' or '.join(fam.METHODS)})")
+        if self.span not in fam.SPANS:
+            raise ProbeError(f"unknown span '{self.span}' (use {' or '.join(fam.SPANS)})")
         if self.min_answered is not None and self.min_answered < 1:
             raise ProbeError(f"--min-answered must be at least 1, got {self.min_answered}")
         if self.max_drawn is not None and self.max_drawn < 1:
             raise ProbeError(f"--max-drawn must be at least 1, got {self.max_drawn}")
-        legacy = self.method == "r2" and probe_set.version == "1"
-        rule = self.rule or ("token_f1" if legacy else scores.DEFAULT_RULE[self.method])
-        if rule not in scores.RULES:
-            raise ProbeError(f"unknown answer check '{rule}' (use {', '.join(scores.RULES)})")
-        cap = self.max_drawn or (4 * self.min_answered if self.min_answered else None)
-        return replace(self, chat_template=self.chat_template and lm.info.chat_template, rule=rule, max_drawn=cap)
+        if self.max_new_tokens < 1:
+            raise ProbeError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.rule is not None and self.rule not in answers.RULES:
+            raise ProbeError(f"unknown answer check '{self.rule}' (use {', '.join(answers.RULES)})")
+        cap = self.max_drawn or (MAX_DRAWN_FACTOR * self.min_answered if self.min_answered else None)
+        template = self.chat_template and lm.info.chat_template and self.preset is None
+        return replace(self, chat_template=template, max_drawn=cap)
+
+    def family(self, probe: probes_mod.Probe, probe_set: probes_mod.ProbeSet) -> fam.Family:
+        """The family that scores and checks a probe: its own, the version's only one, or the user's needles."""
+        if probe.kind in fam.FAMILIES:
+            return fam.FAMILIES[probe.kind]
+        if probe_set.preset is None and probe_set.name != "custom":
+            return fam.get(fam.for_version(probe_set.family, probe_set.version)[0])
+        preset_rule = presets.get(probe_set.preset).rule if probe_set.preset else "answer_f1"
+        return fam.UserNeedles(self.method, preset_rule, 1 + len(probe.distractors))
+
+    def rule_for(self, family: fam.Family) -> str:
+        return self.rule or family.rule
+
+    def decoder(self, lm: LoadedModel, rendered: probes_mod.RenderedProbe, probe: probes_mod.Probe) -> Decoder:
+        stops = stop_token_ids(lm)
+        if self.preset is not None:
+            answer = None
+            if presets.get(self.preset).stop_at_answer:
+                answer = len(lm.tokenizer(probe.answer, add_special_tokens=False)["input_ids"])
+            return Decoder(lm.tokenizer, stops, self.max_new_tokens, official=True, answer_tokens=answer)
+        start, end = rendered.answer_span
+        cap = end - start + self.margin if self.margin is not None else self.max_new_tokens
+        return Decoder(lm.tokenizer, stops, cap)
+
+    def params(self, probe_set: probes_mod.ProbeSet) -> dict[str, Any]:
+        """The rules as a profile records them (read back by `from_params`)."""
+        if self.teacher_forced:
+            decode = "the gold answer's tokens, fed (teacher-forced)"
+        elif self.margin is not None:
+            decode = f"greedy, span tokens + {self.margin}, stopping at a newline or end token"
+        elif self.preset is not None:
+            decode = ("greedy, official: stop at a newline or end token"
+                      + (", or at the answer's token length" if presets.get(self.preset).stop_at_answer else "")
+                      + f", at most {self.max_new_tokens} tokens")
+        else:
+            decode = f"greedy, until the answer's line ends or an end token, at most {self.max_new_tokens} tokens"
+        rules = sorted({self.rule_for(self.family(p, probe_set)) for p in probe_set.probes})
+        rule = rules[0] if len(rules) == 1 else ",".join(rules)
+        prompt = ("raw, official: context + 'Based on the content of the book, Question: ...\\nAnswer:'"
+                  if self.preset else "chat template, question after the context" if self.chat_template
+                  else "raw, question after the context")
+        return {"span": self.span if self.preset is None else "real_needle (token overlap)",
+                "topk": self.family(probe_set.probes[0], probe_set).topk_rule if probe_set.probes else None,
+                "decode": decode, "max_new_tokens": self.max_new_tokens,
+                **({"margin": self.margin} if self.margin is not None else {}),
+                "greedy": not self.teacher_forced, "teacher_forced": self.teacher_forced,
+                "success_metric": rule, "success_rule": "; ".join(answers.RULES[r][1] for r in rules),
+                "success_threshold": answers.THRESHOLD, "filter": self.filter_probes,
+                "keep_chance_families": self.keep_chance, "chat_template": self.chat_template,
+                "prompt": prompt, **({"preset": self.preset} if self.preset else {}),
+                "aggregate": "per probe: sum over decode steps; profile: mean over counted probes"}
+
+    @classmethod
+    def from_params(cls, method: str, params: dict[str, Any]) -> Settings:
+        """The settings a profile records (older profiles: the value span and answer tokens + margin)."""
+        legacy = "span" not in params
+        rule = params.get("success_metric")
+        return cls(method, params.get("chat_template", True), params.get("filter", True),
+                   span="value" if legacy else ("fact" if params["span"] not in fam.SPANS else params["span"]),
+                   max_new_tokens=int(params.get("max_new_tokens", MAX_NEW_TOKENS)),
+                   margin=params.get("margin", 10) if legacy else params.get("margin"),
+                   rule=rule if rule in answers.RULES else None, teacher_forced=params.get("teacher_forced", False),
+                   keep_chance=params.get("keep_chance_families", legacy), preset=params.get("preset"))
 
 
 def _fingerprint(lm: LoadedModel, probe_set: probes_mod.ProbeSet, s: Settings) -> dict[str, Any]:
     return {"model": lm.info.resolved, "weights_sha256": lm.info.weights_sha256, "revision": lm.info.revision,
-            "method": s.method, "probe_set": probe_set.hash, "chat_template": s.chat_template, "margin": s.margin,
-            "dtype": lm.dtype, "device": lm.device, "rule": s.rule, "min_answered": s.min_answered,
-            "max_drawn": s.max_drawn, "teacher_forced": s.teacher_forced}
+            "method": s.method, "probe_set": probe_set.hash, "chat_template": s.chat_template, "span": s.span,
+            "max_new_tokens": s.max_new_tokens, "margin": s.margin, "dtype": lm.dtype, "device": lm.device,
+            "rule": s.rule, "min_answered": s.min_answered, "max_drawn": s.max_drawn,
+            "teacher_forced": s.teacher_forced, "keep_chance": s.keep_chance, "preset": s.preset,
+            "drawing": DRAWING_RULE if s.min_answered is not None else None}
 
 
 def _read_partial(path: Path, fingerprint: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -194,32 +299,80 @@ def foreign_partials(out: Path, world: World) -> list[Path]:
     return sorted(p for p in out.parent.glob(out.name + ".partial*.jsonl") if not mine.fullmatch(p.name))
 
 
-def run_probe(lm: LoadedModel, probe: probes_mod.Probe, haystack: Haystack, s: Settings) -> dict[str, Any]:
-    """One probe's record: response, answer check, per-head scores."""
-    rendered = probes_mod.render(probe, lm.tokenizer, haystack, s.chat_template)
+def run_probe(lm: LoadedModel, probe: probes_mod.Probe, probe_set: probes_mod.ProbeSet,
+              haystack: Haystack | presets.Folder, s: Settings) -> dict[str, Any]:
+    """One probe's record: response, answer check, why decoding stopped, per-head scores."""
+    if isinstance(haystack, presets.Folder):
+        rendered = presets.render(probe, lm.tokenizer, haystack, presets.get(probe_set.preset or ""))
+    else:
+        rendered = probes_mod.render(probe, lm.tokenizer, haystack, s.chat_template, s.span)
+    family = s.family(probe, probe_set)
     forced = forced_tokens(lm.tokenizer, probe.answer) if s.teacher_forced else None
-    response, head_scores, followed = score_probe(lm, rendered, s.method, s.margin, forced)
-    assert s.rule is not None
-    ok, metric = scores.answer_check(s.rule, response, probe.answer, probe.distractors)
+    run = score_probe(lm, rendered, family, s.decoder(lm, rendered, probe), forced)
+    fact = probe.fact or probe.as_needle().fact_sentence
+    ok, metric = answers.check(s.rule_for(family), run.response, probe.answer, fact, probe.distractors)
     if s.teacher_forced:
-        ok, metric = followed, float(followed)
-    return {"id": probe.id, "success": ok, "metric": round(metric, 6), "response": response,
-            "tokens": len(rendered.input_ids), "answer_span": list(rendered.answer_span),
-            "scores": rounded(head_scores)}
+        ok, metric = run.followed, float(run.followed)
+    return {"id": probe.id, "success": ok, "metric": round(metric, 6), "response": run.response, "stop": run.stop,
+            "steps": run.steps, "tokens": len(rendered.input_ids), "answer_span": list(rendered.answer_span),
+            "scores": rounded(run.scores)}
 
 
-def score(lm: LoadedModel, probe_set: probes_mod.ProbeSet, settings: Settings | str, haystack: Haystack,
-          partial: Path | None = None, resume: bool = False, progress: Callback | None = None,
-          world: World | None = None) -> Profile:
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a rate (95% by default)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+# While rounds are drawn, a family stays in the draw while the upper end of its 80% interval reaches
+# DRAW_FACTOR times chance: a family answered at 1.5x chance (50% of three candidates) clears chance at 95%
+# after about 36 probes; one that is surely below that rate would need far more than a run draws.
+DRAW_FACTOR = 1.5
+DRAWING_RULE = f"a family is drawn again while the upper end of its 80% interval reaches {DRAW_FACTOR}x chance"
+
+
+def family_stats(rows: list[dict[str, Any]], chances: dict[str, float | None]) -> dict[str, dict[str, Any]]:
+    """Per family: drawn, answered, the answered rate with its 95% interval, chance, and whether the
+    family is clearly above chance (the interval's lower end above it) and still worth drawing."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        f = out.setdefault(r["kind"], {"drawn": 0, "answered": 0, "capped_failures": 0})
+        f["drawn"] += 1
+        f["answered"] += bool(r["success"])
+        f["capped_failures"] += (not r["success"]) and r.get("stop") == "cap"
+    for name, f in out.items():
+        chance = chances.get(name)
+        lo, hi = wilson(f["answered"], f["drawn"])
+        rate = f["answered"] / f["drawn"]
+        f.update(chance=None if chance is None else round(chance, 4), answered_rate=round(rate, 4),
+                 interval=[round(lo, 4), round(hi, 4)], above_chance=chance is None or lo > chance,
+                 drawing=chance is None or wilson(f["answered"], f["drawn"], 1.2816)[1] >= DRAW_FACTOR * chance)
+    return out
+
+
+def _kind(probe: probes_mod.Probe, probe_set: probes_mod.ProbeSet, s: Settings) -> tuple[str, float | None]:
+    family = s.family(probe, probe_set)
+    return probe.kind or family.name, family.chance
+
+
+def score(lm: LoadedModel, probe_set: probes_mod.ProbeSet, settings: Settings | str,
+          haystack: Haystack | presets.Folder, partial: Path | None = None, resume: bool = False,
+          progress: Callback | None = None, world: World | None = None) -> Profile:
     """Run every probe (and, for `min_answered`, further rounds) and return the profile.
 
-    See the module docstring for partial/resume. Launched over several processes (`world`), each runs
-    every size-th probe of a round and keeps its own partial file; results are gathered after each
-    round, so every process returns the same profile as a single process would.
+    See the module docstring for partial/resume. With `min_answered`, whole rounds of the grid are drawn
+    until that many answered probes count (families clearly above chance), at most `max_drawn`; a family
+    that stays at chance is no longer drawn. Launched over several processes (`world`), each runs every
+    size-th probe of a round and keeps its own partial file; results are gathered after each round, so
+    every process returns the same profile as a single process would.
     """
     world = world or World()
     s = (Settings(settings) if isinstance(settings, str) else settings).resolved(probe_set, lm)
-    check_lengths(probe_set, lm.info.max_positions, s.margin)
+    check_lengths(probe_set, lm.info.max_positions, s.max_new_tokens)
     fingerprint = {**_fingerprint(lm, probe_set, s), "processes": world.size, "rank": world.rank}
     done: dict[str, dict[str, Any]] = {}
     if partial is not None and partial.exists():
@@ -241,7 +394,7 @@ def score(lm: LoadedModel, probe_set: probes_mod.ProbeSet, settings: Settings | 
             batch = world.shard(list(rounds[-1].probes))  # this process's share of the newest round
             for probe in batch:
                 if probe.id not in done:
-                    done[probe.id] = run_probe(lm, probe, haystack, s)
+                    done[probe.id] = run_probe(lm, probe, probe_set, haystack, s)
                     if writer is not None:
                         writer.write(json.dumps(done[probe.id]) + "\n")
                         writer.flush()
@@ -252,10 +405,17 @@ def score(lm: LoadedModel, probe_set: probes_mod.ProbeSet, settings: Settings | 
             if world.size > 1:
                 for part in world.gather([done[p.id] for p in batch]):
                     done.update((r["id"], r) for r in part)
-            answered = sum(done[p.id]["success"] for p in drawn)
-            if s.min_answered is None or answered >= s.min_answered or len(drawn) >= (s.max_drawn or 0):
+            if s.min_answered is None or len(drawn) >= (s.max_drawn or 0):
                 break
-            rounds.append(probe_set.redraw(len(rounds)))
+            kinds = {p.id: _kind(p, probe_set, s) for p in drawn}
+            stats = family_stats([{**done[p.id], "kind": kinds[p.id][0]} for p in drawn],
+                                 dict(kinds.values()))
+            counted = sum(done[p.id]["success"] and (s.keep_chance or stats[kinds[p.id][0]]["above_chance"])
+                          for p in drawn)
+            active = [f for f in (probe_set.families or ()) if stats.get(f, {}).get("drawing", True)]
+            if counted >= s.min_answered or (probe_set.families and not active):
+                break
+            rounds.append(probe_set.redraw(len(rounds), active or None))
     finally:
         if writer is not None:
             writer.close()
@@ -265,23 +425,7 @@ def score(lm: LoadedModel, probe_set: probes_mod.ProbeSet, settings: Settings | 
     return prof
 
 
-def _by_family(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per r2 family: drawn, answered, counted, and the chance of answering by luck."""
-    out: dict[str, dict[str, Any]] = {}
-    for r in rows:
-        f = out.setdefault(r.get("kind") or r.get("family") or "probes",
-                           {"drawn": 0, "answered": 0, "counted": 0, "candidates": 0})
-        f["drawn"] += 1
-        f["answered"] += bool(r["success"])
-        f["counted"] += bool(r["counted"])
-        f["candidates"] = max(f["candidates"], 1 + len(r.get("distractors") or ([1] if r.get("distractor") else [])))
-    for f in out.values():
-        f["chance"] = round(1 / f.pop("candidates"), 4) if f["candidates"] > 1 else None
-        f["answered_rate"] = round(f["answered"] / f["drawn"], 4)
-    return out
-
-
-FEW_COUNTED = 20  # a rule of thumb: fewer counted probes make a noisy profile (shipped r2 ones count 36-41)
+FEW_COUNTED = 20  # a rule of thumb: fewer counted probes make a noisy profile
 
 
 def build_profile(lm: LoadedModel, probe_set: probes_mod.ProbeSet, results: list[dict[str, Any]],
@@ -289,28 +433,49 @@ def build_profile(lm: LoadedModel, probe_set: probes_mod.ProbeSet, results: list
     s = settings
     layout = lm.info.layout
     by_id = {p.id: p for p in probe_set.probes}
+    kinds = {p.id: _kind(p, probe_set, s) for p in probe_set.probes}
+    stats = family_stats([{**r, "kind": kinds[r["id"]][0]} for r in results], dict(kinds.values()))
     filtering = s.filter_probes and not s.teacher_forced
+    luck = [k for k, f in stats.items() if not f["above_chance"]] if filtering and not s.keep_chance else []
+
+    def counts(r: dict[str, Any]) -> bool:
+        return bool(r["success"]) and kinds[r["id"]][0] not in luck
+
     # A model that answers no probe would get an all-zero profile; count every probe instead, and say so.
-    fallback = filtering and not any(r["success"] for r in results)
+    fallback = filtering and not any(counts(r) for r in results)
     counting = ("every probe (teacher-forced)" if s.teacher_forced else "every probe" if not filtering else
-                "every probe: none was answered correctly, so the filter was dropped" if fallback
+                "every probe: none was answered correctly above chance, so the filter was dropped" if fallback
+                else "answered probes of families above chance" if luck or any(f["chance"] for f in stats.values())
                 else "answered probes only")
-    probe_rows = [{**r, "counted": bool(r["success"] or not filtering or fallback),
+    probe_rows = [{**r, "counted": bool(counts(r) or not filtering or fallback),
                    **{k: v for k, v in by_id[r["id"]].to_dict().items() if k != "id"}} for r in results]
     counted = [r["scores"] for r in probe_rows if r["counted"]]
+    for name, f in stats.items():
+        f["counted"] = sum(r["counted"] for r in probe_rows if kinds[r["id"]][0] == name)
+        f["left_out_at_chance"] = name in luck
     query = (np.mean(np.asarray(counted, dtype=float), axis=0) if counted
              else np.zeros((layout.num_layers, layout.num_query_heads)))
     answered = sum(r["success"] for r in probe_rows)
+    capped = sum((not r["success"]) and r.get("stop") == "cap" for r in probe_rows)
     warnings = []
     target = None
+    for name in luck:
+        f = stats[name]
+        warnings_note = (f"{name}: {f['answered']} of {f['drawn']} answered ({f['answered_rate']:.0%}, 95% interval "
+                         f"{f['interval'][0]:.0%}-{f['interval'][1]:.0%}) is not clearly above chance "
+                         f"({f['chance']:.0%}); its probes are not counted (--keep-chance-families counts them)")
+        if f["answered"]:
+            warnings.append(warnings_note)
     if s.min_answered is not None:
-        target = {"min_answered": s.min_answered, "max_drawn": s.max_drawn, "reached": answered >= s.min_answered}
+        target = {"min_answered": s.min_answered, "max_drawn": s.max_drawn,
+                  "reached": len(counted) >= s.min_answered and not fallback, "drawing": DRAWING_RULE}
         if not target["reached"]:
-            warnings.append(f"only {answered} of the {s.min_answered} answered probes asked for: the cap of "
-                            f"{s.max_drawn} drawn probes was reached ({len(probe_rows)} drawn)")
+            warnings.append(f"only {len(counted) if not fallback else 0} of the {s.min_answered} counted probes "
+                            f"asked for: drawing stopped after {len(probe_rows)} probes (the cap is {s.max_drawn}, "
+                            "and families at chance are not drawn again)")
     elif fallback:
-        warnings.append(f"no probe of {len(probe_rows)} was answered, so every probe was counted: the scores show "
-                        "where the model looked while failing (docs/profiles.md)")
+        warnings.append(f"no probe of {len(probe_rows)} was answered above chance, so every probe was counted: the "
+                        "scores show where the model looked while failing (docs/profiles.md)")
     elif filtering and len(counted) < FEW_COUNTED:
         warnings.append(f"only {len(counted)} of {len(probe_rows)} probes were answered and counted: a noisy "
                         f"profile; --min-answered 30 draws more until 30 are (docs/profiles.md)")
@@ -319,16 +484,9 @@ def build_profile(lm: LoadedModel, probe_set: probes_mod.ProbeSet, results: list
         "headprof_version": headprof.__version__,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "model": {**lm.info.to_dict()},
-        "method": {"name": s.method, "params": {
-            "decode_steps": "answer tokens (teacher-forced)" if s.teacher_forced else f"answer tokens + {s.margin}",
-            "margin": s.margin, "greedy": not s.teacher_forced, "teacher_forced": s.teacher_forced,
-            "topk": 1 if s.method == "retrieval" else "answer tokens",
-            "success_metric": s.rule, "success_rule": scores.RULES[s.rule or ""],
-            "success_threshold": scores.SUCCESS_THRESHOLD,
-            "filter": s.filter_probes, "counted_probes": counting, "chat_template": s.chat_template,
-            "aggregate": "mean over counted probes"}},
+        "method": {"name": s.method, "params": {**s.params(probe_set), "counted_probes": counting}},
         "probe_set": {**probe_set.header(), "successes": answered, "counted": len(counted),
-                      "by_family": _by_family(probe_rows), **({"target": target} if target else {})},
+                      "capped_failures": capped, "by_family": stats, **({"target": target} if target else {})},
         "probes": probe_rows,
         "scores": {"query": rounded(query), "kv": Profile.kv_reduce(query, layout.num_kv_heads)},
         "environment": environment(lm),

@@ -184,7 +184,7 @@ def test_check_passes_on_rescore_and_fails_on_changed_model(tmp_path):
     model_dir = save("llama", tmp_path / "tiny")
     prof_path = tmp_path / "p.json"
     r = headprof("score", model_dir, "--method", "r2", "--lengths", "200,300", "--depths", "3", "--out", prof_path,
-                 "--quiet")
+                 "--one-round", "--max-new-tokens", "8", "--quiet")
     assert r.returncode == 0, r.stderr
     r = headprof("check", prof_path, "--quiet")
     assert r.returncode == 0 and "OK" in r.stdout and "Spearman 1.000" in r.stdout, r.stdout + r.stderr

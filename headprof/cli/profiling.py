@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from headprof.cli.common import (
+    BadInput,
     Depths,
     Device,
     Dtype,
@@ -25,6 +26,7 @@ from headprof.cli.common import (
     app,
     emit,
     err,
+    family_lines,
     friendly,
     out,
     parse_ints,
@@ -38,8 +40,9 @@ def score(
     model: ModelArg,
     method: ScoringMethod = "r2",
     lengths: Annotated[str | None, typer.Option(help="prompt lengths in tokens, e.g. 1000,2000 "
-                                                     "[default: 5 lengths up to 4000 on CPU]")] = None,
-    depths: Depths = 10,
+                                                     "[default: 5 lengths up to 2000 on CPU]")] = None,
+    depths: Annotated[int | None, typer.Option(help="needle depths per length, evenly spaced over 0-100% "
+                                                    "[default: 10]")] = None,
     seed: Seed = 0,
     out_path: Annotated[Path | None, typer.Option("--out", "-o", help="profile to write "
                                                   "[default: profiles/MODEL/METHOD.json]")] = None,
@@ -49,16 +52,25 @@ def score(
     no_chat_template: Annotated[bool, typer.Option("--no-chat-template")] = False,
     needles: NeedlesOpt = None,
     haystack: HaystackOpt = None,
-    margin: Annotated[int, typer.Option(help="decode steps beyond the answer's length")] = 10,
+    span: Annotated[str, typer.Option(help="the scored span: fact (the correct-fact sentence, as HeadKV) or "
+                                           "value (only the answer's words)")] = "fact",
+    max_new_tokens: Annotated[int, typer.Option(help="decode at most this many tokens per probe")] = 50,
+    preset: Annotated[str | None, typer.Option(help="an official protocol end to end: headkv or retrieval-head "
+                                                    "(needles folder from --haystack DIR)")] = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     device_map: Annotated[str | None, typer.Option(help="'auto' to spread a large model (accelerate)")] = None,
     families: FamiliesOpt = None,
     probe_version: ProbeVersionOpt = None,
-    min_answered: Annotated[int | None, typer.Option(help="draw further rounds of probes until this many "
-                                                          "were answered")] = None,
+    min_answered: Annotated[int | None, typer.Option(help="draw further rounds of probes until this many were "
+                                                          "answered and counted [default: 30 for generated "
+                                                          "probes]")] = None,
     max_drawn: Annotated[int | None, typer.Option(help="cap on probes drawn for --min-answered "
-                                                       "[default: 4x --min-answered]")] = None,
+                                                       "[default: 6x --min-answered]")] = None,
+    one_round: Annotated[bool, typer.Option("--one-round", help="score the grid once, draw no further "
+                                                                "rounds")] = False,
+    keep_chance_families: Annotated[bool, typer.Option(help="count answered probes of families that are not "
+                                                            "clearly above chance")] = False,
     teacher_forced: Annotated[bool, typer.Option(help="feed the gold answer and score every probe")] = False,
     quiet: Quiet = False,
 ) -> None:
@@ -66,15 +78,19 @@ def score(
     from headprof import api, scoring
     from headprof.distributed import world
 
-    target = out_path or api.default_profile_path(model, method)
+    if one_round and min_answered is not None:
+        raise BadInput("--one-round and --min-answered contradict each other")
+    target = out_path or api.default_profile_path(model, preset or method)
     w = world()  # under torchrun / accelerate launch, only the first process shows progress and results
     try:
         prof = with_progress(quiet or not w.main, 0, lambda cb: api.score(
             model, method, lengths=parse_ints(lengths, "--lengths") if lengths else None, depths=depths, seed=seed,
             needles=needles, haystack=haystack, chat_template=not no_chat_template, filter_probes=not no_filter,
-            margin=margin, out=target, force=force, resume=resume, progress=cb, device=device, dtype=dtype,
-            device_map=device_map, families=families, version=probe_version, min_answered=min_answered,
-            max_drawn=max_drawn, teacher_forced=teacher_forced))
+            span=span, max_new_tokens=max_new_tokens, out=target, force=force, resume=resume, progress=cb,
+            device=device, dtype=dtype, device_map=device_map, families=families, version=probe_version,
+            min_answered=None if one_round else (min_answered if min_answered is not None else "auto"),
+            max_drawn=max_drawn, teacher_forced=teacher_forced, keep_chance_families=keep_chance_families,
+            preset=preset))
     except KeyboardInterrupt:
         err.print(f"interrupted: finished probes are kept in {scoring.partial_path_for(Path(target), w)}; "
                   "rerun with --resume to continue", highlight=False)
@@ -84,15 +100,10 @@ def score(
     p = prof.data["probe_set"]
     out.print(f"wrote {target}: {prof.method} scores for {p['count']} probes, {p['successes']} answered "
               f"correctly, {p['counted']} counted", highlight=False)
-    for family, f in p.get("by_family", {}).items():
-        chance = f" (chance {f['chance']:.0%})" if f.get("chance") else ""
-        out.print(f"  {family}: {f['answered']} of {f['drawn']} answered{chance}, {f['counted']} counted",
-                  highlight=False)
+    for line in family_lines(p):
+        out.print(line, highlight=False)
     for warning in prof.data.get("warnings", []):
         err.print(f"warning: {warning}", highlight=False)
-    if p["successes"] == 0 and not no_filter and not teacher_forced:
-        err.print("warning: the model answered no probe; every probe was counted (as with --no-filter)",
-                  highlight=False)
 
 
 @app.command()

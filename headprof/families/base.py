@@ -1,0 +1,149 @@
+"""What a probe family is: a needle generator with its spans, top-k, per-step head score and answer rule.
+
+Two scoring methods exist, and each family belongs to one:
+
+- `retrieval` (Wu et al., Retrieval Head): at each decode step, +1/N for a head whose top-1 attended
+  position lies in the span and holds the token generated at this step (N = span tokens);
+- `r2` (HeadKV-R2, Eq. 2): at each decode step, + weight/N for each of a head's top-N positions that
+  lies in the span (no token test).
+
+The span is the needle's correct-fact sentence (`fact`, as the official `real_needle`) by default, or
+only its answer value (`span="value"`, the narrower span of headprof's earlier profiles).
+Steps are vectorised over layers and heads; a probe's score is the sum over its decode steps.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+import torch
+
+from headprof.errors import ProbeError
+
+SPANS = ("fact", "value")
+
+
+@dataclass(frozen=True)
+class Needle:
+    """A needle text, its question, the answer value, the correct-fact sentence that holds the answer, and
+    the same-kind facts that are wrong."""
+
+    needle: str
+    question: str
+    answer: str
+    fact: str = ""  # the correct-fact sentence (official `real_needle`); "" -> the needle's sentence holding answer
+    distractors: tuple[str, ...] = ()
+    kind: str | None = None  # the family that made it; None for user needles and legacy sets
+
+    def check(self) -> Needle:
+        if not self.needle or not self.question or not self.answer:
+            raise ProbeError("needle, question and answer must be non-empty")
+        if self.answer not in self.needle:
+            raise ProbeError(f"the answer '{self.answer}' does not occur in the needle")
+        if self.fact and (self.fact not in self.needle or self.answer not in self.fact):
+            raise ProbeError(f"the fact '{self.fact}' must occur in the needle and contain the answer")
+        for d in self.distractors:
+            if not d or d not in self.needle:
+                raise ProbeError(f"the distractor '{d}' does not occur in the needle")
+            if d == self.answer:
+                raise ProbeError(f"the distractor '{d}' equals the answer")
+        return self
+
+    @property
+    def fact_sentence(self) -> str:
+        """The correct-fact sentence: given, or the needle's sentence that holds the answer."""
+        if self.fact:
+            return self.fact
+        at = self.needle.index(self.answer)
+        starts = [0] + [m.end() for m in re.finditer(r"[.!?;]\s+", self.needle) if m.end() <= at]
+        start = starts[-1]
+        stop = re.search(r"[.!?;](\s|$)", self.needle[at + len(self.answer):])
+        end = len(self.needle) if stop is None else at + len(self.answer) + stop.start() + 1
+        return self.needle[start:end].strip()
+
+
+def span_text(needle: Needle, span: str) -> str:
+    """The text whose tokens form the scored span."""
+    if span not in SPANS:
+        raise ProbeError(f"unknown span '{span}' (use {' or '.join(SPANS)})")
+    return needle.fact_sentence if span == "fact" else needle.answer
+
+
+class Family:
+    """One probe family. Subclasses set `name`, `method`, `candidates` and implement `make`."""
+
+    name: str = ""
+    method: str = ""  # "retrieval" or "r2": which per-step score
+    candidates: int = 1  # how many same-kind facts the needle offers; chance = 1 / candidates
+    rule: str = "answer_f1"  # the answer check (answers.RULES) of probes from this family
+    topk_rule: str = ""  # how k is chosen, as profiles record it
+
+    @property
+    def chance(self) -> float | None:
+        return 1 / self.candidates if self.candidates > 1 else None
+
+    def make(self, rng: random.Random) -> Needle:
+        raise NotImplementedError
+
+    def topk(self, span_tokens: int) -> int:
+        raise NotImplementedError
+
+    def step(self, top_vals: torch.Tensor, top_idx: torch.Tensor, tokens: torch.Tensor, generated: int,
+             span: tuple[int, int]) -> torch.Tensor:
+        """top_vals/top_idx (layers, heads, k) of this step's query -> (layers, heads) increments."""
+        raise NotImplementedError
+
+
+def retrieval_step(top_idx: torch.Tensor, tokens: torch.Tensor, generated: int,
+                   span: tuple[int, int]) -> torch.Tensor:
+    start, end = span
+    top1 = top_idx[..., 0]
+    in_span = (top1 >= start) & (top1 < end)
+    same_token = tokens[top1.clamp(max=tokens.numel() - 1)] == generated
+    return (in_span & same_token).float() / (end - start)
+
+
+def r2_step(top_vals: torch.Tensor, top_idx: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
+    start, end = span
+    in_span = (top_idx >= start) & (top_idx < end)
+    return (top_vals * in_span).sum(-1) / (end - start)
+
+
+class RetrievalFamily(Family):
+    method = "retrieval"
+    topk_rule = "1"
+
+    def topk(self, span_tokens: int) -> int:
+        return 1
+
+    def step(self, top_vals, top_idx, tokens, generated, span):
+        return retrieval_step(top_idx, tokens, generated, span)
+
+
+class ReasoningFamily(Family):
+    method = "r2"
+    candidates = 3
+    topk_rule = "span tokens"
+
+    def topk(self, span_tokens: int) -> int:
+        return span_tokens
+
+    def step(self, top_vals, top_idx, tokens, generated, span):
+        return r2_step(top_vals, top_idx, span)
+
+
+class UserNeedles(Family):
+    """Needles the user brings (`--needles`, or a preset's folder): scored with the method's step."""
+
+    def __init__(self, method: str, rule: str, candidates: int = 1) -> None:
+        self.name, self.method, self.rule, self.candidates = "user", method, rule, candidates
+        self._base = next(b() for b in (RetrievalFamily, ReasoningFamily) if b.method == method)
+        self.topk_rule = self._base.topk_rule
+
+    def topk(self, span_tokens: int) -> int:
+        return self._base.topk(span_tokens)
+
+    def step(self, top_vals, top_idx, tokens, generated, span):
+        return self._base.step(top_vals, top_idx, tokens, generated, span)
