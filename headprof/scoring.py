@@ -57,9 +57,10 @@ def stop_token_ids(lm: LoadedModel) -> set[int]:
 class Decoder:
     """When greedy decoding of a probe's answer stops, and why.
 
-    Default: at an end token, or at a newline once some text exists (the end of the answer line), or
-    after `cap` tokens. `official`: the scripts' rule, a newline or end token at any step, and with
-    `answer_tokens` (HeadKV-R2) once the output is as long as the answer."""
+    Default: at an end token, or at a newline once some text exists (the end of the answer line; a
+    line ending in ':' announces the answer on the next one), or after `cap` tokens. `official`: the
+    scripts' rule, a newline or end token at any step, and with `answer_tokens` (HeadKV-R2) once the
+    output is as long as the answer."""
 
     tokenizer: Any
     stops: set[int]
@@ -67,6 +68,11 @@ class Decoder:
     official: bool = False
     answer_tokens: int | None = None
     reason: str = "cap"
+
+    def _line_done(self, generated: list[int]) -> bool:
+        """The answer's line has text and does not announce the answer on the next line ("The code is:")."""
+        text = self.tokenizer.decode(generated).strip()
+        return bool(text) and not text.endswith(":")
 
     def done(self, token: int, generated: list[int]) -> bool:
         """Records `token` in `generated` (end tokens only under the official rule) and says whether to stop."""
@@ -76,7 +82,7 @@ class Decoder:
         generated.append(token)
         if token in self.stops:
             self.reason = "eos"
-        elif "\n" in self.tokenizer.decode([token]) and (self.official or self.tokenizer.decode(generated).strip()):
+        elif "\n" in self.tokenizer.decode([token]) and (self.official or self._line_done(generated)):
             self.reason = "line"
         elif self.answer_tokens is not None and len(generated) >= self.answer_tokens:
             self.reason = "answer"
@@ -225,7 +231,8 @@ class Settings:
                       + (", or at the answer's token length" if presets.get(self.preset).stop_at_answer else "")
                       + f", at most {self.max_new_tokens} tokens")
         else:
-            decode = f"greedy, until the answer's line ends or an end token, at most {self.max_new_tokens} tokens"
+            decode = (f"greedy, until the answer's line ends (a line ending in ':' goes on) or an end token, at most "
+                      f"{self.max_new_tokens} tokens")
         rules = sorted({self.rule_for(self.family(p, probe_set)) for p in probe_set.probes})
         rule = rules[0] if len(rules) == 1 else ",".join(rules)
         prompt = ("raw, official: context + 'Based on the content of the book, Question: ...\\nAnswer:'"
@@ -257,7 +264,8 @@ class Settings:
 
 def _fingerprint(lm: LoadedModel, probe_set: probes_mod.ProbeSet, s: Settings) -> dict[str, Any]:
     return {"model": lm.info.resolved, "weights_sha256": lm.info.weights_sha256, "revision": lm.info.revision,
-            "method": s.method, "probe_set": probe_set.hash, "chat_template": s.chat_template, "span": s.span,
+            "method": s.method, "decode": s.params(probe_set)["decode"], "probe_set": probe_set.hash,
+            "chat_template": s.chat_template, "span": s.span,
             "max_new_tokens": s.max_new_tokens, "margin": s.margin, "dtype": lm.dtype, "device": lm.device,
             "rule": s.rule, "min_answered": s.min_answered, "max_drawn": s.max_drawn,
             "teacher_forced": s.teacher_forced, "keep_chance": s.keep_chance, "preset": s.preset,

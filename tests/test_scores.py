@@ -59,7 +59,7 @@ def test_step_functions_by_hand():
 class _Tok:
     """Token i decodes to WORDS[i]."""
 
-    WORDS = ["\n", "Mara", " collects", " stamps", ".", "<eos>"]
+    WORDS = ["\n", "Mara", " collects", " stamps", ".", "<eos>", ":"]
 
     def decode(self, ids, skip_special_tokens=False):
         return "".join(self.WORDS[i] for i in ids)
@@ -68,6 +68,7 @@ class _Tok:
 @pytest.mark.parametrize("tokens,kwargs,generated,reason", [
     ([1, 2, 3, 4, 0], {}, [1, 2, 3, 4, 0], "line"),  # the answer's line ends
     ([0, 1, 2, 0], {}, [0, 1, 2, 0], "line"),  # a leading newline does not end an empty answer
+    ([1, 6, 0, 3, 0], {}, [1, 6, 0, 3, 0], "line"),  # "Mara:" announces the answer on the next line
     ([1, 2, 5], {}, [1, 2], "eos"),
     ([1, 2, 3, 4], {"cap": 3}, [1, 2, 3], "cap"),
     ([0, 1], {"official": True}, [0], "line"),  # the scripts stop at any newline
