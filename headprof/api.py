@@ -135,6 +135,7 @@ def score(model: str | LoadedModel, method: str = "r2", *, lengths: Sequence[int
     lm = _load_on_every_process(world, model, device, dtype, device_map)
     if preset is not None:
         ps, hs = preset_probe_set(preset, haystack, lengths, depths, lm.info.max_positions)
+        presets.check_spans(ps, lm.tokenizer, hs, presets.get(preset))  # before anything is written
     else:
         ps, hs = probe_set(method, lengths, 10 if depths is None else depths, seed, needles, haystack,
                            lm.info.max_positions, lm.device.startswith("cuda"), families, version)

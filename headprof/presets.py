@@ -81,7 +81,10 @@ class Folder:
             files = sorted(glob.glob(str(self.path / f"part{i}" / "*.txt")))
             if not files:
                 raise ProbeError(f"{self.path / f'part{i}'} holds no .txt haystack for needle {i}")
-            self.texts.append("".join(Path(f).read_text(encoding="utf-8") for f in files))
+            try:
+                self.texts.append("".join(Path(f).read_text(encoding="utf-8") for f in files))
+            except (OSError, UnicodeDecodeError) as e:
+                raise ProbeError(f"cannot read the haystack of needle {i} in {self.path / f'part{i}'}: {e}") from None
 
     @property
     def identity(self) -> str:
@@ -111,6 +114,15 @@ def probe_set(folder: Folder, preset: Preset, lengths: list[int], depths: int) -
                                     answer=r.get("answer", r["real_needle"]), fact=r["real_needle"], part=i))
     return ProbeSet(name=f"preset-{preset.name}", version="1", family=preset.method, seed=0, lengths=tuple(lengths),
                     depths=depths, haystack=folder.identity, probes=tuple(probes), preset=preset.name)
+
+
+def check_spans(probe_set: ProbeSet, tokenizer, folder: Folder, preset: Preset) -> None:
+    """Render each needle's first probe, so a real_needle that cannot be found stops the run before it starts."""
+    seen: set[int | None] = set()
+    for probe in probe_set.probes:
+        if probe.part not in seen:
+            seen.add(probe.part)
+            render(probe, tokenizer, folder, preset)
 
 
 def _period_ids(tokenizer) -> set[int]:

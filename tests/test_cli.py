@@ -87,6 +87,8 @@ def test_info_and_probes(tiny_dir, tmp_path):
     (["score", "TINY", "--preset", "headkv"], ["--haystack DIR"]),
     (["score", "TINY", "--preset", "headkv", "--haystack", "EMPTY"], ["needles.jsonl not found"]),
     (["score", "TINY", "--span", "word", "--lengths", "150"], ["unknown span 'word'"]),
+    (["score", "TINY", "--preset", "headkv", "--haystack", "NOFACT", "--lengths", "400", "--out", "nofact.json"],
+     ["real_needle 'Zyx qwv.' was not found", "best token overlap"]),
     (["score", "TINY", "--one-round", "--min-answered", "4"], ["contradict"]),
     (["score", "TINY", "--max-new-tokens", "0", "--lengths", "150"], ["at least 1"]),
     (["score", "TINY", "--min-answered", "0"], ["at least 1"]),
@@ -104,9 +106,15 @@ def test_bad_inputs_give_one_line_errors(tiny_dir, tmp_path, args, words):
     binary.write_bytes(b"\xff\xfe\x00\x81" * 10)
     empty = tmp_path / "empty"
     empty.mkdir()
-    subst = {"TINY": tiny_dir, "BERT": bert, "BINARY": binary, "EMPTY": empty}
+    nofact = tmp_path / "nofact"
+    (nofact / "part0").mkdir(parents=True)
+    (nofact / "part0" / "a.txt").write_text("Rain fell on the hills. " * 40)
+    (nofact / "needles.jsonl").write_text(json.dumps({"needle": "Ada keeps bees.", "question": "What does Ada keep?",
+                                                      "real_needle": "Zyx qwv.", "answer": "bees"}) + "\n")
+    subst = {"TINY": tiny_dir, "BERT": bert, "BINARY": binary, "EMPTY": empty, "NOFACT": nofact}
     r = headprof(*[subst.get(a, a) for a in args], cwd=tmp_path)
     one_line_error(r, *words)
+    assert not list(tmp_path.glob("nofact.json*"))  # nothing written
 
 
 def test_missing_alias_package_names_the_pip_command(monkeypatch, capsys):
