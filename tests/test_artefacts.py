@@ -80,7 +80,9 @@ def test_heatmap_kv_and_diff_and_terminal(tmp_path):
     console = Console(record=True, width=120)
     console.print(plots.terminal_heatmap(p, top=3))
     text = console.export_text()
-    assert "L29" in text and "top: L23H2" in text
+    q = p.query_scores()
+    layer, head = np.unravel_index(int(np.argmax(q)), q.shape)
+    assert "L29" in text and f"top: L{layer}H{head} " in text
     with pytest.raises(OutputError, match="extension"):
         plots.save_heatmap(p, tmp_path / "h.jpg")
 
