@@ -235,3 +235,21 @@ def test_older_profiles_are_rescored_with_the_rules_they_record():
     back = scoring.Settings.from_params("r2", new.params(ps))
     assert (back.span, back.margin, back.max_new_tokens, back.rule, back.keep_chance) == ("fact", None, 40,
                                                                                           "answer_f1", False)
+
+
+SHIPPED = sorted(profile.SCHEMA_PATH.parent.glob("profiles/*/*.json"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_profile_loads_validates_and_records_its_rules(path):
+    prof = profile.load(path)
+    jsonschema.validate(prof.data, json.loads(profile.SCHEMA_PATH.read_text()))
+    params = prof.data["method"]["params"]
+    settings = scoring.Settings.from_params(prof.method, params)  # what `check` re-scores with
+    assert settings.rule in (None, *scoring.answers.RULES)
+    counted = [r for r in prof.data["probes"] if r["counted"]]
+    assert len(counted) == prof.data["probe_set"]["counted"] >= 30  # each shipped profile rests on 30+ probes
+    if "span" in params:  # made with the faithful rules: every counted probe was answered, above chance
+        assert params["span"] == "fact" and params["success_metric"] == "answer_f1"
+        assert all(r["success"] for r in counted)
+        assert all(f["above_chance"] for f in prof.data["probe_set"]["by_family"].values() if f["counted"])
