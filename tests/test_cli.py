@@ -216,3 +216,23 @@ def test_run_compress_sliding_holds_less_on_sliding_window_models(tmp_path):
         assert run["kv_bytes"] <= 1.05 * run["kv_bytes_ideal"]
         held[not flag] = run["kv_bytes"]
     assert held[True] < held[False]
+
+
+def test_score_preset_writes_a_profile_that_records_the_protocol(tiny_dir, tmp_path):
+    folder = tmp_path / "haystack"
+    (folder / "part0").mkdir(parents=True)
+    (folder / "part0" / "p1.txt").write_text("The harbour lights came on one by one. Boats rocked by the pier. " * 20)
+    (folder / "needles.jsonl").write_text(json.dumps({
+        "needle": " Odo keeps bees. Ula keeps goats. Odo is 40. Ula is 31.", "question": "What does the older keep?",
+        "real_needle": "Odo keeps bees.", "answer": "Odo keeps bees."}) + "\n")
+    out = tmp_path / "p.json"
+    r = headprof("score", tiny_dir, "--preset", "headkv", "--haystack", folder, "--lengths", "330", "--depths", "2",
+                 "--no-filter", "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(out.read_text())
+    params = d["method"]["params"]
+    assert d["method"]["name"] == "r2" and params["preset"] == "headkv" and params["success_metric"] == "qa_f1"
+    assert d["probe_set"]["preset"] == "headkv" and d["probe_set"]["count"] == 2 and not params["chat_template"]
+    assert all(r["stop"] in ("line", "eos", "answer", "cap") and r["fact"] == "Odo keeps bees." for r in d["probes"])
+    r = headprof("check", out, "--quiet")
+    one_line_error(r, "--preset headkv --haystack DIR")
