@@ -1,89 +1,130 @@
-"""Scoring speed and memory on SmolLM2-135M (CPU): ours vs a plain SDPA forward vs the naive way.
+"""Scoring throughput and memory: headprof at several batch sizes vs plain SDPA prefills vs the naive way.
 
-For each prompt length it prints: seconds per probe with headprof's capture, the ratio of that to one
-plain SDPA forward over the same tokens (prompt + generated answer; target <= 1.2), the ratio of the
-naive eager + output_attentions implementation (headprof.reference) to ours, and peak RSS of each.
-Each measurement runs in its own process so that peak RSS belongs to one implementation.
+The probes are scored exactly as `headprof score` scores them (chat template, the fact span, decoding to
+the end of the answer's line, at most 50 tokens). For each prompt length it prints probes per second
+with headprof's capture at each batch size, the plain SDPA prefill of the same tokens (prompt + the
+answer headprof generated, one forward per probe, no capture, no decoding), the ratio of the best
+batch size to the plain prefills (target on CPU: <= 1.3), the naive eager + output_attentions
+scorer (headprof.reference, one probe at a time), and the peak RSS of each. Every measurement runs in
+its own process, so a peak RSS belongs to one configuration.
 
-    python benchmarks/bench_score.py [--lengths 1000,2000,4000] [--probes 2] [--model smollm2-135m]
+    python benchmarks/bench_score.py [--lengths 1000] [--probes 8] [--batch-sizes 1,4,8] [--model smollm2-135m]
+                                     [--device cpu] [--no-naive]
+
+On a GPU (`--device cuda`) the default batch sizes are 1, 4, 8 and 16 (16 probes).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
 
 
-def measure(mode: str, model: str, length: int, n_probes: int, method: str) -> dict:
+def measure(mode: str, model: str, length: int, n_probes: int, method: str, device: str, dtype: str) -> dict:
     import torch
+    from transformers.utils import logging as hf_logging
 
-    from headprof import capture, families, models, probes, scoring
+    from headprof import capture, models, probes, scoring
     from headprof.reference import naive_scores
 
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     torch.set_grad_enabled(False)
-    lm = models.load(model, device="cpu")
+    lm = models.load(model, device=device, dtype=dtype)
     ps = probes.build_probe_set(method, [length], n_probes, seed=0)
     hs = probes.Haystack(0)
-    rendered = [probes.render(p, lm.tokenizer, hs) for p in ps.probes]
-    fams = [families.get(p.kind or method) for p in ps.probes]
-    # warm-up on a short prompt so one-time costs are not timed
-    warm = probes.build_probe_set(method, [200], 1).probes[0]
-    scoring.score_probe(lm, probes.render(warm, lm.tokenizer, hs), families.get(warm.kind or method))
-    times, tokens = [], []
-    for r, fam in zip(rendered, fams, strict=True):
-        if mode == "ours":
+    s = scoring.Settings(method, filter_probes=False).resolved(ps, lm)
+    work = [(p, scoring.probe_job(lm, p, ps, hs, s)) for p in ps.probes]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    # warm-up on a short prompt so that one-time costs are not timed
+    warm = probes.build_probe_set(method, [200], 1, seed=1)
+    scoring.score_batch(lm, [scoring.probe_job(lm, p, warm, hs, s) for p in warm.probes])
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    tokens = 0
+    sync()
+    t = time.perf_counter()
+    if mode.startswith("batch"):
+        size = int(mode[5:])
+        for chunk in scoring.batches(work, size):
+            runs = scoring.score_batch(lm, [job for _, job in chunk])
+            tokens += sum(len(job.rendered.input_ids) + r.steps for (_, job), r in zip(chunk, runs, strict=True))
+    elif mode == "naive":
+        for _, job in work:
+            naive_scores(lm, job.rendered.input_ids, job.rendered.answer_span, job.family.method == "r2",
+                         scoring.MAX_NEW_TOKENS)
+    else:  # one plain SDPA forward per probe over prompt + the answer headprof generated
+        answers = [r.response for r in scoring.score_batch(lm, [job for _, job in work])]
+        ids = [job.rendered.input_ids + lm.tokenizer(a, add_special_tokens=False)["input_ids"]
+               for (_, job), a in zip(work, answers, strict=True)]
+        sync()
+        with capture.implementation(lm.model, "sdpa"):
             t = time.perf_counter()
-            response = scoring.score_probe(lm, r, fam).response
-            times.append(time.perf_counter() - t)
-            tokens.append(len(r.input_ids) + len(lm.tokenizer(response, add_special_tokens=False)["input_ids"]))
-        elif mode == "naive":
-            t = time.perf_counter()
-            naive_scores(lm, r.input_ids, r.answer_span, fam.method == "r2", scoring.MAX_NEW_TOKENS)
-            times.append(time.perf_counter() - t)
-        else:  # one plain SDPA forward over prompt + the answer ours generated
-            response = scoring.score_probe(lm, r, fam).response
-            ids = r.input_ids + lm.tokenizer(response, add_special_tokens=False)["input_ids"]
-            with capture.implementation(lm.model, "sdpa"):
-                t = time.perf_counter()
-                lm.model(torch.tensor([ids]))
-                times.append(time.perf_counter() - t)
+            for x in ids:
+                lm.model(torch.tensor([x], device=lm.model.device), logits_to_keep=1)
+            tokens = sum(len(x) for x in ids)
+    sync()
+    seconds = time.perf_counter() - t
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"seconds": sum(times) / len(times), "peak_rss_mb": rss,
-            "tokens": sum(tokens) / len(tokens) if tokens else None}
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
+    return {"probes_per_s": n_probes / seconds, "seconds": seconds, "tokens": tokens, "peak_rss_mb": rss,
+            "peak_gpu_mb": gpu}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--lengths", default="1000,2000,4000")
-    ap.add_argument("--probes", type=int, default=2)
+    ap.add_argument("--lengths", default="1000")
+    ap.add_argument("--probes", type=int, default=None, help="probes per length [default: the largest batch]")
+    ap.add_argument("--batch-sizes", default=None, help="[default: 1,4,8 on CPU, 1,4,8,16 on GPU]")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--method", default="r2")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--no-naive", action="store_true", help="skip the naive scorer (slow on long prompts)")
     ap.add_argument("--child", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    cuda = args.device.startswith("cuda")
+    sizes = [int(x) for x in (args.batch_sizes or ("1,4,8,16" if cuda else "1,4,8")).split(",")]
+    n = args.probes or max(sizes)
     if args.child:
-        print(json.dumps(measure(args.child[0], args.model, int(args.child[1]), args.probes, args.method)))
+        print(json.dumps(measure(args.child[0], args.model, int(args.child[1]), n, args.method, args.device,
+                                 args.dtype)))
         return
     import torch
 
-    print(f"model {args.model}, method {args.method}, {args.probes} probes per length, CPU, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'length':>6} {'s/probe':>8} {'plain fwd s':>11} {'ours/plain':>10} {'naive s':>8} {'naive/ours':>10} "
-          f"{'RSS ours MB':>11} {'RSS naive MB':>12}")
+    print(f"model {args.model}, method {args.method}, {n} probes per length, {args.device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    modes = [f"batch{b}" for b in sizes] + ["plain"] + ([] if args.no_naive else ["naive"])
+    memory = "peak_gpu_mb" if cuda else "peak_rss_mb"
+    print(f"{'length':>6} {'mode':>8} {'probes/s':>9} {'s/probe':>8} {'x plain':>8} {'tokens':>7} "
+          f"{'peak GPU MB' if cuda else 'peak RSS MB':>11}")
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     for length in [int(x) for x in args.lengths.split(",")]:
         res = {}
-        for mode in ("ours", "plain", "naive"):
-            out = subprocess.run([sys.executable, __file__, "--model", args.model, "--probes", str(args.probes),
-                                  "--method", args.method, "--child", mode, str(length)],
-                                 capture_output=True, text=True, check=True)
+        for mode in modes:
+            cmd = [sys.executable, __file__, "--model", args.model, "--probes", str(n), "--method", args.method,
+                   "--device", args.device, "--dtype", args.dtype, "--batch-sizes", ",".join(map(str, sizes)),
+                   "--child", mode, str(length)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if out.returncode:
+                print(f"{length:>6} {mode:>8} failed: {out.stderr.strip().splitlines()[-1]}", flush=True)
+                continue
             res[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-        o, p, n = res["ours"], res["plain"], res["naive"]
-        print(f"{length:>6} {o['seconds']:>8.2f} {p['seconds']:>11.2f} {o['seconds'] / p['seconds']:>10.2f} "
-              f"{n['seconds']:>8.2f} {n['seconds'] / o['seconds']:>10.2f} {o['peak_rss_mb']:>11.0f} "
-              f"{n['peak_rss_mb']:>12.0f}", flush=True)
+        plain = res.get("plain")
+        for mode, r in res.items():
+            ratio = f"{r['seconds'] / plain['seconds']:.2f}" if plain else "-"
+            print(f"{length:>6} {mode:>8} {r['probes_per_s']:>9.3f} {r['seconds'] / n:>8.2f} {ratio:>8} "
+                  f"{r['tokens'] or '-':>7} {r[memory]:>11.0f}", flush=True)
+        batched = [m for m in res if m.startswith("batch")]
+        if plain and batched:
+            best = min(batched, key=lambda m: res[m]["seconds"])
+            print(f"{length:>6} best {best}: {res[best]['seconds'] / plain['seconds']:.2f}x the plain prefills "
+                  f"(target <= 1.3)", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,7 +91,8 @@ def score(model: str | LoadedModel, method: str = "r2", *, lengths: Sequence[int
           resume: bool = False, progress: Callback | None = None, device: str = "auto", dtype: str = "auto",
           device_map: str | None = None, families: str | Sequence[str] | None = None, version: str | None = None,
           min_answered: int | None | str = "auto", max_drawn: int | None = None, teacher_forced: bool = False,
-          keep_chance_families: bool = False, preset: str | None = None) -> Profile:
+          keep_chance_families: bool = False, preset: str | None = None, batch_size: int | None = None,
+          notice: Callable[[str], None] | None = None) -> Profile:
     """Score every head on needle probes and return the profile.
 
     With `out`, the profile is written there atomically, and finished probes are kept in
@@ -99,8 +100,12 @@ def score(model: str | LoadedModel, method: str = "r2", *, lengths: Sequence[int
     `min_answered` draws further rounds of the grid (at most `max_drawn` probes, default 6x) until that
     many answered probes count; "auto" means 30 for generated probes that are filtered, else none.
     `teacher_forced` feeds the gold answer instead. `preset` ("headkv", "retrieval-head") runs an
-    official protocol over the needles folder `haystack` (docs/profiles.md).
+    official protocol over the needles folder `haystack` (docs/profiles.md). `batch_size` probes are
+    scored at once (default: by device); the profile does not depend on it. `notice` hears of a batch
+    halved for lack of memory.
     """
+    if batch_size is not None and batch_size < 1:
+        raise HeadprofError(f"--batch-size must be at least 1, got {batch_size}")
     if preset is not None:
         p = presets.get(preset)
         if method != p.method and method != "r2":
@@ -140,7 +145,8 @@ def score(model: str | LoadedModel, method: str = "r2", *, lengths: Sequence[int
         ps, hs = probe_set(method, lengths, 10 if depths is None else depths, seed, needles, haystack,
                            lm.info.max_positions, lm.device.startswith("cuda"), families, version)
     prof = scoring.score(lm, ps, settings, hs, partial=partial, resume=resume,
-                         progress=progress if world.main else None, world=world)
+                         progress=progress if world.main else None, world=world, batch_size=batch_size,
+                         notice=notice)
     if target is not None:
         if world.main:
             prof.save(target, force=True)

@@ -185,6 +185,8 @@ def _chunked_attention(query, key, value, attention_mask, scaling, sliding_windo
     for start in range(0, q_len, chunk):
         stop = min(start + chunk, q_len)
         p = attention_probs(query, key, attention_mask, scaling, sliding_window, softcap, start, stop)
+        if attention_mask is not None:  # a left-padding row sees no key: zeros, not NaN, as SDPA gives
+            p = p.nan_to_num(0.0)
         p = p.to(value.dtype).reshape(b, hkv, h // hkv, stop - start, -1)
         out.append(torch.matmul(p, v).reshape(b, h, stop - start, -1))
     return torch.cat(out, dim=2).transpose(1, 2).contiguous()

@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from headprof.distributed import World
 from headprof.errors import OutputError, ProbeError
 from headprof.files import write_atomic
 from headprof.haystack import Haystack
-from headprof.models import LoadedModel, with_cache
+from headprof.models import LoadedModel, last_logits_only, with_cache
 from headprof.profile import SCHEMA_VERSION, Profile, rounded
 from headprof.progress import Callback, Progress
 
@@ -105,54 +106,132 @@ class ProbeRun:
     steps: int
 
 
+@dataclass
+class ProbeJob:
+    """One rendered probe ready to score: its family, how its decoding stops, and (teacher forcing) the fed tokens."""
+
+    rendered: probes_mod.RenderedProbe
+    family: fam.Family
+    decoder: Decoder
+    forced: list[int] | None = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.forced) if self.forced is not None else self.decoder.cap
+
+
 @torch.no_grad()
 def score_probe(lm: LoadedModel, rendered: probes_mod.RenderedProbe, family: fam.Family,
                 decoder: Decoder | None = None, forced: list[int] | None = None) -> ProbeRun:
     """Scores of one rendered probe: greedy decoding under `decoder`, or with `forced` answer tokens fed
     (teacher forcing) for exactly those steps."""
+    decoder = decoder or Decoder(lm.tokenizer, stop_token_ids(lm), MAX_NEW_TOKENS)
+    return score_batch(lm, [ProbeJob(rendered, family, decoder, forced)])[0]
+
+
+@torch.no_grad()
+def score_batch(lm: LoadedModel, jobs: list[ProbeJob],
+                on_done: Callable[[int, ProbeRun], None] | None = None) -> list[ProbeRun]:
+    """Score several probes together: left-padded, prefilled in one forward, decoded in lockstep.
+
+    Each probe stops by its own rule and leaves the batch (its rows are dropped from the cache), and
+    `on_done(index, run)` hears of it at once, so a caller can keep finished probes before the batch
+    ends. Padding is masked and positions restart at each probe's first token, so every probe scores
+    what it scores alone (to float rounding).
+    """
     layout = lm.info.layout
-    start, end = rendered.answer_span
-    k = family.topk(end - start)
     device = lm.model.device
-    ids = torch.tensor([rendered.input_ids], device=device)
-    cache = DynamicCache()  # full per-layer cache: key index == position, also on sliding layers
-    if ids.shape[1] > 1:
-        lm.model(ids[:, :-1], **with_cache(lm.model, cache), use_cache=True)
-    tokens = ids[0].clone()
-    step_input = ids[:, -1:]
-    top_vals = torch.zeros(layout.num_layers, layout.num_query_heads, k, device=device)
-    top_idx = torch.zeros(layout.num_layers, layout.num_query_heads, k, dtype=torch.long, device=device)
+    runs: list[ProbeRun | None] = [None] * len(jobs)
+
+    def finish(i: int, run: ProbeRun) -> None:
+        runs[i] = run
+        if on_done is not None:
+            on_done(i, run)
+
+    live = []
+    for i, job in enumerate(jobs):
+        if job.steps == 0:  # nothing to decode: an empty forced answer
+            finish(i, ProbeRun("", np.zeros((layout.num_layers, layout.num_query_heads)), False,
+                               "forced" if job.forced is not None else "cap", 0))
+        else:
+            live.append(job)
+    if not live:
+        return runs  # type: ignore[return-value]
+    index = [i for i, job in enumerate(jobs) if job.steps > 0]
+    n = len(live)
+    lengths = [len(job.rendered.input_ids) for job in live]
+    width, most = max(lengths), max(job.steps for job in live)
+    pads = [width - length for length in lengths]
+    seq = torch.zeros(n, width + most, dtype=torch.long, device=device)  # every token fed so far, left-padded
+    for b, job in enumerate(live):
+        seq[b, pads[b]:width] = torch.tensor(job.rendered.input_ids, device=device)
+    padded = any(pads)
+    mask = torch.ones(n, width + most, dtype=torch.long, device=device)
+    for b in range(n):
+        mask[b, :pads[b]] = 0
+    positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()  # full per-layer cache: key index == pad + position, also on sliding layers
+    kwargs = {**with_cache(lm.model, cache), **last_logits_only(lm.model), "use_cache": True}
+
+    def forward(ids: torch.Tensor, rows: torch.Tensor, stop: int, pos: torch.Tensor) -> torch.Tensor:
+        if not padded:  # no mask and default positions: the plain single-sequence path
+            return lm.model(ids, **kwargs).logits
+        return lm.model(ids, attention_mask=mask[rows, :stop], position_ids=pos, **kwargs).logits
+
+    every = torch.arange(n, device=device)
+    if width > 1:
+        forward(seq[:, :width - 1], every, width - 1, positions[:, :width - 1])
+    ks = [job.family.topk(job.rendered.answer_span[1] - job.rendered.answer_span[0]) for job in live]
+    k = max(ks)
+    top_vals = torch.zeros(n, layout.num_layers, layout.num_query_heads, k, device=device)
+    top_idx = torch.zeros(n, layout.num_layers, layout.num_query_heads, k, dtype=torch.long, device=device)
 
     def sink(layer: int, probs: torch.Tensor) -> None:
         kk = min(k, probs.shape[-1])
-        v, i = probs[0, :, -1, :].topk(kk, dim=-1)
-        top_vals[layer, :, :kk], top_idx[layer, :, :kk] = v, i
+        v, i = probs[:, :, -1, :].topk(kk, dim=-1)
+        top_vals[:len(v), layer, :, :kk], top_idx[:len(v), layer, :, :kk] = v, i
 
-    total = torch.zeros(layout.num_layers, layout.num_query_heads, device=device)
-    decoder = decoder or Decoder(lm.tokenizer, stop_token_ids(lm), MAX_NEW_TOKENS)
-    generated: list[int] = []
-    predicted: list[torch.Tensor] = []
-    steps = len(forced) if forced is not None else decoder.cap
-    for step in range(steps):
+    totals = torch.zeros(n, layout.num_layers, layout.num_query_heads, device=device)
+    generated: list[list[int]] = [[] for _ in live]
+    predicted: list[list[torch.Tensor]] = [[] for _ in live]
+    active = list(range(n))  # which probes the batch's rows hold, in order
+    for step in range(most):
+        rows = torch.tensor(active, device=device)
+        pos = (positions[rows, -1] + step)[:, None]
         with AttentionCapture(sink):
-            logits = lm.model(step_input, **with_cache(lm.model, cache), use_cache=True).logits
-        if forced is not None:  # no host sync: whether greedy agrees is read once at the end
-            predicted.append(logits[0, -1].argmax())
-            token = forced[step]
-        else:
-            token = int(logits[0, -1].argmax())
-        total += family.step(top_vals, top_idx, tokens, token, (start, end))
-        if forced is None and decoder.done(token, generated):
-            break
-        tokens = torch.cat([tokens, torch.tensor([token], device=device)])
-        step_input = torch.tensor([[token]], device=device)
-    result = total.double().cpu().numpy()
-    if forced is not None:
-        followed = bool(torch.equal(torch.stack(predicted).cpu(), torch.tensor(forced))) if forced else False
-        return ProbeRun(lm.tokenizer.decode(forced, skip_special_tokens=True).strip(), result, followed, "forced",
-                        len(forced))
-    response = lm.tokenizer.decode(generated, skip_special_tokens=True).strip()
-    return ProbeRun(response, result, True, decoder.reason, step + 1 if steps else 0)
+            logits = forward(seq[rows, width - 1 + step][:, None], rows, width + step, pos)
+        greedy = logits[:, -1].argmax(-1)
+        chosen = greedy.tolist() if any(live[b].forced is None for b in active) else None
+        ended = []
+        for r, b in enumerate(active):
+            job = live[b]
+            if job.forced is not None:  # no host sync: whether greedy agrees is read once at the end
+                predicted[b].append(greedy[r])
+                token = job.forced[step]
+            else:
+                token = chosen[r]
+            totals[b] += job.family.step(top_vals[r, ..., :ks[b]], top_idx[r, ..., :ks[b]] - pads[b],
+                                         seq[b, pads[b]:width + step], token, job.rendered.answer_span)
+            seq[b, width + step] = token
+            if job.forced is not None:
+                if step + 1 == len(job.forced):
+                    ended.append(r)
+                    scores = totals[b].double().cpu().numpy()
+                    followed = bool(torch.equal(torch.stack(predicted[b]).cpu(), torch.tensor(job.forced)))
+                    finish(index[b], ProbeRun(lm.tokenizer.decode(job.forced, skip_special_tokens=True).strip(),
+                                              scores, followed, "forced", len(job.forced)))
+            elif job.decoder.done(token, generated[b]):
+                ended.append(r)
+                response = lm.tokenizer.decode(generated[b], skip_special_tokens=True).strip()
+                finish(index[b], ProbeRun(response, totals[b].double().cpu().numpy(), True, job.decoder.reason,
+                                          step + 1))
+        if ended:
+            keep = [r for r in range(len(active)) if r not in ended]
+            if not keep:
+                break
+            cache.batch_select_indices(torch.tensor(keep, device=device))
+            active = [active[r] for r in keep]
+    return runs  # type: ignore[return-value]
 
 
 def check_lengths(probe_set: probes_mod.ProbeSet, max_positions: int, new_tokens: int) -> None:
@@ -307,23 +386,51 @@ def foreign_partials(out: Path, world: World) -> list[Path]:
     return sorted(p for p in out.parent.glob(out.name + ".partial*.jsonl") if not mine.fullmatch(p.name))
 
 
-def run_probe(lm: LoadedModel, probe: probes_mod.Probe, probe_set: probes_mod.ProbeSet,
-              haystack: Haystack | presets.Folder, s: Settings) -> dict[str, Any]:
-    """One probe's record: response, answer check, why decoding stopped, per-head scores."""
+def probe_job(lm: LoadedModel, probe: probes_mod.Probe, probe_set: probes_mod.ProbeSet,
+              haystack: Haystack | presets.Folder, s: Settings) -> ProbeJob:
+    """A probe rendered for the model, with the family, decoder and fed tokens its settings give it."""
     if isinstance(haystack, presets.Folder):
         rendered = presets.render(probe, lm.tokenizer, haystack, presets.get(probe_set.preset or ""))
     else:
         rendered = probes_mod.render(probe, lm.tokenizer, haystack, s.chat_template, s.span)
-    family = s.family(probe, probe_set)
     forced = forced_tokens(lm.tokenizer, probe.answer) if s.teacher_forced else None
-    run = score_probe(lm, rendered, family, s.decoder(lm, rendered, probe), forced)
+    return ProbeJob(rendered, s.family(probe, probe_set), s.decoder(lm, rendered, probe), forced)
+
+
+def probe_record(probe: probes_mod.Probe, job: ProbeJob, run: ProbeRun, s: Settings) -> dict[str, Any]:
+    """One probe's record: response, answer check, why decoding stopped, per-head scores."""
     fact = probe.fact or probe.as_needle().fact_sentence
-    ok, metric = answers.check(s.rule_for(family), run.response, probe.answer, fact, probe.distractors)
+    ok, metric = answers.check(s.rule_for(job.family), run.response, probe.answer, fact, probe.distractors)
     if s.teacher_forced:
         ok, metric = run.followed, float(run.followed)
     return {"id": probe.id, "success": ok, "metric": round(metric, 6), "response": run.response, "stop": run.stop,
-            "steps": run.steps, "tokens": len(rendered.input_ids), "answer_span": list(rendered.answer_span),
+            "steps": run.steps, "tokens": len(job.rendered.input_ids), "answer_span": list(job.rendered.answer_span),
             "scores": rounded(run.scores)}
+
+
+def default_batch_size(device: str) -> int:
+    """Probes scored together when `--batch-size` is not given (benchmarks/bench_score.py measures it):
+    on a CPU a decode step costs mostly per-op overhead, so sharing it pays; on a GPU a single sequence
+    leaves the device idle, and an out-of-memory batch is halved."""
+    return 8 if str(device).startswith("cuda") else 4
+
+
+Work = tuple[probes_mod.Probe, ProbeJob]
+
+
+def run_probes(lm: LoadedModel, work: list[Work], s: Settings, on_done: Callable[[dict[str, Any]], None]) -> None:
+    """Score `work` as one batch; `on_done` gets each probe's record as soon as that probe is finished."""
+    score_batch(lm, [job for _, job in work], lambda i, run: on_done(probe_record(*work[i], run, s)))
+
+
+def batches(work: list[Work], size: int) -> list[list[Work]]:
+    """`work` grouped by prompt length (little padding), at most `size` probes per batch."""
+    ordered = sorted(work, key=lambda w: len(w[1].rendered.input_ids))
+    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
+
+
+def out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -369,7 +476,8 @@ def _kind(probe: probes_mod.Probe, probe_set: probes_mod.ProbeSet, s: Settings) 
 
 def score(lm: LoadedModel, probe_set: probes_mod.ProbeSet, settings: Settings | str,
           haystack: Haystack | presets.Folder, partial: Path | None = None, resume: bool = False,
-          progress: Callback | None = None, world: World | None = None) -> Profile:
+          progress: Callback | None = None, world: World | None = None, batch_size: int | None = None,
+          notice: Callable[[str], None] | None = None) -> Profile:
     """Run every probe (and, for `min_answered`, further rounds) and return the profile.
 
     See the module docstring for partial/resume. With `min_answered`, whole rounds of the grid are drawn
@@ -377,8 +485,15 @@ def score(lm: LoadedModel, probe_set: probes_mod.ProbeSet, settings: Settings | 
     that stays at chance is no longer drawn. Launched over several processes (`world`), each runs every
     size-th probe of a round and keeps its own partial file; results are gathered after each round, so
     every process returns the same profile as a single process would.
+
+    Each process scores its probes `batch_size` at a time (default: `default_batch_size`), grouped by
+    length; the profile does not depend on it. A batch that runs out of memory is halved and retried
+    (probes it finished are kept), and `notice` hears of it once.
     """
     world = world or World()
+    if batch_size is not None and batch_size < 1:
+        raise ProbeError(f"--batch-size must be at least 1, got {batch_size}")
+    size = batch_size or default_batch_size(lm.device)
     s = (Settings(settings) if isinstance(settings, str) else settings).resolved(probe_set, lm)
     check_lengths(probe_set, lm.info.max_positions, s.max_new_tokens)
     fingerprint = {**_fingerprint(lm, probe_set, s), "processes": world.size, "rank": world.rank}
@@ -400,16 +515,43 @@ def score(lm: LoadedModel, probe_set: probes_mod.ProbeSet, settings: Settings | 
             drawn = [p for r in rounds for p in r.probes]
             mine = [p for r in rounds for p in world.shard(list(r.probes))]
             batch = world.shard(list(rounds[-1].probes))  # this process's share of the newest round
-            for probe in batch:
-                if probe.id not in done:
-                    done[probe.id] = run_probe(lm, probe, probe_set, haystack, s)
-                    if writer is not None:
-                        writer.write(json.dumps(done[probe.id]) + "\n")
-                        writer.flush()
-                        os.fsync(writer.fileno())
+
+            def report(mine: list[probes_mod.Probe] = mine) -> None:
                 if progress is not None:  # this process's share of the probes
                     progress(Progress(sum(p.id in done for p in mine), len(mine),
                                       sum(done[p.id]["success"] for p in mine if p.id in done), resumed))
+
+            def keep(record: dict[str, Any]) -> None:
+                done[record["id"]] = record
+                if writer is not None:
+                    writer.write(json.dumps(record) + "\n")
+                    writer.flush()
+                    os.fsync(writer.fileno())
+                report()
+
+            if any(p.id in done for p in mine):  # a resumed run shows its work at once
+                report()
+            work = [(p, probe_job(lm, p, probe_set, haystack, s)) for p in batch if p.id not in done]
+            queue = batches(work, size)
+            while queue:
+                chunk = queue.pop(0)
+                try:
+                    run_probes(lm, chunk, s, keep)
+                except (torch.OutOfMemoryError, RuntimeError) as e:
+                    if not out_of_memory(e):
+                        raise
+                    if len(chunk) == 1:
+                        raise ProbeError(f"out of memory scoring probe {chunk[0][0].id} "
+                                         f"({len(chunk[0][1].rendered.input_ids)} tokens) on its own: use shorter "
+                                         "--lengths, --dtype bfloat16 or --device-map auto; finished probes are "
+                                         "kept (--resume)") from None
+                    if notice is not None and size == (batch_size or default_batch_size(lm.device)):
+                        notice(f"out of memory on {len(chunk)} probes at once: halving the batch until it fits "
+                               "(finished probes are kept)")
+                    size = max(1, len(chunk) // 2)
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    queue = batches([w for c in [chunk, *queue] for w in c if w[0].id not in done], size)
             if world.size > 1:
                 for part in world.gather([done[p.id] for p in batch]):
                     done.update((r["id"], r) for r in part)
@@ -430,6 +572,9 @@ def score(lm: LoadedModel, probe_set: probes_mod.ProbeSet, settings: Settings | 
     full_set = probe_set.joined(rounds[1:])
     prof = build_profile(lm, full_set, [done[p.id] for p in full_set.probes], s)
     prof.data["environment"]["processes"] = world.size
+    prof.data["environment"]["batch_size"] = batch_size or default_batch_size(lm.device)
+    if size < prof.data["environment"]["batch_size"]:
+        prof.data["environment"]["batch_size_after_out_of_memory"] = size
     return prof
 
 

@@ -136,11 +136,12 @@ def test_save_never_overwrites_without_force(lm, tmp_path):
 
 def _fake_runs(monkeypatch, answered):
     """Probes succeed when `answered(probe)`; each scores its own constant, so counting shows in the mean."""
-    def run_probe(lm, probe, probe_set, haystack, s):
-        return {"id": probe.id, "success": answered(probe), "metric": 1.0, "response": "", "tokens": 1,
-                "answer_span": [0, 1], "scores": [[float(len(probe.id))] * 4] * 3}
+    def run_probes(lm, work, s, on_done):
+        for probe, _ in work:
+            on_done({"id": probe.id, "success": answered(probe), "metric": 1.0, "response": "", "tokens": 1,
+                     "answer_span": [0, 1], "scores": [[float(len(probe.id))] * 4] * 3})
 
-    monkeypatch.setattr(scoring, "run_probe", run_probe)
+    monkeypatch.setattr(scoring, "run_probes", run_probes)
 
 
 def test_min_answered_draws_rounds_until_reached(lm, monkeypatch):

@@ -72,6 +72,8 @@ def score(
     keep_chance_families: Annotated[bool, typer.Option(help="count answered probes of families that are not "
                                                             "clearly above chance")] = False,
     teacher_forced: Annotated[bool, typer.Option(help="feed the gold answer and score every probe")] = False,
+    batch_size: Annotated[int | None, typer.Option(help="probes scored at once, grouped by length; the profile "
+                                                        "does not depend on it [default: 4 on CPU, 8 on GPU]")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Run needle probes and write per-head scores as a profile."""
@@ -90,7 +92,8 @@ def score(
             device=device, dtype=dtype, device_map=device_map, families=families, version=probe_version,
             min_answered=None if one_round else (min_answered if min_answered is not None else "auto"),
             max_drawn=max_drawn, teacher_forced=teacher_forced, keep_chance_families=keep_chance_families,
-            preset=preset))
+            preset=preset, batch_size=batch_size,
+            notice=lambda message: err.print(f"note: {message}", highlight=False)))
     except KeyboardInterrupt:
         err.print(f"interrupted: finished probes are kept in {scoring.partial_path_for(Path(target), w)}; "
                   "rerun with --resume to continue", highlight=False)
