@@ -151,8 +151,9 @@ def attention_probs(query: torch.Tensor, key: torch.Tensor, attention_mask: torc
     """
     b, h, q_len, d = query.shape
     hkv, k_len = key.shape[1], key.shape[2]
-    q = query[:, :, start:stop, :].float().reshape(b, hkv, h // hkv, stop - start, d)
-    logits = torch.matmul(q, key.float().unsqueeze(2).transpose(-1, -2)) * scaling
+    # (b, hkv, group * rows, d) @ (b, hkv, d, keys): one matmul per KV head, the keys never copied per group
+    q = query[:, :, start:stop, :].float().reshape(b, hkv, h // hkv * (stop - start), d)
+    logits = torch.matmul(q, key.float().transpose(-1, -2)) * scaling
     logits = logits.reshape(b, h, stop - start, k_len)
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap

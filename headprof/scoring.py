@@ -33,6 +33,7 @@ from headprof import answers, presets
 from headprof import families as fam
 from headprof import probes as probes_mod
 from headprof.capture import AttentionCapture
+from headprof.decode_cache import PaddedPrefill
 from headprof.distributed import World
 from headprof.errors import OutputError, ProbeError
 from headprof.files import write_atomic
@@ -134,7 +135,9 @@ def score_batch(lm: LoadedModel, jobs: list[ProbeJob],
                 on_done: Callable[[int, ProbeRun], None] | None = None) -> list[ProbeRun]:
     """Score several probes together: left-padded, prefilled in one forward, decoded in lockstep.
 
-    Each probe stops by its own rule and leaves the batch (its rows are dropped from the cache), and
+    Prompts are prefilled one at a time and joined into one cache (decode_cache.py): prefill is compute-
+    bound and gains nothing from a batch, while a decode step costs about the same for one sequence as
+    for several. Each probe stops by its own rule and leaves the batch (its rows are dropped), and
     `on_done(index, run)` hears of it at once, so a caller can keep finished probes before the batch
     ends. Padding is masked and positions restart at each probe's first token, so every probe scores
     what it scores alone (to float rounding).
@@ -170,17 +173,21 @@ def score_batch(lm: LoadedModel, jobs: list[ProbeJob],
     for b in range(n):
         mask[b, :pads[b]] = 0
     positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()  # full per-layer cache: key index == pad + position, also on sliding layers
+    joined = PaddedPrefill(n, width - 1, most)
+    for b in range(n):  # each prompt but its last token alone: full per-layer caches
+        if lengths[b] > 1:
+            alone = DynamicCache()
+            lm.model(seq[b:b + 1, pads[b]:width - 1], **with_cache(lm.model, alone), **last_logits_only(lm.model),
+                     use_cache=True)
+            joined.add(b, alone, pads[b])
+            del alone
+    cache = joined.cache()  # key index == pad + position, also on sliding layers
     kwargs = {**with_cache(lm.model, cache), **last_logits_only(lm.model), "use_cache": True}
 
     def forward(ids: torch.Tensor, rows: torch.Tensor, stop: int, pos: torch.Tensor) -> torch.Tensor:
         if not padded:  # no mask and default positions: the plain single-sequence path
             return lm.model(ids, **kwargs).logits
         return lm.model(ids, attention_mask=mask[rows, :stop], position_ids=pos, **kwargs).logits
-
-    every = torch.arange(n, device=device)
-    if width > 1:
-        forward(seq[:, :width - 1], every, width - 1, positions[:, :width - 1])
     ks = [job.family.topk(job.rendered.answer_span[1] - job.rendered.answer_span[0]) for job in live]
     k = max(ks)
     top_vals = torch.zeros(n, layout.num_layers, layout.num_query_heads, k, device=device)
@@ -408,11 +415,14 @@ def probe_record(probe: probes_mod.Probe, job: ProbeJob, run: ProbeRun, s: Setti
             "scores": rounded(run.scores)}
 
 
+BATCH_SIZE = 8  # probes scored together by default (benchmarks/bench_score.py; docs/results.md)
+
+
 def default_batch_size(device: str) -> int:
-    """Probes scored together when `--batch-size` is not given (benchmarks/bench_score.py measures it):
-    on a CPU a decode step costs mostly per-op overhead, so sharing it pays; on a GPU a single sequence
-    leaves the device idle, and an out-of-memory batch is halved."""
-    return 8 if str(device).startswith("cuda") else 4
+    """Probes scored together when `--batch-size` is not given. On 2 CPU cores 8 was the fastest of 1, 4
+    and 8 (a decode step costs about the same for one sequence as for eight); on a GPU a lone sequence
+    leaves the device idle, and a batch that runs out of memory is halved."""
+    return BATCH_SIZE
 
 
 Work = tuple[probes_mod.Probe, ProbeJob]

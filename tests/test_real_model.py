@@ -77,3 +77,20 @@ def test_preset_headkv_equals_the_official_port_on_smollm2(tmp_path):
         assert row["success"] == want.success
         np.testing.assert_allclose(np.asarray(row["scores"]), want.scores, atol=1e-5)
         assert want.scores.sum() > 0
+
+
+def test_batched_scoring_equals_one_probe_at_a_time_on_smollm2():
+    import numpy as np
+
+    from headprof import models, probes, scoring
+
+    lm = models.load("smollm2-135m", device="cpu")
+    ps = probes.build_probe_set("r2", [300, 420], 2, seed=0)
+    settings = scoring.Settings("r2", filter_probes=False)
+    one = scoring.score(lm, ps, settings, probes.Haystack(0), batch_size=1)
+    four = scoring.score(lm, ps, settings, probes.Haystack(0), batch_size=4)
+    assert [p["response"] for p in four.data["probes"]] == [p["response"] for p in one.data["probes"]]
+    assert [p["steps"] for p in four.data["probes"]] == [p["steps"] for p in one.data["probes"]]
+    assert len({p["tokens"] for p in one.data["probes"]}) > 1  # prompts of several lengths: the batch was padded
+    np.testing.assert_allclose(four.query_scores(), one.query_scores(), atol=1e-5)
+    assert one.query_scores().max() > 0.01

@@ -73,7 +73,7 @@ def score(
                                                             "clearly above chance")] = False,
     teacher_forced: Annotated[bool, typer.Option(help="feed the gold answer and score every probe")] = False,
     batch_size: Annotated[int | None, typer.Option(help="probes scored at once, grouped by length; the profile "
-                                                        "does not depend on it [default: 4 on CPU, 8 on GPU]")] = None,
+                                                        "does not depend on it [default: 8]")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Run needle probes and write per-head scores as a profile."""
