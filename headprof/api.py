@@ -19,7 +19,7 @@ from headprof import evaluate as evaluate_mod
 from headprof.answers import token_f1
 from headprof.defaults import BETA, KERNEL, WINDOW
 from headprof.errors import HeadprofError, OutputError, ProfileError
-from headprof.files import check_output, write_dir_atomic
+from headprof.files import check_output, write_atomic, write_dir_atomic
 from headprof.models import LoadedModel
 from headprof.profile import Profile, shipped
 from headprof.progress import Callback
@@ -264,8 +264,25 @@ def evaluate(model: str | LoadedModel, budgets: Sequence[int] = (32, 64, 128, 25
              profile_dir: Path | None = None, tasks: Path | None = None, items: int = 5,
              lengths: Sequence[int] = (1500,), seed: int = 1000, betas: Sequence[float] = (BETA,),
              allow_overlap: bool = False, window: int = WINDOW, max_new_tokens: int = 24, compress_sliding: bool = True,
-             device: str = "auto", progress: Callback | None = None) -> EvalReport:
-    """Every method at every budget on the same items, next to the full cache (docs/results.md)."""
+             device: str = "auto", progress: Callback | None = None, suite: str | None = None,
+             ratios: Sequence[float] = (), export_items: Path | None = None) -> EvalReport:
+    """Every method at every budget (and compression ratio) on the same items, next to the full cache
+    (docs/results.md). Items: needle and reasoning probes, a user's `tasks` file, or a `suite`
+    ("ruler", "ruler:niah_single_1,vt": RULER's tasks at `lengths`, `items` per task and length).
+    `export_items` writes the items as JSONL (token ids, answers, metric) for a peer's harness and runs
+    nothing else."""
+    if suite is not None and tasks is not None:
+        raise HeadprofError("--suite and --tasks both choose the items: pass one of them")
+    if any(not 0 < r < 1 for r in ratios):
+        raise HeadprofError(f"every ratio must lie between 0 and 1 (the fraction of the KV removed), got "
+                            f"{', '.join(str(r) for r in ratios)}")
+    if suite is not None:
+        from headprof import ruler
+
+        suite_tasks = ruler.parse(suite)  # a bad suite or task is refused before the model loads
+        ruler.check_installed()
+    if export_items is not None:
+        check_output(export_items, False)
     spec = model if isinstance(model, str) else model.info.spec
     if profiles is None:
         profiles = eval_profiles(spec, methods_spec, profile_dir)
@@ -275,7 +292,13 @@ def evaluate(model: str | LoadedModel, budgets: Sequence[int] = (32, 64, 128, 25
     for p in profiles.values():
         p.check_fits(lm.info.layout)
     warnings: list[str] = []
-    if tasks:
+    suite_info = None
+    if suite is not None:
+        item_list = evaluate_mod.ruler_items(lm, suite, list(lengths), items, seed)
+        suite_info = {"name": "ruler", "version": ruler.SUITE_VERSION, "tasks": [t.name for t in suite_tasks],
+                      "lengths": list(lengths), "items_per_task": items, "seed": seed,
+                      "metric": "RULER string match: all (niah, vt, cwe, fwe), part (qa)"}
+    elif tasks:
         item_list = evaluate_mod.file_items(lm, tasks)
     else:
         item_list = []
@@ -291,9 +314,14 @@ def evaluate(model: str | LoadedModel, budgets: Sequence[int] = (32, 64, 128, 25
                     warnings.append(f"{len(clash)} eval items overlap the {name} profile's probes; results are "
                                     "optimistic for headkv")
             item_list += its
+    if export_items is not None:
+        if world.main:
+            write_atomic(export_items, "".join(json.dumps(evaluate_mod.export_row(it, suite_info)) + "\n"
+                                               for it in item_list))
+        return EvalReport({"exported": str(export_items), "items": len(item_list)}, warnings)
     data = evaluate_mod.evaluate(lm, item_list, method_list, list(budgets), profiles, betas, window,
                                  max_new_tokens=max_new_tokens, progress=progress, compress_sliding=compress_sliding,
-                                 world=world)
+                                 world=world, ratios=list(ratios), suite=suite_info)
     return EvalReport(data, warnings)
 
 

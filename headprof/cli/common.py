@@ -88,6 +88,16 @@ def parse_ints(text: str, what: str) -> list[int]:
     return values
 
 
+def parse_floats(text: str, what: str) -> list[float]:
+    try:
+        values = [float(x) for x in re.split(r"[,\s]+", text.strip()) if x]
+    except ValueError:
+        raise ProbeError(f"{what} must be comma-separated numbers, got '{text}'") from None
+    if not values:
+        raise ProbeError(f"{what} must be comma-separated numbers, got '{text}'")
+    return values
+
+
 def with_progress(quiet: bool, total: int, run, label: str = "scoring"):
     """Run `run(callback)`; the bar appears with the first finished step, so early errors stay one line."""
     if quiet:

@@ -20,6 +20,7 @@ from headprof.cli.common import (
     friendly,
     method_names,
     out,
+    parse_floats,
     parse_ints,
     with_progress,
 )
@@ -87,7 +88,10 @@ def run(
 @friendly
 def eval_(
     model: ModelArg = "smollm2-135m",
-    budgets: Annotated[str, typer.Option(help="KV tokens per KV head, comma-separated")] = "32,64,128,256",
+    budgets: Annotated[str | None, typer.Option(help="KV tokens per KV head, comma-separated "
+                                                     "[default: 32,64,128,256 unless --ratios]")] = None,
+    ratios: Annotated[str | None, typer.Option(help="compression ratios as kvpress reports them: the fraction "
+                                                    "of each prompt's KV removed, e.g. 0.5,0.75,0.9")] = None,
     methods: Annotated[str, typer.Option(help=f"comma-separated: {method_names()}; profile-driven ones as "
                                               "NAME-PROFILE (headkv-retrieval, headkv-r2)")] =
         "full,streaming,snapkv,pyramidkv,adakv,headkv-retrieval,headkv-r2",
@@ -95,6 +99,10 @@ def eval_(
                                                               "quality_vs_budget.png")] = Path("results"),
     tasks: Annotated[Path | None, typer.Option(help="your own items, JSONL: context, question, answers "
                                                     "[default: needle and reasoning probes]")] = None,
+    suite: Annotated[str | None, typer.Option(help="a public benchmark's items: ruler (RULER's 13 tasks) or "
+                                                   "ruler:niah_single_1,vt,... (tasks; groups niah, qa)")] = None,
+    export_items: Annotated[Path | None, typer.Option(help="write the items (token ids, answers, metric) as JSONL "
+                                                           "for another harness, and run nothing")] = None,
     items: Annotated[int, typer.Option(help="items per task and length")] = 5,
     lengths: Annotated[str, typer.Option(help="probe lengths in tokens")] = "1500",
     seed: Annotated[int, typer.Option(help="seed of the eval items (the profiles use 0)")] = 1000,
@@ -115,31 +123,40 @@ def eval_(
     from headprof.distributed import world
     from headprof.errors import HeadprofError, OutputError
 
-    budget_list = parse_ints(budgets, "--budgets")
+    ratio_list = parse_floats(ratios, "--ratios") if ratios else []
+    budget_list = parse_ints(budgets, "--budgets") if budgets else ([] if ratio_list else [32, 64, 128, 256])
     try:
         betas = [float(x) for x in beta.split(",") if x.strip()]
     except ValueError:
         raise HeadprofError(f"--beta must be numbers, got '{beta}'") from None
-    if out_dir.exists() and not force:
+    if out_dir.exists() and not force and export_items is None:
         raise OutputError(f"{out_dir} exists; pass --force to replace it")
     w = world()  # under torchrun / accelerate launch, items are sharded; the first process writes and prints
     report = with_progress(quiet or not w.main, 0, lambda cb: api.evaluate(
         model, budget_list, methods, profile_dir=profile_dir, tasks=tasks, items=items,
         lengths=parse_ints(lengths, "--lengths"), seed=seed, betas=betas, allow_overlap=allow_overlap, window=window,
-        max_new_tokens=max_new_tokens, compress_sliding=compress_sliding, device=device, progress=cb),
-        label="evaluating")
+        max_new_tokens=max_new_tokens, compress_sliding=compress_sliding, device=device, progress=cb,
+        suite=suite, ratios=ratio_list, export_items=export_items), label="evaluating")
     if not w.main:
+        return
+    if export_items is not None:
+        out.print(f"wrote {report.data['items']} items to {export_items}", highlight=False)
         return
     for warning in report.warnings:
         err.print(f"[bold red]WARNING[/bold red]: {warning}", highlight=False)
     report.save(out_dir, force=True)
     results = report.data
-    t = Table("method", "budget", "F1", "95% interval", "contains", "agrees w/ full", "KV MB", "s/item",
+    suite_score = "suite" in results
+    t = Table("method", "budget", *(["ratio"] if ratio_list else []), "F1", "95% interval",
+              "RULER score" if suite_score else "contains", "agrees w/ full", "KV MB", "s/item",
               title=f"{results['model']}: {results['items']} items" + (f", beta chosen on {results['validation_items']}"
                                                                      if results["chosen_beta"] else ""))
     for r in report.summary:
-        t.add_row(r["method"], str(r["budget"]), f"{r['f1']:.2f}", f"{r['f1_low']:.2f}-{r['f1_high']:.2f}",
-                  f"{r['contains']:.2f}", f"{r['agreement']:.2f}", f"{r['kv_bytes'] / 1e6:.2f}", f"{r['seconds']:.1f}")
+        shown = (f"{r['score']:.2f} ({r['score_low']:.2f}-{r['score_high']:.2f})" if suite_score
+                 else f"{r['contains']:.2f}")
+        t.add_row(r["method"], str(r["budget"]), *([str(r.get("ratio", "-"))] if ratio_list else []), f"{r['f1']:.2f}",
+                  f"{r['f1_low']:.2f}-{r['f1_high']:.2f}", shown, f"{r['agreement']:.2f}",
+                  f"{r['kv_bytes'] / 1e6:.2f}", f"{r['seconds']:.1f}")
     out.print(t)
     if results["chosen_beta"]:
         out.print(f"beta chosen per budget: {results['chosen_beta']}", highlight=False)
