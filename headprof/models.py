@@ -252,6 +252,11 @@ def layout_of(config) -> HeadLayout:
                       sliding_window=window if "sliding_attention" in kinds else None)
 
 
+def local_path(spec: str) -> str:
+    """Where the model's Hugging Face files are (a GGUF model: its dequantised copy), for other tools."""
+    return str(_resolve(spec)[1])
+
+
 def describe(spec: str) -> ModelInfo:
     """Head layout and provenance of a model without loading its weights (GGUF: converted once)."""
     config, (kind, location, sha, resolved) = load_config(spec)

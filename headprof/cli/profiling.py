@@ -138,10 +138,15 @@ def probes(
 
 @app.command()
 @friendly
-def info(model: ModelArg) -> None:
+def info(model: ModelArg,
+         path: Annotated[bool, typer.Option("--path", help="print only where the model's Hugging Face files are "
+                                                            "(a GGUF model: its dequantised copy)")] = False) -> None:
     """Show a model's head layout: layers, query heads, KV heads, group size, attention kinds."""
     from headprof import models
 
+    if path:
+        out.print(models.local_path(model), highlight=False, soft_wrap=True)
+        return
     i = models.describe(model)
     lay = i.layout
     kinds = sorted(set(lay.attention_kinds))
