@@ -18,8 +18,9 @@ answer) and writes results.json/results.csv/quality_vs_budget.png with the press
 `kvpress-NAME`. The prompt holds the question, so the question is compressed with the context, as in
 the papers (kvpress's pipeline would keep the question out of the compression). Each press runs with
 kvpress's own defaults for everything but the ratio (SnapKV: window 64, kernel 5; headprof's SnapKV
-uses window 16, kernel 7). DuoAttention is left out: offline it runs neither with its published patterns
-nor with `on_the_fly_scoring` (which loads the booksum dataset from the hub).
+uses window 16, kernel 7); `--window 16` runs the SnapKV-style presses with headprof's window.
+DuoAttention is left out: offline it runs neither with its published patterns nor with
+`on_the_fly_scoring` (which loads the booksum dataset from the hub).
 """
 
 from __future__ import annotations
@@ -34,14 +35,15 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no third-party bars 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def presses(names: list[str], ratio: float):
+def presses(names: list[str], ratio: float, window: int | None = None):
     import kvpress
 
+    w = {} if window is None else {"window_size": window}  # SnapKV-style presses: kvpress's default is 64
     make = {
-        "snapkv": lambda: kvpress.SnapKVPress(compression_ratio=ratio),
-        "pyramidkv": lambda: kvpress.PyramidKVPress(compression_ratio=ratio),
+        "snapkv": lambda: kvpress.SnapKVPress(compression_ratio=ratio, **w),
+        "pyramidkv": lambda: kvpress.PyramidKVPress(compression_ratio=ratio, **w),
         "streaming": lambda: kvpress.StreamingLLMPress(compression_ratio=ratio),
-        "adakv": lambda: kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=ratio)),
+        "adakv": lambda: kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=ratio, **w)),
         "expected_attention": lambda: kvpress.ExpectedAttentionPress(compression_ratio=ratio),
         "adakv_expected_attention": lambda: kvpress.AdaKVPress(kvpress.ExpectedAttentionPress(compression_ratio=ratio)),
         "keydiff": lambda: kvpress.KeyDiffPress(compression_ratio=ratio),
@@ -74,7 +76,8 @@ def run(args) -> None:
         for item in items:
             ids = torch.tensor([item["prompt_ids"]])
             for ratio in ratios:
-                for name, press in presses(names, ratio):
+                for name, press in presses(names, ratio, args.window):
+                    name = name if args.window is None else f"{name}-w{args.window}"
                     if (item["id"], f"kvpress-{name}", ratio) in done:
                         continue
                     t = time.perf_counter()
@@ -150,6 +153,8 @@ def main() -> None:
     r.add_argument("--ratios", default="0.5,0.75,0.9")
     r.add_argument("--presses", default="snapkv,pyramidkv,streaming,adakv,expected_attention,keydiff")
     r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--window", type=int, help="observation window of the SnapKV-style presses [default: kvpress's "
+                                              "64]; methods are then named kvpress-NAME-wW")
     r.add_argument("--out", required=True)
     m = sub.add_parser("merge", help="score kvpress's rows with headprof and merge them into results.json")
     m.add_argument("--results", required=True)
