@@ -265,7 +265,7 @@ def evaluate(model: str | LoadedModel, budgets: Sequence[int] = (32, 64, 128, 25
              lengths: Sequence[int] = (1500,), seed: int = 1000, betas: Sequence[float] = (BETA,),
              allow_overlap: bool = False, window: int = WINDOW, max_new_tokens: int = 24, compress_sliding: bool = True,
              device: str = "auto", progress: Callback | None = None, suite: str | None = None,
-             ratios: Sequence[float] = (), export_items: Path | None = None) -> EvalReport:
+             ratios: Sequence[float] = (), export_items: Path | None = None, force: bool = False) -> EvalReport:
     """Every method at every budget (and compression ratio) on the same items, next to the full cache
     (docs/results.md). Items: needle and reasoning probes, a user's `tasks` file, or a `suite`
     ("ruler", "ruler:niah_single_1,vt": RULER's tasks at `lengths`, `items` per task and length).
@@ -282,7 +282,7 @@ def evaluate(model: str | LoadedModel, budgets: Sequence[int] = (32, 64, 128, 25
         suite_tasks = ruler.parse(suite)  # a bad suite or task is refused before the model loads
         ruler.check_installed()
     if export_items is not None:
-        check_output(export_items, False)
+        check_output(export_items, force)
     spec = model if isinstance(model, str) else model.info.spec
     if profiles is None:
         profiles = eval_profiles(spec, methods_spec, profile_dir)
@@ -317,7 +317,7 @@ def evaluate(model: str | LoadedModel, budgets: Sequence[int] = (32, 64, 128, 25
     if export_items is not None:
         if world.main:
             write_atomic(export_items, "".join(json.dumps(evaluate_mod.export_row(it, suite_info)) + "\n"
-                                               for it in item_list))
+                                               for it in item_list), force=force)
         return EvalReport({"exported": str(export_items), "items": len(item_list)}, warnings)
     data = evaluate_mod.evaluate(lm, item_list, method_list, list(budgets), profiles, betas, window,
                                  max_new_tokens=max_new_tokens, progress=progress, compress_sliding=compress_sliding,

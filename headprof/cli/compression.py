@@ -136,7 +136,7 @@ def eval_(
         model, budget_list, methods, profile_dir=profile_dir, tasks=tasks, items=items,
         lengths=parse_ints(lengths, "--lengths"), seed=seed, betas=betas, allow_overlap=allow_overlap, window=window,
         max_new_tokens=max_new_tokens, compress_sliding=compress_sliding, device=device, progress=cb,
-        suite=suite, ratios=ratio_list, export_items=export_items), label="evaluating")
+        suite=suite, ratios=ratio_list, export_items=export_items, force=force), label="evaluating")
     if not w.main:
         return
     if export_items is not None:
