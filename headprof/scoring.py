@@ -133,7 +133,7 @@ def score_probe(lm: LoadedModel, rendered: probes_mod.RenderedProbe, family: fam
 @torch.no_grad()
 def score_batch(lm: LoadedModel, jobs: list[ProbeJob],
                 on_done: Callable[[int, ProbeRun], None] | None = None) -> list[ProbeRun]:
-    """Score several probes together: left-padded, prefilled in one forward, decoded in lockstep.
+    """Score several probes together: each prompt prefilled alone, the answers decoded in lockstep.
 
     Prompts are prefilled one at a time and joined into one cache (decode_cache.py): prefill is compute-
     bound and gains nothing from a batch, while a decode step costs about the same for one sequence as
