@@ -267,8 +267,9 @@ def evaluate(model: str | LoadedModel, budgets: Sequence[int] = (32, 64, 128, 25
              device: str = "auto", progress: Callback | None = None, suite: str | None = None,
              ratios: Sequence[float] = (), export_items: Path | None = None, force: bool = False) -> EvalReport:
     """Every method at every budget (and compression ratio) on the same items, next to the full cache
-    (docs/results.md). Items: needle and reasoning probes, a user's `tasks` file, or a `suite`
-    ("ruler", "ruler:niah_single_1,vt": RULER's tasks at `lengths`, `items` per task and length).
+    (docs/results.md). Items: a user's `tasks` file, or a `suite` at `lengths`, `items` per task and length:
+    headprof's needle and reasoning probes ("probes", the default; "probes:needle" for needles only) or
+    RULER's tasks ("ruler", "ruler:niah_single_1,vt").
     `export_items` writes the items as JSONL (token ids, answers, metric) for a peer's harness and runs
     nothing else."""
     if suite is not None and tasks is not None:
@@ -276,10 +277,11 @@ def evaluate(model: str | LoadedModel, budgets: Sequence[int] = (32, 64, 128, 25
     if any(not 0 < r < 1 for r in ratios):
         raise HeadprofError(f"every ratio must lie between 0 and 1 (the fraction of the KV removed), got "
                             f"{', '.join(str(r) for r in ratios)}")
-    if suite is not None:
+    own_tasks = evaluate_mod.probe_tasks(suite)  # headprof's probes (the default), or None for RULER
+    if own_tasks is None:
         from headprof import ruler
 
-        suite_tasks = ruler.parse(suite)  # a bad suite or task is refused before the model loads
+        suite_tasks = ruler.parse(suite or "")  # a bad suite or task is refused before the model loads
         ruler.check_installed()
     if export_items is not None:
         check_output(export_items, force)
@@ -293,7 +295,7 @@ def evaluate(model: str | LoadedModel, budgets: Sequence[int] = (32, 64, 128, 25
         p.check_fits(lm.info.layout)
     warnings: list[str] = []
     suite_info = None
-    if suite is not None:
+    if own_tasks is None:
         item_list = evaluate_mod.ruler_items(lm, suite, list(lengths), items, seed)
         suite_info = {"name": "ruler", "version": ruler.SUITE_VERSION, "tasks": [t.name for t in suite_tasks],
                       "lengths": list(lengths), "items_per_task": items, "seed": seed,
@@ -302,7 +304,7 @@ def evaluate(model: str | LoadedModel, budgets: Sequence[int] = (32, 64, 128, 25
         item_list = evaluate_mod.file_items(lm, tasks)
     else:
         item_list = []
-        for task in ("needle", "reasoning"):
+        for task in own_tasks:
             exclude = frozenset() if allow_overlap else evaluate_mod.used_texts(list(profiles.values()))
             its, ps = evaluate_mod.probe_items(lm, task, list(lengths), items, seed, exclude)
             for name, p in profiles.items():

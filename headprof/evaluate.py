@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from headprof import generation, methods, probes
+from headprof import generation, methods, probes, ruler
 from headprof.answers import answer_not_distractor, token_f1, words
 from headprof.compare import bootstrap_ci
 from headprof.defaults import BETA, KERNEL, WINDOW
@@ -31,6 +31,7 @@ from headprof.profile import Profile
 from headprof.progress import Callback, Progress
 
 RESULTS_VERSION = 1
+PROBE_TASKS = ("needle", "reasoning")  # headprof's own items: retrieval needles and r2 reasoning probes
 FULL = next(n for n in methods.names() if not methods.REGISTRY[n].compresses)  # the reference: no compression
 
 
@@ -50,9 +51,7 @@ def item_score(item: Item, response: str) -> float:
     """The item's headline score: its suite's metric (RULER's string match), else contains."""
     if item.metric is None:
         return contains(response, item.answers, item.distractors)
-    text = response.lower()
-    hits = [a.lower() in text for a in item.answers]
-    return sum(hits) / len(hits) if item.metric == "all" else float(any(hits))
+    return ruler.string_match(item.metric, response, item.answers)
 
 
 def ratio_budget(item: Item, ratio: float, window: int) -> int:
@@ -63,8 +62,6 @@ def ratio_budget(item: Item, ratio: float, window: int) -> int:
 
 def ruler_items(lm: LoadedModel, spec: str, lengths: Sequence[int], items: int, seed: int) -> list[Item]:
     """RULER items (ruler.py) for the model's tokenizer, in its chat template with the answer prefix after it."""
-    from headprof import ruler
-
     chat = lm.info.chat_template
 
     def ids(text: str, prefix: str) -> list[int]:
@@ -82,6 +79,20 @@ def ruler_items(lm: LoadedModel, spec: str, lengths: Sequence[int], items: int, 
                 out.append(Item(it.id, it.task, ids(it.text, it.answer_prefix), it.answers, metric=it.metric,
                                 max_new_tokens=it.max_new_tokens))
     return out
+
+
+def probe_tasks(spec: str | None) -> list[str] | None:
+    """`probes` (default) or `probes:needle`: which of headprof's own probe tasks to use; None for another suite."""
+    suite, _, names = (spec or "probes").partition(":")
+    if suite == "ruler":
+        return None
+    if suite != "probes":
+        raise HeadprofError(f"unknown suite '{suite}' (use probes, probes:needle, ruler or ruler:TASK,TASK)")
+    chosen = list(dict.fromkeys(n.strip() for n in names.split(",") if n.strip())) or list(PROBE_TASKS)
+    for name in chosen:
+        if name not in PROBE_TASKS:
+            raise HeadprofError(f"unknown probe task '{name}' (use {', '.join(PROBE_TASKS)})")
+    return chosen
 
 
 def contains(response: str, answers: Sequence[str], distractors: Sequence[str] = ()) -> float:

@@ -103,10 +103,15 @@ def parse(spec: str) -> list[Task]:
 
 
 def score(task: Task, response: str, answers: list[str]) -> float:
+    """The task's RULER metric on one response."""
+    return string_match(task.metric, response, answers)
+
+
+def string_match(metric: str, response: str, answers: list[str]) -> float:
     """RULER's string match, 0-1: all (share of answers in the response) or part (any answer in it)."""
     text = response.lower()
     hits = [a.lower() in text for a in answers]
-    return sum(hits) / len(hits) if task.metric == "all" else float(any(hits))
+    return sum(hits) / len(hits) if metric == "all" else float(any(hits))
 
 
 def check_installed() -> None:

@@ -8,7 +8,7 @@ from fakes import loaded
 from tiny import save
 
 from headprof import evaluate, probes, profile
-from headprof.errors import ProbeError
+from headprof.errors import HeadprofError, ProbeError
 
 SCHEMA_KEYS = {"results_version", "model", "methods", "budgets", "betas", "chosen_beta", "window", "kernel",
                "items", "validation_items", "summary", "by_task", "rows"}
@@ -141,3 +141,24 @@ def test_one_prefill_per_item_gives_the_per_cell_results(arch, compress_sliding)
 
     assert strip(shared) == strip(per_cell)
     assert len({r["response"] for r in shared["rows"]}) > 1  # the methods do not all answer alike
+
+
+def test_probe_suite_chooses_headprof_tasks(monkeypatch):
+    assert evaluate.probe_tasks(None) == ["needle", "reasoning"]
+    assert evaluate.probe_tasks("probes:needle") == ["needle"]
+    assert evaluate.probe_tasks("ruler:vt") is None
+    for bad, message in [("probes:maths", "unknown probe task 'maths'"), ("helm", "unknown suite 'helm'")]:
+        with pytest.raises(HeadprofError, match=message):
+            evaluate.probe_tasks(bad)
+    from headprof import api
+
+    lm, asked = loaded("llama"), []
+
+    def probe_items(lm, task, lengths, items, seed, exclude):
+        asked.append(task)
+        item = evaluate.Item(f"{task}-0", task, _items(lm, 1)[0].prompt_ids, ["w1"])
+        return [item], probes.ProbeSet("t", "1", "retrieval", 0, (), 0, "", ())
+
+    monkeypatch.setattr(evaluate, "probe_items", probe_items)
+    res = api.evaluate(lm, [24], "full,snapkv", profiles={}, items=1, suite="probes:needle", max_new_tokens=2).data
+    assert asked == ["needle"] and {r["task"] for r in res["rows"]} == {"needle"} and res["items"] == 1

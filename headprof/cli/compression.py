@@ -99,8 +99,10 @@ def eval_(
                                                               "quality_vs_budget.png")] = Path("results"),
     tasks: Annotated[Path | None, typer.Option(help="your own items, JSONL: context, question, answers "
                                                     "[default: needle and reasoning probes]")] = None,
-    suite: Annotated[str | None, typer.Option(help="a public benchmark's items: ruler (RULER's 13 tasks) or "
-                                                   "ruler:niah_single_1,vt,... (tasks; groups niah, qa)")] = None,
+    suite: Annotated[str | None, typer.Option(help="the items: probes (headprof's needle and reasoning "
+                                                   "probes; probes:needle for needles only), ruler (RULER's 13 tasks) "
+                                                   "or ruler:niah_single_1,vt,... (tasks; groups niah, qa) "
+                                                   "[default: probes]")] = None,
     export_items: Annotated[Path | None, typer.Option(help="write the items (token ids, answers, metric) as JSONL "
                                                            "for another harness, and run nothing")] = None,
     items: Annotated[int, typer.Option(help="items per task and length")] = 5,
