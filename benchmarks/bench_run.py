@@ -19,14 +19,14 @@ import sys
 
 
 def child(model: str, length: int, method: str, budget: int, new_tokens: int, profile_path: str) -> dict:
-    from headprof import generation, models, probes, profile
+    from headprof import generation, methods, models, probes, profile
 
     lm = models.load(model, device="cpu")
     p = probes.build_probe_set("retrieval", [length], 1, seed=5).probes[0]
     ids = probes.render(p, lm.tokenizer, probes.Haystack(5)).input_ids
-    kv = profile.load(profile_path).kv_scores("mean")
-    generation.generate(lm, ids[:200], method, min(budget, 100), kv, max_new_tokens=4)  # warm-up
-    r = generation.generate(lm, ids, method, budget, kv, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    m = methods.resolve(method, profile.load(profile_path))
+    generation.generate(lm, ids[:200], m, min(budget, 100), max_new_tokens=4)  # warm-up
+    r = generation.generate(lm, ids, m, budget, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     return {**r.to_dict(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import synthetic  # noqa: E402
 
-from headprof import attention, generation, interop, models  # noqa: E402
+from headprof import attention, generation, interop, methods, models  # noqa: E402
 
 
 def main() -> None:
@@ -69,7 +69,7 @@ def main() -> None:
     rng = np.random.default_rng(1)
 
     def run(ids, method, kv=None):
-        return generation.generate(lm, ids, method, args.budget, kv, max_new_tokens=args.new_tokens,
+        return generation.generate(lm, ids, methods.resolve(method, kv), args.budget, max_new_tokens=args.new_tokens,
                                    min_new_tokens=args.new_tokens)
 
     generation.generate(lm, rng.integers(0, 96, 300).tolist(), "snapkv", 64, max_new_tokens=4)  # warm-up

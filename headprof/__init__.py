@@ -13,8 +13,12 @@ Names are imported on first use, so `import headprof` (and the CLI's start) stay
 """
 
 from importlib import import_module
+from importlib.metadata import PackageNotFoundError, version
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("headprof")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "unknown"
 
 _EXPORTS = {
     "score": "headprof.api", "generate": "headprof.api", "evaluate": "headprof.api", "check": "headprof.api",

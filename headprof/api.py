@@ -16,6 +16,7 @@ from typing import Any
 
 from headprof import compare, distributed, generation, methods, models, presets, probes, scoring
 from headprof import evaluate as evaluate_mod
+from headprof import profile as profile_mod
 from headprof.answers import token_f1
 from headprof.defaults import BETA, KERNEL, WINDOW
 from headprof.errors import HeadprofError, OutputError, ProfileError
@@ -198,30 +199,33 @@ def generate(model: str | LoadedModel, prompt: str | Sequence[int], method: str 
     """Generate greedily with `method` at `budget` tokens per KV head, next to the full cache.
 
     `prompt` is the user message (wrapped in the chat template when the model has one) or token ids.
+    `method`: a name or spec (`headkv:beta=1.5`; `headkv-r2` uses the alias's shipped r2 profile); `window`,
+    `kernel`, `beta`, `group_reduce` apply to the methods that have them unless the spec sets them.
     `profile` (headkv): a Profile, a path, or None for the shipped profile of a model alias.
     """
-    m = methods.get(method)
-    if m.compresses and budget <= window:
-        raise HeadprofError(f"--budget {budget} must exceed --window {window}")
+    spec = methods.parse_spec(method)
     if max_new_tokens < 1:
         raise HeadprofError("--max-new-tokens must be at least 1")
-    spec = model if isinstance(model, str) else model.info.spec
-    prof, where = _profile(profile, spec) if m.needs_profile else (None, None)
+    model_spec = model if isinstance(model, str) else model.info.spec
+    needs = spec.method_class.needs_profile
+    prof, where = _profile(profile, model_spec, spec.profile or "r2") if needs else (None, None)
+    m = spec.build(profile=prof, window=window, kernel=kernel, beta=beta, reduction=group_reduce)
+    if m.compresses and budget <= m.window:
+        raise HeadprofError(f"--budget {budget} must exceed --window {m.window}")
     lm = load_model(model, device, dtype)
-    kv_scores = None
     if prof is not None:
         prof.check_fits(lm.info.layout)
-        kv_scores = prof.kv_scores(group_reduce)
     ids = list(prompt) if not isinstance(prompt, str) else probes.prompt_ids(lm.tokenizer, prompt, chat_template)
-    runs = [generation.generate(lm, ids, method, budget, kv_scores, window, kernel, beta, max_new_tokens,
-                                compress_sliding=compress_sliding)]
+    runs = [generation.generate(lm, ids, m, budget, max_new_tokens, compress_sliding=compress_sliding)]
+    runs[0].method = method
     if baseline and m.compresses:
         runs.append(generation.generate(lm, ids, "full", budget, max_new_tokens=max_new_tokens))
     agreement = None
     if len(runs) > 1:
         agreement = {"exact": runs[0].text == runs[1].text, "token_f1": token_f1(runs[0].text, runs[1].text)}
     return GenerationReport(model=lm.info.resolved, prompt_tokens=len(ids), method=method, budget=budget,
-                            window=window, kernel=kernel, beta=beta, group_reduce=group_reduce,
+                            window=m.window, kernel=m.kernel, beta=getattr(m, "beta", beta),
+                            group_reduce=getattr(m, "reduction", group_reduce),
                             compress_sliding=compress_sliding, profile=where, runs=runs, agreement=agreement)
 
 
@@ -248,8 +252,8 @@ class EvalReport:
 
 def eval_profiles(model: str, method_specs: str, profile_dir: Path | None = None) -> dict[str, Profile]:
     """The profiles `headkv-NAME` methods need: PROFILE_DIR/NAME.json, or the shipped NAME profile."""
-    wanted = sorted({name for spec in method_specs.split(",") if spec.strip()
-                     for name in [methods.parse_spec(spec.strip())[1]] if name})
+    wanted = sorted({name for label in evaluate_mod.method_labels(method_specs)
+                     for name in [methods.parse_spec(label).profile] if name})
     profiles = {}
     for name in wanted:
         path = (profile_dir / f"{name}.json") if profile_dir else shipped(model, name)
@@ -339,6 +343,7 @@ class CheckResult:
     answered: int
     answered_before: int
     failures: list[str]
+    provenance: list[str] = field(default_factory=list)  # what differs between the profile's run and this one
 
     @property
     def passed(self) -> bool:
@@ -350,10 +355,10 @@ def check(profile: Profile | str | Path, model: str | LoadedModel | None = None,
           device: str = "auto", dtype: str = "auto", progress: Callback | None = None) -> CheckResult:
     """Re-score the profile's model on (some of) the profile's own probes and compare (docs/ci.md)."""
     prof = profile if isinstance(profile, Profile) else Profile.load(profile)
-    ps, hs = probes.from_profile(prof.data, max_probes)
+    ps, hs = probes.from_profile(prof, max_probes)
     lm = load_model(model or prof.model["spec"], device, dtype)
     prof.check_fits(lm.info.layout)
-    settings = scoring.Settings.from_params(prof.method, prof.data["method"].get("params", {}))
+    settings = scoring.Settings.from_params(prof.method, prof.params)
     new = scoring.score(lm, ps, settings, hs, progress=progress)
     ids = [p.id for p in ps.probes]
     old_scores, new_scores = compare.subset_scores(prof, ids), compare.subset_scores(new, ids)
@@ -363,6 +368,6 @@ def check(profile: Profile | str | Path, model: str | LoadedModel | None = None,
     failures += [f"top-10% overlap {top:.2f} < {min_overlap}"] if top < min_overlap else []
     return CheckResult(profile=str(profile) if not isinstance(profile, Profile) else "(in memory)",
                        model=lm.info.resolved, probes=len(ids), spearman=rho, top10_overlap=top,
-                       answered=new.data["probe_set"]["successes"],
-                       answered_before=sum(r["success"] for r in prof.data["probes"] if r["id"] in ids),
-                       failures=failures)
+                       answered=new.probe_set["successes"],
+                       answered_before=sum(r["success"] for r in prof.probes if r["id"] in ids),
+                       failures=failures, provenance=profile_mod.provenance_diff(prof, new))

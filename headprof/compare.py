@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from headprof.errors import ProfileError
-from headprof.profile import Profile
+from headprof.profile import Profile, provenance_diff
 
 
 def ranks(x: np.ndarray) -> np.ndarray:
@@ -113,6 +113,7 @@ class Comparison:
     noise_a: float | None
     noise_b: float | None
     within_noise: bool | None
+    provenance: list[str]  # provenance fields that differ ('field: A vs B'): what may explain a change
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,7 +121,7 @@ class Comparison:
 
 def scores_at(profile: Profile, level: str) -> np.ndarray:
     if level == "query":
-        if profile.data["scores"].get("query") is None:
+        if not profile.has_query_scores:
             raise ProfileError("this profile has KV-head scores only; compare with --kv")
         return profile.query_scores()
     return profile.kv_scores("mean")
@@ -133,8 +134,11 @@ def compare(a: Profile, b: Profile, level: str = "query", keep: float = 0.5, for
     if sa.shape != sb.shape:
         raise ProfileError(f"profiles have different shapes ({sa.shape[0]}x{sa.shape[1]} vs "
                            f"{sb.shape[0]}x{sb.shape[1]}); they are not the same model")
+    differs = provenance_diff(a, b)
     if a.method != b.method and not force:
-        raise ProfileError(f"profiles use different methods ({a.method} vs {b.method}); pass --force to compare anyway")
+        raise ProfileError(f"profiles use different methods ({a.method} vs {b.method})"
+                           + (f"; provenance differs: {', '.join(differs)}" if differs else "")
+                           + "; pass --force to compare anyway")
     if not 0 < keep <= 1:
         raise ProfileError(f"--keep must be in (0, 1], got {keep}")
     ra, rb = ranks(-sa), ranks(-sb)  # rank 1 = most important
@@ -143,13 +147,13 @@ def compare(a: Profile, b: Profile, level: str = "query", keep: float = 0.5, for
     moved_rows = [{"head": head_name(int(i), heads), "rank_a": int(ra[i]), "rank_b": int(rb[i]),
                    "score_a": float(sa.ravel()[i]), "score_b": float(sb.ravel()[i])} for i in moved]
     rho = spearman(sa, sb)
-    na, nb = (full_size(split_half(p.per_probe())) if level == "query" and p.data["probes"] else None
+    na, nb = (full_size(split_half(p.per_probe())) if level == "query" and p.probes else None
               for p in (a, b))
     floors = [x for x in (na, nb) if x is not None]
     within = (rho >= min(floors)) if floors else None
     return Comparison(level=level, spearman=rho, kendall=kendall(sa, sb), top10_overlap=overlap(sa, sb, 0.1),
                       keep=keep, kept_jaccard=jaccard(sa, sb, keep), moved=moved_rows, noise_a=na, noise_b=nb,
-                      within_noise=within)
+                      within_noise=within, provenance=differs)
 
 
 # `headprof check` defaults, calibrated on SmolLM2-135M (docs/ci.md): a same-seed rescore on CPU gives
@@ -160,7 +164,7 @@ MIN_OVERLAP = 0.7
 
 def subset_scores(profile: Profile, ids: list[str]) -> np.ndarray:
     """Mean per-probe query scores of the given probes, counting them the way the profile did."""
-    rows = {r["id"]: r for r in profile.data["probes"]}
+    rows = {r["id"]: r for r in profile.probes}
     chosen = [rows[i] for i in ids if i in rows]
     counted = [r for r in chosen if r.get("counted", True)] or chosen
     return np.mean([np.asarray(r["scores"], dtype=float) for r in counted], axis=0)
@@ -177,10 +181,10 @@ class Summary:
 
 
 def summarise(profile: Profile, top: int = 10) -> Summary:
-    has_query = profile.data["scores"].get("query") is not None
+    has_query = profile.has_query_scores
     scores = profile.query_scores() if has_query else profile.kv_scores("mean")
     heads = scores.shape[1]
-    per_probe = profile.per_probe() if has_query and profile.data["probes"] else None
+    per_probe = profile.per_probe() if has_query and profile.probes else None
     lo = hi = None
     if per_probe is not None and per_probe.shape[0] >= 2:
         lo, hi = bootstrap_ci(per_probe)

@@ -19,3 +19,7 @@ class ProfileError(HeadprofError):
 
 class OutputError(HeadprofError):
     """An output path cannot be written, or would overwrite something without --force."""
+
+
+class MethodError(HeadprofError):
+    """An unknown compression method, or an option it does not have."""

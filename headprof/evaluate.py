@@ -108,20 +108,29 @@ def best_f1(response: str, answers: Sequence[str]) -> float:
 
 
 def parse_methods(text: str, profiles: dict[str, Profile]) -> list[str]:
-    """Method specs of the grid: registered names, and NAME-PROFILE for profile-driven ones (headkv-r2)."""
-    specs = [m.strip() for m in text.split(",") if m.strip()]
-    for spec in specs:
-        try:
-            m, profile = methods.parse_spec(spec)
-        except HeadprofError:
-            examples = [f"{n}-{p}" for n in methods.names() if methods.REGISTRY[n].needs_profile for p in profiles]
-            known = [n for n in methods.names() if not methods.REGISTRY[n].needs_profile] + examples
-            raise HeadprofError(f"unknown method '{spec}' (use {', '.join(known)})") from None
-        if m.needs_profile and profile not in profiles:
-            raise HeadprofError(f"method {spec} needs a profile (e.g. {m.name}-r2 with a profile r2.json)")
+    """Method specs of the grid (`snapkv`, `adakv:safeguard=0.1`, `headkv:profile=r2,beta=1.5` or its short
+    form `headkv-r2`), checked: every profile-driven method names a loaded profile."""
+    specs = method_labels(text)
     if not specs:
         raise HeadprofError("no methods given")
+    for label in specs:
+        spec = methods.parse_spec(label)
+        if spec.method_class.needs_profile and spec.profile not in profiles:
+            example = next(iter(profiles), "r2")
+            raise HeadprofError(f"method {label} needs a profile: {spec.name}:profile=NAME or {spec.name}-NAME "
+                                f"with NAME.json in --profile-dir or shipped (e.g. {spec.name}-{example})")
     return specs
+
+
+def method_labels(text: str) -> list[str]:
+    """Split 'full,headkv:profile=r2,beta=1.5,snapkv' at the commas that start a new method."""
+    out: list[str] = []
+    for part in [p.strip() for p in text.split(",") if p.strip()]:
+        if out and "=" in part and ":" not in part:
+            out[-1] += "," + part  # KEY=VALUE continues the previous method's options
+        else:
+            out.append(part)
+    return out
 
 
 def overlapping(profile: Profile, probe_set: probes.ProbeSet) -> list[str]:
@@ -132,7 +141,7 @@ def overlapping(profile: Profile, probe_set: probes.ProbeSet) -> list[str]:
 
 def used_texts(profiles: Sequence[Profile]) -> frozenset[str]:
     """Needles and questions of the profiles' probes, which eval items must avoid."""
-    texts = {r.get(k) for p in profiles for r in p.data["probes"] for k in ("needle", "question")}
+    texts = {r.get(k) for p in profiles for r in p.probes for k in ("needle", "question")}
     texts.discard(None)
     return frozenset(texts)
 
@@ -202,9 +211,10 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
     tune = len(betas) > 1
     for i, item in enumerate(items):
         item.split = "validation" if tune and i % 2 == 0 else "test"
-    by_profile = [m for m in method_specs if methods.parse_spec(m)[1]]
-    compressed = [m for m in method_specs if methods.parse_spec(m)[0].compresses]
-    per_budget = len([m for m in compressed if not methods.parse_spec(m)[1]]) + len(by_profile) * len(betas)
+    specs = {label: methods.parse_spec(label) for label in [FULL, *method_specs]}
+    by_profile = [m for m in method_specs if _tuned(specs[m])]
+    compressed = [m for m in method_specs if specs[m].method_class.compresses]
+    per_budget = len([m for m in compressed if not _tuned(specs[m])]) + len(by_profile) * len(betas)
     world = world or World()
     mine = world.shard(items)
     total = len(mine) * (1 + per_budget * (len(budgets) + len(ratios)))
@@ -218,11 +228,9 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
             progress(Progress(done, total))
 
     def run(item: Item, method: str, budget: int, beta: float) -> generation.RunResult:
-        m, profile = methods.parse_spec(method)
-        kv = profiles[profile].kv_scores("mean") if profile else None
-        return generation.generate(lm, item.prompt_ids, m.name, budget, kv, window, kernel, beta,
-                                   item.max_new_tokens or max_new_tokens, compress_sliding=compress_sliding,
-                                   shared=shared)
+        m = specs[method].build(profiles, window=window, kernel=kernel, beta=beta)
+        return generation.generate(lm, item.prompt_ids, m, budget, item.max_new_tokens or max_new_tokens,
+                                   compress_sliding=compress_sliding, shared=shared)
 
     shared: generation.Prefill | None = None
     for item in mine:
@@ -236,7 +244,7 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
             level = {"ratio": ratio} if ratio is not None else {}
             rows.append({**full_row, "budget": budget, **level})
             for method in compressed:
-                for beta in (betas if methods.parse_spec(method)[1] else [None]):
+                for beta in (betas if _tuned(specs[method]) else [None]):
                     t = time.perf_counter()
                     r = run(item, method, budget, beta or BETA)
                     rows.append({**_row(item, method, budget, beta, r, full.text, time.perf_counter() - t), **level})
@@ -258,6 +266,11 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
             "summary": summarise(test, method_specs, budgets, ratios),
             "by_task": {task: summarise([r for r in test if r["task"] == task], method_specs, budgets, ratios)
                         for task in dict.fromkeys(r["task"] for r in test)}, "rows": rows}
+
+
+def _tuned(spec: methods.Spec) -> bool:
+    """Does the grid's --beta list apply to this method (it has a beta the spec leaves unset)?"""
+    return "beta" in spec.method_class.options() and "beta" not in spec.options
 
 
 def _row(item: Item, method: str, budget: int | None, beta: float | None, r: generation.RunResult, full_text: str,

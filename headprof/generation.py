@@ -92,33 +92,34 @@ def compressing(cache: HeadKVCache, window: int, plan_for: Callable[[int], Plan]
 
 
 @contextmanager
-def compression(model, method: str = "headkv", budget: int = 128, profile=None, window: int = WINDOW,
-                kernel: int = KERNEL, beta: float = BETA, group_reduce: str = "mean",
+def compression(model, method: str | methods.Method = "headkv", budget: int = 128, profile=None,
+                window: int = WINDOW, kernel: int = KERNEL, beta: float = BETA, group_reduce: str = "mean",
                 compress_sliding: bool = True) -> Iterator[HeadKVCache]:
     """Head-level KV compression inside your own `model.generate` (batch size 1), on any HF causal LM:
 
         with headprof.compression(model, "headkv", budget=128, profile=prof) as cache:
             out = model.generate(ids, cache=cache, max_new_tokens=64)
 
-    The model's attention is routed through headprof's attention function (it computes what SDPA
-    computes). One generation per context: the prompt is compressed at prefill, then it decodes. (Before
-    transformers renamed it, the argument was `past_key_values=cache`; `models.with_cache` picks the name.)
+    `method`: a name or spec ("headkv:beta=1.5") with `window`, `kernel`, `beta`, `group_reduce` for the
+    options it has, or a built `headprof.methods` instance (its own parameters). The model's attention is
+    routed through headprof's attention function (it computes what SDPA computes). One generation per
+    context: the prompt is compressed at prefill, then it decodes. (Before transformers renamed it, the
+    argument was `past_key_values=cache`; `models.with_cache` picks the name.)
     """
-    m = methods.get(method)
     layout = layout_of(model.config)
-    kv_scores = None
+    m = methods.resolve(method, profile, window=window, kernel=kernel, beta=beta, reduction=group_reduce)
     if m.needs_profile:
-        if profile is None:
+        if getattr(m, "profile", None) is None:
             raise HeadprofError(f"{m.name} needs a profile (headprof.Profile.load or headprof.score)")
-        profile.check_fits(layout)
-        kv_scores = profile.kv_scores(group_reduce)
+        if hasattr(m.profile, "check_fits"):
+            m.profile.check_fits(layout)
     capture.attach(model)
     cache = cache_for(layout, m, compress_sliding)
 
     def plan_for(prompt_len: int) -> Plan:
-        return make_plan(m, layout, prompt_len, budget, window, kernel, kv_scores, beta, compress_sliding)
+        return make_plan(m, layout, prompt_len, budget, compress_sliding)
 
-    with compressing(cache, window, plan_for):
+    with compressing(cache, m.window, plan_for):
         yield cache
 
 
@@ -187,11 +188,11 @@ def _full_entries(layout: HeadLayout, seq: int) -> int:
 
 
 @torch.no_grad()
-def generate(lm: LoadedModel, prompt_ids: list[int], method: str = "headkv", budget: int = 128,
-             kv_scores: np.ndarray | None = None, window: int = WINDOW, kernel: int = KERNEL, beta: float = BETA,
+def generate(lm: LoadedModel, prompt_ids: list[int], method: str | methods.Method = "snapkv", budget: int = 128,
              max_new_tokens: int = 64, min_new_tokens: int = 0, compress_sliding: bool = True,
              shared: Prefill | None = None) -> RunResult:
-    """Generate greedily from `prompt_ids` with `method` at `budget` tokens per KV head.
+    """Generate greedily from `prompt_ids` with `method` (a built method, or a name with its defaults) at
+    `budget` tokens per KV head.
 
     `shared`: a `prefill` of the same prompt to start from instead of prefilling again (eval runs every
     method and budget from one prefill per item; the tokens are the same as without it).
@@ -200,7 +201,8 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str = "headkv", bud
     tokens inside their window; False keeps their whole window as the model does (docs/run.md).
     """
     lay = lm.info.layout
-    m = methods.get(method)
+    m = methods.resolve(method)
+    window = m.window
     n = len(prompt_ids)
     if lm.info.max_positions and n + max_new_tokens > lm.info.max_positions:
         raise HeadprofError(f"prompt of {n} tokens + {max_new_tokens} new tokens exceeds the model's "
@@ -209,7 +211,7 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str = "headkv", bud
         raise HeadprofError(f"prompt of {n} tokens is not longer than the observation window ({window})")
     notes = []
     if m.compresses:
-        plan = make_plan(m, lay, n, budget, window, kernel, kv_scores, beta, compress_sliding)
+        plan = make_plan(m, lay, n, budget, compress_sliding)
         if budget >= n:
             notes.append(f"budget {budget} >= prompt length {n}: every prompt token is kept")
         cache = cache_for(lay, m, compress_sliding)
@@ -258,7 +260,8 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str = "headkv", bud
         ideal += sum(min(n + appended, lay.sliding_window or n + appended) * lay.num_kv_heads
                      for layer in range(lay.num_layers) if not compressed_layers[layer])
     elem = torch.finfo(lm.model.dtype).bits // 8
-    return RunResult(method=method, text=lm.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+    label = method if isinstance(method, str) else m.name
+    return RunResult(method=label, text=lm.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                      tokens=tokens, prompt_tokens=n, prefill_s=prefill_s, decode_tokens_per_s=decode,
                      kv_entries=entries, kv_bytes=nbytes, kv_entries_full=_full_entries(lay, n + appended),
                      kv_entries_ideal=ideal, bytes_per_entry=2 * lay.head_dim * elem, budgets=budgets, notes=notes,

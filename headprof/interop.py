@@ -10,40 +10,29 @@ An imported profile says what is unknown (probe texts, revision, success counts)
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
-import headprof
 from headprof.errors import ProfileError
 from headprof.files import read_text
-from headprof.profile import SCHEMA_VERSION, Profile, rounded, validate
+from headprof.profile import Profile, build, rounded
 
 FORMATS = ("headkv", "duo")
 
 
 def _profile(model_id: str, layers: int, heads: int, kv_heads: int, method: str, query: np.ndarray | None,
              kv: dict, probes: list, source: dict) -> Profile:
-    data = {
-        "schema_version": SCHEMA_VERSION, "headprof_version": headprof.__version__,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"spec": model_id, "resolved": model_id, "revision": None, "weights_sha256": None,
-                  "architecture": None, "model_type": None, "num_layers": layers, "num_query_heads": heads,
-                  "num_kv_heads": kv_heads, "group_size": heads // kv_heads, "head_dim": None,
-                  "attention_kinds": None, "sliding_window": None, "max_positions": None, "chat_template": None},
-        "method": {"name": method, "params": {"imported": True}},
-        "probe_set": {"name": f"imported-{source['format']}", "version": "unknown", "hash": source["sha256"],
-                      "count": len(probes), "successes": len(probes), "counted": len(probes)},
-        "probes": probes,
-        "scores": {"query": rounded(query) if query is not None else None, "kv": kv},
-        "environment": {"imported": True},
-        "source": source,
-    }
-    validate(data)
-    return Profile(data)
+    model = {"spec": model_id, "resolved": model_id, "revision": None, "weights_sha256": None, "architecture": None,
+             "model_type": None, "num_layers": layers, "num_query_heads": heads, "num_kv_heads": kv_heads,
+             "group_size": heads // kv_heads, "head_dim": None, "attention_kinds": None, "sliding_window": None,
+             "max_positions": None, "chat_template": None}
+    probe_set = {"name": f"imported-{source['format']}", "version": "unknown", "hash": source["sha256"],
+                 "count": len(probes), "successes": len(probes), "counted": len(probes)}
+    return build(model, method, {"imported": True}, probe_set, probes, query, {"imported": True}, kv=kv,
+                 source=source)
 
 
 def import_headkv(path: Path, model_id: str, kv_heads: int | None = None, method: str | None = None) -> Profile:
@@ -129,9 +118,9 @@ def export_text(profile: Profile, fmt: str) -> str:
     """The profile in another project's format (per-probe lists when the profile has them)."""
     layers, heads = profile.shape
     if fmt == "headkv":
-        if profile.data["scores"].get("query") is None:
+        if not profile.has_query_scores:
             raise ProfileError("this profile has KV-head scores only; the headkv format needs query heads")
-        per_probe = profile.per_probe() if profile.data["probes"] else None
+        per_probe = profile.per_probe() if profile.probes else None
         query = profile.query_scores()
         out = {f"{la}-{h}": (per_probe[:, la, h].tolist() if per_probe is not None and per_probe.size
                              else [float(query[la, h])]) for la in range(layers) for h in range(heads)}

@@ -30,10 +30,10 @@ def grid(profile: Profile, kv: bool, other: Profile | None = None) -> tuple[np.n
 
 
 def title(profile: Profile, kv: bool, other: Profile | None) -> str:
-    m, p = profile.model, profile.data["probe_set"]
+    m, p = profile.model, profile.probe_set
     level = "KV heads (mean over group)" if kv else "query heads"
-    if "source" in profile.data and not profile.data["probes"]:
-        probes = f"imported from {profile.data['source']['file']}"
+    if profile.source and not profile.probes:
+        probes = f"imported from {profile.source['file']}"
     else:
         probes = f"{p.get('name', '?')} ({p.get('counted', p.get('count', 0))} of {p.get('count', 0)} probes counted)"
     head = f"{m['spec']}: {profile.method} scores, {level}"

@@ -21,6 +21,7 @@ from headprof import families as fam
 from headprof.errors import ProbeError
 from headprof.files import read_jsonl
 from headprof.haystack import ESSAYS, Haystack
+from headprof.profile import Profile
 
 __all__ = ["Haystack", "ProbeSet", "Probe", "build_probe_set", "render"]
 
@@ -284,10 +285,10 @@ def _sentence_tokens(tokenizer, sentence: str) -> int:
     return _SENTENCE_TOKENS[key]
 
 
-def from_profile(data: dict[str, Any], max_probes: int | None = None) -> tuple[ProbeSet, Haystack]:
+def from_profile(profile: Profile, max_probes: int | None = None) -> tuple[ProbeSet, Haystack]:
     """Rebuild (a subset of) a profile's own probe set from the probes it stores."""
-    ps = data.get("probe_set", {})
-    rows = [r for r in data.get("probes", []) if "needle" in r]
+    ps = profile.probe_set
+    rows = [r for r in profile.probes if "needle" in r]
     if not rows:
         raise ProbeError("the profile stores no probe texts (an imported profile?); it cannot be re-scored")
     hay = str(ps.get("haystack", ""))

@@ -8,8 +8,12 @@ only replaced with `force`.
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
 import json
 import math
+import platform
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +23,8 @@ import numpy as np
 from headprof.errors import ProfileError
 from headprof.files import check_output, read_text, write_atomic
 
-__all__ = ["Profile", "load", "save", "validate", "check_output", "write_atomic", "shipped"]
+__all__ = ["Profile", "load", "save", "validate", "check_output", "write_atomic", "shipped", "build", "provenance",
+           "provenance_diff", "package_version"]
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("profile.schema.json")
@@ -33,7 +38,8 @@ class Profile:
     """A loaded, validated profile. `data` is the JSON document; accessors give numpy views.
 
     `Profile.load(path)`, `profile.save(path)`, `Profile.shipped("smollm2-135m", "r2")`,
-    `Profile.score(model, ...)` (runs the probes), `profile.check_fits(layout)`.
+    `profile.check_fits(layout)`; `headprof.score(model, ...)` makes one. Callers read the document through
+    the properties below, never through its JSON layout.
     """
 
     data: dict[str, Any] = field(default_factory=dict)
@@ -58,13 +64,6 @@ class Profile:
         """The profile headprof ships for a model alias, or None."""
         path = shipped(model_spec, method)
         return cls.load(path) if path is not None else None
-
-    @classmethod
-    def score(cls, model, method: str = "r2", **options) -> Profile:
-        """Score `model` (a spec or a loaded model) on needle probes: see `headprof.score`."""
-        from headprof.api import score
-
-        return score(model, method, **options)
 
     def save(self, path: str | Path, force: bool = False) -> Path:
         """Validate and write atomically; an existing file is only replaced with `force`."""
@@ -98,6 +97,35 @@ class Profile:
         return self.data["method"]["name"]
 
     @property
+    def params(self) -> dict[str, Any]:
+        """The scoring rules the profile was made with (`scoring.Settings.from_params` reads them back)."""
+        return self.data["method"].get("params", {})
+
+    @property
+    def probe_set(self) -> dict[str, Any]:
+        """The probe set's header: name, version, hash, counts."""
+        return self.data["probe_set"]
+
+    @property
+    def probes(self) -> list[dict[str, Any]]:
+        """One row per probe: its texts, success, whether it counted, and its [layer, head] scores."""
+        return self.data["probes"]
+
+    @property
+    def environment(self) -> dict[str, Any]:
+        return self.data["environment"]
+
+    @property
+    def source(self) -> dict[str, Any] | None:
+        """Where an imported profile came from (file, format, what is unknown); None for a scored one."""
+        return self.data.get("source")
+
+    @property
+    def has_query_scores(self) -> bool:
+        """False for profiles imported at KV level (DuoAttention), which hold KV-head scores only."""
+        return self.data["scores"].get("query") is not None
+
+    @property
     def shape(self) -> tuple[int, int]:
         return self.model["num_layers"], self.model["num_query_heads"]
 
@@ -119,6 +147,95 @@ class Profile:
         """(probes, layers, heads) per-probe query-head scores."""
         rows = [p["scores"] for p in self.data["probes"] if p.get("counted", True) or not counted_only]
         return np.asarray(rows, dtype=float).reshape(-1, *self.shape)
+
+
+def build(model: dict[str, Any], method: str, params: dict[str, Any], probe_set: dict[str, Any],
+          probes: list[dict[str, Any]], query: np.ndarray | None, environment: dict[str, Any],
+          kv: dict[str, Any] | None = None, warnings: list[str] | None = None,
+          source: dict[str, Any] | None = None) -> Profile:
+    """The one place a profile document is assembled (from a scoring run, or an import), validated.
+
+    `query` [layer, query head] scores give the KV-head scores by group reduction; an import at KV level
+    passes `kv` instead."""
+    if kv is None:
+        if query is None:
+            raise ProfileError("a profile needs query-head or KV-head scores")
+        kv = Profile.kv_reduce(query, model["num_kv_heads"])
+    data = {
+        "schema_version": SCHEMA_VERSION,
+        "headprof_version": package_version(),
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": model,
+        "method": {"name": method, "params": params},
+        "probe_set": probe_set,
+        "probes": probes,
+        "scores": {"query": rounded(query) if query is not None else None, "kv": kv},
+        "environment": environment,
+        **({"warnings": warnings} if warnings else {}),
+        **({"source": source} if source else {}),
+    }
+    validate(data)
+    return Profile(data)
+
+
+@functools.cache
+def package_version() -> str:
+    """headprof's installed version, with the checkout's `git describe` when run from a source tree."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("headprof")
+    except PackageNotFoundError:
+        v = "unknown"
+    rev = source_revision()
+    return f"{v}+{rev}" if rev else v
+
+
+@functools.cache
+def source_revision() -> str | None:
+    """`git describe --always --dirty` of the checkout holding this package, or None (an installed wheel)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def provenance(device: str, dtype: str, attn_implementation: str | None) -> dict[str, Any]:
+    """What a scoring run ran on: library versions, platform, device and numerics."""
+    import tokenizers
+    import torch
+    import transformers
+
+    return {"headprof": package_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "device": device, "dtype": dtype,
+            "attn_implementation": attn_implementation}
+
+
+PROVENANCE_FIELDS = ("headprof_version", "model.resolved", "model.weights_sha256", "model.revision", "probe_set.name",
+                     "probe_set.hash", "environment.torch", "environment.transformers", "environment.tokenizers",
+                     "environment.device", "environment.dtype", "environment.attn_implementation")
+
+
+def provenance_diff(a: Profile, b: Profile) -> list[str]:
+    """The provenance fields that differ between two profiles, as 'field: A vs B' (unrecorded fields skipped)."""
+    def get(p: Profile, path: str) -> Any:
+        node: Any = p.data
+        for key in path.split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        return node
+
+    out = []
+    for path in PROVENANCE_FIELDS:
+        x, y = get(a, path), get(b, path)
+        if x is not None and y is not None and x != y:
+            out.append(f"{path}: {x} vs {y}")
+    return out
 
 
 def rounded(a: np.ndarray) -> list:

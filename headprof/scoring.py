@@ -12,11 +12,9 @@ gives the same profile as an uninterrupted one.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import math
 import os
-import platform
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -25,13 +23,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import transformers
 from transformers import DynamicCache
 
-import headprof
 from headprof import answers, presets
 from headprof import families as fam
 from headprof import probes as probes_mod
+from headprof import profile as profile_mod
 from headprof.capture import AttentionCapture
 from headprof.decode_cache import PaddedPrefill
 from headprof.distributed import World
@@ -39,7 +36,7 @@ from headprof.errors import OutputError, ProbeError
 from headprof.files import write_atomic
 from headprof.haystack import Haystack
 from headprof.models import LoadedModel, last_logits_only, with_cache
-from headprof.profile import SCHEMA_VERSION, Profile, rounded
+from headprof.profile import Profile, rounded
 from headprof.progress import Callback, Progress
 
 MAX_NEW_TOKENS = 50  # the official decode length (Retrieval_Head; HeadKV-R2's cap)
@@ -581,10 +578,10 @@ def score(lm: LoadedModel, probe_set: probes_mod.ProbeSet, settings: Settings | 
             writer.close()
     full_set = probe_set.joined(rounds[1:])
     prof = build_profile(lm, full_set, [done[p.id] for p in full_set.probes], s)
-    prof.data["environment"]["processes"] = world.size
-    prof.data["environment"]["batch_size"] = batch_size or default_batch_size(lm.device)
-    if size < prof.data["environment"]["batch_size"]:
-        prof.data["environment"]["batch_size_after_out_of_memory"] = size
+    prof.environment["processes"] = world.size
+    prof.environment["batch_size"] = batch_size or default_batch_size(lm.device)
+    if size < prof.environment["batch_size"]:
+        prof.environment["batch_size_after_out_of_memory"] = size
     return prof
 
 
@@ -642,23 +639,12 @@ def build_profile(lm: LoadedModel, probe_set: probes_mod.ProbeSet, results: list
     elif filtering and len(counted) < FEW_COUNTED:
         warnings.append(f"only {len(counted)} of {len(probe_rows)} probes were answered and counted: a noisy "
                         f"profile; --min-answered 30 draws more until 30 are (docs/profiles.md)")
-    data = {
-        "schema_version": SCHEMA_VERSION,
-        "headprof_version": headprof.__version__,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {**lm.info.to_dict()},
-        "method": {"name": s.method, "params": {**s.params(probe_set), "counted_probes": counting}},
-        "probe_set": {**probe_set.header(), "successes": answered, "counted": len(counted),
-                      "capped_failures": capped, "by_family": stats, **({"target": target} if target else {})},
-        "probes": probe_rows,
-        "scores": {"query": rounded(query), "kv": Profile.kv_reduce(query, layout.num_kv_heads)},
-        "environment": environment(lm),
-        **({"warnings": warnings} if warnings else {}),
-    }
-    return Profile(data)
+    return profile_mod.build(
+        {**lm.info.to_dict()}, s.method, {**s.params(probe_set), "counted_probes": counting},
+        {**probe_set.header(), "successes": answered, "counted": len(counted), "capped_failures": capped,
+         "by_family": stats, **({"target": target} if target else {})},
+        probe_rows, query, environment(lm), warnings=warnings)
 
 
 def environment(lm: LoadedModel) -> dict[str, Any]:
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "platform": platform.platform(), "device": lm.device,
-            "dtype": lm.dtype, "attn_implementation": lm.attn_implementation}
+    return profile_mod.provenance(lm.device, lm.dtype, lm.attn_implementation)

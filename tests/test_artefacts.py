@@ -56,6 +56,14 @@ def test_compare_refuses_other_methods_and_shapes(tmp_path):
     with pytest.raises(ProfileError, match="different methods"):
         compare.compare(p, profile.Profile(d))
     assert compare.compare(p, profile.Profile(d), force=True).spearman == pytest.approx(1.0)
+    d["environment"]["transformers"], d["probe_set"]["hash"] = "4.0.0", "other"
+    with pytest.raises(ProfileError, match=r"provenance differs: probe_set.hash: \S+ vs other, "
+                                           r"environment.transformers: \S+ vs 4.0.0"):
+        compare.compare(p, profile.Profile(d))
+    assert compare.compare(p, profile.Profile(d), force=True).provenance == [
+        f"probe_set.hash: {p.probe_set['hash']} vs other", f"environment.transformers: "
+        f"{p.environment['transformers']} vs 4.0.0"]
+    assert compare.compare(p, p).provenance == []
     kv_only = profile.Profile({**d, "scores": {**d["scores"], "query": None}})
     with pytest.raises(ProfileError, match="KV-head scores only"):
         compare.compare(p, kv_only)
@@ -188,8 +196,13 @@ def test_check_passes_on_rescore_and_fails_on_changed_model(tmp_path):
     r = headprof("score", model_dir, "--method", "r2", "--lengths", "200,300", "--depths", "3", "--out", prof_path,
                  "--one-round", "--max-new-tokens", "8", "--quiet")
     assert r.returncode == 0, r.stderr
+    made = profile.load(prof_path)
+    assert made.environment["tokenizers"] and made.environment["headprof"] == made.data["headprof_version"]
+    assert made.data["headprof_version"].startswith(profile.package_version().split("+")[0])
     r = headprof("check", prof_path, "--quiet")
     assert r.returncode == 0 and "OK" in r.stdout and "Spearman 1.000" in r.stdout, r.stdout + r.stderr
+    assert "provenance differs" not in r.stdout
     changed = _disable_top_heads(model_dir, profile.load(prof_path), tmp_path / "changed")
     r = headprof("check", prof_path, "--model", changed, "--quiet")
     assert r.returncode == 1 and "FAIL" in r.stdout, r.stdout + r.stderr
+    assert "provenance differs from the profile's run: model.resolved: " in r.stdout, r.stdout

@@ -5,7 +5,7 @@ import pytest
 import torch
 from fakes import loaded
 
-from headprof import attention, compress, generation, reference
+from headprof import attention, compress, generation, methods, reference
 from headprof.cache import HeadKVCache, HeadKVLayer, windows
 from headprof.models import with_cache
 
@@ -19,7 +19,8 @@ def _decode_compared(lm, method, budget, compress_sliding, steps=(1, 1, 3, 1, 2,
     lay = lm.info.layout
     ids = torch.randint(0, 96, (1, n), generator=torch.Generator().manual_seed(5))
     scores = np.random.default_rng(1).random((lay.num_layers, lay.num_kv_heads)) ** 4  # skewed budgets
-    plan = compress.make_plan(method, lay, n, budget, 8, 7, scores, 1.05, compress_sliding)
+    plan = compress.make_plan(methods.resolve(method, scores, window=8, kernel=7, beta=1.05), lay, n, budget,
+                              compress_sliding)
     cache = generation.cache_for(lay, plan.method, plan.compress_sliding)
     worst = []
     batched = attention.attend
@@ -79,7 +80,8 @@ def test_layers_grow_together_and_hold_at_most_the_slack_over_their_tokens_after
     lay = lm.info.layout
     ids = torch.randint(0, 96, (1, 200), generator=torch.Generator().manual_seed(5))
     scores = np.random.default_rng(1).random((lay.num_layers, lay.num_kv_heads)) ** 4
-    plan = compress.make_plan(method, lay, 200, 64, 8, 7, scores, 1.05, True)  # (a head of ~20 tokens: one slot is 5%)
+    m = methods.resolve(method, scores, window=8, kernel=7, beta=1.05)
+    plan = compress.make_plan(m, lay, 200, 64, True)  # (a head of ~20 tokens: one slot is 5%)
     cache = generation.cache_for(lay, plan.method, plan.compress_sliding)
     layers = [layer for layer in cache.layers if isinstance(layer, HeadKVLayer)]
     bursts = 0
@@ -199,8 +201,8 @@ def test_bytes_held_are_the_tensors_and_within_5_percent_of_ideal_on_any_stop(bu
 
     HeadKVCache.__init__ = keep
     try:
-        r = generation.generate(lm, ids, "headkv", budget, np.random.default_rng(0).random((3, 2)),
-                                max_new_tokens=new)
+        r = generation.generate(lm, ids, methods.resolve("headkv", np.random.default_rng(0).random((3, 2))),
+                                budget, max_new_tokens=new)
     finally:
         HeadKVCache.__init__ = original
     assert r.kv_bytes == _storage_bytes(captured["cache"])

@@ -5,7 +5,7 @@ from fakes import loaded
 from tiny import ARCHS
 from transformers import DynamicCache
 
-from headprof import compress, generation
+from headprof import compress, generation, methods
 from headprof.capture import AttentionCapture, implementation
 from headprof.methods.streaming import streaming_positions
 from headprof.models import with_cache
@@ -22,7 +22,7 @@ def _compressed_vs_full(lm, method, budget, steps=10, kv_scores=None):
     with torch.no_grad():
         ref_cache = DynamicCache(config=lm.model.config)
         ref = [lm.model(ids, **with_cache(lm.model, ref_cache)).logits[:, -1]]
-        plan = compress.make_plan(method, lay, n, budget, 8, 7, kv_scores)
+        plan = compress.make_plan(methods.resolve(method, kv_scores, window=8, kernel=7), lay, n, budget)
         cache = generation.cache_for(lay, plan.method, plan.compress_sliding)
         with generation.compressing(cache, 8, lambda _: plan):
             ours = [lm.model(ids, **with_cache(lm.model, cache)).logits[:, -1]]
@@ -57,7 +57,7 @@ def test_kept_positions_equal_naive_snapkv():
     with torch.no_grad(), implementation(lm.model, "eager"):
         att = lm.model(ids, output_attentions=True).attentions
     lay = lm.info.layout
-    plan = compress.make_plan("snapkv", lay, 60, 20, window=8, kernel=5)
+    plan = compress.make_plan(methods.build("snapkv", window=8, kernel=5), lay, 60, 20)
     rows = {}
     with torch.no_grad(), AttentionCapture(lambda layer, p: rows.__setitem__(layer, p), last_n=8):
         lm.model(ids)
@@ -85,7 +85,7 @@ def test_generate_measures_bytes_held_and_continues_positions():
     same = generation.generate(lm, ids, "snapkv", 400, max_new_tokens=6)
     assert same.tokens == full.tokens  # positions continue correctly after compression (RoPE)
     assert same.notes and "every prompt token" in same.notes[0]
-    small = generation.generate(lm, ids, "snapkv", 16, window=8, max_new_tokens=6)
+    small = generation.generate(lm, ids, methods.build("snapkv", window=8), 16, max_new_tokens=6)
     lay = lm.info.layout
     per_entry = 2 * lay.head_dim * 4
     # kept (8) + window (8) + 5 appended tokens per KV head (the 6th is produced, never fed back)

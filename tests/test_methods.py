@@ -8,7 +8,7 @@ import torch
 from fakes import loaded
 
 from headprof import evaluate, generation, methods
-from headprof.allocate import BudgetError
+from headprof.errors import HeadprofError, MethodError
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -17,7 +17,7 @@ def test_every_registered_method_is_documented_and_listed_in_errors():
     table = (DOCS / "run.md").read_text()
     for name in methods.names():
         assert f"| `{name}` |" in table, name
-    with pytest.raises(BudgetError) as e:
+    with pytest.raises(MethodError) as e:
         methods.get("magic")
     assert all(n in str(e.value) for n in methods.names())
     assert methods.names()[0] == "full"
@@ -35,10 +35,10 @@ def test_a_new_method_is_one_class_and_runs_everywhere():
     try:
         lm = loaded("llama")
         ids = torch.randint(0, 96, (60,), generator=torch.Generator().manual_seed(0)).tolist()
-        r = generation.generate(lm, ids, "oldest", 20, window=8, max_new_tokens=3)
+        r = generation.generate(lm, ids, methods.build("oldest", window=8), 20, max_new_tokens=3)
         assert r.budgets == [[12, 12]] * 3 and r.kv_bytes <= 1.05 * r.kv_bytes_ideal
         assert evaluate.parse_methods("full,oldest", {}) == ["full", "oldest"]
-        assert methods.parse_spec("headkv-r2")[1] == "r2" and methods.parse_spec("oldest")[1] is None
+        assert methods.parse_spec("headkv-r2").profile == "r2" and methods.parse_spec("oldest").profile is None
     finally:
         methods.REGISTRY.pop("oldest")
 
@@ -46,7 +46,54 @@ def test_a_new_method_is_one_class_and_runs_everywhere():
 def test_adaptive_budgets_are_reported_without_mutating_the_plan():
     lm = loaded("llama")
     ids = torch.randint(0, 96, (80,), generator=torch.Generator().manual_seed(1)).tolist()
-    r = generation.generate(lm, ids, "adakv", 24, window=8, max_new_tokens=3)
+    r = generation.generate(lm, ids, methods.build("adakv", window=8), 24, max_new_tokens=3)
     kept = np.array(r.budgets)
     assert kept.sum() == 3 * 2 * 16  # each layer's pool (b x heads) is spent exactly
     assert r.kv_entries == r.kv_entries_ideal
+
+
+# Every method at its defaults and at its own demanding setting (`hard`), as kvpress's press tests do.
+TABLE = [(n, {}) for n in methods.names()] + [(n, methods.REGISTRY[n].hard) for n in methods.names()
+                                              if methods.REGISTRY[n].hard]
+
+
+@pytest.mark.parametrize("name,options", TABLE, ids=[f"{n}-{'hard' if o else 'default'}" for n, o in TABLE])
+def test_every_method_spends_its_budget_and_matches_full_above_the_prompt(name, options):
+    lm = loaded("llama")
+    lay = lm.info.layout
+    ids = torch.randint(0, 96, (80,), generator=torch.Generator().manual_seed(2)).tolist()
+    scores = np.random.default_rng(3).random((lay.num_layers, lay.num_kv_heads)) ** 3
+    m = methods.resolve(methods.build(name, **options), scores) if not methods.REGISTRY[name].needs_profile \
+        else methods.build(name, profile=scores, **options)
+    full = generation.generate(lm, ids, "full", 0, max_new_tokens=3)
+    above = generation.generate(lm, ids, m, 200, max_new_tokens=3)
+    assert above.tokens == full.tokens
+    if not m.compresses:
+        return
+    r = generation.generate(lm, ids, m, 24, max_new_tokens=3)
+    kept = np.array(r.budgets)
+    assert kept.sum() == (24 - m.window) * lay.num_layers * lay.num_kv_heads  # the whole budget, no more
+    assert kept.min() >= 0 and r.kv_entries == r.kv_entries_ideal < full.kv_entries
+    assert methods.build(name, **options).params() == options  # what differs from the defaults, as labels say
+
+
+def test_specs_set_options_and_name_profiles():
+    spec = methods.parse_spec("headkv:profile=r2,beta=1.5,window=8")
+    assert (spec.name, spec.profile, spec.options) == ("headkv", "r2", {"beta": 1.5, "window": 8})
+    assert methods.parse_spec("headkv-r2") == methods.Spec("headkv-r2", "headkv", {}, "r2")
+    m = spec.build({"r2": np.ones((3, 2))}, beta=3.0, kernel=5)  # the spec's beta wins; kernel is a default
+    assert (m.beta, m.window, m.kernel) == (1.5, 8, 5) and m.profile.shape == (3, 2)
+    assert methods.parse_spec("adakv:safeguard=0.5").build(beta=2.0).safeguard == 0.5  # beta: not an adakv option
+    assert evaluate.method_labels("full,headkv:profile=r2,beta=1.5,snapkv") == ["full", "headkv:profile=r2,beta=1.5",
+                                                                                 "snapkv"]
+    for bad, message in [("magic", "unknown method 'magic'"), ("headkv:gamma=2", "headkv has no option 'gamma'"),
+                         ("snapkv:window=x", "expected an integer"), ("snapkv:window", "not KEY=VALUE"),
+                         ("headkv-lite:beta=2", "unknown method")]:
+        with pytest.raises(MethodError, match=message):
+            methods.parse_spec(bad)
+    for bad, message in [("adakv:safeguard=2", "safeguard must lie in"), ("headkv:profile=r2,beta=0.5", "beta must be"),
+                         ("headkv:profile=lite", "profile 'lite', which is not loaded")]:
+        with pytest.raises(MethodError, match=message):
+            methods.parse_spec(bad).build({"r2": np.ones((3, 2))})
+    with pytest.raises(HeadprofError, match="needs a profile"):
+        evaluate.parse_methods("full,headkv", {"r2": None})

@@ -21,7 +21,7 @@ def show(profile_path: ProfileArg, top: Annotated[int, typer.Option(help="how ma
     from headprof.profile import Profile
 
     prof = Profile.load(profile_path)
-    m, p = prof.model, prof.data["probe_set"]
+    m, p = prof.model, prof.probe_set
     for warning in prof.data.get("warnings", []):
         out.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     out.print(f"[bold]{m['spec']}[/bold] ({m['num_layers']} layers, {m['num_query_heads']} query heads, "
@@ -32,9 +32,9 @@ def show(profile_path: ProfileArg, top: Annotated[int, typer.Option(help="how ma
               f"{p.get('counted', count)} counted", highlight=False)
     for line in family_lines(p):
         out.print(line, highlight=False)
-    if "source" in prof.data:
-        out.print(f"imported from {prof.data['source']['file']} ({prof.data['source']['format']}); unknown: "
-                  + "; ".join(prof.data["source"]["unknown"]), highlight=False)
+    if prof.source:
+        out.print(f"imported from {prof.source['file']} ({prof.source['format']}); unknown: "
+                  + "; ".join(prof.source["unknown"]), highlight=False)
     s = compare.summarise(prof, top)
     t = Table("rank", "head", "score", "95% interval (bootstrap over probes)")
     for r in s.top:
@@ -101,6 +101,8 @@ def compare(
                                                      False: "no"}[c.within_noise])]:
         t.add_row(f"[bold]{k}[/bold]", str(v))
     out.print(t)
+    if c.provenance:
+        out.print("provenance differs: " + "; ".join(c.provenance), highlight=False)
     m = Table("head", "rank A", "rank B", "score A", "score B", title="moved most")
     for r in c.moved:
         m.add_row(r["head"], str(r["rank_a"]), str(r["rank_b"]), f"{r['score_a']:.4f}", f"{r['score_b']:.4f}")
@@ -127,7 +129,7 @@ def import_(
     prof.save(out_path, force)
     layers, heads = prof.shape
     out.print(f"wrote {out_path}: {layers} layers x {heads} query heads, {prof.model['num_kv_heads']} KV heads, "
-              f"{len(prof.data['probes'])} per-probe rows", highlight=False)
+              f"{len(prof.probes)} per-probe rows", highlight=False)
 
 
 @app.command("export")

@@ -38,7 +38,8 @@ def run(
     model: Annotated[str, typer.Option(help="model spec, as for `score`")] = "smollm2-135m",
     profile_path: Annotated[Path | None, typer.Option("--profile", help="head profile for headkv "
                                                       "[default: the shipped r2 profile of --model]")] = None,
-    method: Annotated[str, typer.Option(help=f"one of: {method_names()}")] = "headkv",
+    method: Annotated[str, typer.Option(help=f"one of: {method_names()}; with options as NAME:KEY=VALUE,... "
+                                             "(e.g. adakv:safeguard=0.1, headkv:beta=1.5,reduction=max)")] = "headkv",
     budget: Annotated[int, typer.Option(help="KV tokens per KV head, observation window included")] = 128,
     window: Annotated[int, typer.Option(help="observation window: last prompt tokens, always kept")] = WINDOW,
     kernel: Annotated[int, typer.Option(help="max-pool width over positions")] = KERNEL,
@@ -92,8 +93,9 @@ def eval_(
                                                      "[default: 32,64,128,256 unless --ratios]")] = None,
     ratios: Annotated[str | None, typer.Option(help="compression ratios as kvpress reports them: the fraction "
                                                     "of each prompt's KV removed, e.g. 0.5,0.75,0.9")] = None,
-    methods: Annotated[str, typer.Option(help=f"comma-separated: {method_names()}; profile-driven ones as "
-                                              "NAME-PROFILE (headkv-retrieval, headkv-r2)")] =
+    methods: Annotated[str, typer.Option(help=f"comma-separated: {method_names()}; options as NAME:KEY=VALUE,"
+                                              "KEY=VALUE; profiles as headkv:profile=r2 or its short form headkv-r2 "
+                                              "(PROFILE.json in --profile-dir, or shipped)")] =
         "full,streaming,snapkv,pyramidkv,adakv,headkv-retrieval,headkv-r2",
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="directory for results.json, results.csv, "
                                                               "quality_vs_budget.png")] = Path("results"),

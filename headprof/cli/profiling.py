@@ -100,7 +100,7 @@ def score(
         raise typer.Exit(130) from None
     if not w.main:
         return
-    p = prof.data["probe_set"]
+    p = prof.probe_set
     out.print(f"wrote {target}: {prof.method} scores for {p['count']} probes, {p['successes']} answered "
               f"correctly, {p['counted']} counted", highlight=False)
     for line in family_lines(p):
@@ -186,6 +186,8 @@ def check(
     out.print(f"re-scored {r.probes} probes of {profile_path} on {r.model}: Spearman {r.spearman:.3f}, "
               f"top-10% overlap {r.top10_overlap:.2f}, answered {r.answered}/{r.probes} "
               f"(profile: {r.answered_before}/{r.probes})", highlight=False)
+    if r.provenance:
+        out.print("provenance differs from the profile's run: " + "; ".join(r.provenance), highlight=False)
     if not r.passed:
         out.print("FAIL: " + "; ".join(r.failures), highlight=False)
         raise typer.Exit(1)

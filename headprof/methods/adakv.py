@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from headprof.allocate import prefix_budget
-from headprof.defaults import BETA
-from headprof.methods.base import Method, register, top_positions
+from headprof.methods.base import Method, Scorer, pooled_window, register, top_positions
 
 SAFEGUARD = 0.2
 
@@ -25,18 +26,30 @@ def adakv_layer(pooled: np.ndarray, budget: int, window: int, prefix: int, safeg
 
 
 @register
+@dataclass
 class AdaKV(Method):
     name = "adakv"
     rank = 40
     summary = (f"per layer, a pool of b x heads: {SAFEGUARD:.0%} of b guaranteed to each head, the rest to the "
                "layer's highest-scoring (head, position) pairs")
+    hard = {"safeguard": 0.0, "window": 4}
 
-    def allocate(self, budget, window, caps, compressible, kv_scores=None, beta=BETA):
-        super().allocate(budget, window, caps, compressible)  # validates the budget
+    safeguard: float = SAFEGUARD  # share of b every head keeps whatever the scores
+    scorer: Scorer = pooled_window  # what ranks (head, position) pairs; SnapKV's pooled window attention
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.safeguard <= 1:
+            raise ValueError(f"safeguard must lie in [0, 1], got {self.safeguard}")
+
+    def allocate(self, budget, caps, compressible):
+        super().allocate(budget, caps, compressible)  # validates the budget
         return np.zeros(compressible.shape, dtype=np.int64)  # decided per layer, from the window (choose)
 
+    def score(self, plan, layer, probs):
+        return self.scorer(self, plan, layer, probs)
+
     def choose(self, plan, layer, probs):
-        scores = plan.pooled(layer, probs)
-        budgets = adakv_layer(scores.float().cpu().numpy(), plan.budget, plan.window,
-                              plan.prefix - plan.first_candidate(layer))
+        scores = self.score(plan, layer, probs)
+        budgets = adakv_layer(scores.float().cpu().numpy(), plan.budget, self.window,
+                              plan.prefix - plan.first_candidate(layer), self.safeguard)
         return [top_positions(scores[h], int(budgets[h])) for h in range(scores.shape[0])]

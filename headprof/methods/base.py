@@ -3,26 +3,129 @@ docs read. A method answers two questions, as in NVIDIA kvpress where what is sc
 how the cache is cut:
 
 - `allocate`: how many prompt tokens each KV head keeps, decided before prefill;
-- `choose`: which prefix positions each head of a layer keeps, from the observation window's attention.
+- `choose`: which prefix positions each head of a layer keeps, from the observation window's attention
+  as its `scorer` turns it into per-position scores.
 
-Adding a method is one module in this package: subclass `Method`, decorate it with `@register`, import it
-in `headprof/methods/__init__.py`.
+A method is a small dataclass: its parameters are its fields (`HeadKV(beta=1.5, profile=prof)`), built by
+name with `build("headkv", beta=1.5)` or from a spec `"headkv:beta=1.5,profile=r2"` (`parse_spec`).
+Adding a method is one module in this package: subclass `Method` as a dataclass, decorate it with
+`@register`, import it in `headprof/methods/__init__.py`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from headprof import allocate
-from headprof.defaults import BETA
-
-if TYPE_CHECKING:
-    from headprof.compress import Plan
+from headprof.defaults import KERNEL, WINDOW
+from headprof.errors import MethodError
 
 REGISTRY: dict[str, type[Method]] = {}
+
+
+class PlanView(Protocol):
+    """What a method reads of one prompt's compression plan (`compress.Plan` is one)."""
+
+    budget: int  # tokens per KV head asked for, window included
+    budgets: np.ndarray  # [layer, kv_head] prefix tokens each head keeps (decided before prefill)
+    group_size: int  # query heads per KV head
+
+    @property
+    def prefix(self) -> int: ...  # prompt tokens before the observation window
+
+    def first_candidate(self, layer: int) -> int: ...  # the oldest prefix position a head of `layer` may keep
+
+
+# A token scorer: (plan, layer, window attention rows (1, query_heads, window, keys)) -> (kv_heads, prefix)
+# scores, -inf where a head may not keep a position. AdaKV and HeadKV take one as a parameter.
+Scorer = Callable[["Method", PlanView, int, torch.Tensor], torch.Tensor]
+
+
+def pooled_scores(probs: torch.Tensor, group: int, kernel: int) -> torch.Tensor:
+    """probs (1, query_heads, window, keys) -> (kv_heads, prefix) selection scores: the mean over the window's
+    queries and over the group's query heads, max-pooled over positions so a strong token's neighbours come."""
+    _, heads, window, keys = probs.shape
+    prefix = keys - window
+    s = probs[0, :, :, :prefix].mean(dim=1)  # over window queries -> (heads, prefix)
+    s = s.reshape(heads // group, group, prefix).mean(dim=1)  # over the group -> (kv_heads, prefix)
+    if kernel > 1 and prefix > 0:
+        s = F.max_pool1d(s[:, None], kernel_size=kernel, stride=1, padding=kernel // 2)[:, 0, :prefix]
+    return s
+
+
+def pooled_window(method: Method, plan: PlanView, layer: int, probs: torch.Tensor) -> torch.Tensor:
+    """SnapKV's scorer: pooled window attention (`pooled_scores` with the method's kernel)."""
+    scores = pooled_scores(probs, plan.group_size, method.kernel)
+    lo = plan.first_candidate(layer)
+    if lo:
+        scores[:, :lo] = float("-inf")
+    return scores
+
+
+def top_positions(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """The `keep` best positions of one head, in position order."""
+    keep = min(keep, scores.numel())
+    if keep <= 0:
+        return torch.zeros(0, dtype=torch.long, device=scores.device)
+    return scores.topk(keep).indices.sort().values
+
+
+@dataclass
+class Method:
+    """Uniform budgets and SnapKV selection (top pooled window attention); subclasses change either.
+
+    `window`: the last prompt tokens whose attention scores the rest (always kept, counted in the budget);
+    `kernel`: the max-pool width over positions of the default scorer."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line for help texts and docs
+    needs_profile: ClassVar[bool] = False  # budgets come from a head profile's KV-head scores
+    compresses: ClassVar[bool] = True  # False: the model's own full cache
+    rank: ClassVar[int] = 50  # where it is listed
+    hard: ClassVar[dict[str, Any]] = {}  # a demanding setting of its own parameters (the method tests run it)
+
+    window: int = WINDOW
+    kernel: int = KERNEL
+
+    def allocate(self, budget: int, caps: np.ndarray, compressible: np.ndarray) -> np.ndarray:
+        """[layer, kv_head] prefix tokens to keep (the window is kept on top); caps bound each head."""
+        return allocate.uniform(budget, self.window, caps, compressible)
+
+    def score(self, plan: PlanView, layer: int, probs: torch.Tensor) -> torch.Tensor:
+        """(kv_heads, prefix) scores of the positions a head of `layer` may keep."""
+        return pooled_window(self, plan, layer, probs)
+
+    def choose(self, plan: PlanView, layer: int, probs: torch.Tensor) -> list[torch.Tensor]:
+        """Sorted prefix positions to keep per KV head of `layer`, from its window rows `probs`."""
+        scores = self.score(plan, layer, probs)
+        return [top_positions(scores[h], int(plan.budgets[layer, h])) for h in range(scores.shape[0])]
+
+    @classmethod
+    def options(cls) -> dict[str, Any]:
+        """The parameters `build` accepts, with their defaults (what `--methods NAME:KEY=VALUE` may set)."""
+        return {f.name: (f.default if f.default is not dataclasses.MISSING else None)
+                for f in dataclasses.fields(cls) if f.init}
+
+    def params(self) -> dict[str, Any]:
+        """The parameters that differ from the defaults, for labels and results (the profile by name)."""
+        out = {}
+        for key, default in self.options().items():
+            value = getattr(self, key)
+            if key == "profile":
+                continue
+            if callable(value):
+                value = getattr(value, "__name__", repr(value))
+                default = getattr(default, "__name__", repr(default))
+            if value != default:
+                out[key] = value
+        return out
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -35,36 +138,22 @@ def names() -> tuple[str, ...]:
     return tuple(sorted(REGISTRY, key=lambda n: REGISTRY[n].rank))
 
 
-def get(name: str) -> Method:
-    """An instance of the method called `name`; a one-line error naming the known ones otherwise."""
+def build(name: str, **options: Any) -> Method:
+    """The method called `name` with `options` (its dataclass fields); one-line errors for unknown names
+    and options, naming what is known."""
     if name not in REGISTRY:
-        raise allocate.BudgetError(f"unknown method '{name}' (use {', '.join(names())})")
-    return REGISTRY[name]()
+        raise MethodError(f"unknown method '{name}' (use {', '.join(names())})")
+    cls = REGISTRY[name]
+    unknown = sorted(set(options) - set(cls.options()))
+    if unknown:
+        known = ", ".join(cls.options()) or "none"
+        raise MethodError(f"{name} has no option '{unknown[0]}' (its options: {known})")
+    try:
+        return cls(**options)
+    except (TypeError, ValueError) as e:
+        raise MethodError(f"{name}: {e}") from None
 
 
-def top_positions(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    """The `keep` best positions of one head, in position order."""
-    keep = min(keep, scores.numel())
-    if keep <= 0:
-        return torch.zeros(0, dtype=torch.long, device=scores.device)
-    return scores.topk(keep).indices.sort().values
-
-
-class Method:
-    """Uniform budgets and SnapKV selection (top pooled window attention); subclasses change either."""
-
-    name: ClassVar[str]
-    summary: ClassVar[str]  # one line for help texts and docs
-    needs_profile: ClassVar[bool] = False  # budgets come from a head profile's KV-head scores
-    compresses: ClassVar[bool] = True  # False: the model's own full cache
-    rank: ClassVar[int] = 50  # where it is listed
-
-    def allocate(self, budget: int, window: int, caps: np.ndarray, compressible: np.ndarray,
-                 kv_scores: np.ndarray | None = None, beta: float = BETA) -> np.ndarray:
-        """[layer, kv_head] prefix tokens to keep (the window is kept on top); caps bound each head."""
-        return allocate.uniform(budget, window, caps, compressible)
-
-    def choose(self, plan: Plan, layer: int, probs: torch.Tensor) -> list[torch.Tensor]:
-        """Sorted prefix positions to keep per KV head of `layer`, from its window rows `probs`."""
-        scores = plan.pooled(layer, probs)
-        return [top_positions(scores[h], int(plan.budgets[layer, h])) for h in range(scores.shape[0])]
+def get(name: str) -> Method:
+    """The method called `name` with its default parameters."""
+    return build(name)

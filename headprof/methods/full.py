@@ -1,9 +1,12 @@
 """The full cache: nothing is compressed (the reference every method is measured against)."""
 
+from dataclasses import dataclass
+
 from headprof.methods.base import Method, register
 
 
 @register
+@dataclass
 class Full(Method):
     name = "full"
     rank = 0

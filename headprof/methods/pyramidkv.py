@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from headprof.allocate import capacity, prefix_budget, share
-from headprof.defaults import BETA
 from headprof.methods.base import Method, register
 
 RATIO = 20.0
@@ -13,7 +14,8 @@ RATIO = 20.0
 
 def pyramid(budget: int, window: int, prefix: int | np.ndarray, compressible: np.ndarray,
             ratio: float = RATIO) -> np.ndarray:
-    """Per-layer budgets from 2b - b/ratio at the bottom to b/ratio at the top; heads of a layer share alike."""
+    """Per-layer budgets from 2b - b/ratio at the bottom to b/ratio at the top; the heads of a layer share its
+    budget as evenly as whole tokens allow (they may differ by one, and then the layer is stored masked)."""
     b = prefix_budget(budget, window)
     layers = np.flatnonzero(compressible.any(axis=1))
     out = np.zeros(compressible.shape, dtype=np.int64)
@@ -32,10 +34,18 @@ def pyramid(budget: int, window: int, prefix: int | np.ndarray, compressible: np
 
 
 @register
+@dataclass
 class PyramidKV(Method):
     name = "pyramidkv"
     rank = 30
-    summary = "per layer, falling linearly with depth from 2b - b/20 to b/20; same total"
+    summary = f"per layer, falling linearly with depth from 2b - b/{RATIO:g} to b/{RATIO:g}; same total"
+    hard = {"ratio": 1.5}
 
-    def allocate(self, budget, window, caps, compressible, kv_scores=None, beta=BETA):
-        return pyramid(budget, window, caps, compressible)
+    ratio: float = RATIO  # the top layer keeps b/ratio, the bottom one 2b - b/ratio
+
+    def __post_init__(self) -> None:
+        if self.ratio < 1:
+            raise ValueError(f"ratio must be >= 1, got {self.ratio}")
+
+    def allocate(self, budget, caps, compressible):
+        return pyramid(budget, self.window, caps, compressible, self.ratio)

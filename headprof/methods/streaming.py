@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from headprof.methods.base import Method, register
@@ -17,11 +19,16 @@ def streaming_positions(prefix: int, keep: int, sink: int = SINK) -> torch.Tenso
 
 
 @register
+@dataclass
 class Streaming(Method):
     name = "streaming"
     rank = 10
-    summary = f"the first {SINK} tokens and the most recent b - {SINK}"
+    summary = f"the first {SINK} tokens (sink) and the most recent b - {SINK}"
+    hard = {"sink": 0, "window": 4}
+
+    sink: int = SINK  # attention-sink tokens kept at the start
 
     def choose(self, plan, layer, probs):
         lo = plan.first_candidate(layer)
-        return [streaming_positions(plan.prefix - lo, int(b)).to(probs.device) + lo for b in plan.budgets[layer]]
+        return [streaming_positions(plan.prefix - lo, int(b), self.sink).to(probs.device) + lo
+                for b in plan.budgets[layer]]
