@@ -383,17 +383,28 @@ def _dense_entries(layer) -> int:
     return 0 if keys is None or keys.numel() == 0 else keys.shape[1] * keys.shape[2]
 
 
+def _transformers_layer(kind: str, window: int | None):
+    """The cache layer transformers makes for a layer of this kind (its table), with the layer's window."""
+    try:
+        from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING
+    except ImportError:
+        return DynamicSlidingWindowLayer(window) if window else DynamicLayer()
+    cls = DYNAMIC_LAYER_TYPE_MAPPING.get(kind, DynamicLayer)
+    return cls(sliding_window=window) if window else cls()
+
+
 class HeadKVCache(Cache):
     """One layer per model layer: `HeadKVLayer` where heads are compressed, transformers' own otherwise.
 
-    `kinds[i]` is "compress" (a full-attention layer, or a sliding layer compressed inside its window when
-    `windows[i]` is set), or "keep" (the layer as the model keeps it: its window, or everything).
+    `kinds[i]`: transformers' layer type (`models.layer_kinds`); `compress[i]`: whether the layer's heads are
+    compressed (a full-attention layer, or a sliding one compressed inside its window `windows[i]`). Every
+    other layer is the cache layer transformers itself makes for its kind, with its window.
     """
 
-    def __init__(self, kinds: list[str], windows: list[int | None], slack: float = SLACK) -> None:
-        layers = [HeadKVLayer(w, slack) if kind == "compress"
-                  else DynamicSlidingWindowLayer(w) if w else DynamicLayer()
-                  for kind, w in zip(kinds, windows, strict=True)]
+    def __init__(self, kinds: list[str], compress: list[bool], windows: list[int | None],
+                 slack: float = SLACK) -> None:
+        layers = [HeadKVLayer(w, slack) if squeeze else _transformers_layer(kind, w)
+                  for kind, squeeze, w in zip(kinds, compress, windows, strict=True)]
         super().__init__(layers=layers)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -425,14 +436,62 @@ class HeadKVCache(Cache):
         self.layers[layer].compress(keep)
 
     def entries(self) -> int:
-        return sum(layer.entries() if isinstance(layer, HeadKVLayer) else _dense_entries(layer)
-                   for layer in self.layers)
+        return held_entries(self)
 
     def nbytes(self) -> int:
-        total = 0
-        for layer in self.layers:
-            if isinstance(layer, HeadKVLayer):
-                total += layer.nbytes()
-            elif getattr(layer, "keys", None) is not None:
-                total += layer.keys.nbytes + layer.values.nbytes
-        return total
+        return held_bytes(self)
+
+
+# The cache's accounting, one owner for generation, eval, `run --json` and the benchmarks. "Held" is what the
+# tensors of a cache occupy now (a compressed layer's keys, values, slot positions and masks); "full" is what the
+# model's own cache holds for the same sequence; "ideal" is what a compressed cache would hold with no slack.
+
+def layer_entries(layer) -> int:
+    """KV entries (tokens x KV heads) a cache layer holds (batch 1)."""
+    return layer.entries() if isinstance(layer, HeadKVLayer) else _dense_entries(layer)
+
+
+def layer_bytes(layer) -> int:
+    """Bytes of the tensors a cache layer holds for its tokens, of any cache (headprof's or transformers')."""
+    if isinstance(layer, HeadKVLayer):
+        return layer.nbytes()
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    return sum(t.numel() * t.element_size() for t in (keys, values) if isinstance(t, torch.Tensor))
+
+
+def held_entries(cache: Cache) -> int:
+    return sum(layer_entries(layer) for layer in cache.layers)
+
+
+def held_bytes(cache: Cache) -> int:
+    """Bytes the cache's tensors hold now (what `run` and `eval` report as KV bytes)."""
+    return sum(layer_bytes(layer) for layer in cache.layers)
+
+
+def full_layer_entries(kind: str, window: int | None, seq: int, kv_heads: int) -> int:
+    """Entries the model's own cache layer of this kind holds after `seq` tokens (a sliding layer: its window)."""
+    if kind == "dummy":  # KV shared with an earlier layer, or no attention: nothing of its own
+        return 0
+    return (min(seq, window) if window and kind != "full_attention" else seq) * kv_heads
+
+
+def full_entries(layout, seq: int) -> int:
+    """Entries of the uncompressed cache of a model (`models.HeadLayout`) after `seq` tokens."""
+    windows = layout.layer_windows or [layout.sliding_window if k == "sliding_attention" else None
+                                       for k in layout.attention_kinds]
+    return sum(full_layer_entries(kind, w, seq, layout.num_kv_heads)
+               for kind, w in zip(layout.attention_kinds, windows, strict=True))
+
+
+def ideal_entries(cache: Cache, layout, seq: int, appended: int) -> int:
+    """What `cache` would hold with no free room: each compressed head its kept prompt tokens and the `appended`
+    ones; every other layer what the model's own layer holds after `seq` tokens."""
+    windows = layout.layer_windows or [layout.sliding_window if k == "sliding_attention" else None
+                                       for k in layout.attention_kinds]
+    total = 0
+    for layer, kind, w in zip(cache.layers, layout.attention_kinds, windows, strict=True):
+        if isinstance(layer, HeadKVLayer) and layer.compressed:
+            total += sum(layer.lens) + layer.heads * appended
+        else:
+            total += full_layer_entries(kind, w, seq, layout.num_kv_heads)
+    return total

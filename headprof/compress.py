@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from headprof.methods import Method
-from headprof.models import HeadLayout
+from headprof.models import COMPRESSIBLE_KINDS, HeadLayout, check_compressible
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,14 @@ def first_candidate(layout: HeadLayout, layer: int, prompt_len: int, window: int
 
 
 def compressed_layers(layout: HeadLayout, method: Method, compress_sliding: bool) -> list[bool]:
-    """Per layer: does `method` compress it (sliding layers only with `compress_sliding`)?"""
-    return [method.compresses and (compress_sliding or not is_sliding(layout, layer))
-            for layer in range(layout.num_layers)]
+    """Per layer: does `method` compress it (full-attention layers; sliding ones only with `compress_sliding`;
+    never a layer that holds no KV of its own)? A model with layers of a kind headprof cannot compress yet is
+    refused here with a one-line ModelError rather than treated as full attention."""
+    if not method.compresses:
+        return [False] * layout.num_layers
+    check_compressible(layout)
+    return [kind in COMPRESSIBLE_KINDS and (compress_sliding or not is_sliding(layout, layer))
+            for layer, kind in enumerate(layout.attention_kinds)]
 
 
 def capacity(layout: HeadLayout, prompt_len: int, window: int) -> np.ndarray:

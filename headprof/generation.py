@@ -17,12 +17,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import DynamicCache, StoppingCriteria
 
 from headprof import capture, methods
-from headprof.cache import HeadKVCache, HeadKVLayer
+from headprof.cache import HeadKVCache, HeadKVLayer, full_entries, held_bytes, held_entries, ideal_entries
 from headprof.capture import AttentionCapture
 from headprof.compress import Plan, compressed_layers, make_plan
 from headprof.defaults import BETA, KERNEL, WINDOW
@@ -39,7 +38,8 @@ class RunResult:
     prefill_s: float
     decode_tokens_per_s: float | None
     kv_entries: int  # tokens x KV heads held at the end
-    kv_bytes: int  # bytes of the K/V tensors allocated at the end
+    kv_bytes: int  # bytes the cache's tensors hold at the end: keys, values, and a compressed layer's slot
+    # positions and masks (cache.held_bytes)
     kv_entries_full: int  # what the uncompressed cache of this model holds for the same sequence
     kv_entries_ideal: int  # budgets + window + appended tokens (sliding layers: their window)
     bytes_per_entry: int
@@ -65,9 +65,10 @@ class RunResult:
 def cache_for(layout: HeadLayout, method: methods.Method, compress_sliding: bool = False) -> HeadKVCache:
     """An empty cache whose layers the method compresses (sliding layers stay the model's own unless
     `compress_sliding`)."""
-    kinds = ["compress" if c else "keep" for c in compressed_layers(layout, method, compress_sliding)]
-    windows = [layout.sliding_window if kind == "sliding_attention" else None for kind in layout.attention_kinds]
-    return HeadKVCache(kinds, windows)
+    squeeze = compressed_layers(layout, method, compress_sliding)
+    windows = list(layout.layer_windows) or [layout.sliding_window if kind == "sliding_attention" else None
+                                             for kind in layout.attention_kinds]
+    return HeadKVCache(list(layout.attention_kinds), squeeze, windows)
 
 
 @contextmanager
@@ -181,12 +182,6 @@ def _from_prefill(cache, shared: Prefill, plan: Plan | None) -> None:
             cache.compress(i, plan.select(i, shared.rows[i]))
 
 
-def _full_entries(layout: HeadLayout, seq: int) -> int:
-    per_layer = [min(seq, layout.sliding_window) if k == "sliding_attention" and layout.sliding_window else seq
-                 for k in layout.attention_kinds]
-    return sum(per_layer) * layout.num_kv_heads
-
-
 @torch.no_grad()
 def generate(lm: LoadedModel, prompt_ids: list[int], method: str | methods.Method = "snapkv", budget: int = 128,
              max_new_tokens: int = 64, min_new_tokens: int = 0, compress_sliding: bool = True,
@@ -245,24 +240,15 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str | methods.Metho
     first_step = times[1] - times[0] if len(times) > 1 else None
     steady = (len(times) - 2) / (times[-1] - times[1]) if len(times) > 2 else None
     budgets = None
-    if not m.compresses:
-        entries = sum(layer.keys.shape[1] * layer.keys.shape[2] for layer in cache.layers if layer.is_initialized)
-        nbytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.is_initialized)
-        ideal = _full_entries(lay, n + appended)
-    else:
-        entries, nbytes = cache.entries(), cache.nbytes()
-        # what each head kept of the prompt beyond the window (adaptive methods decide it at prefill)
-        kept = np.array([[n_kept - window for n_kept in layer.lens] if isinstance(layer, HeadKVLayer)
-                         else [0] * lay.num_kv_heads for layer in cache.layers], dtype=np.int64)
-        budgets = kept.tolist()
-        compressed_layers = plan.compressible.any(axis=1)
-        ideal = int(kept.sum()) + int(compressed_layers.sum()) * lay.num_kv_heads * (window + appended)
-        ideal += sum(min(n + appended, lay.sliding_window or n + appended) * lay.num_kv_heads
-                     for layer in range(lay.num_layers) if not compressed_layers[layer])
+    entries, nbytes = held_entries(cache), held_bytes(cache)
+    ideal = ideal_entries(cache, lay, n + appended, appended)
+    if m.compresses:  # what each head kept of the prompt beyond the window (adaptive methods decide it at prefill)
+        budgets = [[n_kept - window for n_kept in layer.lens] if isinstance(layer, HeadKVLayer) and layer.compressed
+                   else [0] * lay.num_kv_heads for layer in cache.layers]
     elem = torch.finfo(lm.model.dtype).bits // 8
     label = method if isinstance(method, str) else m.name
     return RunResult(method=label, text=lm.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                      tokens=tokens, prompt_tokens=n, prefill_s=prefill_s, decode_tokens_per_s=decode,
-                     kv_entries=entries, kv_bytes=nbytes, kv_entries_full=_full_entries(lay, n + appended),
+                     kv_entries=entries, kv_bytes=nbytes, kv_entries_full=full_entries(lay, n + appended),
                      kv_entries_ideal=ideal, bytes_per_entry=2 * lay.head_dim * elem, budgets=budgets, notes=notes,
                      first_step_s=first_step, steady_tokens_per_s=steady)

@@ -53,8 +53,9 @@ class HeadLayout:
     num_query_heads: int
     num_kv_heads: int
     head_dim: int
-    attention_kinds: tuple[str, ...]
-    sliding_window: int | None
+    attention_kinds: tuple[str, ...]  # transformers' layer type per layer (`layer_kinds`)
+    sliding_window: int | None  # the sliding layers' window
+    layer_windows: tuple[int | None, ...] = ()  # per layer: its sliding window or attention chunk, else None
 
     @property
     def group_size(self) -> int:
@@ -238,18 +239,81 @@ def load_config(spec: str):
     return config, (kind, location, sha, resolved)
 
 
-def layout_of(config) -> HeadLayout:
+# transformers' names for what each layer's cache holds (the layer-type table of `transformers.cache_utils`).
+# headprof compresses full and sliding-window attention. Layers that hold no KV of their own ("dummy": KV shared
+# with an earlier layer, or no attention) stay transformers' own. Any other kind (chunked, indexed or linear
+# attention, ...) cannot be compressed yet: compressing methods refuse such a model with a clear message.
+COMPRESSIBLE_KINDS = ("full_attention", "sliding_attention")
+CACHELESS_KINDS = ("dummy",)
+
+
+def layer_kinds(config) -> tuple[list[str], list[int | None]]:
+    """Per layer: transformers' layer type and its window (sliding window or attention chunk), read from
+    transformers' own table, so that a kind headprof does not know is never taken for full attention."""
     text = config.get_text_config()
-    heads = text.num_attention_heads
-    kv = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    kinds = getattr(text, "layer_types", None)
-    window = getattr(text, "sliding_window", None)
-    if not kinds:
-        kinds = ["sliding_attention" if window else "full_attention"] * text.num_hidden_layers
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+    except ImportError:  # a transformers without the table: its explicit layer_types, or one kind for all
+        window = getattr(text, "sliding_window", None)
+        kinds = getattr(text, "layer_types", None) or [
+            "sliding_attention" if window else "full_attention"] * text.num_hidden_layers
+        return list(kinds), [window if k == "sliding_attention" else None for k in kinds]
+    kinds, kwargs = get_layer_types_and_kwargs(text)
+    return list(kinds), [kw.get("sliding_window") for kw in kwargs]
+
+
+def _head_shapes(text) -> list[tuple[int, int, int]]:
+    """(query heads, KV heads, head dim) per layer; models with per-layer configs may differ by layer."""
+    configs = getattr(text, "per_layer_config", None) or [text] * text.num_hidden_layers
+    shapes = []
+    for c in configs:
+        heads = c.num_attention_heads
+        shapes.append((heads, getattr(c, "num_key_value_heads", None) or heads,
+                       getattr(c, "head_dim", None) or c.hidden_size // heads))
+    return shapes
+
+
+def layout_of(config) -> HeadLayout:
+    """The model's head layout; a model whose layers differ in head counts or head size is refused, since a
+    profile and a compressed cache are one [layer, head] grid."""
+    text = config.get_text_config()
+    shapes = _head_shapes(text)
+    if len(set(shapes)) > 1:
+        seen: dict[tuple[int, int, int], list[int]] = {}
+        for i, shape in enumerate(shapes):
+            seen.setdefault(shape, []).append(i)
+        described = "; ".join(f"{q} query / {kv} KV heads of size {d} in layers {_layer_list(ls)}"
+                              for (q, kv, d), ls in seen.items())
+        raise ModelError(f"this model's layers differ in their heads ({described}); headprof needs one head "
+                         "layout for every layer")
+    heads, kv, head_dim = shapes[0]
+    kinds, windows = layer_kinds(config)
+    sliding = [w for k, w in zip(kinds, windows, strict=True) if k == "sliding_attention" and w]
     return HeadLayout(num_layers=text.num_hidden_layers, num_query_heads=heads, num_kv_heads=kv,
                       head_dim=head_dim, attention_kinds=tuple(kinds),
-                      sliding_window=window if "sliding_attention" in kinds else None)
+                      sliding_window=sliding[0] if sliding else None, layer_windows=tuple(windows))
+
+
+def _layer_list(layers: list[int]) -> str:
+    return ", ".join(map(str, layers[:6])) + (f" (+{len(layers) - 6})" if len(layers) > 6 else "")
+
+
+def unsupported_kinds(layout: HeadLayout) -> dict[str, list[int]]:
+    """Layer kinds a compressed cache cannot handle yet, with their layers (empty for every shipped model)."""
+    out: dict[str, list[int]] = {}
+    for i, kind in enumerate(layout.attention_kinds):
+        if kind not in COMPRESSIBLE_KINDS + CACHELESS_KINDS:
+            out.setdefault(kind, []).append(i)
+    return out
+
+
+def check_compressible(layout: HeadLayout) -> None:
+    """A one-line ModelError naming the layers a compressing method cannot handle yet."""
+    bad = unsupported_kinds(layout)
+    if bad:
+        kinds = "; ".join(f"{kind} in layers {_layer_list(ls)}" for kind, ls in bad.items())
+        raise ModelError(f"headprof cannot compress this model's KV cache yet ({kinds}); only full and "
+                         "sliding-window attention layers: run it with --method full, or score its heads only")
 
 
 def local_path(spec: str) -> str:

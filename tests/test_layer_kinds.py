@@ -1,0 +1,67 @@
+"""Layer kinds come from transformers' own table: a kind headprof cannot compress is refused, never taken for
+full attention, and a model whose layers differ in their heads is refused with a clear message."""
+
+import pytest
+import torch
+from fakes import loaded
+from transformers import AutoModelForCausalLM, Gemma4TextConfig, Llama4TextConfig
+from transformers.cache_utils import DummyLayer, DynamicLayer, DynamicSlidingWindowLayer
+
+from headprof import cache, compress, generation, methods, models
+from headprof.errors import ModelError
+
+
+def _llama4(**kw):  # chunked attention in three of four layers (Llama 4's local layers)
+    return Llama4TextConfig(num_hidden_layers=4, attention_chunk_size=32, hidden_size=64, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=16, intermediate_size=64, intermediate_size_mlp=64,
+                            vocab_size=96, **kw)
+
+
+def test_kinds_and_windows_come_from_transformers():
+    lay = models.layout_of(_llama4())
+    assert lay.attention_kinds == ("chunked_attention",) * 3 + ("full_attention",)
+    assert lay.layer_windows == (32, 32, 32, None) and lay.sliding_window is None
+    gemma = loaded("gemma3").info.layout
+    assert gemma.attention_kinds == ("sliding_attention", "full_attention", "sliding_attention")
+    assert gemma.sliding_window == 8 and gemma.layer_windows == (8, None, 8)
+    assert models.unsupported_kinds(gemma) == {} and models.unsupported_kinds(lay) == {"chunked_attention": [0, 1, 2]}
+
+
+def test_a_chunked_attention_model_is_refused_by_compressing_methods_and_runs_with_the_full_cache():
+    lay = models.layout_of(_llama4())
+    with pytest.raises(ModelError, match=r"cannot compress .*chunked_attention in layers 0, 1, 2.*--method full"):
+        generation.cache_for(lay, methods.get("snapkv"))
+    with pytest.raises(ModelError, match="chunked_attention"):
+        compress.make_plan(methods.get("snapkv"), lay, 100, 40)
+    assert compress.compressed_layers(lay, methods.get("full"), True) == [False] * 4
+    torch.manual_seed(0)
+    lm = loaded("llama")
+    m = AutoModelForCausalLM.from_config(_llama4(), dtype=torch.float32).eval()
+    m.generation_config.eos_token_id = None
+    from headprof.capture import attach
+
+    info = models.ModelInfo("tiny-llama4", "tiny-llama4", None, None, type(m).__name__, m.config.model_type, lay,
+                            512, False)
+    l4 = models.LoadedModel(m, lm.tokenizer, info, "cpu", "float32", attach(m))
+    ids = torch.randint(0, 96, (80,), generator=torch.Generator().manual_seed(0)).tolist()
+    r = generation.generate(l4, ids, "full", 0, max_new_tokens=3)
+    assert len(r.tokens) == 3 and r.kv_entries_full == 2 * (3 * 32 + 82)  # chunked layers hold their chunk
+    with pytest.raises(ModelError, match="chunked_attention"):
+        generation.generate(l4, ids, "snapkv", 40, max_new_tokens=3)
+
+
+def test_layers_headprof_leaves_alone_get_transformers_own_cache_layer():
+    c = cache.HeadKVCache(["full_attention", "sliding_attention", "dummy", "full_attention"],
+                          [False, False, False, True], [None, 8, None, None])
+    assert [type(layer) for layer in c.layers[:3]] == [DynamicLayer, DynamicSlidingWindowLayer, DummyLayer]
+    assert isinstance(c.layers[3], cache.HeadKVLayer) and c.layers[1].sliding_window == 8
+    assert cache.full_layer_entries("dummy", None, 100, 2) == 0  # KV shared with an earlier layer: nothing held
+
+
+def test_a_model_whose_layers_differ_in_their_heads_is_refused():
+    config = Gemma4TextConfig(num_hidden_layers=4, sliding_window=64, num_attention_heads=2, num_key_value_heads=1,
+                              hidden_size=64, head_dim=16, global_head_dim=32, intermediate_size=64, vocab_size=96,
+                              layer_types=["sliding_attention", "full_attention"] * 2)
+    with pytest.raises(ModelError, match=r"layers differ in their heads \(2 query / 1 KV heads of size 16 in layers "
+                                         r"0, 2; 2 query / 1 KV heads of size 32 in layers 1, 3\)"):
+        models.layout_of(config)
