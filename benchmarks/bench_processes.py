@@ -64,4 +64,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from headprof import quiet
+
+    quiet.third_party()  # the figures only (HEADPROF_VERBOSE=1 shows third-party bars and logs)
     main()

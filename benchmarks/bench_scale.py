@@ -108,4 +108,7 @@ def _best(runs: list, metric: str) -> float:
 
 
 if __name__ == "__main__":
+    from headprof import quiet
+
+    quiet.third_party()  # the figures only (HEADPROF_VERBOSE=1 shows third-party bars and logs)
     main()

@@ -27,13 +27,10 @@ import time
 
 def measure(mode: str, model: str, length: int, n_probes: int, method: str, device: str, dtype: str) -> dict:
     import torch
-    from transformers.utils import logging as hf_logging
 
     from headprof import capture, models, probes, scoring
     from headprof.reference import naive_scores
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     torch.set_grad_enabled(False)
     lm = models.load(model, device=device, dtype=dtype)
     ps = probes.build_probe_set(method, [length], n_probes, seed=0)
@@ -128,4 +125,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from headprof import quiet
+
+    quiet.third_party()  # the figures only (HEADPROF_VERBOSE=1 shows third-party bars and logs)
     main()

@@ -7,6 +7,7 @@ with one-line messages, reports long work through a `progress` callback, and nev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -190,7 +191,8 @@ def _profile(profile: Profile | str | Path | None, model: str, method: str = "r2
     return Profile.load(path), str(path)
 
 
-def generate(model: str | LoadedModel, prompt: str | Sequence[int], method: str = "headkv", budget: int = 128, *,
+def generate(model: str | LoadedModel, prompt: str | Sequence[int], method: str | methods.Method = "headkv",
+             budget: int = 128, *,
              profile: Profile | str | Path | None = None, window: int = WINDOW, kernel: int = KERNEL,
              beta: float = BETA,
              group_reduce: str = "mean", max_new_tokens: int = 64, baseline: bool = True,
@@ -203,13 +205,18 @@ def generate(model: str | LoadedModel, prompt: str | Sequence[int], method: str 
     `kernel`, `beta`, `group_reduce` apply to the methods that have them unless the spec sets them.
     `profile` (headkv): a Profile, a path, or None for the shipped profile of a model alias.
     """
-    spec = methods.parse_spec(method)
     if max_new_tokens < 1:
         raise HeadprofError("--max-new-tokens must be at least 1")
     model_spec = model if isinstance(model, str) else model.info.spec
-    needs = spec.method_class.needs_profile
-    prof, where = _profile(profile, model_spec, spec.profile or "r2") if needs else (None, None)
-    m = spec.build(profile=prof, window=window, kernel=kernel, beta=beta, reduction=group_reduce)
+    built = isinstance(method, methods.Method)
+    spec = None if built else methods.parse_spec(method)
+    needs = (type(method).needs_profile and getattr(method, "profile", None) is None) if built \
+        else spec.method_class.needs_profile
+    prof, where = _profile(profile, model_spec, (spec and spec.profile) or "r2") if needs else (None, None)
+    if built:
+        m = dataclasses.replace(method, profile=prof) if prof is not None else method
+    else:
+        m = spec.build(profile=prof, window=window, kernel=kernel, beta=beta, reduction=group_reduce)
     if m.compresses and budget <= m.window:
         raise HeadprofError(f"--budget {budget} must exceed --window {m.window}")
     lm = load_model(model, device, dtype)
@@ -217,13 +224,13 @@ def generate(model: str | LoadedModel, prompt: str | Sequence[int], method: str 
         prof.check_fits(lm.info.layout)
     ids = list(prompt) if not isinstance(prompt, str) else probes.prompt_ids(lm.tokenizer, prompt, chat_template)
     runs = [generation.generate(lm, ids, m, budget, max_new_tokens, compress_sliding=compress_sliding)]
-    runs[0].method = method
+    runs[0].method = m.name if built else method
     if baseline and m.compresses:
         runs.append(generation.generate(lm, ids, "full", budget, max_new_tokens=max_new_tokens))
     agreement = None
     if len(runs) > 1:
         agreement = {"exact": runs[0].text == runs[1].text, "token_f1": token_f1(runs[0].text, runs[1].text)}
-    return GenerationReport(model=lm.info.resolved, prompt_tokens=len(ids), method=method, budget=budget,
+    return GenerationReport(model=lm.info.resolved, prompt_tokens=len(ids), method=runs[0].method, budget=budget,
                             window=m.window, kernel=m.kernel, beta=getattr(m, "beta", beta),
                             group_reduce=getattr(m, "reduction", group_reduce),
                             compress_sliding=compress_sliding, profile=where, runs=runs, agreement=agreement)
@@ -371,3 +378,94 @@ def check(profile: Profile | str | Path, model: str | LoadedModel | None = None,
                        answered=new.probe_set["successes"],
                        answered_before=sum(r["success"] for r in prof.probes if r["id"] in ids),
                        failures=failures, provenance=profile_mod.provenance_diff(prof, new))
+
+
+# Reading and writing profiles and models: what `show`, `heatmap`, `compare`, `import`, `export`, `info` and
+# `probes` do, so that the CLI only parses, calls this module and prints.
+
+def load_profile(path: str | Path) -> Profile:
+    return Profile.load(path)
+
+
+def summarise(profile: Profile | str | Path, top: int = 10) -> tuple[Profile, compare.Summary]:
+    """The profile and what `show` prints of it: top heads with bootstrap intervals, split-half stability, mass."""
+    prof = profile if isinstance(profile, Profile) else Profile.load(profile)
+    return prof, compare.summarise(prof, top)
+
+
+def heatmap(profile: Profile | str | Path, output: str | Path | None = None, kv: bool = False, top: int = 10,
+            diff: Profile | str | Path | None = None, force: bool = False) -> str | Path:
+    """Draw a profile (minus `diff`, if given) as a layers x heads heatmap: to an image file at `output`, or
+    as text for a terminal when there is none (returned)."""
+    from headprof import plots
+
+    prof = profile if isinstance(profile, Profile) else Profile.load(profile)
+    other = diff if isinstance(diff, Profile) or diff is None else Profile.load(diff)
+    if output is None:
+        return plots.terminal_heatmap(prof, kv, top, other)
+    return plots.save_heatmap(prof, Path(output), kv, top, other, force)
+
+
+def compare_profiles(a: Profile | str | Path, b: Profile | str | Path, kv: bool = False, keep: float = 0.5,
+                     force: bool = False) -> compare.Comparison:
+    """Rank agreement of B with A, the heads that moved, whether it is within their noise, what provenance differs."""
+    pa, pb = (p if isinstance(p, Profile) else Profile.load(p) for p in (a, b))
+    return compare.compare(pa, pb, "kv" if kv else "query", keep, force)
+
+
+def import_profile(file: str | Path, fmt: str, model_id: str, out: str | Path, kv_heads: int | None = None,
+                   query_heads: int | None = None, force: bool = False) -> Profile:
+    """Read another project's head scores (HeadKV / Retrieval_Head JSON, DuoAttention TSV) and save a profile."""
+    from headprof import interop
+
+    check_output(Path(out), force)
+    prof = interop.import_file(Path(file), fmt, model_id, kv_heads, query_heads)
+    prof.save(out, force)
+    return prof
+
+
+def export_profile(profile: Profile | str | Path, fmt: str) -> str:
+    """A profile as HeadKV / Retrieval_Head JSON or DuoAttention TSV text."""
+    from headprof import interop
+
+    return interop.export_text(profile if isinstance(profile, Profile) else Profile.load(profile), fmt)
+
+
+def write_output(path: str | Path, text: str, force: bool = False) -> Path:
+    """Write `text` atomically; an existing file is only replaced with `force`."""
+    return write_atomic(Path(path), text, force)
+
+
+def check_writable(path: str | Path, force: bool = False) -> None:
+    """Refuse, before any work, an output that exists (without `force`) or cannot be written."""
+    check_output(Path(path), force)
+
+
+def describe_model(model: str) -> models.ModelInfo:
+    """A model's head layout, kinds, positions and provenance, from its config (no weights loaded)."""
+    return models.describe(model)
+
+
+def model_path(model: str) -> str:
+    """Where a model's Hugging Face files are (a GGUF model: its dequantised copy), for other tools."""
+    return models.local_path(model)
+
+
+def method_names() -> tuple[str, ...]:
+    return methods.names()
+
+
+def read_prompt(path: str | Path) -> str:
+    from headprof.files import read_prompt as read
+
+    return read(Path(path))
+
+
+def partial_path(out: str | Path) -> Path:
+    """Where a scoring run keeps its finished probes (this process's file under torchrun / accelerate)."""
+    return scoring.partial_path_for(Path(out), distributed.world())
+
+
+def main_process() -> bool:
+    """False in every process but the first under torchrun / accelerate launch (which alone prints)."""
+    return distributed.world().main

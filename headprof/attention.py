@@ -12,8 +12,9 @@ view, a window per head, and a mask of what each window may read. Two backends c
   `HEADPROF_ATTENTION=flash` (its semantics read off flash-attn 2.8.4's sources: `cache_seqlens` is an
   end index, the kernel reads keys from `cache_leftpad` up to it).
 
-Layers whose heads all keep the same count (SnapKV, PyramidKV, StreamingLLM) are a plain dense view with
-no mask and always take `torch`.
+Layers whose heads all keep the same count (SnapKV, StreamingLLM; PyramidKV where a layer's budget divides
+evenly among its heads, else its heads differ by one token) are a plain dense view with no mask and always
+take `torch`.
 """
 
 from __future__ import annotations

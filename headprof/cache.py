@@ -16,8 +16,9 @@ column, counted in the bytes held) is built when the buffer is laid out and kept
 which opens one slot per window and new token. What a decode step needs (its slots, the mask columns it
 opens, the views over the room) is made, on the host, with the room: a step is a few tensor operations
 whatever the number of heads, and on a GPU it computes no indices. When all heads keep the same count
-(SnapKV, PyramidKV), S = W = the segment size and the view is a plain dense cache, with no mask. When
-they differ (HeadKV, AdaKV), W is close to the largest segment: one batched call per layer does about the
+(SnapKV, StreamingLLM), S = W = the segment size and the view is a plain dense cache, with no mask. When
+they differ (HeadKV, AdaKV, and PyramidKV on layers whose budget does not divide evenly among their heads,
+which then differ by one token), W is close to the largest segment: one batched call per layer does about the
 work of a cache padded to the longest head, without storing the padding.
 
 Positions keep counting from the prompt length, so RoPE continues where the prompt ended. A layer may
@@ -97,8 +98,60 @@ def windows(sizes: list[int]) -> Windows:
     return Windows(order, start, stride, total - (heads - 1) * stride)
 
 
+@dataclass(frozen=True)
+class Segments:
+    """The per-head layout of a compressed layer, fixed when it is compressed: how many prompt tokens each KV
+    head kept, which window of the strided view holds its segment, and where in that window it lies. Growing
+    the room shifts the windows (`Windows.grown`) but none of these offsets. Host arrays: the layout is decided
+    on the host."""
+
+    kept: np.ndarray  # (heads,) prompt tokens kept, per KV head
+    order: np.ndarray  # (heads,) window i holds the segment of KV head order[i]
+    unorder: np.ndarray  # (heads,) the window of KV head h (the inverse of `order`)
+    kept_w: np.ndarray  # (heads,) per window: its head's kept tokens
+    first_w: np.ndarray  # (heads,) per window: where its segment starts, relative to the window
+    kept_end_w: np.ndarray  # (heads,) per window: one past its kept tokens, relative to the window
+    uniform: bool  # every head keeps the same count: the view is a dense cache, with no mask
+    in_order: bool  # window i holds head i (no reordering around attention)
+    reach: int  # the furthest column a window reads before generated tokens (the end of its kept tokens)
+
+    @classmethod
+    def of(cls, kept: list[int], win: Windows) -> Segments:
+        order = np.asarray(win.order)
+        kept_w = np.asarray(kept)[order]
+        first_w = np.asarray(win.start) - np.arange(len(kept)) * win.stride
+        kept_end_w = first_w + kept_w
+        return cls(np.asarray(kept), order, np.argsort(order), kept_w, first_w, kept_end_w,
+                   uniform=len(set(kept)) == 1, in_order=win.order == list(range(len(kept))),
+                   reach=int(kept_end_w.max()))
+
+    @property
+    def heads(self) -> int:
+        return len(self.kept)
+
+
+@dataclass(frozen=True)
+class Steps:
+    """What the decode steps of one laid-out room write, made once with the room: per free step (from the
+    `first` generated token on), the slot of each head and, for a masked layer, the mask column each window
+    opens. A step then picks its entry by list index and computes no indices."""
+
+    first: int
+    slots: list[torch.Tensor]  # per step: (heads,) slot of each head's new entry in the buffer
+    cols: list[torch.Tensor | None]  # per step: (heads, 1) column each window opens; None for a dense layer
+
+    def at(self, generated: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.slots[generated - self.first], self.cols[generated - self.first]
+
+
 class HeadKVLayer(DynamicLayer):
-    """Dense during prefill; after `compress`, one buffer of keys and values with a segment per head."""
+    """Dense during prefill; after `compress`, one buffer of keys and values with a segment per head.
+
+    The state, by concern: the per-head layout (`seg`, fixed at compress); the buffer and what it holds
+    (`kv`, `positions`, `generated`, `dropped`, `room`, `next_free`); the growth policy (`_grow`, `_shift`,
+    `_place`: when the room runs out, every segment grows alike); the per-step update (`update`, with the
+    `steps` made by `_ready`); and the views attention reads (`view`, `view_positions`, `window_bounds`).
+    """
 
     def __init__(self, sliding_window: int | None = None, slack: float = SLACK) -> None:
         super().__init__()
@@ -107,60 +160,68 @@ class HeadKVLayer(DynamicLayer):
         self.seen = 0  # positions so far (prompt + appended)
         self.prompt_len = 0
         self.key_dim = 0  # keys take the first key_dim columns of `kv`, values the rest
+        self.seg: Segments | None = None
         # (entries, key dim + value dim): an entry's key then its value, segments as in the module docstring;
         # `k` and `v` are views of it. One buffer: a step writes both with one copy, a growth moves both at once
         self.kv: torch.Tensor | None = None
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None  # (entries,) int32 position of every slot (sliding only)
-        self.lens: list[int] = []  # kept prompt tokens per head (host copy: sizes are decided on the host)
         self.room = 0  # slots per head for generated tokens
-        self.t = 0  # generated tokens held per head
-        self.t0 = 0  # position of the first one held minus the prompt length (sliding layers drop old ones)
+        self.generated = 0  # generated tokens held per head
+        self.dropped = 0  # generated tokens a sliding window has passed and a growth dropped, per head
+        self.next_free = np.zeros(0, dtype=np.int64)  # (heads,) each head's first free slot when the room was laid out
         self.win: Windows | None = None
-        self.uniform = True  # every head keeps the same count: the view is a dense cache, no mask
-        self.reach = 0  # the furthest a window reads, less t
         self.returned: torch.Tensor | None = None
         self.backend: str | None = None  # the attention backend, chosen at the first call (attention.py)
-        self.in_order = True
-        self.order = self.unorder = None  # device copies of `win.order` and its inverse
-        # device copies, per window: where its segment starts and where its kept tokens end (relative to
-        # the window, (heads, 1))
-        self._lo = self._kept_end = self._zero = self._ninf = None
-        # host copies (the layout is decided on the host): per window, its kept tokens, where its segment starts
-        # and where its kept tokens end; per head, its window and its first free slot when the room was laid out
-        self._kept_w = self._lo_w = self._kept_end_w = self._unorder = self._next = np.zeros(0, dtype=np.int64)
+        self.order = self.unorder = None  # device copies of `seg.order` and `seg.unorder`
+        # device copies of `seg.first_w` and `seg.kept_end_w`, (heads, 1); scalars for the additive mask
+        self._first_dev = self._kept_end_dev = self._zero = self._ninf = None
         # unequal heads: (1, heads, 1, reach + room) bool, what each window may read, kept up to date by
         # `update` (it opens one slot per window and new token); bool, so it adds 1 byte per column and head
         self._open: torch.Tensor | None = None
         self._open_rows: torch.Tensor | None = None
-        # made with the room (`_ready`): per free step, its slots and mask columns; the views a masked layer reads
-        self._step_slots: list[torch.Tensor] = []
-        self._step_cols: list[torch.Tensor | None] = []
-        self._ready_t = 0
-        self._views: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.steps: Steps | None = None
+        self._views: tuple[torch.Tensor, torch.Tensor] | None = None  # a masked layer's views over its room
 
     @property
     def compressed(self) -> bool:
         return self.k is not None
 
     @property
+    def lens(self) -> list[int]:
+        """Kept prompt tokens per KV head (empty before `compress`)."""
+        return [] if self.seg is None else self.seg.kept.tolist()
+
+    @property
     def heads(self) -> int:
-        return len(self.lens)
+        return 0 if self.seg is None else self.seg.heads
+
+    @property
+    def uniform(self) -> bool:
+        return self.seg is None or self.seg.uniform
+
+    @property
+    def in_order(self) -> bool:
+        return self.seg is None or self.seg.in_order
+
+    @property
+    def reach(self) -> int:
+        return 0 if self.seg is None else self.seg.reach
 
     def update(self, key_states, value_states, *args, **kwargs):
         q = key_states.shape[-2]
         self.seen += q
         if not self.compressed:
             return super().update(key_states, value_states, *args, **kwargs)
-        if self.t + q > self.room:  # (a HeadKVCache grows all its layers at once before they get here)
+        if self.generated + q > self.room:  # (a HeadKVCache grows all its layers at once before they get here)
             self._grow(q, free_slots([self], q))
         if q == 1:  # this step's slots, and the mask columns it opens: made ahead with the room (`_ready`)
-            slots, opened = self._step_slots[self.t - self._ready_t], self._step_cols[self.t - self._ready_t]
+            slots, opened = self.steps.at(self.generated)
         else:
-            steps = self.t + np.arange(q)
-            slots = _on((self._next[:, None] + steps).ravel(), self.kv.device)
-            opened = _on(self._kept_end_w[:, None] + steps, self.kv.device)  # (heads, q)
+            ahead = self.generated + np.arange(q)
+            slots = _on((self.next_free[:, None] + ahead).ravel(), self.kv.device)
+            opened = _on(self.seg.kept_end_w[:, None] + ahead, self.kv.device)  # (heads, q)
         entries = torch.cat((key_states, value_states), -1)  # batch 1: (heads * q, key dim + value dim)
         self.kv.index_copy_(0, slots, entries.view(-1, entries.shape[-1]))
         if self.positions is not None:
@@ -168,7 +229,7 @@ class HeadKVLayer(DynamicLayer):
             self.positions.index_copy_(0, slots, new_pos.repeat(self.heads))
         if self._open is not None:
             self._open_rows.scatter_(1, opened, True)
-        self.t += q
+        self.generated += q
         self.returned = key_states  # attention recognises this call's keys and reads the layer itself
         return key_states, value_states
 
@@ -178,39 +239,31 @@ class HeadKVLayer(DynamicLayer):
         if keys.shape[0] != 1:
             raise ValueError("head-level compression supports batch size 1")
         device = keys.device
-        self.lens = [int(k.numel()) for k in keep]
-        self.uniform = len(set(self.lens)) == 1
-        head_of = torch.repeat_interleave(torch.arange(len(keep), device=device),
-                                          torch.tensor(self.lens, device=device))
+        lens = [int(k.numel()) for k in keep]
+        head_of = torch.repeat_interleave(torch.arange(len(keep), device=device), torch.tensor(lens, device=device))
         pos = torch.cat([k.to(device) for k in keep])
         self.prompt_len, self.key_dim = keys.shape[2], keys.shape[-1]
-        self.t = self.t0 = room = 0  # the first token grows the room (together with the other layers, in a cache)
-        win = windows(self.lens)
-        self.in_order = win.order == list(range(self.heads))
-        self.order = _on(np.asarray(win.order), device)
-        self._unorder = np.argsort(win.order)
-        self.unorder = _on(self._unorder, device)
-        self._kept_w = np.asarray(self.lens)[win.order]
-        self._lo_w = np.asarray(win.start) - np.arange(self.heads) * win.stride
-        self._kept_end_w = self._lo_w + self._kept_w
-        self.reach = int(self._kept_end_w.max())
-        self._lo, self._kept_end = _on(self._lo_w[:, None], device), _on(self._kept_end_w[:, None], device)
+        self.generated = self.dropped = 0  # the first token grows the room (with the other layers, in a cache)
+        win = windows(lens)
+        self.seg = seg = Segments.of(lens, win)
+        self.order, self.unorder = _on(seg.order, device), _on(seg.unorder, device)
+        self._first_dev, self._kept_end_dev = _on(seg.first_w[:, None], device), _on(seg.kept_end_w[:, None], device)
         self._zero = torch.zeros((), dtype=keys.dtype, device=device)
         self._ninf = torch.full((), float("-inf"), dtype=keys.dtype, device=device)
         kept_pos = pos.to(torch.int32) if self.sliding_window is not None else None
-        packed = np.concatenate([[0], np.cumsum(self.lens)[:-1]])
-        self._place(torch.cat((keys[0, head_of, pos], values[0, head_of, pos]), -1), kept_pos, packed, room, win)
+        packed = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        self._place(torch.cat((keys[0, head_of, pos], values[0, head_of, pos]), -1), kept_pos, packed, 0, win)
         self.keys = self.values = None
 
     def _keep_from(self, q: int) -> int:
         """Generated entries a growth for `q` new tokens drops: those a sliding window has passed (never read again)."""
-        return 0 if self.sliding_window is None else max(0, self.t + q - self.sliding_window)
+        return 0 if self.sliding_window is None else max(0, self.generated + q - self.sliding_window)
 
     def _grow(self, q: int, free: int) -> None:
         """Reallocate with room for `q` more tokens per head plus `free` slots. Every segment grows by the same
         amount, so the windows keep their order and only shift."""
         keep_from = self._keep_from(q)
-        room = self.t - keep_from + q + free
+        room = self.generated - keep_from + q + free
         if keep_from == 0:
             self._shift(room)
         else:
@@ -222,7 +275,7 @@ class HeadKVLayer(DynamicLayer):
         so one indexed read of the old buffer makes the new one (new free slots read whatever follows: they
         are masked, and only need to be finite)."""
         by, heads, old = room - self.room, self.heads, self.kv.shape[0]
-        size = self._kept_w + room
+        size = self.seg.kept_w + room
         src = np.arange(old + heads * by) - np.repeat(np.arange(0, heads * by, by), size)
         src = _on(np.minimum(src, old - 1, out=src), self.kv.device)
         self._hold(self.kv.index_select(0, src))
@@ -230,7 +283,7 @@ class HeadKVLayer(DynamicLayer):
             self.positions = self.positions.index_select(0, src)
         if self._open is not None:  # each window's new columns come after everything it reads: closed
             self._set_open(F.pad(self._open, (0, by), value=False))
-        self._next = self._next + self._unorder * by  # head h's segment is window unorder[h]
+        self.next_free = self.next_free + self.seg.unorder * by  # head h's segment is window unorder[h]
         self.room, self.win = room, self.win.grown(by)
         self._ready()
 
@@ -247,7 +300,7 @@ class HeadKVLayer(DynamicLayer):
         generated ones, of which the first `keep_from` are dropped. Free slots repeat an entry of their head:
         they are never read unmasked, but must hold finite numbers (0 * NaN is NaN)."""
         order, lens = np.asarray(win.order), np.asarray(self.lens)
-        kept, first, moved = lens[order], starts[order], self.t - keep_from
+        kept, first, moved = lens[order], starts[order], self.generated - keep_from
         size = kept + room  # window order: segment i, of head order[i], holds its kept, generated, free slots
         offset = np.arange(size.sum()) - np.repeat(np.cumsum(size) - size, size)
         kept_r = np.repeat(kept, size)
@@ -257,25 +310,24 @@ class HeadKVLayer(DynamicLayer):
         self._hold(kv.index_select(0, src))
         if pos is not None:
             self.positions = pos.index_select(0, src)
-        self.t, self.t0 = moved, self.t0 + keep_from
+        self.generated, self.dropped = moved, self.dropped + keep_from
         self.room, self.win = room, win
-        self._next = self._segments(win) + lens  # each head's first free slot
+        self.next_free = self._segments(win) + lens  # each head's first free slot
         if not self.uniform:
             j = np.arange(self.reach + room)
-            mine = (j >= self._lo_w[:, None]) & (j < self._kept_end_w[:, None] + self.t)
+            mine = (j >= self.seg.first_w[:, None]) & (j < self.seg.kept_end_w[:, None] + self.generated)
             self._set_open(_on(mine[None, :, None], kv.device))
         self._ready()
 
     def _ready(self) -> None:
-        """Make, for the room just laid out, what decode steps would otherwise compute at every step: each free
-        step's slots (per head) and mask columns (per window), as views picked by a list index; and, for a masked
-        layer, the views over its whole room (the mask hides what is not filled yet). They hold indices per head
-        and free step, as `_next` does per head, not tokens: `nbytes` does not count them."""
-        ahead, device = np.arange(self.t, self.room)[:, None], self.kv.device
-        self._step_slots = list(_on(self._next + ahead, device).unbind(0))
-        self._step_cols = [None] * len(self._step_slots) if self.uniform else list(
-            _on(self._kept_end_w[:, None] + ahead[:, None], device).unbind(0))
-        self._ready_t = self.t
+        """Make, for the room just laid out, what decode steps would otherwise compute at every step (`Steps`);
+        and, for a masked layer, the views over its whole room (the mask hides what is not filled yet). They hold
+        indices per head and free step, as `next_free` does per head, not tokens: `nbytes` does not count them."""
+        ahead, device = np.arange(self.generated, self.room)[:, None], self.kv.device
+        slots = list(_on(self.next_free + ahead, device).unbind(0))
+        cols = [None] * len(slots) if self.uniform else list(
+            _on(self.seg.kept_end_w[:, None] + ahead[:, None], device).unbind(0))
+        self.steps = Steps(self.generated, slots, cols)
         self._views = None if self.uniform else self._strided(self.reach + self.room)
 
     def _hold(self, kv: torch.Tensor) -> None:
@@ -287,7 +339,7 @@ class HeadKVLayer(DynamicLayer):
     @property
     def width(self) -> int:
         """Columns of `view`: a dense layer's filled ones; a masked layer's whole room (no window reads past it)."""
-        return self.reach + (self.t if self.uniform else self.room)
+        return self.reach + (self.generated if self.uniform else self.room)
 
     def _strided(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         row, stride = self.kv.shape[-1], self.win.stride
@@ -305,7 +357,7 @@ class HeadKVLayer(DynamicLayer):
 
     def window_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(heads,) int32 first and one-past-last entry each window reads, relative to the window."""
-        return self._lo[:, 0].int(), (self._kept_end[:, 0] + self.t).int()
+        return self._first_dev[:, 0].int(), (self._kept_end_dev[:, 0] + self.generated).int()
 
     def view_positions(self) -> torch.Tensor:
         """Positions of the entries `view` returns, (heads, width). Kept prompt tokens of a layer without a
@@ -313,18 +365,18 @@ class HeadKVLayer(DynamicLayer):
         width = self.width
         if self.positions is not None:
             return self.positions.as_strided((self.heads, width), (self.win.stride, 1))
-        rel = torch.arange(width, device=self.k.device, dtype=torch.int32) - self._kept_end
-        return torch.where(rel < 0, -1, self.prompt_len + self.t0 + rel)
+        rel = torch.arange(width, device=self.k.device, dtype=torch.int32) - self._kept_end_dev
+        return torch.where(rel < 0, -1, self.prompt_len + self.dropped + rel)
 
     def head_kv(self, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(keys, values, positions) of head h, kept then generated: the obvious per-head view (reference)."""
         i = self.win.order.index(h)
-        a, n = self.win.start[i], self.lens[h] + self.t
+        a, n = self.win.start[i], self.lens[h] + self.generated
         if self.positions is not None:
             pos = self.positions[a:a + n]
         else:
             pos = torch.cat([torch.full((self.lens[h],), -1, dtype=torch.int32, device=self.k.device),
-                             self.prompt_len + self.t0 + torch.arange(self.t, device=self.k.device,
+                             self.prompt_len + self.dropped + torch.arange(self.generated, device=self.k.device,
                                                                       dtype=torch.int32)])
         return self.k[a:a + n], self.v[a:a + n], pos
 
@@ -337,7 +389,7 @@ class HeadKVLayer(DynamicLayer):
     def entries(self) -> int:
         """KV entries (tokens x KV heads) in use."""
         if self.compressed:
-            return sum(self.lens) + self.heads * self.t
+            return sum(self.lens) + self.heads * self.generated
         return _dense_entries(self)
 
     def tensors(self) -> list[torch.Tensor]:
@@ -360,7 +412,7 @@ def free_slots(layers: list[HeadKVLayer], q: int) -> int:
         entry = layer.kv.shape[-1] * layer.kv.element_size()
         per_entry = 0 if layer.positions is None else layer.positions.element_size()
         mask = 0 if layer.uniform else layer.heads  # bool columns per window and slot
-        generated = layer.t - layer._keep_from(q) + q
+        generated = layer.generated - layer._keep_from(q) + q
         filled = sum(layer.lens) + layer.heads * generated
         spare += layer.slack * filled * entry - filled * per_entry - mask * (layer.reach + generated)
         per_slot += layer.heads * (entry + per_entry) + mask
@@ -418,11 +470,11 @@ class HeadKVCache(Cache):
         is one burst of work every few tokens, not one layer's bookkeeping interrupting the forward pass at
         every token, and the free room is sized on the whole cache's bytes."""
         layers = [layer for layer in self.layers if isinstance(layer, HeadKVLayer) and layer.compressed]
-        if not any(layer.t + q > layer.room for layer in layers):
+        if not any(layer.generated + q > layer.room for layer in layers):
             return
         free = free_slots(layers, q)
         for layer in layers:
-            if layer.room != layer.t + q + free or layer._keep_from(q):
+            if layer.room != layer.generated + q + free or layer._keep_from(q):
                 layer._grow(q, free)
 
     def compressed_layer(self, layer_idx: int, key: torch.Tensor) -> HeadKVLayer | None:

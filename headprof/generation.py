@@ -26,7 +26,7 @@ from headprof.capture import AttentionCapture
 from headprof.compress import Plan, compressed_layers, make_plan
 from headprof.defaults import BETA, KERNEL, WINDOW
 from headprof.errors import HeadprofError
-from headprof.models import HeadLayout, LoadedModel, layout_of, with_cache
+from headprof.models import HeadLayout, LoadedModel, end_tokens, layout_of, with_cache
 
 
 @dataclass
@@ -163,15 +163,11 @@ def prefill(lm: LoadedModel, prompt_ids: list[int], window: int = WINDOW) -> Pre
 
 
 def _generate(lm: LoadedModel, ids: torch.Tensor, cache, clock: StoppingCriteria | None = None, **kw):
+    ends = end_tokens(lm)
     return lm.model.generate(ids, **with_cache(lm.model, cache), do_sample=False,
                              pad_token_id=lm.tokenizer.eos_token_id, top_p=None, top_k=None, temperature=None,
-                             stopping_criteria=[clock] if clock else None, **kw)
-
-
-def _stops(lm: LoadedModel) -> set[int]:
-    """The tokens at which `generate` itself stops (its generation config's end tokens)."""
-    eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
-    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+                             stopping_criteria=[clock] if clock else None,
+                             **({"eos_token_id": sorted(ends)} if ends else {}), **kw)
 
 
 def _from_prefill(cache, shared: Prefill, plan: Plan | None) -> None:
@@ -222,7 +218,7 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str | methods.Metho
         _from_prefill(cache, shared, plan if m.compresses else None)
         clock.times.append(time.perf_counter())
         out = torch.tensor([[*prompt_ids, shared.first]], device=lm.model.device)
-        if max_new_tokens > 1 and shared.first not in _stops(lm):
+        if max_new_tokens > 1 and shared.first not in end_tokens(lm):
             with capture.compressed(cache) if m.compresses else contextlib.nullcontext():
                 out = _generate(lm, out, cache, clock, max_new_tokens=max_new_tokens - 1,
                                 min_new_tokens=max(min_new_tokens - 1, 0))

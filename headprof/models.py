@@ -395,6 +395,15 @@ def load(spec: str, device: str = "auto", dtype: str = "auto", device_map: str |
                        attn_implementation=("flash-attn" if flash else "sdpa") + " + headprof capture")
 
 
+def end_tokens(lm: LoadedModel) -> set[int]:
+    """The tokens that end an answer: the tokenizer's end token and the generation config's (one set for
+    scoring's decoder and for `generate`, which is told to stop at the same ones)."""
+    ids = {lm.tokenizer.eos_token_id}
+    eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos])
+    return {i for i in ids if i is not None}
+
+
 def with_cache(model, cache) -> dict[str, Any]:
     """The keyword that hands `cache` to `model`'s forward and generate: transformers renamed
     `past_key_values` to `cache` (the old name is deprecated, and removed in 5.40); older 5.x only know the

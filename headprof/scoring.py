@@ -35,21 +35,13 @@ from headprof.distributed import World
 from headprof.errors import OutputError, ProbeError
 from headprof.files import write_atomic
 from headprof.haystack import Haystack
-from headprof.models import LoadedModel, last_logits_only, with_cache
+from headprof.models import LoadedModel, end_tokens, last_logits_only, with_cache
 from headprof.profile import Profile, rounded
 from headprof.progress import Callback, Progress
 
 MAX_NEW_TOKENS = 50  # the official decode length (Retrieval_Head; HeadKV-R2's cap)
 MIN_ANSWERED = 30  # the default target of answered, counted probes for generated probe sets
 MAX_DRAWN_FACTOR = 6  # default cap on probes drawn: this many times the target
-
-
-def stop_token_ids(lm: LoadedModel) -> set[int]:
-    ids = {lm.tokenizer.eos_token_id}
-    gen = getattr(lm.model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None)
-    ids.update(eos if isinstance(eos, list) else [eos])
-    return {i for i in ids if i is not None}
 
 
 @dataclass
@@ -123,7 +115,7 @@ def score_probe(lm: LoadedModel, rendered: probes_mod.RenderedProbe, family: fam
                 decoder: Decoder | None = None, forced: list[int] | None = None) -> ProbeRun:
     """Scores of one rendered probe: greedy decoding under `decoder`, or with `forced` answer tokens fed
     (teacher forcing) for exactly those steps."""
-    decoder = decoder or Decoder(lm.tokenizer, stop_token_ids(lm), MAX_NEW_TOKENS)
+    decoder = decoder or Decoder(lm.tokenizer, end_tokens(lm), MAX_NEW_TOKENS)
     return score_batch(lm, [ProbeJob(rendered, family, decoder, forced)])[0]
 
 
@@ -293,7 +285,7 @@ class Settings:
         return self.rule or family.rule
 
     def decoder(self, lm: LoadedModel, rendered: probes_mod.RenderedProbe, probe: probes_mod.Probe) -> Decoder:
-        stops = stop_token_ids(lm)
+        stops = end_tokens(lm)
         if self.preset is not None:
             answer = None
             if presets.get(self.preset).stop_at_answer:

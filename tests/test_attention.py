@@ -67,7 +67,7 @@ def test_sliding_layers_compressed_inside_their_window_forget_old_keys():
         kept = torch.cat([lay.head_kv(h)[2][:n] for h, n in enumerate(lay.lens)])
         assert int(kept.min()) >= 60 - 20 + 1 and kept.numel() == 12  # chosen inside the window only
     # 30 tokens decoded with a window of 20: the tail dropped entries the window has passed
-    assert cache.layers[0].t0 > 0 and cache.layers[0].t < 30
+    assert cache.layers[0].dropped > 0 and cache.layers[0].generated < 30
 
 
 @pytest.mark.parametrize("arch,method", [("llama", "headkv"), ("gemma3", "headkv"), ("llama-mha", "snapkv")])
@@ -93,12 +93,12 @@ def test_layers_grow_together_and_hold_at_most_the_slack_over_their_tokens_after
             grown = [layer.kv is not b for layer, b in zip(layers, before, strict=True)]
             assert not any(grown) or all(grown)
             bursts += all(grown)
-            assert len({layer.room - layer.t for layer in layers}) == 1
+            assert len({layer.room - layer.generated for layer in layers}) == 1
             token_bytes = sum(layer.entries() * layer.kv.shape[-1] * layer.kv.element_size() for layer in layers)
             assert sum(layer.nbytes() for layer in layers) <= (1 + SLACK) * token_bytes
     assert 3 <= bursts < 40  # the room grew in steps, several tokens apart
     if arch == "gemma3":  # 40 tokens past a window of 20: sliding layers dropped what it passed, at the bursts
-        assert all(layer.t < 40 for layer in layers if layer.sliding_window)
+        assert all(layer.generated < 40 for layer in layers if layer.sliding_window)
 
 
 @pytest.mark.parametrize("sizes", [[40] * 8, [415, 36, 66, 166, 96, 116, 73, 56], [5, 900, 17, 64, 300, 8, 1200, 40],
@@ -162,7 +162,7 @@ def _ops_per_step(heads: int) -> int:
     layer.seen = 400
     layer.compress([torch.randperm(400, generator=g)[:n].sort().values for n in range(5, 5 + 20 * heads, 20)])
     new, query = torch.randn(1, heads, 1, 16, generator=g), torch.randn(1, 2 * heads, 1, 16, generator=g)
-    while layer.t + 1 > layer.room - 1:  # leave the step that grows behind
+    while layer.generated + 1 > layer.room - 1:  # leave the step that grows behind
         layer.update(new, new)
     with Count():
         layer.update(new, new)

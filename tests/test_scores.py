@@ -8,9 +8,10 @@ from tiny import ARCHS
 
 from headprof import answers, families
 from headprof.families.base import r2_step, retrieval_step
+from headprof.models import end_tokens
 from headprof.probes import RenderedProbe
 from headprof.reference import naive_scores
-from headprof.scoring import Decoder, score_probe, stop_token_ids
+from headprof.scoring import Decoder, score_probe
 
 RETRIEVAL, R2 = families.get("retrieval"), families.get("disambiguation")
 
@@ -28,7 +29,7 @@ def test_scores_equal_naive_eager_computation(arch, family):
     for seed in range(3):
         ids = _prompt(seed)
         span = (20, 26)
-        run = score_probe(lm, RenderedProbe(ids, span, ""), family, Decoder(lm.tokenizer, stop_token_ids(lm), 6))
+        run = score_probe(lm, RenderedProbe(ids, span, ""), family, Decoder(lm.tokenizer, end_tokens(lm), 6))
         gen, slow = naive_scores(lm, ids, span, family.method == "r2", max_steps=6)
         assert run.response == lm.tokenizer.decode(gen) and run.steps == 6 and run.stop == "cap"
         np.testing.assert_allclose(run.scores, slow, atol=1e-6)

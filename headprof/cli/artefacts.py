@@ -17,10 +17,9 @@ from headprof.cli.common import Force, ProfileArg, app, emit, family_lines, frie
 @friendly
 def show(profile_path: ProfileArg, top: Annotated[int, typer.Option(help="how many heads to list")] = 10) -> None:
     """Summary of a profile with uncertainty: bootstrap intervals, split-half stability, score mass."""
-    from headprof import compare
-    from headprof.profile import Profile
+    from headprof import api
 
-    prof = Profile.load(profile_path)
+    prof, s = api.summarise(profile_path, top)
     m, p = prof.model, prof.probe_set
     for warning in prof.data.get("warnings", []):
         out.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
@@ -35,7 +34,6 @@ def show(profile_path: ProfileArg, top: Annotated[int, typer.Option(help="how ma
     if prof.source:
         out.print(f"imported from {prof.source['file']} ({prof.source['format']}); unknown: "
                   + "; ".join(prof.source["unknown"]), highlight=False)
-    s = compare.summarise(prof, top)
     t = Table("rank", "head", "score", "95% interval (bootstrap over probes)")
     for r in s.top:
         t.add_row(str(r["rank"]), r["head"], f"{r['score']:.4f}",
@@ -60,16 +58,13 @@ def heatmap(
     force: Annotated[bool, typer.Option(help="overwrite an existing image")] = False,
 ) -> None:
     """Draw a profile as a layers x heads heatmap."""
-    from headprof import plots
-    from headprof.profile import Profile
+    from headprof import api
 
-    prof = Profile.load(profile_path)
-    other = Profile.load(diff) if diff else None
+    drawn = api.heatmap(profile_path, output, kv, top, diff, force)
     if output is None:
-        out.print(plots.terminal_heatmap(prof, kv, top, other))
-        return
-    plots.save_heatmap(prof, output, kv, top, other, force)
-    out.print(f"wrote {output}", highlight=False)
+        out.print(drawn)
+    else:
+        out.print(f"wrote {output}", highlight=False)
 
 
 @app.command()
@@ -83,10 +78,9 @@ def compare(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Rank agreement of two profiles, the heads that moved, and whether it is within their noise."""
-    from headprof import compare as cmp
-    from headprof.profile import Profile
+    from headprof import api
 
-    c = cmp.compare(Profile.load(a), Profile.load(b), "kv" if kv else "query", keep, force)
+    c = api.compare_profiles(a, b, kv, keep, force)
     if as_json:
         sys.stdout.write(json.dumps(c.to_dict(), indent=1) + "\n")
         return
@@ -121,12 +115,9 @@ def import_(
     force: Force = False,
 ) -> None:
     """Read HeadKV / Retrieval_Head JSON or DuoAttention TSV into a headprof profile."""
-    from headprof import interop
-    from headprof.files import check_output
+    from headprof import api
 
-    check_output(out_path, force)
-    prof = interop.import_file(file, fmt, model_id, kv_heads, query_heads)
-    prof.save(out_path, force)
+    prof = api.import_profile(file, fmt, model_id, out_path, kv_heads, query_heads, force)
     layers, heads = prof.shape
     out.print(f"wrote {out_path}: {layers} layers x {heads} query heads, {prof.model['num_kv_heads']} KV heads, "
               f"{len(prof.probes)} per-probe rows", highlight=False)
@@ -141,10 +132,8 @@ def export_(
     force: Force = False,
 ) -> None:
     """Write a profile in HeadKV / Retrieval_Head JSON or DuoAttention TSV form."""
-    from headprof import interop
-    from headprof.files import check_output
-    from headprof.profile import Profile
+    from headprof import api
 
     if out_path:
-        check_output(out_path, force)
-    emit(interop.export_text(Profile.load(profile_path), fmt), out_path, force, fmt)
+        api.check_writable(out_path, force)
+    emit(api.export_profile(profile_path, fmt), out_path, force, fmt)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import functools
-import os
 import re
 import sys
-import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -28,16 +26,9 @@ def configure(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="sho
     """Keep third-party warnings, logs and progress bars away from the user unless --verbose."""
     if verbose:
         return
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    warnings.filterwarnings("ignore")
-    import tqdm.std  # transformers' GGUF conversion draws a tqdm bar of its own
-    from transformers.utils import logging as hf_logging
+    from headprof.quiet import third_party
 
-    tqdm.std.tqdm.__init__ = functools.partialmethod(tqdm.std.tqdm.__init__, disable=True)
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    third_party()
 
 
 def friendly(fn):
@@ -126,19 +117,19 @@ def with_progress(quiet: bool, total: int, run, label: str = "scoring"):
 
 def emit(text: str, out_path: Path | None, force: bool, what: str) -> None:
     """Write `text` atomically to `out_path`, or to stdout when there is none."""
-    from headprof.files import write_atomic
+    from headprof import api
 
     if out_path is None:
         sys.stdout.write(text)
         return
-    write_atomic(out_path, text, force)
+    api.write_output(out_path, text, force)
     out.print(f"wrote {out_path}: {what}", highlight=False)
 
 
 def method_names() -> str:
-    from headprof import methods
+    from headprof import api
 
-    return ", ".join(methods.names())
+    return ", ".join(api.method_names())
 
 
 ModelArg = Annotated[str, typer.Argument(help="hub id, local directory, .gguf file, or alias "

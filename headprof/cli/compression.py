@@ -55,9 +55,8 @@ def run(
 ) -> None:
     """Generate with a head-level compressed KV cache, next to the full-cache answer."""
     from headprof import api
-    from headprof.files import read_prompt
 
-    report = api.generate(model, read_prompt(prompt), method, budget, profile=profile_path, window=window,
+    report = api.generate(model, api.read_prompt(prompt), method, budget, profile=profile_path, window=window,
                           kernel=kernel, beta=beta, group_reduce=group_reduce, max_new_tokens=max_new_tokens,
                           baseline=not no_baseline, chat_template=not no_chat_template,
                           compress_sliding=compress_sliding, device=device, dtype=dtype)
@@ -124,7 +123,6 @@ def eval_(
 ) -> None:
     """Quality versus budget for every method, with bootstrap intervals, measured KV bytes and a plot."""
     from headprof import api
-    from headprof.distributed import world
     from headprof.errors import HeadprofError, OutputError
 
     ratio_list = parse_floats(ratios, "--ratios") if ratios else []
@@ -135,13 +133,13 @@ def eval_(
         raise HeadprofError(f"--beta must be numbers, got '{beta}'") from None
     if out_dir.exists() and not force and export_items is None:
         raise OutputError(f"{out_dir} exists; pass --force to replace it")
-    w = world()  # under torchrun / accelerate launch, items are sharded; the first process writes and prints
-    report = with_progress(quiet or not w.main, 0, lambda cb: api.evaluate(
+    main = api.main_process()  # under torchrun / accelerate launch, items are sharded; the first writes and prints
+    report = with_progress(quiet or not main, 0, lambda cb: api.evaluate(
         model, budget_list, methods, profile_dir=profile_dir, tasks=tasks, items=items,
         lengths=parse_ints(lengths, "--lengths"), seed=seed, betas=betas, allow_overlap=allow_overlap, window=window,
         max_new_tokens=max_new_tokens, compress_sliding=compress_sliding, device=device, progress=cb,
         suite=suite, ratios=ratio_list, export_items=export_items, force=force), label="evaluating")
-    if not w.main:
+    if not main:
         return
     if export_items is not None:
         out.print(f"wrote {report.data['items']} items to {export_items}", highlight=False)

@@ -77,15 +77,14 @@ def score(
     quiet: Quiet = False,
 ) -> None:
     """Run needle probes and write per-head scores as a profile."""
-    from headprof import api, scoring
-    from headprof.distributed import world
+    from headprof import api
 
     if one_round and min_answered is not None:
         raise BadInput("--one-round and --min-answered contradict each other")
     target = out_path or api.default_profile_path(model, preset or method)
-    w = world()  # under torchrun / accelerate launch, only the first process shows progress and results
+    main = api.main_process()  # under torchrun / accelerate launch, only the first shows progress and results
     try:
-        prof = with_progress(quiet or not w.main, 0, lambda cb: api.score(
+        prof = with_progress(quiet or not main, 0, lambda cb: api.score(
             model, method, lengths=parse_ints(lengths, "--lengths") if lengths else None, depths=depths, seed=seed,
             needles=needles, haystack=haystack, chat_template=not no_chat_template, filter_probes=not no_filter,
             span=span, max_new_tokens=max_new_tokens, out=target, force=force, resume=resume, progress=cb,
@@ -95,10 +94,10 @@ def score(
             preset=preset, batch_size=batch_size,
             notice=lambda message: err.print(f"note: {message}", highlight=False)))
     except KeyboardInterrupt:
-        err.print(f"interrupted: finished probes are kept in {scoring.partial_path_for(Path(target), w)}; "
+        err.print(f"interrupted: finished probes are kept in {api.partial_path(target)}; "
                   "rerun with --resume to continue", highlight=False)
         raise typer.Exit(130) from None
-    if not w.main:
+    if not main:
         return
     p = prof.probe_set
     out.print(f"wrote {target}: {prof.method} scores for {p['count']} probes, {p['successes']} answered "
@@ -126,10 +125,9 @@ def probes(
 ) -> None:
     """Write a probe set as JSONL (header line, then one probe per line) to inspect it."""
     from headprof import api
-    from headprof.files import check_output
 
     if out_path:
-        check_output(out_path, force)
+        api.check_writable(out_path, force)
     ps, hs = api.probe_set(method, parse_ints(lengths, "--lengths"), depths, seed, needles, haystack,
                            families=families, version=probe_version)
     tokenizer = api.load_model(model).tokenizer if model else None
@@ -142,12 +140,12 @@ def info(model: ModelArg,
          path: Annotated[bool, typer.Option("--path", help="print only where the model's Hugging Face files are "
                                                             "(a GGUF model: its dequantised copy)")] = False) -> None:
     """Show a model's head layout: layers, query heads, KV heads, group size, attention kinds."""
-    from headprof import models
+    from headprof import api
 
     if path:
-        out.print(models.local_path(model), highlight=False, soft_wrap=True)
+        out.print(api.model_path(model), highlight=False, soft_wrap=True)
         return
-    i = models.describe(model)
+    i = api.describe_model(model)
     lay = i.layout
     kinds = sorted(set(lay.attention_kinds))
     t = Table(show_header=False, box=None)
@@ -176,13 +174,11 @@ def check(
     quiet: Quiet = False,
 ) -> None:
     """Re-score the profile's model on the profile's own probes; exit 1 if the heads changed."""
-    from headprof import api, compare
+    from headprof import api
 
-    r = with_progress(quiet, 0, lambda cb: api.check(
-        profile_path, model, max_probes=max_probes,
-        min_spearman=compare.MIN_SPEARMAN if min_spearman is None else min_spearman,
-        min_overlap=compare.MIN_OVERLAP if min_overlap is None else min_overlap, device=device, dtype=dtype,
-        progress=cb))
+    thresholds = {k: v for k, v in (("min_spearman", min_spearman), ("min_overlap", min_overlap)) if v is not None}
+    r = with_progress(quiet, 0, lambda cb: api.check(profile_path, model, max_probes=max_probes, device=device,
+                                                     dtype=dtype, progress=cb, **thresholds))
     out.print(f"re-scored {r.probes} probes of {profile_path} on {r.model}: Spearman {r.spearman:.3f}, "
               f"top-10% overlap {r.top10_overlap:.2f}, answered {r.answered}/{r.probes} "
               f"(profile: {r.answered_before}/{r.probes})", highlight=False)
