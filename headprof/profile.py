@@ -116,6 +116,16 @@ class Profile:
         return self.data["environment"]
 
     @property
+    def warnings(self) -> list[str]:
+        """What the scoring run warned about (few counted probes, families at chance)."""
+        return self.data.get("warnings", [])
+
+    @property
+    def version(self) -> str:
+        """The headprof version (and source revision) that wrote the profile."""
+        return self.data["headprof_version"]
+
+    @property
     def source(self) -> dict[str, Any] | None:
         """Where an imported profile came from (file, format, what is unknown); None for a scored one."""
         return self.data.get("source")

@@ -21,7 +21,7 @@ def show(profile_path: ProfileArg, top: Annotated[int, typer.Option(help="how ma
 
     prof, s = api.summarise(profile_path, top)
     m, p = prof.model, prof.probe_set
-    for warning in prof.data.get("warnings", []):
+    for warning in prof.warnings:
         out.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     out.print(f"[bold]{m['spec']}[/bold] ({m['num_layers']} layers, {m['num_query_heads']} query heads, "
               f"{m['num_kv_heads']} KV heads), method {prof.method}", highlight=False)

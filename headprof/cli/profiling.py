@@ -104,7 +104,7 @@ def score(
               f"correctly, {p['counted']} counted", highlight=False)
     for line in family_lines(p):
         out.print(line, highlight=False)
-    for warning in prof.data.get("warnings", []):
+    for warning in prof.warnings:
         err.print(f"warning: {warning}", highlight=False)
 
 
