@@ -140,16 +140,16 @@ def score_batch(lm: LoadedModel, jobs: list[ProbeJob],
         if on_done is not None:
             on_done(i, run)
 
-    live = []
+    index = []  # positions in `jobs` of the probes that decode (row b of the batch is jobs[index[b]])
     for i, job in enumerate(jobs):
         if job.steps == 0:  # nothing to decode: an empty forced answer
             finish(i, ProbeRun("", np.zeros((layout.num_layers, layout.num_query_heads)), False,
                                "forced" if job.forced is not None else "cap", 0))
         else:
-            live.append(job)
-    if not live:
+            index.append(i)
+    if not index:
         return runs  # type: ignore[return-value]
-    index = [i for i, job in enumerate(jobs) if job.steps > 0]
+    live = [jobs[i] for i in index]
     n = len(live)
     lengths = [len(job.rendered.input_ids) for job in live]
     width, most = max(lengths), max(job.steps for job in live)
@@ -404,14 +404,12 @@ def probe_record(probe: probes_mod.Probe, job: ProbeJob, run: ProbeRun, s: Setti
             "scores": rounded(run.scores)}
 
 
-BATCH_SIZE = 8  # probes scored together by default (benchmarks/bench_score.py; docs/results.md)
+# Probes scored together when `--batch-size` is not given, on every device. On 2 CPU cores 8 was the fastest of
+# 1, 4 and 8 (a decode step costs about the same for one sequence as for eight); on a GPU a lone sequence
+# leaves the device idle, and a batch that runs out of memory is halved (benchmarks/bench_score.py).
+BATCH_SIZE = 8
 
 
-def default_batch_size(device: str) -> int:
-    """Probes scored together when `--batch-size` is not given. On 2 CPU cores 8 was the fastest of 1, 4
-    and 8 (a decode step costs about the same for one sequence as for eight); on a GPU a lone sequence
-    leaves the device idle, and a batch that runs out of memory is halved."""
-    return BATCH_SIZE
 
 
 Work = tuple[probes_mod.Probe, ProbeJob]
@@ -485,14 +483,14 @@ def score(lm: LoadedModel, probe_set: probes_mod.ProbeSet, settings: Settings | 
     size-th probe of a round and keeps its own partial file; results are gathered after each round, so
     every process returns the same profile as a single process would.
 
-    Each process scores its probes `batch_size` at a time (default: `default_batch_size`), grouped by
+    Each process scores its probes `batch_size` at a time (default: `BATCH_SIZE`), grouped by
     length; the profile does not depend on it. A batch that runs out of memory is halved and retried
     (probes it finished are kept), and `notice` hears of it once.
     """
     world = world or World()
     if batch_size is not None and batch_size < 1:
         raise ProbeError(f"--batch-size must be at least 1, got {batch_size}")
-    size = batch_size or default_batch_size(lm.device)
+    size = batch_size or BATCH_SIZE
     s = (Settings(settings) if isinstance(settings, str) else settings).resolved(probe_set, lm)
     check_lengths(probe_set, lm.info.max_positions, s.max_new_tokens)
     fingerprint = {**_fingerprint(lm, probe_set, s), "processes": world.size, "rank": world.rank}
@@ -544,7 +542,7 @@ def score(lm: LoadedModel, probe_set: probes_mod.ProbeSet, settings: Settings | 
                                          f"({len(chunk[0][1].rendered.input_ids)} tokens) on its own: use shorter "
                                          "--lengths, --dtype bfloat16 or --device-map auto; finished probes are "
                                          "kept (--resume)") from None
-                    if notice is not None and size == (batch_size or default_batch_size(lm.device)):
+                    if notice is not None and size == (batch_size or BATCH_SIZE):
                         notice(f"out of memory on {len(chunk)} probes at once: halving the batch until it fits "
                                "(finished probes are kept)")
                     size = max(1, len(chunk) // 2)
@@ -571,7 +569,7 @@ def score(lm: LoadedModel, probe_set: probes_mod.ProbeSet, settings: Settings | 
     full_set = probe_set.joined(rounds[1:])
     prof = build_profile(lm, full_set, [done[p.id] for p in full_set.probes], s)
     prof.environment["processes"] = world.size
-    prof.environment["batch_size"] = batch_size or default_batch_size(lm.device)
+    prof.environment["batch_size"] = batch_size or BATCH_SIZE
     if size < prof.environment["batch_size"]:
         prof.environment["batch_size_after_out_of_memory"] = size
     return prof
