@@ -133,12 +133,7 @@ def merge(args) -> None:
             "seconds": r["seconds"], "prompt_tokens": r["prompt_tokens"]})
     peers = list(dict.fromkeys(r["method"] for r in peer_rows))
     results["methods"] = [m for m in results["methods"] if m not in peers] + peers
-    ratios = results.get("ratios", [])
-    test = [r for r in results["rows"] if r["split"] == "test"]
-    results["summary"] = evaluate.summarise(test, results["methods"], results["budgets"], ratios)
-    tasks = dict.fromkeys(r["task"] for r in test)
-    results["by_task"] = {t: evaluate.summarise([r for r in test if r["task"] == t], results["methods"],
-                                                results["budgets"], ratios) for t in tasks}
+    evaluate.resummarise(results)
     results["peer"] = {"kvpress_rows": str(args.rows), "note": "kvpress presses with their own defaults but the ratio"}
     EvalReport(results).save(args.out, force=args.force)
     print(f"wrote {args.out}/results.json with {len(peer_rows)} kvpress rows ({', '.join(peers)})")

@@ -254,18 +254,58 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
         rows = sorted((r for part in world.gather(rows) for r in part), key=lambda r: order[r["item"]])
     levels = [str(b) for b in budgets] + [_ratio_level(r) for r in ratios]
     chosen = _choose_betas(rows, by_profile, levels, betas) if tune else {}
-    test = [r for r in rows if r["split"] == "test" and (r["beta"] is None or not tune
-                                                        or r["beta"] == chosen[r["method"]][_level(r)])]
-    return {"results_version": RESULTS_VERSION, "model": lm.info.resolved, "methods": method_specs,
+    return resummarise({"results_version": RESULTS_VERSION, "model": lm.info.resolved, "methods": method_specs,
             "budgets": budgets, **({"ratios": list(ratios)} if ratios else {}), **({"suite": suite} if suite else {}),
             "betas": list(betas), "chosen_beta": chosen, "window": window, "kernel": kernel,
             **({} if compress_sliding else {"keep_sliding_window": True}),
             **({"processes": world.size} if world.size > 1 else {}),
             "items": len([i for i in items if i.split == "test"]),
-            "validation_items": len([i for i in items if i.split == "validation"]),
-            "summary": summarise(test, method_specs, budgets, ratios),
-            "by_task": {task: summarise([r for r in test if r["task"] == task], method_specs, budgets, ratios)
-                        for task in dict.fromkeys(r["task"] for r in test)}, "rows": rows}
+            "validation_items": len([i for i in items if i.split == "validation"]), "rows": rows})
+
+
+def resummarise(results: dict[str, Any]) -> dict[str, Any]:
+    """`summary` and `by_task` computed from a results document's rows: the test items, with each HeadKV
+    method at the beta chosen for its cell when betas were tuned (also after rows were added or merged)."""
+    chosen = results.get("chosen_beta") or {}
+
+    def reported(r: dict[str, Any]) -> bool:
+        return r["split"] == "test" and (r["beta"] is None or r["method"] not in chosen
+                                         or r["beta"] == chosen[r["method"]][_level(r)])
+
+    test = [r for r in results["rows"] if reported(r)]
+    ratios = results.get("ratios", [])
+    grid = (results["methods"], results["budgets"], ratios)
+    results["summary"] = summarise(test, *grid)
+    results["by_task"] = {task: summarise([r for r in test if r["task"] == task], *grid)
+                          for task in dict.fromkeys(r["task"] for r in test)}
+    return results
+
+
+GRID_KEYS = ("model", "methods", "budgets", "ratios", "betas", "window", "kernel", "keep_sliding_window")
+
+
+def combine(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One results document from several runs of the same grid on different items (e.g. one RULER task per run,
+    so a long grid keeps what finished): rows in order, summaries recomputed, suite tasks joined."""
+    if not parts:
+        raise HeadprofError("no results to combine")
+    first = parts[0]
+    for part in parts[1:]:
+        differs = [k for k in GRID_KEYS if part.get(k) != first.get(k)]
+        if differs:
+            raise HeadprofError(f"results of different grids cannot be combined ({', '.join(differs)} differ)")
+        if part.get("chosen_beta"):
+            raise HeadprofError("results that chose beta on validation items cannot be combined")
+    item_sets = [{r["item"] for r in part["rows"]} for part in parts]
+    if sum(map(len, item_sets)) != len(set().union(*item_sets)):
+        raise HeadprofError("the same item occurs in more than one of the results to combine")
+    out = {k: v for k, v in first.items() if k not in ("rows", "summary", "by_task")}
+    out["rows"] = [r for part in parts for r in part["rows"]]
+    out["items"] = sum(p["items"] for p in parts)
+    out["validation_items"] = sum(p["validation_items"] for p in parts)
+    if first.get("suite"):
+        out["suite"] = {**first["suite"], "tasks": list(dict.fromkeys(t for p in parts for t in p["suite"]["tasks"]))}
+    return resummarise(out)
 
 
 def _tuned(spec: methods.Spec) -> bool:

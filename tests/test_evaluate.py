@@ -162,3 +162,25 @@ def test_probe_suite_chooses_headprof_tasks(monkeypatch):
     monkeypatch.setattr(evaluate, "probe_items", probe_items)
     res = api.evaluate(lm, [24], "full,snapkv", profiles={}, items=1, suite="probes:needle", max_new_tokens=2).data
     assert asked == ["needle"] and {r["task"] for r in res["rows"]} == {"needle"} and res["items"] == 1
+
+
+def test_runs_on_disjoint_items_combine_into_the_grid_of_one_run():
+    lm = loaded("llama")
+    items = _items(lm, 4)
+    for i, item in enumerate(items):
+        item.task = "a" if i < 2 else "b"
+    args = (["full", "snapkv", "headkv-r2"], [16], {"r2": _profile(lm)})
+    whole = evaluate.evaluate(lm, items, *args, max_new_tokens=3, window=8, ratios=[0.5])
+    parts = [evaluate.evaluate(lm, items[:2], *args, max_new_tokens=3, window=8, ratios=[0.5]),
+             evaluate.evaluate(lm, items[2:], *args, max_new_tokens=3, window=8, ratios=[0.5])]
+    combined = evaluate.combine(parts)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(combined["rows"]) == strip(whole["rows"]) and combined["items"] == 4
+    for mine, theirs in zip(combined["summary"], whole["summary"], strict=True):
+        assert {k: v for k, v in mine.items() if k != "seconds"} == {k: v for k, v in theirs.items() if k != "seconds"}
+    assert set(combined["by_task"]) == {"a", "b"}
+    with pytest.raises(HeadprofError, match="same item"):
+        evaluate.combine([parts[0], parts[0]])
+    other = evaluate.evaluate(lm, items[2:], *args[:1], [24], args[2], max_new_tokens=3, window=8)
+    with pytest.raises(HeadprofError, match="budgets"):
+        evaluate.combine([parts[0], other])

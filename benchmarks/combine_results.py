@@ -1,0 +1,30 @@
+"""Combine the results.json of several runs of one eval grid on different items into one (results.json,
+results.csv, plot), e.g. a RULER grid run one task per directory so that a long grid keeps what finished:
+
+    python benchmarks/combine_results.py results/ruler4k-smollm2-all results/ruler4k-smollm2/*/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from headprof import evaluate
+from headprof.api import EvalReport
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", help="output directory")
+    ap.add_argument("runs", nargs="+", help="directories (or results.json files) of the runs to combine")
+    ap.add_argument("--force", action="store_true", help="replace an existing output directory")
+    a = ap.parse_args()
+    paths = [Path(p) / "results.json" if Path(p).is_dir() else Path(p) for p in a.runs]
+    results = evaluate.combine([json.loads(p.read_text()) for p in paths])
+    EvalReport(results).save(a.out, force=a.force)
+    print(f"wrote {a.out}: {len(paths)} runs, {results['items']} items, {len(results['rows'])} rows")
+
+
+if __name__ == "__main__":
+    main()
