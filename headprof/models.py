@@ -12,6 +12,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import json
 import os
 import shutil
 import tempfile
@@ -103,6 +104,39 @@ def sha256_file(path: Path) -> str:
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def directory_sha256(directory: Path) -> str | None:
+    """One sha256 over a model directory's weight files (name and content hash of each, in name order), so a
+    profile records which weights made it. Each file's hash is kept in the cache keyed by path, size and
+    modification time: a 70B checkpoint is read once, not at every load. None when there are no weight files."""
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        return None
+    known_path = cache_root() / "file-hashes.json"
+    try:
+        known = json.loads(known_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    digest, changed = hashlib.sha256(), False
+    for f in files:
+        st = f.stat()
+        key = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        if key not in known:
+            known[key], changed = sha256_file(f), True
+        digest.update(f"{f.name} {known[key]}\n".encode())
+    if changed:
+        try:
+            known_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = known_path.with_name(f"{known_path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known), encoding="utf-8")
+            os.replace(tmp, known_path)
+        except OSError:
+            pass  # a read-only cache only costs the hashing again
     return digest.hexdigest()
 
 
@@ -210,7 +244,7 @@ def _resolve(spec: str) -> tuple[str, Path | str, str | None, str]:
     if p.is_dir():
         if not (p / "config.json").exists():
             raise ModelError(f"directory {spec} holds no config.json: not a Hugging Face model")
-        return "dir", p.resolve(), None, str(p.resolve())
+        return "dir", p.resolve(), directory_sha256(p.resolve()), str(p.resolve())
     if p.exists():
         raise ModelError(f"{spec} is a file but not a .gguf model")
     if spec.count("/") > 1 or spec.startswith((".", "/", "~")):

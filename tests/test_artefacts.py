@@ -206,3 +206,4 @@ def test_check_passes_on_rescore_and_fails_on_changed_model(tmp_path):
     r = headprof("check", prof_path, "--model", changed, "--quiet")
     assert r.returncode == 1 and "FAIL" in r.stdout, r.stdout + r.stderr
     assert "provenance differs from the profile's run: model.resolved: " in r.stdout, r.stdout
+    assert "model.weights_sha256: " in r.stdout and made.model["weights_sha256"], r.stdout  # the weights' hash
