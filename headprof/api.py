@@ -182,11 +182,17 @@ class GenerationReport:
         return d
 
 
-def _profile(profile: Profile | str | Path | None, model: str, method: str = "r2") -> tuple[Profile, str]:
+def _profile(profile: Profile | str | Path | None, model: str, name: str = "r2",
+             named: bool = False) -> tuple[Profile, str]:
+    """The profile a profile-driven method uses: given, or the one headprof ships for the model alias as `name`
+    (`named`: the method spec asked for that name, e.g. headkv-retrieval)."""
     if isinstance(profile, Profile):
         return profile, "(in memory)"
-    path = Path(profile) if profile is not None else shipped(model, method)
+    path = Path(profile) if profile is not None else shipped(model, name)
     if path is None:
+        if named:
+            raise ProfileError(f"no shipped profile '{name}' for {model} (the method names it): pass --profile, or "
+                               "use a shipped one (r2, retrieval) or a model alias that has one")
         raise ProfileError(f"headkv needs a profile for {model}: pass --profile (make one with headprof score)")
     return Profile.load(path), str(path)
 
@@ -212,7 +218,8 @@ def generate(model: str | LoadedModel, prompt: str | Sequence[int], method: str 
     spec = None if built else methods.parse_spec(method)
     needs = (type(method).needs_profile and getattr(method, "profile", None) is None) if built \
         else spec.method_class.needs_profile
-    prof, where = _profile(profile, model_spec, (spec and spec.profile) or "r2") if needs else (None, None)
+    named = spec is not None and spec.profile is not None
+    prof, where = _profile(profile, model_spec, spec.profile if named else "r2", named) if needs else (None, None)
     if built:
         m = dataclasses.replace(method, profile=prof) if prof is not None else method
     else:

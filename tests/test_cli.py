@@ -161,6 +161,8 @@ def test_run_compressed_next_to_full(tiny_dir, tiny_profile, tmp_path):
     (["--budget", "8", "PROMPT"], ["must exceed --window"]),
     (["--budget", "x", "PROMPT"], []),
     (["--method", "magic", "PROMPT"], ["unknown method"]),
+    (["--method", "headkv:gamma=2", "PROMPT"], ["headkv has no option 'gamma'", "beta"]),
+    (["--method", "adakv:safeguard=2", "PROMPT"], ["safeguard must lie in [0, 1]"]),
     (["--profile", "OTHER", "PROMPT"], ["made for", "layers"]),
     (["--profile", "CORRUPT", "PROMPT"], ["not valid JSON"]),
     (["--profile", "NEWER", "PROMPT"], ["newer than this headprof"]),

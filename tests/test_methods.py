@@ -97,3 +97,14 @@ def test_specs_set_options_and_name_profiles():
             methods.parse_spec(bad).build({"r2": np.ones((3, 2))})
     with pytest.raises(HeadprofError, match="needs a profile"):
         evaluate.parse_methods("full,headkv", {"r2": None})
+
+
+def test_a_profile_named_by_the_method_must_exist():
+    from headprof import api
+    from headprof.errors import ProfileError
+
+    lm = loaded("llama")
+    with pytest.raises(ProfileError, match="no shipped profile 'lite' for tiny-llama"):
+        api.generate(lm, list(range(40)), "headkv-lite", 24, max_new_tokens=2)
+    report = api.generate(lm, list(range(40)), methods.build("snapkv", window=4, kernel=1), 24, max_new_tokens=2)
+    assert report.method == "snapkv" and report.window == 4 and report.kernel == 1  # a built method: its own params
