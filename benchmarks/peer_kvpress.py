@@ -131,6 +131,10 @@ def merge(args) -> None:
             "score": evaluate.item_score(item, text), "f1": evaluate.best_f1(text, item.answers),
             "agreement": token_f1(text, reference) if reference or text else 1.0, "kv_bytes": r["kv_bytes"],
             "seconds": r["seconds"], "prompt_tokens": r["prompt_tokens"]})
+    if args.common:  # only the items kvpress ran, so that every method is averaged over the same items
+        ran = {r["item"] for r in peer_rows}
+        results["rows"] = [r for r in results["rows"] if r["item"] in ran]
+        results["items"] = len(ran)
     peers = list(dict.fromkeys(r["method"] for r in peer_rows))
     results["methods"] = [m for m in results["methods"] if m not in peers] + peers
     evaluate.resummarise(results)
@@ -157,6 +161,8 @@ def main() -> None:
     m.add_argument("--rows", required=True)
     m.add_argument("--out", required=True)
     m.add_argument("--force", action="store_true")
+    m.add_argument("--common", action="store_true", help="keep only the items kvpress ran (every method on the "
+                                                          "same items)")
     args = ap.parse_args()
     run(args) if args.step == "run" else merge(args)
 
