@@ -2,3 +2,17 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+
+# End-to-end tests: each starts the `headprof` command (or torchrun) in a subprocess, or loads a real model from a
+# shipped package. `python -m pytest -q -m "not slow"` skips them for a quick check while developing; CI runs all.
+SLOW_MODULES = {"test_cli", "test_distributed", "test_real_model", "test_api_docs"}
+SLOW_TESTS = {"test_eval_cli_writes_outputs_and_refuses_bad_input", "test_cli_artefact_commands_and_bad_inputs",
+              "test_check_passes_on_rescore_and_fails_on_changed_model"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__ in SLOW_MODULES or item.originalname in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)

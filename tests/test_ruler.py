@@ -183,10 +183,17 @@ def test_kvpress_rows_merge_into_results_scored_by_headprof(tmp_path):
             for i, answer in zip(items, ["w1 and w2", "only w2"], strict=True)]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = type("A", (), {"results": tmp_path / "results.json", "items": tmp_path / "items.jsonl",
-                          "rows": tmp_path / "rows.jsonl", "out": tmp_path / "merged", "force": False})
+                          "rows": tmp_path / "rows.jsonl", "out": tmp_path / "merged", "force": False,
+                          "common": False})
     peer.merge(args)
     merged = json.loads((tmp_path / "merged" / "results.json").read_text())
     assert merged["methods"] == ["full", "snapkv", "kvpress-snapkv"]
     row = next(r for r in merged["summary"] if r["method"] == "kvpress-snapkv")
     assert row["score"] == 0.75 and row["ratio"] == 0.5 and row["n"] == 2  # RULER's "all": 1 and 1/2
     assert (tmp_path / "merged" / "quality_vs_budget.png").exists()
+    (tmp_path / "rows.jsonl").write_text(json.dumps(rows[0]) + "\n")  # kvpress ran one item: --common keeps it only
+    args.out, args.common = tmp_path / "common", True
+    peer.merge(args)
+    common = json.loads((tmp_path / "common" / "results.json").read_text())
+    assert common["items"] == 1 and {r["n"] for r in common["summary"]} == {1}
+    assert next(r for r in common["summary"] if r["method"] == "kvpress-snapkv")["score"] == 1.0
