@@ -233,9 +233,10 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
                                    compress_sliding=compress_sliding, shared=shared)
 
     shared: generation.Prefill | None = None
+    widest = max([window] + [int(s.options.get("window", window)) for s in specs.values()])  # rows every method reads
     for item in mine:
         t = time.perf_counter()
-        shared = generation.prefill(lm, item.prompt_ids, window) if share_prefill else None
+        shared = generation.prefill(lm, item.prompt_ids, widest) if share_prefill else None
         full = run(item, FULL, 0, BETA)
         full_row = _row(item, FULL, None, None, full, full.text, time.perf_counter() - t)
         tick()

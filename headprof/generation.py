@@ -138,8 +138,9 @@ class _Clock(StoppingCriteria):
 @dataclass
 class Prefill:
     """One prompt's prefill, shared by every method and budget of an eval: the first generated token,
-    every layer's prompt keys and values, and the attention rows of the observation window, which is all
-    that any method selects from. Building a method's cache from it equals prefilling with that cache."""
+    every layer's prompt keys and values, and the attention rows of the last `window` queries, which is all
+    that any method with an observation window of at most `window` selects from (it reads the last rows of
+    its own window). Building a method's cache from it equals prefilling with that cache."""
 
     prompt_ids: list[int]
     first: int
@@ -175,7 +176,7 @@ def _from_prefill(cache, shared: Prefill, plan: Plan | None) -> None:
     for i, (k, v) in enumerate(shared.kv):
         cache.update(k, v, i)
         if plan is not None and isinstance(cache.layers[i], HeadKVLayer):
-            cache.compress(i, plan.select(i, shared.rows[i]))
+            cache.compress(i, plan.select(i, shared.rows[i][:, :, -plan.window:]))  # the method's own window
 
 
 @torch.no_grad()
@@ -213,8 +214,8 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str | methods.Metho
     kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
     start = time.perf_counter()
     if shared is not None:  # continue from the shared prefill: its first token, then decode with this cache
-        if shared.prompt_ids != list(prompt_ids) or (m.compresses and shared.window != window):
-            raise ValueError("the shared prefill was made for another prompt or window")
+        if shared.prompt_ids != list(prompt_ids) or (m.compresses and shared.window < window):
+            raise ValueError("the shared prefill was made for another prompt or a smaller window")
         _from_prefill(cache, shared, plan if m.compresses else None)
         clock.times.append(time.perf_counter())
         out = torch.tensor([[*prompt_ids, shared.first]], device=lm.model.device)

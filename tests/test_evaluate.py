@@ -130,7 +130,8 @@ def test_eval_cli_writes_outputs_and_refuses_bad_input(tmp_path):
 @pytest.mark.parametrize("arch,compress_sliding", [("llama", True), ("gemma3", True), ("gemma3", False)])
 def test_one_prefill_per_item_gives_the_per_cell_results(arch, compress_sliding):
     lm = loaded(arch)
-    methods = ["full", "streaming", "snapkv", "pyramidkv", "adakv", "headkv-r2"]
+    methods = ["full", "streaming", "snapkv", "pyramidkv", "adakv", "headkv-r2", "snapkv:window=4",
+               "headkv:profile=r2,window=12"]  # methods with their own windows, narrower and wider than the grid's
     kw = dict(max_new_tokens=5, compress_sliding=compress_sliding, window=8)
     items = _items(lm, 2, length=120)
     shared = evaluate.evaluate(lm, items, methods, [16, 40], {"r2": _profile(lm)}, **kw)
