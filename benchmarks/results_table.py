@@ -1,6 +1,7 @@
 """Print an eval's results.json as markdown tables (used for docs/results.md).
 
     python benchmarks/results_table.py results/smollm2-135m/results.json [--by-task]
+    python benchmarks/results_table.py results/ruler4k-smollm2-all/results.json   # a ratio grid (RULER)
 
 `--by-task` adds, per task (needle, reasoning), how many items each method's answer contains (a
 reasoning answer that also names a distractor does not count) with its 95% interval, and F1.
@@ -55,7 +56,43 @@ def by_task(path: str) -> None:
                   + " |")
 
 
+def ratios(path: str) -> None:
+    """A compression-ratio grid (eval --ratios, RULER): the suite's score per method and ratio with its 95%
+    interval, KV MB held, then the score per task."""
+    r = json.load(open(path))
+    levels = r["ratios"]
+    print(f"{r['model']}, {r['items']} items" + (f", suite {r['suite']['name']} v{r['suite']['version']}"
+                                                 if r.get("suite") else ""))
+    print()
+    print("| method | " + " | ".join(f"score @ {x}" for x in levels) + " | "
+          + " | ".join(f"KV MB @ {x}" for x in levels) + " |")
+    print("| --- |" + " --- |" * (2 * len(levels)))
+    for m in r["methods"]:
+        rows = {x["ratio"]: x for x in r["summary"] if x["method"] == m and "ratio" in x}
+        cells = [f"{rows[x]['score']:.2f} [{rows[x]['score_low']:.2f}, {rows[x]['score_high']:.2f}]" if x in rows
+                 else "-" for x in levels]
+        held = [f"{rows[x]['kv_bytes'] / 1e6:.1f}" if x in rows else "-" for x in levels]
+        print(f"| {m} | " + " | ".join(cells) + " | " + " | ".join(held) + " |")
+    tasks = list(r.get("by_task", {}))
+    for level in levels:
+        print()
+        print(f"score per task at ratio {level} (items per task in the header)")
+        print()
+        ns = [next((x["n"] for x in r["by_task"][t] if x.get("ratio") == level), 0) for t in tasks]
+        print("| method | " + " | ".join(f"{t} ({n})" for t, n in zip(tasks, ns, strict=True)) + " |")
+        print("| --- |" + " --- |" * len(tasks))
+        for m in r["methods"]:
+            cells = []
+            for t in tasks:
+                row = next((x for x in r["by_task"][t] if x["method"] == m and x.get("ratio") == level), None)
+                cells.append("-" if row is None else f"{row['score']:.2f}")
+            print(f"| {m} | " + " | ".join(cells) + " |")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
-    if "--by-task" in sys.argv[2:]:
-        by_task(sys.argv[1])
+    if json.load(open(sys.argv[1])).get("budgets"):
+        main(sys.argv[1])
+        if "--by-task" in sys.argv[2:]:
+            by_task(sys.argv[1])
+    else:
+        ratios(sys.argv[1])
