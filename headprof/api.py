@@ -390,10 +390,6 @@ def check(profile: Profile | str | Path, model: str | LoadedModel | None = None,
 # Reading and writing profiles and models: what `show`, `heatmap`, `compare`, `import`, `export`, `info` and
 # `probes` do, so that the CLI only parses, calls this module and prints.
 
-def load_profile(path: str | Path) -> Profile:
-    return Profile.load(path)
-
-
 def summarise(profile: Profile | str | Path, top: int = 10) -> tuple[Profile, compare.Summary]:
     """The profile and what `show` prints of it: top heads with bootstrap intervals, split-half stability, mass."""
     prof = profile if isinstance(profile, Profile) else Profile.load(profile)
