@@ -283,19 +283,23 @@ def evaluate(model: str | LoadedModel, budgets: Sequence[int] = (32, 64, 128, 25
              lengths: Sequence[int] = (1500,), seed: int = 1000, betas: Sequence[float] = (BETA,),
              allow_overlap: bool = False, window: int = WINDOW, max_new_tokens: int = 24, compress_sliding: bool = True,
              device: str = "auto", progress: Callback | None = None, suite: str | None = None,
-             ratios: Sequence[float] = (), export_items: Path | None = None, force: bool = False) -> EvalReport:
+             ratios: Sequence[float] = (), export_items: Path | None = None, force: bool = False,
+             first_item: int = 0) -> EvalReport:
     """Every method at every budget (and compression ratio) on the same items, next to the full cache
     (docs/results.md). Items: a user's `tasks` file, or a `suite` at `lengths`, `items` per task and length:
     headprof's needle and reasoning probes ("probes", the default; "probes:needle" for needles only) or
     RULER's tasks ("ruler", "ruler:niah_single_1,vt").
-    `export_items` writes the items as JSONL (token ids, answers, metric) for a peer's harness and runs
-    nothing else."""
+    `first_item` starts RULER's items at that index, so a later run adds items to an earlier one (results that
+    `combine` joins). `export_items` writes the items as JSONL (token ids, answers, metric) for a peer's harness
+    and runs nothing else."""
     if suite is not None and tasks is not None:
         raise HeadprofError("--suite and --tasks both choose the items: pass one of them")
     if any(not 0 < r < 1 for r in ratios):
         raise HeadprofError(f"every ratio must lie between 0 and 1 (the fraction of the KV removed), got "
                             f"{', '.join(str(r) for r in ratios)}")
     own_tasks = evaluate_mod.probe_tasks(suite)  # headprof's probes (the default), or None for RULER
+    if first_item < 0 or (first_item and own_tasks is not None):
+        raise HeadprofError("--first-item takes an index >= 0 and applies to --suite ruler")
     if own_tasks is None:
         from headprof import ruler
 
@@ -314,9 +318,9 @@ def evaluate(model: str | LoadedModel, budgets: Sequence[int] = (32, 64, 128, 25
     warnings: list[str] = []
     suite_info = None
     if own_tasks is None:
-        item_list = evaluate_mod.ruler_items(lm, suite, list(lengths), items, seed)
+        item_list = evaluate_mod.ruler_items(lm, suite, list(lengths), items, seed, first_item)
         suite_info = {"name": "ruler", "version": ruler.SUITE_VERSION, "tasks": [t.name for t in suite_tasks],
-                      "lengths": list(lengths), "items_per_task": items, "seed": seed,
+                      "lengths": list(lengths), "items_per_task": items, "first_item": first_item, "seed": seed,
                       "metric": "RULER string match: all (niah, vt, cwe, fwe), part (qa)"}
     elif tasks:
         item_list = evaluate_mod.file_items(lm, tasks)

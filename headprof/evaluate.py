@@ -60,8 +60,10 @@ def ratio_budget(item: Item, ratio: float, window: int) -> int:
     return max(window + 1, round((1 - ratio) * len(item.prompt_ids)))
 
 
-def ruler_items(lm: LoadedModel, spec: str, lengths: Sequence[int], items: int, seed: int) -> list[Item]:
-    """RULER items (ruler.py) for the model's tokenizer, in its chat template with the answer prefix after it."""
+def ruler_items(lm: LoadedModel, spec: str, lengths: Sequence[int], items: int, seed: int,
+                first: int = 0) -> list[Item]:
+    """RULER items (ruler.py) for the model's tokenizer, in its chat template with the answer prefix after it;
+    `first` is the index of the first item per task and length."""
     chat = lm.info.chat_template
 
     def ids(text: str, prefix: str) -> list[int]:
@@ -75,7 +77,7 @@ def ruler_items(lm: LoadedModel, spec: str, lengths: Sequence[int], items: int, 
         if lm.info.max_positions and length > lm.info.max_positions:
             raise HeadprofError(f"length {length} is above the model's {lm.info.max_positions} positions")
         for task in tasks:
-            for it in ruler.generate(task, lambda t, p: len(ids(t, p)), length, items, seed):
+            for it in ruler.generate(task, lambda t, p: len(ids(t, p)), length, items, seed, start=first):
                 out.append(Item(it.id, it.task, ids(it.text, it.answer_prefix), it.answers, metric=it.metric,
                                 max_new_tokens=it.max_new_tokens))
     return out

@@ -320,12 +320,13 @@ class RulerItem:
 
 
 def generate(task: Task, count: Callable[[str, str], int], length: int, n: int, seed: int = 0,
-             data: _Data | None = None) -> list[RulerItem]:
-    """`n` items of `task` whose prompts (as `count(text, prefix)` tokens) plus the answer fit `length`.
+             data: _Data | None = None, start: int = 0) -> list[RulerItem]:
+    """`n` items of `task` (indices `start` on) whose prompts (as `count(text, prefix)` tokens) plus the
+    answer fit `length`.
 
-    The haystack size is found once by binary search on the first item (RULER searches linearly) and
-    shrunk per item until it fits; each item draws from its own generator (seed, task, index), so the
-    first n items of a larger run are the same items."""
+    The haystack size is found once by binary search on item 0 (RULER searches linearly) and shrunk per
+    item until it fits; each item draws from its own generator (seed, task, index), so item i is the same
+    item in every run: a later run with `start` adds items to an earlier one."""
     data = data or _Data()
     limit = length - task.tokens_to_generate
 
@@ -357,7 +358,7 @@ def generate(task: Task, count: Callable[[str, str], int], length: int, n: int, 
             mid = (size + top) // 2
             size, top = (mid, top) if fits(0, mid) else (size, mid)
     items = []
-    for i in range(n):
+    for i in range(start, start + n):
         s = size
         while s > smallest and not fits(i, s):
             s = max(smallest, int(s * 0.95))

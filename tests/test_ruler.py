@@ -50,6 +50,7 @@ def test_every_task_fits_its_length_holds_its_answers_and_repeats(name):
     items = ruler.generate(task, _words, 2500, 3, seed=7)
     again = ruler.generate(task, _words, 2500, 2, seed=7)
     assert items[:2] == again  # seeded per item: the first items of a larger run are the same
+    assert ruler.generate(task, _words, 2500, 1, seed=7, start=2) == items[2:]  # a later run adds the next ones
     assert ruler.generate(task, _words, 2500, 1, seed=8)[0].text != items[0].text
     for it in items:
         size = _words(it.text, it.answer_prefix)
@@ -104,6 +105,8 @@ def tiny_dir(tmp_path_factory):
     (["--ratios", "0.5,1"], "between 0 and 1"),
     (["--ratios", "half"], "--ratios must be comma-separated numbers"),
     (["--suite", "ruler", "--tasks", "x.jsonl"], "--suite and --tasks both choose the items"),
+    (["--suite", "probes", "--first-item", "2"], "--first-item takes an index >= 0 and applies to --suite ruler"),
+    (["--suite", "ruler", "--first-item", "-1"], "--first-item takes an index >= 0"),
 ])
 def test_bad_suite_and_ratio_input_is_one_line(tiny_dir, tmp_path, args, message):
     r = CliRunner().invoke(app, ["eval", str(tiny_dir), "--methods", "full", "--out", str(tmp_path / "r"), *args])
@@ -126,6 +129,11 @@ def test_export_items_writes_token_ids_and_runs_nothing(tmp_path):
     assert rows[0]["metric"] == "all" and rows[2]["metric"] == "part"
     assert rows[0]["suite_version"] == ruler.SUITE_VERSION
     assert not (tmp_path / "r").exists()
+    later = tmp_path / "later.jsonl"  # --first-item 1: the second item of each task, as in the run above
+    r = CliRunner().invoke(app, ["eval", "smollm2-135m", "--suite", "ruler:niah_single_1,qa_1", "--lengths", "600",
+                                 "--items", "1", "--first-item", "1", "--export-items", str(later)])
+    assert r.exit_code == 0, r.output
+    assert [json.loads(line) for line in later.read_text().splitlines()] == [rows[1], rows[3]]
 
 
 def _fake_parts(tmp_path, monkeypatch, blobs, sha):

@@ -107,6 +107,9 @@ def eval_(
     export_items: Annotated[Path | None, typer.Option(help="write the items (token ids, answers, metric) as JSONL "
                                                            "for another harness, and run nothing")] = None,
     items: Annotated[int, typer.Option(help="items per task and length")] = 5,
+    first_item: Annotated[int, typer.Option(help="RULER: index of the first item per task and length, to add "
+                                                 "items to an earlier run (benchmarks/combine_results.py joins "
+                                                 "them)")] = 0,
     lengths: Annotated[str, typer.Option(help="probe lengths in tokens")] = "1500",
     seed: Annotated[int, typer.Option(help="seed of the eval items (the profiles use 0)")] = 1000,
     beta: Annotated[str, typer.Option(help="HeadKV beta, or a list to choose per budget on a validation half")]
@@ -138,7 +141,8 @@ def eval_(
         model, budget_list, methods, profile_dir=profile_dir, tasks=tasks, items=items,
         lengths=parse_ints(lengths, "--lengths"), seed=seed, betas=betas, allow_overlap=allow_overlap, window=window,
         max_new_tokens=max_new_tokens, compress_sliding=compress_sliding, device=device, progress=cb,
-        suite=suite, ratios=ratio_list, export_items=export_items, force=force), label="evaluating")
+        suite=suite, ratios=ratio_list, export_items=export_items, force=force, first_item=first_item),
+        label="evaluating")
     if not main:
         return
     if export_items is not None:
