@@ -2,15 +2,20 @@
 
     python benchmarks/results_table.py results/smollm2-135m/results.json [--by-task]
     python benchmarks/results_table.py results/ruler4k-smollm2-all/results.json   # a ratio grid (RULER)
+    python benchmarks/results_table.py results/ruler4k-smollm2-all/results.json --paired headkv-r2-snapkv,headkv-r2-full
 
 `--by-task` adds, per task (needle, reasoning), how many items each method's answer contains (a
 reasoning answer that also names a distractor does not count) with its 95% interval, and F1.
+`--paired A-B,...` (ratio grids) compares two methods on the same items: the mean of the per-item score
+differences A - B with its 95% bootstrap interval, and on how many items A is better / worse.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+
+from headprof.evaluate import bootstrap
 
 
 def main(path: str) -> None:
@@ -89,6 +94,36 @@ def ratios(path: str) -> None:
             print(f"| {m} | " + " | ".join(cells) + " |")
 
 
+def paired(path: str, pairs: list[tuple[str, str]]) -> None:
+    """Per ratio and pair of methods: mean of A - B over the items both ran, its interval, better / worse."""
+    r = json.load(open(path))
+    score = {(x["item"], x["method"], x["ratio"]): x["score"] for x in r["rows"] if x.get("ratio") is not None}
+    print("| ratio | " + " | ".join(f"{a} - {b}" for a, b in pairs) + " |")
+    print("| --- |" + " --- |" * len(pairs))
+    for level in r["ratios"]:
+        cells = []
+        for a, b in pairs:
+            items = sorted({i for i, m, x in score if m == a and x == level}
+                           & {i for i, m, x in score if m == b and x == level})
+            d = [score[i, a, level] - score[i, b, level] for i in items]
+            lo, hi = bootstrap(d)
+            mean = sum(d) / len(d) if d else float("nan")
+            cells.append(f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}], {sum(x > 0 for x in d)} / {sum(x < 0 for x in d)}")
+        print(f"| {level} | " + " | ".join(cells) + " |")
+
+
+def _pairs(text: str, methods: list[str]) -> list[tuple[str, str]]:
+    """'headkv-r2-snapkv' -> ('headkv-r2', 'snapkv'): split at the dash that leaves two known methods."""
+    out = []
+    for spec in text.split(","):
+        split = [(spec[:i], spec[i + 1:]) for i, c in enumerate(spec) if c == "-"]
+        known = [(a, b) for a, b in split if a in methods and b in methods]
+        if not known:
+            raise SystemExit(f"--paired {spec}: name two of {', '.join(methods)} as A-B")
+        out.append(known[0])
+    return out
+
+
 if __name__ == "__main__":
     if json.load(open(sys.argv[1])).get("budgets"):
         main(sys.argv[1])
@@ -96,3 +131,6 @@ if __name__ == "__main__":
             by_task(sys.argv[1])
     else:
         ratios(sys.argv[1])
+    if "--paired" in sys.argv[2:]:
+        paired(sys.argv[1], _pairs(sys.argv[sys.argv.index("--paired") + 1],
+                                   json.load(open(sys.argv[1]))["methods"]))

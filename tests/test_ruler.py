@@ -205,3 +205,24 @@ def test_kvpress_rows_merge_into_results_scored_by_headprof(tmp_path):
     common = json.loads((tmp_path / "common" / "results.json").read_text())
     assert common["items"] == 1 and {r["n"] for r in common["summary"]} == {1}
     assert next(r for r in common["summary"] if r["method"] == "kvpress-snapkv")["score"] == 1.0
+
+
+def test_paired_table_compares_methods_on_the_items_both_ran(tmp_path, capsys):
+    """benchmarks/results_table.py --paired: per-item differences, their mean, better / worse counts."""
+    import importlib.util as iu
+
+    spec = iu.spec_from_file_location("results_table", Path(__file__).parents[1] / "benchmarks" / "results_table.py")
+    table = iu.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    scores = {"headkv-r2": [1, 1, 0.5, 0], "snapkv": [0, 1, 1, 0], "full": [1, 1, 1]}  # full ran 3 items
+    rows = [{"item": f"i{n}", "method": m, "ratio": 0.9, "score": s}
+            for m, ss in scores.items() for n, s in enumerate(ss)]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"ratios": [0.9], "rows": rows, "methods": list(scores)}))
+    pairs = table._pairs("headkv-r2-snapkv,headkv-r2-full", list(scores))
+    assert pairs == [("headkv-r2", "snapkv"), ("headkv-r2", "full")]
+    table.paired(str(path), pairs)
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("| 0.9 | +0.12 [") and ", 1 / 1 | -0.17 [" in line and ", 0 / 1 |" in line
+    with pytest.raises(SystemExit, match="name two of"):
+        table._pairs("headkv-r2-pyramidkv", list(scores))
