@@ -17,6 +17,7 @@ from typing import Any
 
 from headprof import compare, distributed, generation, methods, models, presets, probes, scoring
 from headprof import evaluate as evaluate_mod
+from headprof import partial as partial_mod
 from headprof import profile as profile_mod
 from headprof.answers import token_f1
 from headprof.defaults import BETA, KERNEL, WINDOW
@@ -127,15 +128,7 @@ def score(model: str | LoadedModel, method: str = "r2", *, lengths: Sequence[int
         raise HeadprofError("--min-answered draws more generated probes; it cannot be used with --needles or --preset")
     world = distributed.world()
     target = check_output(out, force) if out is not None else None
-    partial = scoring.partial_path_for(target, world) if target is not None else None
-    if target is not None:
-        foreign = scoring.foreign_partials(target, world)
-        if force:
-            for p in [*foreign, partial]:
-                p.unlink(missing_ok=True)
-        elif foreign:
-            raise OutputError(f"{foreign[0].name} is from a run with another number of processes: resume it "
-                              "with the same number, or pass --force to start over")
+    partial = partial_mod.prepare(target, world, force) if target is not None else None
     settings = scoring.Settings(method, chat_template, filter_probes, span, max_new_tokens, min_answered=min_answered,
                                 max_drawn=max_drawn, teacher_forced=teacher_forced,
                                 keep_chance=keep_chance_families, preset=preset)
@@ -284,14 +277,16 @@ def evaluate(model: str | LoadedModel, budgets: Sequence[int] = (32, 64, 128, 25
              allow_overlap: bool = False, window: int = WINDOW, max_new_tokens: int = 24, compress_sliding: bool = True,
              device: str = "auto", progress: Callback | None = None, suite: str | None = None,
              ratios: Sequence[float] = (), export_items: Path | None = None, force: bool = False,
-             first_item: int = 0) -> EvalReport:
+             first_item: int = 0, out: Path | None = None, resume: bool = False) -> EvalReport:
     """Every method at every budget (and compression ratio) on the same items, next to the full cache
     (docs/results.md). Items: a user's `tasks` file, or a `suite` at `lengths`, `items` per task and length:
     headprof's needle and reasoning probes ("probes", the default; "probes:needle" for needles only) or
     RULER's tasks ("ruler", "ruler:niah_single_1,vt").
     `first_item` starts RULER's items at that index, so a later run adds items to an earlier one (results that
     `combine` joins). `export_items` writes the items as JSONL (token ids, answers, metric) for a peer's harness
-    and runs nothing else."""
+    and runs nothing else. With `out` the results are saved there (refused if it exists, unless `force`),
+    finished items are kept in OUT.partial.jsonl while the grid runs, and `resume` continues an interrupted
+    grid from them."""
     if suite is not None and tasks is not None:
         raise HeadprofError("--suite and --tasks both choose the items: pass one of them")
     if any(not 0 < r < 1 for r in ratios):
@@ -307,11 +302,15 @@ def evaluate(model: str | LoadedModel, budgets: Sequence[int] = (32, 64, 128, 25
         ruler.check_installed()
     if export_items is not None:
         check_output(export_items, force)
+        out = None
+    if out is not None and out.exists() and not force:
+        raise OutputError(f"{out} exists; pass --force to replace it")
     spec = model if isinstance(model, str) else model.info.spec
     if profiles is None:
         profiles = eval_profiles(spec, methods_spec, profile_dir)
     method_list = evaluate_mod.parse_methods(methods_spec, profiles)
     world = distributed.world()  # torchrun / accelerate launch: items are sharded over the processes
+    partial = partial_mod.prepare(out, world, force) if out is not None else None
     lm = _load_on_every_process(world, model, device)
     for p in profiles.values():
         p.check_fits(lm.info.layout)
@@ -345,8 +344,14 @@ def evaluate(model: str | LoadedModel, budgets: Sequence[int] = (32, 64, 128, 25
         return EvalReport({"exported": str(export_items), "items": len(item_list)}, warnings)
     data = evaluate_mod.evaluate(lm, item_list, method_list, list(budgets), profiles, betas, window,
                                  max_new_tokens=max_new_tokens, progress=progress, compress_sliding=compress_sliding,
-                                 world=world, ratios=list(ratios), suite=suite_info)
-    return EvalReport(data, warnings)
+                                 world=world, ratios=list(ratios), suite=suite_info, partial=partial, resume=resume)
+    report = EvalReport(data, warnings)
+    if out is not None and partial is not None:
+        if world.main:
+            report.save(out, force=True)
+        world.barrier()  # the results are in place before any process drops its finished items
+        partial.unlink(missing_ok=True)
+    return report
 
 
 @dataclass
@@ -470,7 +475,7 @@ def read_prompt(path: str | Path) -> str:
 
 def partial_path(out: str | Path) -> Path:
     """Where a scoring run keeps its finished probes (this process's file under torchrun / accelerate)."""
-    return scoring.partial_path_for(Path(out), distributed.world())
+    return partial_mod.path_for(Path(out), distributed.world())
 
 
 def main_process() -> bool:

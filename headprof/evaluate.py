@@ -10,7 +10,9 @@ budget on a validation half of the items and every method is reported on the oth
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from headprof.distributed import World
 from headprof.errors import HeadprofError, ProbeError
 from headprof.files import read_jsonl
 from headprof.models import LoadedModel
+from headprof.partial import PartialRun
 from headprof.profile import Profile
 from headprof.progress import Callback, Progress
 
@@ -193,8 +196,12 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
              profiles: dict[str, Profile], betas: Sequence[float] = (BETA,), window: int = WINDOW, kernel: int = KERNEL,
              max_new_tokens: int = 24, progress: Callback | None = None,
              compress_sliding: bool = True, share_prefill: bool = True, world: World | None = None,
-             ratios: Sequence[float] = (), suite: dict[str, Any] | None = None) -> dict[str, Any]:
+             ratios: Sequence[float] = (), suite: dict[str, Any] | None = None, partial: Path | None = None,
+             resume: bool = False) -> dict[str, Any]:
     """Run the grid; returns the results document (see docs/results.md for its shape).
+
+    Each finished item's rows go to `partial` at once (partial.py): an interrupted grid keeps its items, and
+    `resume` continues it (the settings, profiles and items must be the same) with the same rows.
 
     Under torchrun / accelerate launch (`world`), each process runs every size-th item and the rows are
     gathered in item order, so every process returns the document a single process would have made.
@@ -236,22 +243,44 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
 
     shared: generation.Prefill | None = None
     widest = max([window] + [int(s.options.get("window", window)) for s in specs.values()])  # rows every method reads
-    for item in mine:
-        t = time.perf_counter()
-        shared = generation.prefill(lm, item.prompt_ids, widest) if share_prefill else None
-        full = run(item, FULL, 0, BETA)
-        full_row = _row(item, FULL, None, None, full, full.text, time.perf_counter() - t)
-        tick()
-        cells = [(b, None) for b in budgets] + [(ratio_budget(item, r, window), r) for r in ratios]
-        for budget, ratio in cells:
-            level = {"ratio": ratio} if ratio is not None else {}
-            rows.append({**full_row, "budget": budget, **level})
-            for method in compressed:
-                for beta in (betas if _tuned(specs[method]) else [None]):
-                    t = time.perf_counter()
-                    r = run(item, method, budget, beta or BETA)
-                    rows.append({**_row(item, method, budget, beta, r, full.text, time.perf_counter() - t), **level})
-                    tick()
+    fingerprint = {"results_version": RESULTS_VERSION, "model": lm.info.resolved,
+                   "weights_sha256": lm.info.weights_sha256, "dtype": str(lm.dtype), "device": str(lm.device),
+                   "methods": list(method_specs), "budgets": list(budgets), "ratios": list(ratios),
+                   "betas": list(betas), "window": window, "kernel": kernel, "max_new_tokens": max_new_tokens,
+                   "compress_sliding": compress_sliding, "share_prefill": share_prefill,
+                   "profiles": {name: _digest(p.data) for name, p in sorted(profiles.items())},
+                   "items": _digest([[i.id, [int(t) for t in i.prompt_ids], i.answers, i.distractors, i.metric,
+                                      i.max_new_tokens, i.split] for i in items]),
+                   "processes": world.size, "rank": world.rank}
+    per_item = total // len(mine) if mine else 0
+    with PartialRun(partial, fingerprint, resume, "item", "model, methods, budgets, profiles or items") as kept:
+        resumed = sum(item.id in kept.done for item in mine)
+        for item in mine:
+            if item.id in kept.done:  # finished by an earlier, interrupted run
+                rows += kept.done[item.id]["rows"]
+                done += per_item
+                if progress:
+                    progress(Progress(done, total, resumed=resumed * per_item))
+                continue
+            item_rows: list[dict[str, Any]] = []
+            t = time.perf_counter()
+            shared = generation.prefill(lm, item.prompt_ids, widest) if share_prefill else None
+            full = run(item, FULL, 0, BETA)
+            full_row = _row(item, FULL, None, None, full, full.text, time.perf_counter() - t)
+            tick()
+            cells = [(b, None) for b in budgets] + [(ratio_budget(item, r, window), r) for r in ratios]
+            for budget, ratio in cells:
+                level = {"ratio": ratio} if ratio is not None else {}
+                item_rows.append({**full_row, "budget": budget, **level})
+                for method in compressed:
+                    for beta in (betas if _tuned(specs[method]) else [None]):
+                        t = time.perf_counter()
+                        r = run(item, method, budget, beta or BETA)
+                        item_rows.append({**_row(item, method, budget, beta, r, full.text, time.perf_counter() - t),
+                                          **level})
+                        tick()
+            kept.add({"item": item.id, "rows": item_rows})
+            rows += item_rows
     if world.size > 1:  # every process's rows, in the order one process would have produced them
         order = {item.id: i for i, item in enumerate(items)}
         rows = sorted((r for part in world.gather(rows) for r in part), key=lambda r: order[r["item"]])
@@ -264,6 +293,10 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
             **({"processes": world.size} if world.size > 1 else {}),
             "items": len([i for i in items if i.split == "test"]),
             "validation_items": len([i for i in items if i.split == "validation"]), "rows": rows})
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 def resummarise(results: dict[str, Any]) -> dict[str, Any]:

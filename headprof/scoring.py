@@ -12,10 +12,7 @@ gives the same profile as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,10 +29,10 @@ from headprof import profile as profile_mod
 from headprof.capture import AttentionCapture
 from headprof.decode_cache import PaddedPrefill
 from headprof.distributed import World
-from headprof.errors import OutputError, ProbeError
-from headprof.files import write_atomic
+from headprof.errors import ProbeError
 from headprof.haystack import Haystack
 from headprof.models import LoadedModel, end_tokens, last_logits_only, with_cache
+from headprof.partial import PartialRun
 from headprof.profile import Profile, rounded
 from headprof.progress import Callback, Progress
 
@@ -347,41 +344,6 @@ def _fingerprint(lm: LoadedModel, probe_set: probes_mod.ProbeSet, s: Settings) -
             "drawing": DRAWING_RULE if s.min_answered is not None else None}
 
 
-def _read_partial(path: Path, fingerprint: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    done: dict[str, dict[str, Any]] = {}
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if not lines:
-        return done
-    try:
-        header = json.loads(lines[0])
-    except json.JSONDecodeError:
-        raise OutputError(f"partial run {path} is unreadable; remove it or pass --force") from None
-    if header.get("run") != fingerprint:
-        raise OutputError(f"partial run {path} was made with other settings (model, method, probes, dtype "
-                          "or device); remove it or pass --force to start over")
-    for line in lines[1:]:
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            break  # the run was killed while writing this line; that probe is redone
-        done[r["id"]] = r
-    return done
-
-
-def partial_path_for(out: Path, world: World | None = None) -> Path:
-    """Where finished probes are kept while `out` is made: one file per process."""
-    if world is None or world.size == 1:
-        return out.with_name(out.name + ".partial.jsonl")
-    return out.with_name(f"{out.name}.partial.rank{world.rank}of{world.size}.jsonl")
-
-
-def foreign_partials(out: Path, world: World) -> list[Path]:
-    """Partial files of `out` left by a run with another number of processes (never mixed in silently)."""
-    mine = re.compile(re.escape(out.name) + (r"\.partial\.jsonl" if world.size == 1
-                                            else rf"\.partial\.rank\d+of{world.size}\.jsonl"))
-    return sorted(p for p in out.parent.glob(out.name + ".partial*.jsonl") if not mine.fullmatch(p.name))
-
-
 def probe_job(lm: LoadedModel, probe: probes_mod.Probe, probe_set: probes_mod.ProbeSet,
               haystack: Haystack | presets.Folder, s: Settings) -> ProbeJob:
     """A probe rendered for the model, with the family, decoder and fed tokens its settings give it."""
@@ -494,18 +456,9 @@ def score(lm: LoadedModel, probe_set: probes_mod.ProbeSet, settings: Settings | 
     s = (Settings(settings) if isinstance(settings, str) else settings).resolved(probe_set, lm)
     check_lengths(probe_set, lm.info.max_positions, s.max_new_tokens)
     fingerprint = {**_fingerprint(lm, probe_set, s), "processes": world.size, "rank": world.rank}
-    done: dict[str, dict[str, Any]] = {}
-    if partial is not None and partial.exists():
-        if not resume:
-            raise OutputError(f"a partial run exists at {partial}; pass --resume to continue it or --force "
-                              "to start over")
-        done = _read_partial(partial, fingerprint)
+    kept = PartialRun(partial, fingerprint, resume, "id", "model, method, probes, dtype or device")
+    done = kept.done
     resumed = len(done)
-    writer = None
-    if partial is not None:  # rewrite cleanly: a line cut off by a kill must not absorb the next one
-        lines = [json.dumps({"run": fingerprint})] + [json.dumps(r) for r in done.values()]
-        write_atomic(partial, "\n".join(lines) + "\n", force=True)
-        writer = partial.open("a", encoding="utf-8")
     rounds = [probe_set]
     try:
         while True:
@@ -519,11 +472,7 @@ def score(lm: LoadedModel, probe_set: probes_mod.ProbeSet, settings: Settings | 
                                       sum(done[p.id]["success"] for p in mine if p.id in done), resumed))
 
             def keep(record: dict[str, Any]) -> None:
-                done[record["id"]] = record
-                if writer is not None:
-                    writer.write(json.dumps(record) + "\n")
-                    writer.flush()
-                    os.fsync(writer.fileno())
+                kept.add(record)
                 report()
 
             if any(p.id in done for p in mine):  # a resumed run shows its work at once
@@ -564,8 +513,7 @@ def score(lm: LoadedModel, probe_set: probes_mod.ProbeSet, settings: Settings | 
                 break
             rounds.append(probe_set.redraw(len(rounds), active or None))
     finally:
-        if writer is not None:
-            writer.close()
+        kept.close()
     full_set = probe_set.joined(rounds[1:])
     prof = build_profile(lm, full_set, [done[p.id] for p in full_set.probes], s)
     prof.environment["processes"] = world.size

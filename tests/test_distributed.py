@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from tiny import save
 
 from headprof import models, probes, scoring
+from headprof import partial as partial_mod
 from headprof.distributed import World
 from headprof.errors import HeadprofError
 
@@ -47,7 +48,7 @@ def _worker(rank, size, port, tiny_dir, partial_dir, stop_rank, results, fail_ra
             return
         lm = models.load(tiny_dir, device="cpu")
         out = os.path.join(partial_dir, "p.json")
-        partial = scoring.partial_path_for(__import__("pathlib").Path(out), world)
+        partial = partial_mod.path_for(__import__("pathlib").Path(out), world)
 
         def stop(p):
             if rank == stop_rank and p.done == 1:

@@ -8,7 +8,7 @@ from fakes import loaded
 from tiny import save
 
 from headprof import evaluate, probes, profile
-from headprof.errors import HeadprofError, ProbeError
+from headprof.errors import HeadprofError, OutputError, ProbeError
 
 SCHEMA_KEYS = {"results_version", "model", "methods", "budgets", "betas", "chosen_beta", "window", "kernel",
                "items", "validation_items", "summary", "by_task", "rows"}
@@ -110,13 +110,18 @@ def test_eval_cli_writes_outputs_and_refuses_bad_input(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert SCHEMA_KEYS <= set(res) and (out / "results.csv").read_text().startswith("method,budget")
     assert (out / "quality_vs_budget.png").stat().st_size > 1000
+    assert not (tmp_path / "res.partial.jsonl").exists()  # the finished grid drops its partial file
     before = (out / "results.json").read_text()
+    (tmp_path / "n3.partial.jsonl").write_text('{"run": {}}\n')  # left by an interrupted grid
     for bad, words in [(["--budgets", "0", "--out", tmp_path / "n1"], "positive"),
                        (["--methods", "full,magic", "--out", tmp_path / "n2"], "unknown method"),
+                       (["--out", tmp_path / "n3"], "pass --resume"),
+                       (["--out", tmp_path / "n3", "--resume"], "other settings"),
                        ([], "exists")]:
         r = run("eval", *args, *bad)
         assert r.returncode != 0 and "Traceback" not in r.stderr and words in r.stderr, r.stderr
     assert (out / "results.json").read_text() == before and not (tmp_path / "n1").exists()
+    assert (tmp_path / "n3.partial.jsonl").read_text() == '{"run": {}}\n' and not (tmp_path / "n3").exists()
     other = tmp_path / "other"
     other.mkdir()
     d = json.loads((prof_dir / "r2.json").read_text())
@@ -185,3 +190,37 @@ def test_runs_on_disjoint_items_combine_into_the_grid_of_one_run():
     other = evaluate.evaluate(lm, items[2:], *args[:1], [24], args[2], max_new_tokens=3, window=8)
     with pytest.raises(HeadprofError, match="budgets"):
         evaluate.combine([parts[0], other])
+
+
+def test_an_interrupted_grid_keeps_its_items_and_resumes_to_the_same_rows(tmp_path, monkeypatch):
+    lm = loaded("llama")
+    items = _items(lm, 3)
+    args = (["full", "snapkv", "headkv-r2"], [16], {"r2": _profile(lm)})
+    kw = {"max_new_tokens": 3, "window": 8, "ratios": [0.5]}
+    whole = evaluate.evaluate(lm, items, *args, **kw)
+    partial = tmp_path / "res.partial.jsonl"
+    per_item = 1 + 2 * 2  # the full row, then 2 methods x (1 budget + 1 ratio)
+
+    def stop_in_the_second_item(p):
+        if p.done == per_item + 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.evaluate(lm, items, *args, **kw, partial=partial, progress=stop_in_the_second_item)
+    kept = partial.read_text().splitlines()
+    assert len(kept) == 2 and json.loads(kept[1])["item"] == "i0"  # the header, then the one finished item
+    partial.write_text("\n".join(kept) + '\n{"item": "i1", "rows": [cut off')  # killed while writing
+    with pytest.raises(OutputError, match="pass --resume"):
+        evaluate.evaluate(lm, items, *args, **kw, partial=partial)
+    with pytest.raises(OutputError, match="other settings"):
+        evaluate.evaluate(lm, items, args[0], [24], args[2], **kw, partial=partial, resume=True)
+    prefilled = []
+    real = evaluate.generation.prefill
+    monkeypatch.setattr(evaluate.generation, "prefill", lambda lm, ids, w: prefilled.append(ids) or real(lm, ids, w))
+    seen = []
+    resumed = evaluate.evaluate(lm, items, *args, **kw, partial=partial, resume=True, progress=seen.append)
+    assert prefilled == [items[1].prompt_ids, items[2].prompt_ids]  # the kept item is not run again
+    assert seen[0].resumed == per_item and seen[-1].done == seen[-1].total == 3 * per_item
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(resumed["rows"]) == strip(whole["rows"])
+    assert len(partial.read_text().splitlines()) == 4  # the header and the three items

@@ -120,13 +120,15 @@ def eval_(
     window: Annotated[int, typer.Option(help="observation window")] = WINDOW,
     max_new_tokens: Annotated[int, typer.Option()] = 24,
     compress_sliding: CompressSliding = True,
-    force: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
+    force: Annotated[bool, typer.Option(help="replace an existing output directory (and start a partial run "
+                                              "over)")] = False,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted grid from OUT.partial.jsonl")] = False,
     quiet: Quiet = False,
     device: Device = "auto",
 ) -> None:
     """Quality versus budget for every method, with bootstrap intervals, measured KV bytes and a plot."""
     from headprof import api
-    from headprof.errors import HeadprofError, OutputError
+    from headprof.errors import HeadprofError
 
     ratio_list = parse_floats(ratios, "--ratios") if ratios else []
     budget_list = parse_ints(budgets, "--budgets") if budgets else ([] if ratio_list else [32, 64, 128, 256])
@@ -134,15 +136,18 @@ def eval_(
         betas = [float(x) for x in beta.split(",") if x.strip()]
     except ValueError:
         raise HeadprofError(f"--beta must be numbers, got '{beta}'") from None
-    if out_dir.exists() and not force and export_items is None:
-        raise OutputError(f"{out_dir} exists; pass --force to replace it")
     main = api.main_process()  # under torchrun / accelerate launch, items are sharded; the first writes and prints
-    report = with_progress(quiet or not main, 0, lambda cb: api.evaluate(
-        model, budget_list, methods, profile_dir=profile_dir, tasks=tasks, items=items,
-        lengths=parse_ints(lengths, "--lengths"), seed=seed, betas=betas, allow_overlap=allow_overlap, window=window,
-        max_new_tokens=max_new_tokens, compress_sliding=compress_sliding, device=device, progress=cb,
-        suite=suite, ratios=ratio_list, export_items=export_items, force=force, first_item=first_item),
-        label="evaluating")
+    try:
+        report = with_progress(quiet or not main, 0, lambda cb: api.evaluate(
+            model, budget_list, methods, profile_dir=profile_dir, tasks=tasks, items=items,
+            lengths=parse_ints(lengths, "--lengths"), seed=seed, betas=betas, allow_overlap=allow_overlap,
+            window=window, max_new_tokens=max_new_tokens, compress_sliding=compress_sliding, device=device,
+            progress=cb, suite=suite, ratios=ratio_list, export_items=export_items, force=force,
+            first_item=first_item, out=out_dir, resume=resume), label="evaluating")
+    except KeyboardInterrupt:
+        err.print(f"interrupted: finished items are kept in {api.partial_path(out_dir)}; rerun with --resume to "
+                  "continue", highlight=False)
+        raise typer.Exit(130) from None
     if not main:
         return
     if export_items is not None:
@@ -150,7 +155,6 @@ def eval_(
         return
     for warning in report.warnings:
         err.print(f"[bold red]WARNING[/bold red]: {warning}", highlight=False)
-    report.save(out_dir, force=True)
     results = report.data
     suite_score = "suite" in results
     t = Table("method", "budget", *(["ratio"] if ratio_list else []), "F1", "95% interval",
