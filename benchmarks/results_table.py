@@ -7,7 +7,8 @@
 `--by-task` adds, per task (needle, reasoning), how many items each method's answer contains (a
 reasoning answer that also names a distractor does not count) with its 95% interval, and F1.
 `--paired A-B,...` (ratio grids) compares two methods on the same items: the mean of the per-item score
-differences A - B with its 95% bootstrap interval, and on how many items A is better / worse.
+differences A - B with its 95% bootstrap interval, and on how many items A is better / worse, of the
+items both ran ("-": none).
 """
 
 from __future__ import annotations
@@ -106,9 +107,12 @@ def paired(path: str, pairs: list[tuple[str, str]]) -> None:
             items = sorted({i for i, m, x in score if m == a and x == level}
                            & {i for i, m, x in score if m == b and x == level})
             d = [score[i, a, level] - score[i, b, level] for i in items]
+            if not d:
+                cells.append("-")
+                continue
             lo, hi = bootstrap(d)
-            mean = sum(d) / len(d) if d else float("nan")
-            cells.append(f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}], {sum(x > 0 for x in d)} / {sum(x < 0 for x in d)}")
+            cells.append(f"{sum(d) / len(d):+.2f} [{lo:+.2f}, {hi:+.2f}], {sum(x > 0 for x in d)} / "
+                         f"{sum(x < 0 for x in d)} of {len(d)}")
         print(f"| {level} | " + " | ".join(cells) + " |")
 
 

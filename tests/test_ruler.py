@@ -223,6 +223,10 @@ def test_paired_table_compares_methods_on_the_items_both_ran(tmp_path, capsys):
     assert pairs == [("headkv-r2", "snapkv"), ("headkv-r2", "full")]
     table.paired(str(path), pairs)
     line = capsys.readouterr().out.splitlines()[-1]
-    assert line.startswith("| 0.9 | +0.12 [") and ", 1 / 1 | -0.17 [" in line and ", 0 / 1 |" in line
+    assert line.startswith("| 0.9 | +0.12 [") and ", 1 / 1 of 4 | -0.17 [" in line and ", 0 / 1 of 3 |" in line
+    rows.append({"item": "i0", "method": "snapkv", "ratio": 0.5, "score": 1})  # no headkv-r2 row at 0.5
+    path.write_text(json.dumps({"ratios": [0.5], "rows": rows, "methods": list(scores)}))
+    table.paired(str(path), pairs[:1])
+    assert capsys.readouterr().out.splitlines()[-1] == "| 0.5 | - |"
     with pytest.raises(SystemExit, match="name two of"):
         table._pairs("headkv-r2-pyramidkv", list(scores))
