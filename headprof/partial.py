@@ -54,7 +54,6 @@ class PartialRun:
     `settings` names what the fingerprint covers, for the message that refuses a run with other settings."""
 
     def __init__(self, path: Path | None, fingerprint: dict[str, Any], resume: bool, key: str, settings: str) -> None:
-        self.path = path
         self.key = key
         self.done: dict[str, dict[str, Any]] = {}
         self._file = None
