@@ -25,8 +25,10 @@ Positions keep counting from the prompt length, so RoPE continues where the prom
 also carry a sliding window (Gemma-style layers compressed inside their window): keys older than the
 window are masked by position and dropped when the layer grows.
 
-Uncompressed layers (the full cache, or sliding-window layers left as the model keeps them) are
-transformers' own layers; the cache mixes both kinds.
+Uncompressed layers (the full cache, sliding-window layers left as the model keeps them, a hybrid model's Mamba or
+linear-attention state, KV-shared layers) are the layers transformers itself makes for the model (`native.py`); a
+hybrid layer (attention beside a linear state) compresses its keys and keeps its state as transformers does
+(`HybridHeadKVLayer`); an MLA layer keeps one selection of its latent (`latent.py`). The cache mixes these kinds.
 """
 
 from __future__ import annotations
@@ -37,7 +39,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import (
+    Cache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    LinearAttentionAndFullAttentionLayer,
+)
+
+from headprof.latent import LatentLayer
 
 SLACK = 0.045  # right after growing, compressed layers hold at most this share more bytes than their tokens
 
@@ -435,6 +444,18 @@ def _dense_entries(layer) -> int:
     return 0 if keys is None or keys.numel() == 0 else keys.shape[1] * keys.shape[2]
 
 
+class HybridHeadKVLayer(HeadKVLayer, LinearAttentionAndFullAttentionLayer):
+    """A hybrid layer (attention beside a Mamba or linear-attention state in the same layer): its keys and values
+    are compressed per head, its state stays exactly as transformers keeps it."""
+
+    def __init__(self, sliding_window: int | None = None, slack: float = SLACK, number_of_states: int = 1) -> None:
+        HeadKVLayer.__init__(self, sliding_window, slack)
+        LinearAttentionAndFullAttentionLayer.__init__(self, number_of_states=number_of_states)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return HeadKVLayer.tensors(self)
+
+
 def _transformers_layer(kind: str, window: int | None):
     """The cache layer transformers makes for a layer of this kind (its table), with the layer's window."""
     try:
@@ -445,18 +466,29 @@ def _transformers_layer(kind: str, window: int | None):
     return cls(sliding_window=window) if window else cls()
 
 
+def _compressed_layer_for(kind: str, window: int | None, slack: float, latent: bool, native_layer) -> DynamicLayer:
+    if latent:
+        return LatentLayer()
+    if kind in ("hybrid", "hybrid_sliding"):
+        return HybridHeadKVLayer(window, slack, getattr(native_layer, "number_of_states", 1))
+    return HeadKVLayer(window, slack)
+
+
 class HeadKVCache(Cache):
     """One layer per model layer: `HeadKVLayer` where heads are compressed, transformers' own otherwise.
 
     `kinds[i]`: transformers' layer type (`models.layer_kinds`); `compress[i]`: whether the layer's heads are
     compressed (a full-attention layer, or a sliding one compressed inside its window `windows[i]`). Every
-    other layer is the cache layer transformers itself makes for its kind, with its window.
+    other layer is `native[i]`, the layer transformers makes for the model (`native.model_layers`), or else the
+    cache layer transformers makes for its kind, with its window. `latent`: layers whose cache is an MLA latent.
     """
 
     def __init__(self, kinds: list[str], compress: list[bool], windows: list[int | None],
-                 slack: float = SLACK) -> None:
-        layers = [HeadKVLayer(w, slack) if squeeze else _transformers_layer(kind, w)
-                  for kind, squeeze, w in zip(kinds, compress, windows, strict=True)]
+                 slack: float = SLACK, native: list | None = None, latent: tuple[int, ...] = ()) -> None:
+        native = native if native and len(native) == len(kinds) else [None] * len(kinds)
+        layers = [_compressed_layer_for(kind, w, slack, i in latent, own) if squeeze
+                  else own if own is not None else _transformers_layer(kind, w)
+                  for i, (kind, squeeze, w, own) in enumerate(zip(kinds, compress, windows, native, strict=True))]
         super().__init__(layers=layers)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -476,6 +508,11 @@ class HeadKVCache(Cache):
         for layer in layers:
             if layer.room != layer.generated + q + free or layer._keep_from(q):
                 layer._grow(q, free)
+
+    def latent_layer(self, layer_idx: int) -> LatentLayer | None:
+        """The compressed MLA layer `layer_idx`, if it is one."""
+        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        return layer if isinstance(layer, LatentLayer) and layer.compressed else None
 
     def compressed_layer(self, layer_idx: int, key: torch.Tensor) -> HeadKVLayer | None:
         """The compressed layer whose `update` just returned `key` (None for any other cache's keys)."""
@@ -522,17 +559,22 @@ def held_bytes(cache: Cache) -> int:
 
 def full_layer_entries(kind: str, window: int | None, seq: int, kv_heads: int) -> int:
     """Entries the model's own cache layer of this kind holds after `seq` tokens (a sliding layer: its window)."""
-    if kind == "dummy":  # KV shared with an earlier layer, or no attention: nothing of its own
+    if kind in ("dummy", "linear_attention", "conv"):  # no KV of its own (shared, or a state that is not KV)
         return 0
-    return (min(seq, window) if window and kind != "full_attention" else seq) * kv_heads
+    return (min(seq, window) if window and kind not in ("full_attention", "hybrid") else seq) * kv_heads
+
+
+def _kv_heads(layout, layer: int) -> int:
+    """KV entries per token a layer's cache holds: one latent for an MLA layer, else one per KV head."""
+    return 1 if layer in getattr(layout, "latent", ()) else layout.num_kv_heads
 
 
 def full_entries(layout, seq: int) -> int:
     """Entries of the uncompressed cache of a model (`models.HeadLayout`) after `seq` tokens."""
     windows = layout.layer_windows or [layout.sliding_window if k == "sliding_attention" else None
                                        for k in layout.attention_kinds]
-    return sum(full_layer_entries(kind, w, seq, layout.num_kv_heads)
-               for kind, w in zip(layout.attention_kinds, windows, strict=True))
+    return sum(full_layer_entries(kind, w, seq, _kv_heads(layout, i))
+               for i, (kind, w) in enumerate(zip(layout.attention_kinds, windows, strict=True)))
 
 
 def ideal_entries(cache: Cache, layout, seq: int, appended: int) -> int:
@@ -541,9 +583,11 @@ def ideal_entries(cache: Cache, layout, seq: int, appended: int) -> int:
     windows = layout.layer_windows or [layout.sliding_window if k == "sliding_attention" else None
                                        for k in layout.attention_kinds]
     total = 0
-    for layer, kind, w in zip(cache.layers, layout.attention_kinds, windows, strict=True):
+    for i, (layer, kind, w) in enumerate(zip(cache.layers, layout.attention_kinds, windows, strict=True)):
         if isinstance(layer, HeadKVLayer) and layer.compressed:
             total += sum(layer.lens) + layer.heads * appended
+        elif isinstance(layer, LatentLayer) and layer.compressed:
+            total += layer.kept + appended
         else:
-            total += full_layer_entries(kind, w, seq, layout.num_kv_heads)
+            total += full_layer_entries(kind, w, seq, _kv_heads(layout, i))
     return total

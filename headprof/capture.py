@@ -12,16 +12,21 @@ no modelling code is copied, and nothing is changed at import time.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
 
 from headprof import attention
+from headprof import layout as layouts
 from headprof.cache import HeadKVCache
+from headprof.calls import with_cache
+from headprof.errors import ModelError
 
 SDPA = "headprof"
 FLASH = "headprof_flash"
@@ -79,12 +84,126 @@ def _compressed_layer(module, key):
     return None if cache is None else cache.compressed_layer(module.layer_idx, key)
 
 
+def _latent_layer(module):
+    cache = _CACHE.get()
+    return None if cache is None else cache.latent_layer(module.layer_idx)
+
+
+_VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its layout, as the tensors showed it
+
+
 def attach(model: torch.nn.Module, flash: bool = False) -> str:
-    """Route the model's attention through the capture function; returns the implementation name."""
+    """Route the model's attention through the capture function and check, on one short forward pass, that it
+    really runs for every layer that attends (`verify`); returns the implementation name."""
     _register()
     name = FLASH if flash else SDPA
-    model.set_attn_implementation(name)
+    try:
+        model.set_attn_implementation(name)
+    except (ValueError, NotImplementedError, AttributeError) as e:
+        raise ModelError(f"{model.config.model_type} cannot switch its attention implementation "
+                         f"({str(e).splitlines()[0][:100]}); headprof cannot see or compress it") from None
+    if model not in _VERIFIED:
+        _VERIFIED[model] = verify(model)
     return name
+
+
+def layout(model: torch.nn.Module) -> layouts.HeadLayout:
+    """The head layout of an attached model: its config's, as one forward pass showed the tensors to be."""
+    if model not in _VERIFIED:
+        attach(model)
+    return _VERIFIED[model]
+
+
+class _Recorder(DynamicCache):
+    """The model's own cache, remembering what each layer's update returned (what attention should then read)."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config=config)
+        self.returned: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        self.returned[layer_idx] = out
+        return out
+
+
+class _Seen:
+    """What the attention function received per layer during `verify`."""
+
+    def __init__(self, recorder: _Recorder) -> None:
+        self.recorder = recorder
+        self.keys: dict[int, tuple[int, ...]] = {}
+        self.own_keys: dict[int, bool] = {}
+        self.own_values: dict[int, bool] = {}
+
+    def saw(self, module, key: torch.Tensor, value: torch.Tensor) -> None:
+        layer = getattr(module, "layer_idx", None)
+        if layer is None:
+            return
+        self.keys[layer] = tuple(key.shape)
+        returned = self.recorder.returned.get(layer)
+        if returned is not None:
+            self.own_keys[layer] = key is returned[0]
+            self.own_values[layer] = value is returned[1]
+
+
+_SEEN: contextvars.ContextVar[_Seen | None] = contextvars.ContextVar("headprof_seen", default=None)
+
+
+@torch.no_grad()
+def verify(model: torch.nn.Module) -> layouts.HeadLayout:
+    """Run 4 tokens through the model and read off which layers' attention went through headprof's function and
+    what their caches hold. Refused in one line (ModelError): attention that bypasses transformers' attention
+    interface (headprof would see nothing and compress nothing), a layer that attends over keys or values other
+    than those its cache returned (other than an MLA latent), KV heads other than the config's. Found: layers
+    without heads (never attended), MLA layers (their cache holds one latent, expanded per head after the update)."""
+    config = model.config
+    lay = layouts.layout_of(config)
+    name = config.model_type
+    recorder = _Recorder(config)
+    seen = _Seen(recorder)
+    vocab = getattr(config.get_text_config(), "vocab_size", None) or 4
+    ids = (torch.arange(4) % max(1, min(vocab, 4) - 1) + 1)[None].to(model.device)
+    token = _SEEN.set(seen)
+    try:
+        model(input_ids=ids, **with_cache(model, recorder), use_cache=True)
+    except ModelError:
+        raise
+    except Exception as e:
+        raise ModelError(f"{name} does not run with a cache headprof hands it ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:100] if str(e) else ''}); headprof cannot score or compress it"
+                         ) from None
+    finally:
+        _SEEN.reset(token)
+    kinds = lay.attention_kinds
+    attends = [i for i, k in enumerate(kinds) if k not in layouts.STATE_KINDS + layouts.CACHELESS_KINDS]
+    if not seen.keys:
+        raise ModelError(f"{name}'s attention does not go through transformers' attention interface; headprof "
+                         "cannot see or compress it")
+    missing = [i for i in attends if i not in seen.keys]
+    if missing:
+        raise ModelError(f"{name}'s attention in layers {layouts._layer_list(missing)} does not go through "
+                         "transformers' attention interface; headprof cannot see or compress it")
+    no_heads = sorted(set(lay.no_heads) | {i for i, k in enumerate(kinds) if k == "dummy" and i not in seen.keys})
+    latent, latent_dim = [], 0
+    for i, shape in sorted(seen.keys.items()):
+        if i not in seen.own_keys:
+            continue  # reads another layer's cache (KV sharing): it follows that layer
+        cached_k, cached_v = recorder.returned[i]
+        if seen.own_keys[i]:
+            if shape[1] != lay.num_kv_heads:
+                raise ModelError(f"{name}'s layer {i} caches {shape[1]} KV heads where its config says "
+                                 f"{lay.num_kv_heads}; headprof needs the cached heads to match the config")
+            if not seen.own_values[i]:
+                raise ModelError(f"{name} changes the values after the cache update (layer {i}); headprof's "
+                                 "compressed attention reads the cached values and would give other answers")
+        elif cached_k.shape[1] == 1 and cached_k.shape[-2] == shape[-2]:
+            latent.append(i)  # one latent for all heads, expanded after the update (MLA)
+            latent_dim = cached_k.shape[-1] + cached_v.shape[-1]
+        else:
+            raise ModelError(f"{name}'s layer {i} attends over keys other than those its cache returned; headprof "
+                             "cannot compress them")
+    return dataclasses.replace(lay, no_heads=tuple(no_heads), latent=tuple(latent), latent_dim=latent_dim)
 
 
 @contextmanager
@@ -115,12 +234,34 @@ def _capture(module, query, key, attention_mask, scaling, sliding_window, softca
     cap.sink(module.layer_idx, probs)
 
 
+def _observe(module, key, value) -> None:
+    seen = _SEEN.get()
+    if seen is not None:
+        seen.saw(module, key, value)
+
+
+def _latent_attention(module, query, key, value, scaling, softcap, **kwargs):
+    """A compressed MLA layer: every head over the kept tokens' expanded keys, causal among the new tokens only
+    (the model's mask counts every prompt position; this layer holds fewer)."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    mask = None
+    if q_len > 1:
+        mask = (torch.arange(k_len, device=key.device)[None, :]
+                <= torch.arange(k_len - q_len, k_len, device=key.device)[:, None])[None, None]
+    if softcap is not None:
+        return _chunked_attention(query, key, value, mask, scaling, None, softcap), None
+    return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, is_causal=False)
+
+
 def _sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                     sliding_window=None, softcap=None, **kwargs):
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    _observe(module, key, value)
     layer = _compressed_layer(module, key)
     if layer is not None:  # a compressed layer: each KV head attends over its own kept tokens
         return attention.attend(layer, query, scaling, softcap), None
+    if _latent_layer(module) is not None:
+        return _latent_attention(module, query, key, value, scaling, softcap)
     _capture(module, query, key, attention_mask, scaling, sliding_window, softcap)
     if softcap is not None:  # SDPA has no soft-capping: compute the same thing in query chunks
         return _chunked_attention(query, key, value, attention_mask, scaling, sliding_window, softcap), None
@@ -133,9 +274,12 @@ def _flash_attention(module, query, key, value, attention_mask, scaling=None, dr
     from transformers.integrations.flash_attention import flash_attention_forward
 
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    _observe(module, key, value)
     layer = _compressed_layer(module, key)
     if layer is not None:
         return attention.attend(layer, query, scaling, softcap), None
+    if _latent_layer(module) is not None:
+        return _latent_attention(module, query, key, value, scaling, softcap)
     _capture(module, query, key, attention_mask, scaling, sliding_window, softcap)
     return flash_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                    dropout=dropout, sliding_window=sliding_window, softcap=softcap,

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from headprof import latent
 from headprof.methods import Method
-from headprof.models import COMPRESSIBLE_KINDS, HeadLayout, check_compressible
+from headprof.models import COMPRESSIBLE_KINDS, SLIDING_KINDS, HeadLayout, check_compressible
 
 
 @dataclass(frozen=True)
@@ -52,13 +53,17 @@ class Plan:
         return first_candidate(self.layout, layer, self.prompt_len, self.window)
 
     def select(self, layer: int, probs: torch.Tensor) -> list[torch.Tensor]:
-        """Kept positions (the method's prefix picks + the window) per KV head of one layer."""
+        """Kept positions (the method's prefix picks + the window) per KV head of one layer; one list shared by all
+        heads on a layer whose cache is one latent (MLA, `latent.shared_positions`)."""
         window_pos = torch.arange(self.prefix, self.prompt_len, device=probs.device)
-        return [torch.cat([k, window_pos]) for k in self.method.choose(self, layer, probs)]
+        picks = self.method.choose(self, layer, probs)
+        if self.layout.is_latent(layer):
+            picks = [latent.shared_positions(picks, self.method.score(self, layer, probs))]
+        return [torch.cat([k, window_pos]) for k in picks]
 
 
 def is_sliding(layout: HeadLayout, layer: int) -> bool:
-    return layout.attention_kinds[layer] == "sliding_attention" and bool(layout.sliding_window)
+    return layout.attention_kinds[layer] in SLIDING_KINDS and bool(layout.sliding_window)
 
 
 def first_candidate(layout: HeadLayout, layer: int, prompt_len: int, window: int) -> int:
@@ -70,12 +75,14 @@ def first_candidate(layout: HeadLayout, layer: int, prompt_len: int, window: int
 
 def compressed_layers(layout: HeadLayout, method: Method, compress_sliding: bool) -> list[bool]:
     """Per layer: does `method` compress it (full-attention layers; sliding ones only with `compress_sliding`;
-    never a layer that holds no KV of its own)? A model with layers of a kind headprof cannot compress yet is
-    refused here with a one-line ModelError rather than treated as full attention."""
+    never a layer that holds no KV of its own, nor one whose state is not keys and values)? A model with layers of a
+    kind headprof cannot compress yet is refused here with a one-line ModelError rather than treated as full
+    attention."""
     if not method.compresses:
         return [False] * layout.num_layers
     check_compressible(layout)
-    return [kind in COMPRESSIBLE_KINDS and (compress_sliding or not is_sliding(layout, layer))
+    return [kind in COMPRESSIBLE_KINDS and layout.has_heads(layer)
+            and (compress_sliding or not is_sliding(layout, layer))
             for layer, kind in enumerate(layout.attention_kinds)]
 
 

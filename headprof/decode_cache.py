@@ -5,6 +5,9 @@ padding, so each prompt's keys are exactly what it gets alone) and their keys an
 left-padded, into one buffer per layer that is reserved for the longest decode up front: a decode step
 then writes one slot instead of copying the whole cache as `torch.cat` growth does, and dropping a
 finished probe selects rows of the buffer. Key index = left padding + position, on every layer.
+
+Layers that are not plain keys and values (a hybrid model's Mamba or linear-attention state, an indexer's keys, a
+KV-shared layer) are the model's own layers (`native.py`), joined row by row.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from headprof import native
 
 
 class ReservedLayer(DynamicLayer):
@@ -58,25 +63,51 @@ class ReservedLayer(DynamicLayer):
 class PaddedPrefill:
     """Collects prompts prefilled one at a time into one left-padded cache of `rows` probes.
 
-    `add(row, cache, pad)` copies a lone prompt's `DynamicCache` to row `row` after `pad` empty slots;
+    `add(row, cache, pad)` copies a lone prompt's cache (`alone`) to row `row` after `pad` empty slots;
     `cache()` returns the joined cache, `reserve` slots longer than `width` for the decode steps."""
 
     def __init__(self, rows: int, width: int, reserve: int) -> None:
         self.rows, self.width, self.reserve = rows, width, reserve
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.others: dict[int, list] = {}  # layers that are not plain keys and values: each row's own
+        self.pads: list[int] = []
+        self.layers = 0
 
     def add(self, row: int, cache: DynamicCache, pad: int) -> None:
+        self.layers = max(self.layers, len(cache.layers))
+        self.pads.append(pad)
         for i, layer in enumerate(cache.layers):
+            if not native.is_plain(layer):
+                self.others.setdefault(i, []).append(layer)
+                continue
             k, v = layer.keys, layer.values  # (1, kv_heads, n, head_dim)
-            if i == len(self.keys):
+            if i not in self.keys:
                 shape = (self.rows, k.shape[1], self.width + self.reserve, k.shape[-1])
-                self.keys.append(torch.zeros(shape, dtype=k.dtype, device=k.device))
-                self.values.append(torch.zeros(shape[:-1] + (v.shape[-1],), dtype=v.dtype, device=v.device))
+                self.keys[i] = torch.zeros(shape, dtype=k.dtype, device=k.device)
+                self.values[i] = torch.zeros(shape[:-1] + (v.shape[-1],), dtype=v.dtype, device=v.device)
             self.keys[i][row, :, pad:pad + k.shape[-2]] = k[0]
             self.values[i][row, :, pad:pad + v.shape[-2]] = v[0]
 
     def cache(self) -> DynamicCache:
-        cache = DynamicCache()
-        cache.layers = [ReservedLayer(k, v, self.width) for k, v in zip(self.keys, self.values, strict=True)]
+        cache = ScoringCache()
+        cache.layers = [ReservedLayer(self.keys[i], self.values[i], self.width) if i in self.keys
+                        else native.join(self.others[i], self.pads) for i in range(self.layers)]
         return cache
+
+
+def alone(config) -> DynamicCache:
+    """The cache one prompt is prefilled into: attention layers keep every key, other layers are the model's own."""
+    cache = DynamicCache()
+    layers = native.full_layers(config)
+    if layers:
+        cache.layers, cache.layer_class_to_replicate = layers, None
+    return cache
+
+
+class ScoringCache(DynamicCache):
+    """The joined cache: finished rows leave every kind of layer."""
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for layer in self.layers:
+            native.select_rows(layer, indices)

@@ -20,13 +20,15 @@ from typing import Any
 import torch
 from transformers import DynamicCache, StoppingCriteria
 
-from headprof import capture, methods
+from headprof import capture, methods, native
 from headprof.cache import HeadKVCache, HeadKVLayer, full_entries, held_bytes, held_entries, ideal_entries
 from headprof.capture import AttentionCapture
 from headprof.compress import Plan, compressed_layers, make_plan
+from headprof.decode_cache import alone
 from headprof.defaults import BETA, KERNEL, WINDOW
 from headprof.errors import HeadprofError
-from headprof.models import HeadLayout, LoadedModel, end_tokens, layout_of, with_cache
+from headprof.latent import LatentLayer
+from headprof.models import HeadLayout, LoadedModel, end_tokens, with_cache
 
 
 @dataclass
@@ -62,13 +64,15 @@ class RunResult:
         return {**asdict(self), "kv_bytes_full": self.kv_bytes_full, "kv_bytes_ideal": self.kv_bytes_ideal}
 
 
-def cache_for(layout: HeadLayout, method: methods.Method, compress_sliding: bool = False) -> HeadKVCache:
+def cache_for(layout: HeadLayout, method: methods.Method, compress_sliding: bool = False,
+              config=None) -> HeadKVCache:
     """An empty cache whose layers the method compresses (sliding layers stay the model's own unless
-    `compress_sliding`)."""
+    `compress_sliding`); every other layer is the one transformers makes for the model's `config`."""
     squeeze = compressed_layers(layout, method, compress_sliding)
     windows = list(layout.layer_windows) or [layout.sliding_window if kind == "sliding_attention" else None
                                              for kind in layout.attention_kinds]
-    return HeadKVCache(list(layout.attention_kinds), squeeze, windows)
+    own = native.model_layers(config) if config is not None else None
+    return HeadKVCache(list(layout.attention_kinds), squeeze, windows, native=own, latent=layout.latent)
 
 
 @contextmanager
@@ -76,7 +80,7 @@ def compressing(cache: HeadKVCache, window: int, plan_for: Callable[[int], Plan]
     """Around a prefill (or a whole `generate`): compress each layer of `cache` as soon as the rows of its
     last `window` queries exist, by the plan `plan_for(prompt_len)`, then stop capturing, so decoding
     pays nothing for it."""
-    todo = {i for i, layer in enumerate(cache.layers) if isinstance(layer, HeadKVLayer)}
+    todo = {i for i, layer in enumerate(cache.layers) if isinstance(layer, (HeadKVLayer, LatentLayer))}
     made: list[Plan] = []
 
     def sink(layer: int, probs: torch.Tensor) -> None:
@@ -107,15 +111,15 @@ def compression(model, method: str | methods.Method = "headkv", budget: int = 12
     context: the prompt is compressed at prefill, then it decodes. (Before transformers renamed it, the
     argument was `past_key_values=cache`; `models.with_cache` picks the name.)
     """
-    layout = layout_of(model.config)
+    capture.attach(model)
+    layout = capture.layout(model)
     m = methods.resolve(method, profile, window=window, kernel=kernel, beta=beta, reduction=group_reduce)
     if m.needs_profile:
         if getattr(m, "profile", None) is None:
             raise HeadprofError(f"{m.name} needs a profile (headprof.Profile.load or headprof.score)")
         if hasattr(m.profile, "check_fits"):
             m.profile.check_fits(layout)
-    capture.attach(model)
-    cache = cache_for(layout, m, compress_sliding)
+    cache = cache_for(layout, m, compress_sliding, model.config)
 
     def plan_for(prompt_len: int) -> Plan:
         return make_plan(m, layout, prompt_len, budget, compress_sliding)
@@ -144,7 +148,7 @@ class Prefill:
 
     prompt_ids: list[int]
     first: int
-    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    layers: list  # the prefilled cache's layers: keys and values, and any state that is not KV
     rows: dict[int, torch.Tensor]
     window: int
     seconds: float
@@ -154,13 +158,12 @@ class Prefill:
 def prefill(lm: LoadedModel, prompt_ids: list[int], window: int = WINDOW) -> Prefill:
     """Prefill once with a full cache (every layer keeps every prompt token, sliding ones too)."""
     rows: dict[int, torch.Tensor] = {}
-    cache = DynamicCache()
+    cache = alone(lm.model.config)
     ids = torch.tensor([prompt_ids], device=lm.model.device)
     start = time.perf_counter()
     with AttentionCapture(lambda layer, probs: rows.__setitem__(layer, probs), last_n=window):
         out = _generate(lm, ids, cache, max_new_tokens=1)
-    kv = [(layer.keys, layer.values) for layer in cache.layers]
-    return Prefill(list(prompt_ids), int(out[0, -1]), kv, rows, window, time.perf_counter() - start)
+    return Prefill(list(prompt_ids), int(out[0, -1]), list(cache.layers), rows, window, time.perf_counter() - start)
 
 
 def _generate(lm: LoadedModel, ids: torch.Tensor, cache, clock: StoppingCriteria | None = None, **kw):
@@ -173,9 +176,14 @@ def _generate(lm: LoadedModel, ids: torch.Tensor, cache, clock: StoppingCriteria
 
 def _from_prefill(cache, shared: Prefill, plan: Plan | None) -> None:
     """Put the shared prompt keys into `cache` as the prefill would have, and compress like its sink."""
-    for i, (k, v) in enumerate(shared.kv):
-        cache.update(k, v, i)
-        if plan is not None and isinstance(cache.layers[i], HeadKVLayer):
+    for i, own in enumerate(shared.layers):
+        if native.has_state(own):  # Mamba / linear-attention state: this cell's own copy of it
+            native.copy_state(own, cache.layers[i])
+        keys = getattr(own, "keys", None)
+        if keys is None or (isinstance(keys, torch.Tensor) and keys.numel() == 0):
+            continue
+        cache.update(keys, own.values, i)
+        if plan is not None and isinstance(cache.layers[i], (HeadKVLayer, LatentLayer)):
             cache.compress(i, plan.select(i, shared.rows[i][:, :, -plan.window:]))  # the method's own window
 
 
@@ -206,7 +214,7 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str | methods.Metho
         plan = make_plan(m, lay, n, budget, compress_sliding)
         if budget >= n:
             notes.append(f"budget {budget} >= prompt length {n}: every prompt token is kept")
-        cache = cache_for(lay, m, compress_sliding)
+        cache = cache_for(lay, m, compress_sliding, lm.model.config)
     else:
         cache = DynamicCache(config=lm.model.config)
     ids = torch.tensor([prompt_ids], device=lm.model.device)
@@ -240,12 +248,18 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str | methods.Metho
     entries, nbytes = held_entries(cache), held_bytes(cache)
     ideal = ideal_entries(cache, lay, n + appended, appended)
     if m.compresses:  # what each head kept of the prompt beyond the window (adaptive methods decide it at prefill)
-        budgets = [[n_kept - window for n_kept in layer.lens] if isinstance(layer, HeadKVLayer) and layer.compressed
+        budgets = [[n_kept - window for n_kept in layer.lens] * (lay.num_kv_heads if isinstance(layer, LatentLayer)
+                                                                 else 1)
+                   if isinstance(layer, (HeadKVLayer, LatentLayer)) and layer.compressed
                    else [0] * lay.num_kv_heads for layer in cache.layers]
+        if lay.latent:
+            notes.append(f"the heads of layers {', '.join(map(str, lay.latent[:6]))}"
+                         f"{' ...' if len(lay.latent) > 6 else ''} read one MLA latent: they share their kept tokens")
     elem = torch.finfo(lm.model.dtype).bits // 8
     label = method if isinstance(method, str) else m.name
     return RunResult(method=label, text=lm.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                      tokens=tokens, prompt_tokens=n, prefill_s=prefill_s, decode_tokens_per_s=decode,
                      kv_entries=entries, kv_bytes=nbytes, kv_entries_full=full_entries(lay, n + appended),
-                     kv_entries_ideal=ideal, bytes_per_entry=2 * lay.head_dim * elem, budgets=budgets, notes=notes,
+                     kv_entries_ideal=ideal, bytes_per_entry=(lay.latent_dim or 2 * lay.head_dim) * elem,
+                     budgets=budgets, notes=notes,
                      first_step_s=first_step, steady_tokens_per_s=steady)

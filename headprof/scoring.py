@@ -20,14 +20,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import DynamicCache
 
 from headprof import answers, presets
 from headprof import families as fam
 from headprof import probes as probes_mod
 from headprof import profile as profile_mod
 from headprof.capture import AttentionCapture
-from headprof.decode_cache import PaddedPrefill
+from headprof.decode_cache import PaddedPrefill, alone
 from headprof.distributed import World
 from headprof.errors import ProbeError
 from headprof.haystack import Haystack
@@ -162,11 +161,11 @@ def score_batch(lm: LoadedModel, jobs: list[ProbeJob],
     joined = PaddedPrefill(n, width - 1, most)
     for b in range(n):  # each prompt but its last token alone: full per-layer caches
         if lengths[b] > 1:
-            alone = DynamicCache()
-            lm.model(seq[b:b + 1, pads[b]:width - 1], **with_cache(lm.model, alone), **last_logits_only(lm.model),
+            one = alone(lm.model.config)
+            lm.model(seq[b:b + 1, pads[b]:width - 1], **with_cache(lm.model, one), **last_logits_only(lm.model),
                      use_cache=True)
-            joined.add(b, alone, pads[b])
-            del alone
+            joined.add(b, one, pads[b])
+            del one
     cache = joined.cache()  # key index == pad + position, also on sliding layers
     kwargs = {**with_cache(lm.model, cache), **last_logits_only(lm.model), "use_cache": True}
 

@@ -1,0 +1,228 @@
+"""The support matrix: every causal-LM architecture of the installed transformers, built as a tiny random model
+offline, run through headprof as a user would, and classified.
+
+    python benchmarks/model_matrix.py                      # all architectures -> docs/models.md
+    python benchmarks/model_matrix.py llama jamba bloom    # some, printed only
+
+For each architecture in transformers' `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` that builds from its config offline
+(4 layers, hidden 64, 4 query / 2 KV heads, a character tokenizer), saved to a folder and loaded by headprof as a
+local model:
+
+- `info`: the head layout from the config;
+- `score`: an r2 profile from two teacher-forced probes (weights on the fact sentence, which every head that
+  attends gives a non-zero share);
+- `run`: headkv (with that profile), snapkv and full, at a budget above the prompt and at a small one.
+
+Status: *works* when the captured scores are non-zero on every layer with heads, the compressed answers at a
+budget above the prompt equal the full cache's token for token, and at the small budget the compressed caches
+hold fewer bytes; *refused* when headprof stops with its own one-line error (what the command prints, exit 2);
+*fails* otherwise (a traceback, or a result that looks right and is not: a silent failure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+L = 4  # layers: enough for every hybrid pattern below to hold attention and something else
+
+COMMON = dict(num_hidden_layers=L, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=16, vocab_size=128, max_position_embeddings=1024, n_layer=L, n_embd=64, n_head=4, is_decoder=True,
+              moe_intermediate_size=32, num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2,
+              n_shared_experts=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
+              v_head_dim=16, first_k_dense_replace=0, n_group=1, topk_group=1, pad_token_id=0, bos_token_id=1,
+              eos_token_id=2)
+# the layer pattern of hybrids whose pattern is not a list of layer types
+PATTERNS = {"jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
+            "bamba": dict(attn_layer_indices=[1, 3])}
+PATTERN_LISTS = ("layer_types", "layers_block_type", "block_types", "hybrid_override_pattern")
+
+
+def tiny_config(model_type: str):
+    """A small config of `model_type`: the shared sizes where the config has them, its layer pattern cycled over
+    `L` layers so that a hybrid keeps each of its kinds."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    default = cls()
+    kwargs = {k: v for k, v in COMMON.items() if hasattr(default.get_text_config(), k) or hasattr(default, k)}
+    if hasattr(default, "kv_lora_rank"):  # MLA: the rotary part is its own head size
+        kwargs.pop("head_dim", None)
+    kwargs.update(PATTERNS.get(model_type, {}))
+    patterns = {}
+    for name in PATTERN_LISTS:
+        pattern = getattr(default.get_text_config(), name, None)
+        if isinstance(pattern, (list, str)) and len(pattern) > 1 and name not in PATTERNS.get(model_type, {}):
+            kinds = list(dict.fromkeys(pattern))
+            cycled = [kinds[i % len(kinds)] for i in range(L)]
+            patterns[name] = "".join(cycled) if isinstance(pattern, str) else cycled
+    for attempt in ({**kwargs, **patterns}, kwargs):
+        try:
+            return cls(**attempt)
+        except Exception:
+            continue
+    # some configs refuse a size; keep only the depth and width
+    return cls(**{k: kwargs[k] for k in ("num_hidden_layers", "hidden_size", "vocab_size") if k in kwargs})
+
+
+def char_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i - 32 + 3 for i in range(32, 127)}
+    vocab.update({"<pad>": 0, "<s>": 1, "</s>": 2})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<pad>", pad_token="<pad>")
+
+
+def build(model_type: str, folder: Path) -> str | None:
+    """Save a tiny random `model_type` with the tokenizer to `folder`; None, or why it does not build offline."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        config = tiny_config(model_type)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        model.generation_config.eos_token_id = None
+        ids = torch.randint(3, 98, (1, 12))
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=2, do_sample=False)
+        model.save_pretrained(folder)
+        char_tokenizer().save_pretrained(folder)
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    return None
+
+
+@dataclass
+class Row:
+    model_type: str
+    mechanism: str
+    status: str  # works, refused, fails, does not build
+    reason: str
+    seconds: float
+
+
+def mechanism(folder: Path) -> str:
+    """What kind of attention the architecture has, from headprof's reading of its config and weights."""
+    from headprof import models
+
+    try:
+        info = models.describe(str(folder))
+    except Exception as e:
+        return "attention-free" if "attention-free" in str(e) or "no attention" in str(e) else "?"
+    lay = info.layout
+    kinds = set(lay.attention_kinds)
+    if getattr(lay, "latent", False):
+        return "MLA"
+    if kinds - {"full_attention", "sliding_attention", "dummy", "chunked_attention"}:
+        return "hybrid"
+    if "dummy" in kinds:
+        return "KV-shared"
+    if "sliding_attention" in kinds or "chunked_attention" in kinds:
+        return "sliding"
+    return "GQA" if lay.num_kv_heads < lay.num_query_heads else "dense"
+
+
+def classify(folder: Path) -> tuple[str, str]:
+    """(status, reason) of headprof on the model in `folder`."""
+    from headprof import api
+    from headprof.errors import HeadprofError
+
+    spec = str(folder)
+    try:
+        api.describe_model(spec)
+        prof = api.score(spec, "r2", lengths=[240], depths=2, filter_probes=False, teacher_forced=True,
+                         chat_template=False, device="cpu", batch_size=2)
+        scores = prof.query_scores()
+        lm = api.load_model(spec, device="cpu")
+        heads = [i for i in range(lm.info.layout.num_layers) if lm.info.layout.has_heads(i)] \
+            if hasattr(lm.info.layout, "has_heads") else list(range(lm.info.layout.num_layers))
+        zero = [i for i in heads if not (abs(scores[i]) > 0).any()]
+        if zero:
+            return "fails", f"silent: captured scores are zero on layers {zero[:6]}"
+        ids = [1] + [3 + (i * 7) % 90 for i in range(119)]
+        for method in ("headkv", "snapkv"):
+            big = api.generate(lm, ids, method, len(ids) + 8, profile=prof, max_new_tokens=6)
+            if big.runs[0].tokens != big.runs[1].tokens:
+                return "fails", f"silent: {method} at a budget above the prompt differs from the full cache"
+            small = api.generate(lm, ids, method, 24, profile=prof, max_new_tokens=6)
+            if not small.runs[0].kv_bytes < small.runs[1].kv_bytes:
+                return "fails", f"silent: {method} at budget 24 holds the full cache's bytes"
+        api.generate(lm, ids, "full", 24, max_new_tokens=4)
+    except HeadprofError as e:
+        return "refused", str(e).splitlines()[0]
+    except Exception as e:
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        where = f"{Path(frame.filename).name}:{frame.lineno}"
+        return "fails", f"{type(e).__name__} at {where}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+    return "works", ""
+
+
+def run(model_type: str) -> Row:
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / model_type
+        why = build(model_type, folder)
+        if why is not None:
+            return Row(model_type, "-", "does not build", why, time.perf_counter() - start)
+        status, reason = classify(folder)
+        return Row(model_type, mechanism(folder), status, reason, time.perf_counter() - start)
+
+
+def main() -> int:
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from headprof import quiet
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("types", nargs="*", help="model types (default: all)")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "models.md"))
+    args = parser.parse_args()
+    types = args.types or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    rows = []
+    quiet.third_party()
+    for t in types:
+        row = run(t)
+        rows.append(row)
+        print(f"{row.model_type:28s} {row.mechanism:15s} {row.status:15s} {row.reason}", flush=True)
+    built = [r for r in rows if r.status != "does not build"]
+    count = {s: sum(r.status == s for r in built) for s in ("works", "refused", "fails")}
+    silent = sum(r.reason.startswith("silent") for r in built)
+    print(f"{len(built)} build of {len(rows)}: {count['works']} work, {count['refused']} refused, "
+          f"{count['fails']} fail ({silent} silently)")
+    if not args.types:
+        Path(args.out).write_text(page(rows, transformers.__version__), encoding="utf-8")
+    return 0
+
+
+def page(rows: list[Row], version: str) -> str:
+    built = [r for r in rows if r.status != "does not build"]
+    n = len(built)
+    works = sum(r.status == "works" for r in built)
+    refused = sum(r.status == "refused" for r in built)
+    lines = ["# Supported models", "",
+             f"Every causal-LM architecture of transformers {version} (`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, "
+             f"{len(rows)} entries), built as a tiny random model offline and run through headprof: "
+             f"`python benchmarks/model_matrix.py` (its docstring says what each status means).", "",
+             f"Of the {n} that build offline: **{works} work ({100 * works / n:.0f}%), {refused} are refused in one "
+             f"line, {n - works - refused} fail**.", "",
+             "| architecture | mechanism | status | reason |", "| --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r.model_type} | {r.mechanism} | {r.status} | {r.reason.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The MLA latent: a layer whose cache holds one compressed latent per token, shared by all its heads.
+
+DeepSeek-V2/V3, MiniCPM3, GLM-4-MoE-lite and kin cache, per token, a latent (`[batch, 1, seq, kv_lora_rank]`
+as "keys" and the shared rotary key as "values") and expand it into every head's keys and values after the cache
+update. Every head of such a layer reads the same tokens, so compression keeps one token selection per layer:
+`shared_positions` turns the method's per-head picks into one list of the layer's mean budget (HeadKV: the layer's
+share of the head scores), the positions most heads chose first. `LatentLayer` then holds only those tokens'
+latents, so the memory is really freed; the heads' attention over them runs through headprof's attention function
+(`capture.py`), which builds its own mask, since the model's mask counts every prompt position.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+
+def shared_positions(picks: list[torch.Tensor], scores: torch.Tensor) -> torch.Tensor:
+    """One sorted list of prefix positions for all heads: as many as the heads keep on average, the positions
+    chosen by the most heads first, ties broken by the mean of the heads' scores."""
+    prefix = scores.shape[-1]
+    count = round(sum(int(p.numel()) for p in picks) / max(len(picks), 1))
+    if count <= 0 or prefix == 0:
+        return torch.zeros(0, dtype=torch.long, device=scores.device)
+    votes = torch.bincount(torch.cat(picks).to(scores.device), minlength=prefix)[:prefix]
+    tie = torch.nan_to_num(scores.float(), neginf=-1e30).mean(0)
+    order = torch.argsort(tie, descending=True)
+    order = order[torch.argsort(votes[order], descending=True, stable=True)]
+    return order[:min(count, prefix)].sort().values
+
+
+class LatentLayer(DynamicLayer):
+    """transformers' dynamic layer for a latent, which `compress` cuts to one selection of tokens. Positions keep
+    counting from the prompt length (`seen`), so RoPE and the masks continue where the prompt ended."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+        self.kept = 0
+        self.compressed = False
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.seen += key_states.shape[-2]
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def compress(self, keep: list[torch.Tensor]) -> None:
+        if len(keep) != 1:
+            raise ValueError("a latent layer keeps one selection for all its heads")
+        pos = keep[0].to(self.keys.device)
+        self.keys, self.values = self.keys[:, :, pos].contiguous(), self.values[:, :, pos].contiguous()
+        self.kept, self.compressed = int(pos.numel()), True
+
+    @property
+    def lens(self) -> list[int]:
+        return [self.kept] if self.compressed else []
+
+    def held(self) -> int:
+        """Tokens held (kept and generated)."""
+        return 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[-2]
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0

@@ -1,0 +1,133 @@
+"""The head layout of a causal LM: its layers, their kinds (transformers' own table) and their heads.
+
+One [layer, head] grid per model: a profile's scores and a compressed cache's budgets are indexed by it. Read from
+the config (`layout_of`); the attached model's tensors refine it (`capture.verify`: layers without heads, MLA
+latents).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from headprof.errors import ModelError
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Where the heads are. Query head h of a layer reads KV head h // group_size."""
+
+    num_layers: int
+    num_query_heads: int
+    num_kv_heads: int
+    head_dim: int
+    attention_kinds: tuple[str, ...]  # transformers' layer type per layer (`layer_kinds`)
+    sliding_window: int | None  # the sliding layers' window
+    layer_windows: tuple[int | None, ...] = ()  # per layer: its sliding window or attention chunk, else None
+    no_heads: tuple[int, ...] = ()  # layers with no attention heads (Mamba, linear attention, MLP-only): not scored
+    latent: tuple[int, ...] = ()  # layers whose cache holds one latent shared by all their heads (MLA)
+    latent_dim: int = 0  # numbers per token in such a layer's cache (latent + shared rotary key)
+
+    @property
+    def group_size(self) -> int:
+        return self.num_query_heads // self.num_kv_heads
+
+    def has_heads(self, layer: int) -> bool:
+        return layer not in self.no_heads
+
+    def is_latent(self, layer: int) -> bool:
+        return layer in self.latent
+
+
+# transformers' names for what each layer's cache holds (the layer-type table of `transformers.cache_utils`), and
+# what headprof does with each:
+# - attention with keys and values per KV head: scored, and compressed per head (`cache.HeadKVLayer`); "hybrid"
+#   layers also hold a linear-attention state, which stays as transformers keeps it;
+# - state that is not keys and values (Mamba, linear attention, convolution): no heads to score, no budget, left
+#   exactly as the model's own cache keeps it (`native.py`);
+# - "dummy": no KV of its own (KV shared with an earlier layer, or an MLP/MoE-only layer): transformers' own layer;
+# - any other kind (chunked or indexed attention): scored, but compressing methods refuse the model in one line.
+# Layers whose cache holds one latent shared by all heads (MLA) are found from the tensors (`latent.py`).
+COMPRESSIBLE_KINDS = ("full_attention", "sliding_attention", "hybrid", "hybrid_sliding")
+STATE_KINDS = ("linear_attention", "conv")
+CACHELESS_KINDS = ("dummy",)
+SLIDING_KINDS = ("sliding_attention", "hybrid_sliding")
+
+
+def layer_kinds(config) -> tuple[list[str], list[int | None]]:
+    """Per layer: transformers' layer type and its window (sliding window or attention chunk), read from
+    transformers' own table, so that a kind headprof does not know is never taken for full attention."""
+    text = config.get_text_config()
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+    except ImportError:  # a transformers without the table: its explicit layer_types, or one kind for all
+        window = getattr(text, "sliding_window", None)
+        kinds = getattr(text, "layer_types", None) or [
+            "sliding_attention" if window else "full_attention"] * text.num_hidden_layers
+        return list(kinds), [window if k == "sliding_attention" else None for k in kinds]
+    kinds, kwargs = get_layer_types_and_kwargs(text)
+    return list(kinds), [kw.get("sliding_window") for kw in kwargs]
+
+
+def _head_shapes(text, layers: list[int]) -> list[tuple[int, int, int]]:
+    """(query heads, KV heads, head dim) of the given layers; models with per-layer configs may differ by layer."""
+    configs = getattr(text, "per_layer_config", None) or [text] * text.num_hidden_layers
+    shapes = []
+    for i in layers:
+        c = configs[i]
+        heads = c.num_attention_heads
+        shapes.append((heads, getattr(c, "num_key_value_heads", None) or heads,
+                       getattr(c, "head_dim", None) or c.hidden_size // heads))
+    return shapes
+
+
+def layout_of(config) -> HeadLayout:
+    """The model's head layout; a model whose attention layers differ in head counts or head size is refused,
+    since a profile and a compressed cache are one [layer, head] grid, and so is a model with no attention."""
+    text = config.get_text_config()
+    kinds, windows = layer_kinds(config)
+    stateful = [i for i, k in enumerate(kinds) if k in STATE_KINDS]
+    attending = [i for i in range(len(kinds)) if i not in stateful]
+    if not getattr(text, "num_attention_heads", None) or not attending:
+        raise ModelError(f"{config.model_type} is attention-free (its layers are recurrent or linear-attention "
+                         "state, with no attention heads): headprof scores and compresses attention heads")
+    shapes = _head_shapes(text, attending)
+    if len(set(shapes)) > 1:
+        seen: dict[tuple[int, int, int], list[int]] = {}
+        for i, shape in zip(attending, shapes, strict=True):
+            seen.setdefault(shape, []).append(i)
+        described = "; ".join(f"{q} query / {kv} KV heads of size {d} in layers {_layer_list(ls)}"
+                              for (q, kv, d), ls in seen.items())
+        raise ModelError(f"this model's layers differ in their heads ({described}); headprof needs one head "
+                         "layout for every layer")
+    heads, kv, head_dim = shapes[0]
+    sliding = [w for k, w in zip(kinds, windows, strict=True) if k in SLIDING_KINDS and w]
+    return HeadLayout(num_layers=text.num_hidden_layers, num_query_heads=heads, num_kv_heads=kv,
+                      head_dim=head_dim, attention_kinds=tuple(kinds),
+                      sliding_window=sliding[0] if sliding else None, layer_windows=tuple(windows),
+                      no_heads=tuple(stateful))
+
+
+def _layer_list(layers: list[int]) -> str:
+    return ", ".join(map(str, layers[:6])) + (f" (+{len(layers) - 6})" if len(layers) > 6 else "")
+
+
+def unsupported_kinds(layout: HeadLayout) -> dict[str, list[int]]:
+    """Layer kinds a compressed cache cannot handle yet, with their layers (empty for every shipped model)."""
+    out: dict[str, list[int]] = {}
+    for i, kind in enumerate(layout.attention_kinds):
+        if kind not in COMPRESSIBLE_KINDS + CACHELESS_KINDS + STATE_KINDS:
+            out.setdefault(kind, []).append(i)
+    return out
+
+
+def check_compressible(layout: HeadLayout) -> None:
+    """A one-line ModelError naming the layers a compressing method cannot handle yet, or saying that the model
+    has no layer a method could compress."""
+    bad = unsupported_kinds(layout)
+    if bad:
+        kinds = "; ".join(f"{kind} in layers {_layer_list(ls)}" for kind, ls in bad.items())
+        raise ModelError(f"headprof cannot compress this model's KV cache yet ({kinds}); only full and "
+                         "sliding-window attention layers: run it with --method full, or score its heads only")
+    if not any(layout.has_heads(i) and k in COMPRESSIBLE_KINDS for i, k in enumerate(layout.attention_kinds)):
+        raise ModelError("this model has no attention layer with a KV cache of its own to compress: run it with "
+                         "--method full, or score its heads only")

@@ -1,0 +1,91 @@
+"""Layers headprof leaves to transformers: state that is not keys and values (Mamba, linear attention,
+convolution), layers with no KV of their own, and the state beside the keys in a hybrid layer.
+
+Their cache layers are the ones transformers itself makes for the model (`model_layers`, from the model's config),
+never copied key by key. Scoring decodes a batch of probes, each prefilled alone; `join` makes the batch's layer
+from the rows' own layers (states stacked along the batch, keys left-padded) and `select_rows` drops finished rows.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import (
+    DummyLayer,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    LinearAttentionAndFullAttentionLayer,
+    LinearAttentionAndSlidingWindowAttentionLayer,
+    LinearAttentionCacheLayerMixin,
+)
+
+
+def model_layers(config) -> list:
+    """The cache layers transformers makes for `config`'s model, one per layer (empty when it infers them lazily)."""
+    return list(DynamicCache(config=config).layers)
+
+
+def full_layers(config) -> list:
+    """The model's own layers, except that attention keeps every key (no window): scoring finds the answer span by
+    position on every layer."""
+    out = []
+    for layer in model_layers(config):
+        if isinstance(layer, LinearAttentionAndSlidingWindowAttentionLayer):
+            layer = LinearAttentionAndFullAttentionLayer(number_of_states=layer.number_of_states)
+        elif type(layer) is DynamicSlidingWindowLayer:
+            layer = DynamicLayer()
+        out.append(layer)
+    return out
+
+
+def is_plain(layer) -> bool:
+    """A layer of keys and values only (what scoring copies into its reserved buffers)."""
+    return type(layer) is DynamicLayer
+
+
+def has_state(layer) -> bool:
+    return isinstance(layer, LinearAttentionCacheLayerMixin)
+
+
+def join(rows: list, pads: list[int]):
+    """One layer for a batch from each row's own layer (prefilled alone): linear states stacked along the batch,
+    keys and values (and an indexer's keys) left-padded by `pads`."""
+    first = rows[0]
+    if isinstance(first, DummyLayer):
+        return first
+    out = copy.copy(first)
+    if has_state(first):
+        out.conv_states, out.recurrent_states = dict(first.conv_states), dict(first.recurrent_states)
+        for i in range(first.number_of_states):
+            for name in ("conv_states", "recurrent_states"):
+                parts = [getattr(r, name)[i] for r in rows]
+                if all(p is not None for p in parts):
+                    getattr(out, name)[i] = torch.cat(parts, 0)
+    if isinstance(first, DynamicLayer) and getattr(first, "keys", None) is not None and first.keys.numel():
+        out.keys = torch.cat([F.pad(r.keys, (0, 0, p, 0)) for r, p in zip(rows, pads, strict=True)], 0)
+        out.values = torch.cat([F.pad(r.values, (0, 0, p, 0)) for r, p in zip(rows, pads, strict=True)], 0)
+        if getattr(first, "indexer_keys", None) is not None and first.indexer_keys.numel():
+            out.indexer_keys = torch.cat([F.pad(r.indexer_keys, (0, 0, p, 0)) for r, p in zip(rows, pads, strict=True)],
+                                         0)
+    return out
+
+
+def select_rows(layer, indices: torch.Tensor) -> None:
+    """Keep rows `indices` of a batch layer, whatever it holds."""
+    if has_state(layer):
+        layer.reorder_cache(indices)  # linear states (and a hybrid layer's keys) by index_select
+    else:
+        layer.batch_select_indices(indices)
+
+
+def copy_state(src, dst) -> None:
+    """Give `dst` its own copy of the linear-attention state `src` holds (a shared prefill's, for one eval cell)."""
+    for name in ("conv_states", "recurrent_states"):
+        setattr(dst, name, {i: None if t is None else t.clone() for i, t in getattr(src, name).items()})
+    for name in ("is_conv_states_initialized", "is_recurrent_states_initialized", "has_previous_state",
+                 "conv_kernel_size"):
+        setattr(dst, name, dict(getattr(src, name)))
+    dst.device, dst.dtype = src.device, src.dtype
