@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 L = 4  # layers: enough for every hybrid pattern below to hold attention and something else
 
 COMMON = dict(num_hidden_layers=L, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-              head_dim=16, vocab_size=128, max_position_embeddings=1024, n_layer=L, n_embd=64, n_head=4, is_decoder=True,
+              head_dim=16, vocab_size=128, max_position_embeddings=1024, n_layer=L, n_embd=64, n_head=4,
+              is_decoder=True,
               moe_intermediate_size=32, num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2,
               n_shared_experts=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
               v_head_dim=16, first_k_dense_replace=0, n_group=1, topk_group=1, pad_token_id=0, bos_token_id=1,
@@ -54,8 +55,9 @@ def tiny_config(model_type: str):
     cls = CONFIG_MAPPING[model_type]
     default = cls()
     kwargs = {k: v for k, v in COMMON.items() if hasattr(default.get_text_config(), k) or hasattr(default, k)}
-    if hasattr(default, "kv_lora_rank"):  # MLA: the rotary part is its own head size
+    if hasattr(default, "kv_lora_rank"):  # MLA: the rotary part is its own head size; every head expands the latent
         kwargs.pop("head_dim", None)
+        kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
     kwargs.update(PATTERNS.get(model_type, {}))
     patterns = {}
     for name in PATTERN_LISTS:
@@ -115,13 +117,14 @@ class Row:
 
 def mechanism(folder: Path) -> str:
     """What kind of attention the architecture has, from headprof's reading of its config and weights."""
-    from headprof import models
+    from headprof import api
 
     try:
-        info = models.describe(str(folder))
+        lay = api.load_model(str(folder), device="cpu").info.layout
     except Exception as e:
-        return "attention-free" if "attention-free" in str(e) or "no attention" in str(e) else "?"
-    lay = info.layout
+        text = str(e)
+        return ("attention-free" if "attention-free" in text else
+                "legacy attention" if "attention interface" in text else "?")
     kinds = set(lay.attention_kinds)
     if getattr(lay, "latent", False):
         return "MLA"
