@@ -8,7 +8,7 @@ of their self-agreements are indistinguishable from a rerun.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -178,6 +178,7 @@ class Summary:
     split_half: float | None
     split_half_full_size: float | None
     mass_top10: float
+    layers_without_heads: list[int] = field(default_factory=list)
 
 
 def summarise(profile: Profile, top: int = 10) -> Summary:
@@ -193,4 +194,4 @@ def summarise(profile: Profile, top: int = 10) -> Summary:
              "high": float(hi.ravel()[i]) if hi is not None else None}
             for rank, i in enumerate(np.argsort(-scores.ravel(), kind="stable")[:top], 1)]
     sh = split_half(per_probe) if per_probe is not None else None
-    return Summary(rows, sh, full_size(sh), mass_in_top(scores))
+    return Summary(rows, sh, full_size(sh), mass_in_top(scores), profile.layers_without_heads)

@@ -29,6 +29,11 @@ def grid(profile: Profile, kv: bool, other: Profile | None = None) -> tuple[np.n
     return a, group
 
 
+def headless(profile: Profile) -> list[int]:
+    """Layers drawn as having no heads (a hybrid model's Mamba or linear-attention layers)."""
+    return profile.layers_without_heads
+
+
 def title(profile: Profile, kv: bool, other: Profile | None) -> str:
     m, p = profile.model, profile.probe_set
     level = "KV heads (mean over group)" if kv else "query heads"
@@ -60,11 +65,17 @@ def save_heatmap(profile: Profile, path: Path, kv: bool = False, top: int = 10, 
     width = min(16, max(5, 0.32 * heads + 2.5))
     height = min(14, max(4, 0.26 * layers + 1.8))
     fig, ax = plt.subplots(figsize=(width, height), dpi=110)
+    shown = np.ma.masked_array(data, mask=np.zeros_like(data, dtype=bool))
+    shown.mask[headless(profile)] = True  # no heads: drawn grey, not as zeros
     if other is not None:
         lim = float(np.abs(data).max()) or 1.0
-        im = ax.imshow(data, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
+        cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="0.8")
+        im = ax.imshow(shown, cmap=cmap, vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
     else:
-        im = ax.imshow(data, cmap="viridis", vmin=0, aspect="auto", interpolation="nearest")
+        cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.8")
+        im = ax.imshow(shown, cmap=cmap, vmin=0, aspect="auto", interpolation="nearest")
+    for layer in headless(profile):
+        ax.text(heads / 2 - 0.5, layer, "no attention heads", ha="center", va="center", fontsize=7, color="0.3")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="B - A" if other is not None else "score")
     ax.set_xlabel("KV head" if kv else "query head")
     ax.set_ylabel("layer")
@@ -105,7 +116,11 @@ def terminal_heatmap(profile: Profile, kv: bool = False, top: int = 10, other: P
     for h in range(heads):
         t.add_column(str(h % 10) + ("|" if group > 1 and (h + 1) % group == 0 and h + 1 < heads else ""),
                      justify="left")
+    none = set(headless(profile))
     for layer in range(layers):
+        if layer in none:
+            t.add_row(f"L{layer}", *[Text("--" if h else "-- no attention heads", style="dim") for h in range(heads)])
+            continue
         cells = []
         for h in range(heads):
             v = data[layer, h]

@@ -71,7 +71,8 @@ class Profile:
         return write_atomic(path, json.dumps(self.data, indent=1) + "\n", force)
 
     def check_fits(self, layout) -> None:
-        """Refuse a profile made for a model with another head layout (`layout`: models.HeadLayout)."""
+        """Refuse a profile made for a model with another head layout (`layout`: models.HeadLayout), or whose layers
+        with heads are not this model's (a hybrid model's profile on a dense one, or the other way round)."""
         m = self.model
         theirs = (m["num_layers"], m["num_query_heads"], m["num_kv_heads"])
         ours = (layout.num_layers, layout.num_query_heads, layout.num_kv_heads)
@@ -79,6 +80,17 @@ class Profile:
             raise ProfileError(f"profile was made for {m.get('spec', 'another model')} ({theirs[0]} layers, "
                                f"{theirs[1]} query heads, {theirs[2]} KV heads); this model has {ours[0]} layers, "
                                f"{ours[1]} query heads, {ours[2]} KV heads")
+        mine, other = set(self.layers_without_heads), set(getattr(layout, "no_heads", ()))
+        if mine != other:
+            differ = ", ".join(map(str, sorted(mine ^ other)[:8]))
+            raise ProfileError(f"profile was made for {m.get('spec', 'another model')}, whose layers without attention "
+                               f"heads are {sorted(mine) or 'none'}; this model's are {sorted(other) or 'none'} "
+                               f"(layers {differ} differ)")
+
+    @property
+    def layers_without_heads(self) -> list[int]:
+        """Layers of the model that have no attention heads (Mamba, linear attention, MLP only): no scores."""
+        return list(self.model.get("layers_without_heads") or [])
 
     @staticmethod
     def kv_reduce(query: np.ndarray, num_kv_heads: int) -> dict[str, Any]:

@@ -44,6 +44,9 @@ def show(profile_path: ProfileArg, top: Annotated[int, typer.Option(help="how ma
               f"{'' if sh is None else f' (full size, Spearman-Brown: {s.split_half_full_size:.3f})'}",
               highlight=False)
     out.print(f"score mass held by the top 10% of heads: {s.mass_top10:.1%}", highlight=False)
+    if s.layers_without_heads:
+        out.print(f"layers without attention heads (not scored): {', '.join(map(str, s.layers_without_heads))}",
+                  highlight=False)
 
 
 @app.command()

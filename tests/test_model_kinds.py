@@ -1,0 +1,121 @@
+"""Any Hugging Face causal LM: one architecture per mechanism gets the status the support matrix
+(benchmarks/model_matrix.py, docs/models.md) gives it, and what makes each status true is checked here."""
+
+import importlib.util as iu
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from headprof import api, families, latent, layout, models
+from headprof.cli import app
+from headprof.errors import ProfileError
+from headprof.probes import RenderedProbe
+from headprof.scoring import Decoder, ProbeJob, score_batch, score_probe
+
+_spec = iu.spec_from_file_location("model_matrix", Path(__file__).parents[1] / "benchmarks" / "model_matrix.py")
+matrix = sys.modules.setdefault("model_matrix", iu.module_from_spec(_spec))
+_spec.loader.exec_module(matrix)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Tiny random models of a few architectures, saved as local model folders."""
+    root = tmp_path_factory.mktemp("archs")
+
+    def make(model_type: str) -> Path:
+        folder = root / model_type
+        if not folder.exists():
+            assert matrix.build(model_type, folder) is None
+        return folder
+
+    return make
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type, status, mechanism", [
+    ("llama", "works", "GQA"),
+    ("gemma3_text", "works", "sliding"),
+    ("qwen3_next", "works", "hybrid"),  # gated delta-net layers beside attention
+    ("jamba", "works", "hybrid"),  # Mamba layers beside attention
+    ("falcon_h1", "works", "hybrid"),  # Mamba and attention inside every layer
+    ("deepseek_v3", "works", "MLA"),
+    ("mamba", "refused", "attention-free"),
+    ("bloom", "refused", "legacy attention"),  # attention outside transformers' attention interface
+])
+def test_each_mechanism_gets_its_status(built, model_type, status, mechanism):
+    folder = built(model_type)
+    got, reason = matrix.classify(folder)
+    assert (got, matrix.mechanism(folder)) == (status, mechanism), reason
+    assert "\n" not in reason
+
+
+def test_attention_that_bypasses_the_interface_is_refused_in_one_line_and_nothing_is_written(built, tmp_path):
+    out = tmp_path / "p.json"
+    r = CliRunner().invoke(app, ["score", str(built("bloom")), "--method", "retrieval", "--lengths", "200",
+                                 "--depths", "1", "--out", str(out)])
+    assert r.exit_code == 2, r.output
+    assert "does not go through transformers' attention interface" in r.output and len(r.output.splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_an_attention_free_model_is_refused_by_info(built):
+    r = CliRunner().invoke(app, ["info", str(built("mamba"))])
+    assert r.exit_code == 2 and "attention-free" in r.output and len(r.output.splitlines()) == 1
+
+
+def test_a_hybrid_model_batch_scores_what_each_probe_scores_alone(built):
+    lm = models.load(str(built("qwen3_next")), device="cpu")
+    assert lm.info.layout.no_heads == (0, 2)  # its linear-attention layers
+    jobs = []
+    for seed, length in enumerate([40, 61, 55]):
+        ids = torch.randint(3, 98, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+        fam = families.get("disambiguation")
+        jobs.append(ProbeJob(RenderedProbe(ids, (10, 17 + seed), ""), fam, Decoder(lm.tokenizer, set(), 3 + seed)))
+    alone = [score_probe(lm, j.rendered, j.family, Decoder(lm.tokenizer, set(), j.decoder.cap)) for j in jobs]
+    together = score_batch(lm, jobs)
+    for a, b in zip(alone, together, strict=True):
+        assert a.response == b.response
+        np.testing.assert_allclose(b.scores, a.scores, atol=1e-5)
+        assert (a.scores[[0, 2]] == 0).all() and (a.scores[[1, 3]] > 0).all()  # only attention layers score
+
+
+def test_an_mla_layer_keeps_one_selection_of_its_latent(built):
+    lm = models.load(str(built("deepseek_v3")), device="cpu")
+    assert lm.info.layout.latent == (0, 1, 2, 3) and lm.info.layout.latent_dim == 16 + 8
+    ids = [1] + [3 + (i * 7) % 90 for i in range(119)]
+    report = api.generate(lm, ids, "snapkv", 40, max_new_tokens=4)
+    small, full = report.runs
+    assert small.kv_bytes < full.kv_bytes / 2
+    assert any("share their kept tokens" in n for n in small.notes)
+    assert all(len(set(b)) == 1 for b in small.budgets)  # every head of a layer: the same tokens
+
+
+def test_shared_positions_take_the_layers_mean_budget_by_votes():
+    picks = [torch.tensor([1, 2, 5]), torch.tensor([2, 5, 7]), torch.tensor([2, 3, 5])]
+    scores = torch.zeros(3, 8)
+    scores[:, 7] = 1.0  # among the positions one head chose, the best-scored one wins the tie
+    assert latent.shared_positions(picks, scores).tolist() == [2, 5, 7]
+
+
+def test_a_hybrid_profile_does_not_fit_a_dense_model_of_the_same_grid():
+    dense = layout.HeadLayout(4, 4, 2, 16, ("full_attention",) * 4, None)
+    hybrid = layout.HeadLayout(4, 4, 2, 16, ("linear_attention", "full_attention") * 2, None, no_heads=(0, 2))
+    prof = api.Profile({"model": {"spec": "tiny-hybrid", "num_layers": 4, "num_query_heads": 4, "num_kv_heads": 2,
+                                  "layers_without_heads": [0, 2]}})
+    prof.check_fits(hybrid)
+    with pytest.raises(ProfileError, match=r"layers without attention heads are \[0, 2\]; this model's are none "
+                                           r"\(layers 0, 2 differ\)"):
+        prof.check_fits(dense)
+
+
+def test_no_position_limit_is_not_a_limit():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, vocab_size=96, max_position_embeddings=-1)
+    info = models._info("x", config, None, None, "x", False)
+    assert info.max_positions == 0  # 0: no limit (generation and scoring check only a positive limit)
