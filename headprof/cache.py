@@ -494,7 +494,12 @@ class HeadKVCache(Cache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if layer_idx == 0:  # a forward pass starts
             self._grow(key_states.shape[-2])
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+            self._owners = {}
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        layer = self.layers[layer_idx]
+        if isinstance(layer, HeadKVLayer) and layer.compressed:
+            self._owners[id(out[0])] = layer  # layers that share this layer's KV attend with what it returned
+        return out
 
     def _grow(self, q: int) -> None:
         """When the `q` new tokens overflow any compressed layer's room, lay out every compressed layer again,
@@ -515,9 +520,12 @@ class HeadKVCache(Cache):
         return layer if isinstance(layer, LatentLayer) and layer.compressed else None
 
     def compressed_layer(self, layer_idx: int, key: torch.Tensor) -> HeadKVLayer | None:
-        """The compressed layer whose `update` just returned `key` (None for any other cache's keys)."""
+        """The compressed layer whose `update` just returned `key`: layer `layer_idx`'s own, or, for a layer that
+        reuses an earlier layer's KV (Gemma 3n), that layer (None for any other cache's keys)."""
         layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
-        if isinstance(layer, HeadKVLayer) and layer.compressed and layer.returned is key:
+        if not (isinstance(layer, HeadKVLayer) and layer.compressed):
+            layer = getattr(self, "_owners", {}).get(id(key))
+        if layer is not None and layer.compressed and layer.returned is key:
             return layer
         return None
 

@@ -133,6 +133,7 @@ class _Seen:
     def __init__(self, recorder: _Recorder) -> None:
         self.recorder = recorder
         self.keys: dict[int, tuple[int, ...]] = {}
+        self.calls: dict[int, int] = {}
         self.own_keys: dict[int, bool] = {}
         self.own_values: dict[int, bool] = {}
 
@@ -141,6 +142,7 @@ class _Seen:
         if layer is None:
             return
         self.keys[layer] = tuple(key.shape)
+        self.calls[layer] = self.calls.get(layer, 0) + 1
         returned = self.recorder.returned.get(layer)
         if returned is not None:
             self.own_keys[layer] = key is returned[0]
@@ -184,7 +186,16 @@ def verify(model: torch.nn.Module) -> layouts.HeadLayout:
     if missing:
         raise ModelError(f"{name}'s attention in layers {layouts._layer_list(missing)} does not go through "
                          "transformers' attention interface; headprof cannot see or compress it")
+    twice = [i for i, n in seen.calls.items() if n > 1]
+    if twice:
+        raise ModelError(f"{name} runs the attention of layers {layouts._layer_list(sorted(twice))} more than once per "
+                         "forward pass (weights or cache shared across steps); headprof cannot tell its heads apart")
     no_heads = sorted(set(lay.no_heads) | {i for i, k in enumerate(kinds) if k == "dummy" and i not in seen.keys})
+    cached_heads = {seen.keys[i][1] for i in seen.own_keys if seen.own_keys[i]}
+    if len(cached_heads) == 1 and lay.num_query_heads % next(iter(cached_heads)) == 0:
+        # every layer caches the same KV heads, not the config's (multi-query models that say so in their own
+        # terms): follow the tensors
+        lay = dataclasses.replace(lay, num_kv_heads=next(iter(cached_heads)))
     latent, latent_dim = [], 0
     for i, shape in sorted(seen.keys.items()):
         if i not in seen.own_keys:
@@ -192,8 +203,8 @@ def verify(model: torch.nn.Module) -> layouts.HeadLayout:
         cached_k, cached_v = recorder.returned[i]
         if seen.own_keys[i]:
             if shape[1] != lay.num_kv_heads:
-                raise ModelError(f"{name}'s layer {i} caches {shape[1]} KV heads where its config says "
-                                 f"{lay.num_kv_heads}; headprof needs the cached heads to match the config")
+                raise ModelError(f"{name}'s layer {i} caches {shape[1]} KV heads where its other layers cache "
+                                 f"{lay.num_kv_heads}; headprof needs one head layout for every layer")
             if not seen.own_values[i]:
                 raise ModelError(f"{name} changes the values after the cache update (layer {i}); headprof's "
                                  "compressed attention reads the cached values and would give other answers")

@@ -153,7 +153,8 @@ def info(model: ModelArg,
                  ("layers", lay.num_layers), ("query heads", lay.num_query_heads),
                  ("KV heads", lay.num_kv_heads), ("group size", lay.group_size), ("head dim", lay.head_dim),
                  ("attention kinds", ", ".join(f"{k} x{lay.attention_kinds.count(k)}" for k in kinds)),
-                 ("sliding window", lay.sliding_window or "-"), ("max positions", i.max_positions),
+                 ("layers without heads", ", ".join(map(str, lay.no_heads)) or "-"),
+                 ("sliding window", lay.sliding_window or "-"), ("max positions", i.max_positions or "no limit"),
                  ("chat template", "yes" if i.chat_template else "no"),
                  ("weights sha256", i.weights_sha256 or i.revision or "-")]:
         t.add_row(f"[bold]{k}[/bold]", str(v))
