@@ -490,11 +490,14 @@ class HeadKVCache(Cache):
                   else own if own is not None else _transformers_layer(kind, w)
                   for i, (kind, squeeze, w, own) in enumerate(zip(kinds, compress, windows, native, strict=True))]
         super().__init__(layers=layers)
+        self._last = len(layers)  # the last layer updated: a lower one starts a forward pass
+        self._owners: dict[int, HeadKVLayer] = {}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if layer_idx == 0:  # a forward pass starts
+        if layer_idx <= self._last:  # a forward pass starts (its first layer with keys need not be layer 0)
             self._grow(key_states.shape[-2])
             self._owners = {}
+        self._last = layer_idx
         out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         layer = self.layers[layer_idx]
         if isinstance(layer, HeadKVLayer) and layer.compressed:

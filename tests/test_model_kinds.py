@@ -119,3 +119,17 @@ def test_no_position_limit_is_not_a_limit():
                          intermediate_size=64, vocab_size=96, max_position_embeddings=-1)
     info = models._info("x", config, None, None, "x", False)
     assert info.max_positions == 0  # 0: no limit (generation and scoring check only a positive limit)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_next", "falcon_h1", "deepseek_v3"])
+def test_eval_cells_from_one_shared_prefill_equal_their_own_prefill(built, model_type):
+    """eval builds every cell's cache from one prefill: a hybrid layer's state and an MLA latent come along."""
+    from headprof import generation
+
+    lm = models.load(str(built(model_type)), device="cpu")
+    ids = [1] + [3 + (i * 7) % 90 for i in range(150)]
+    shared = generation.prefill(lm, ids, 16)
+    for method, budget in [("snapkv", 40), ("streaming", 40), ("full", 40)]:
+        a = generation.generate(lm, ids, method, budget, max_new_tokens=6, shared=shared)
+        b = generation.generate(lm, ids, method, budget, max_new_tokens=6)
+        assert (a.tokens, a.kv_bytes) == (b.tokens, b.kv_bytes)
