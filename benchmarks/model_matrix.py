@@ -38,7 +38,8 @@ L = 4  # layers: enough for every hybrid pattern below to hold attention and som
 
 COMMON = dict(num_hidden_layers=L, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
               head_dim=16, vocab_size=128, max_position_embeddings=1024, n_layer=L, n_embd=64, n_head=4,
-              is_decoder=True,
+              is_decoder=True, decoder_layers=L, encoder_layers=L, decoder_attention_heads=4, encoder_attention_heads=4,
+              d_model=64, decoder_ffn_dim=96, encoder_ffn_dim=96,
               moe_intermediate_size=32, num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2,
               n_shared_experts=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
               v_head_dim=16, first_k_dense_replace=0, n_group=1, topk_group=1, pad_token_id=0, bos_token_id=1,
@@ -50,6 +51,7 @@ PATTERNS = {"jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer
             "gemma3n_text": dict(num_kv_shared_layers=2, vocab_size_per_layer_input=128, hidden_size_per_layer_input=8,
                                  layer_types=["sliding_attention", "full_attention"] * 2),
             "gpt_neo": dict(attention_types=[[["global", "local"], 2]]),
+            "lfm2": dict(layer_types=["conv", "full_attention"] * 2),
             "codegen": dict(rotary_dim=8), "gptj": dict(rotary_dim=8), "xlnet": dict(d_head=16)}
 # what a config may refuse, least needed first: dropped one by one until it builds
 OPTIONAL = ("max_position_embeddings", "head_dim", "is_decoder", "num_key_value_heads", "moe_intermediate_size",
@@ -57,21 +59,17 @@ OPTIONAL = ("max_position_embeddings", "head_dim", "is_decoder", "num_key_value_
 PATTERN_LISTS = ("layer_types", "layers_block_type", "block_types", "hybrid_override_pattern")
 
 
-def tiny_config(model_type: str):
-    """A small config of `model_type`: the shared sizes where the config has them, its layer pattern cycled over
-    `L` layers so that a hybrid keeps each of its kinds."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    cls = CONFIG_MAPPING[model_type]
-    default = cls()
-    kwargs = {k: v for k, v in COMMON.items() if hasattr(default.get_text_config(), k) or hasattr(default, k)}
+def _shrunk(cls, default, model_type: str):
+    """`cls` built with the shared sizes where `default` (a config of it) has them, its layer pattern cycled over
+    `L` layers so that a hybrid keeps each of its kinds; keys the config refuses are dropped one by one."""
+    kwargs = {k: v for k, v in COMMON.items() if hasattr(default, k)}
     if hasattr(default, "kv_lora_rank"):  # MLA: the rotary part is its own head size; every head expands the latent
         kwargs.pop("head_dim", None)
         kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
     kwargs.update(PATTERNS.get(model_type, {}))
     patterns = {}
     for name in PATTERN_LISTS:
-        pattern = getattr(default.get_text_config(), name, None)
+        pattern = getattr(default, name, None)
         kinds = list(dict.fromkeys(pattern)) if isinstance(pattern, (list, str)) else []
         if len(kinds) > 1 and model_type not in PATTERNS:
             cycled = [kinds[i % len(kinds)] for i in range(L)]
@@ -88,6 +86,23 @@ def tiny_config(model_type: str):
                 attempt = {k: v for k, v in attempt.items() if k != drop[0]}
     # some configs refuse a size; keep only the depth and width
     return cls(**{k: kwargs[k] for k in ("num_hidden_layers", "hidden_size", "vocab_size") if k in kwargs})
+
+
+def tiny_config(model_type: str):
+    """A small config of `model_type`; a composite config (a text model inside a multimodal one) gets a small
+    text config."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    default = cls()
+    text = getattr(default, "text_config", None)
+    if text is None or text is default:
+        return _shrunk(cls, default, model_type)
+    small = _shrunk(type(text), text, model_type)
+    try:
+        return cls(text_config=small.to_dict())
+    except Exception:
+        return _shrunk(cls, default, model_type)
 
 
 def char_tokenizer():
