@@ -33,6 +33,7 @@ hybrid layer (attention beside a linear state) compresses its keys and keeps its
 
 from __future__ import annotations
 
+import contextvars
 import math
 from dataclasses import dataclass
 
@@ -47,6 +48,17 @@ from transformers.cache_utils import (
 )
 
 from headprof.latent import LatentLayer
+
+# The layer whose cache was updated last: the layer an attention call belongs to when its module does not say
+# (a block shared by several layers, as in Zamba, carries layer_idx -1 and hands the real one to the cache).
+LAST_UPDATE: contextvars.ContextVar[int | None] = contextvars.ContextVar("headprof_last_update", default=None)
+
+
+def layer_of(module) -> int | None:
+    """The layer index an attention call belongs to: its module's, or the last cache update's."""
+    idx = getattr(module, "layer_idx", None)
+    return idx if isinstance(idx, int) and idx >= 0 else LAST_UPDATE.get()
+
 
 SLACK = 0.045  # right after growing, compressed layers hold at most this share more bytes than their tokens
 
@@ -498,6 +510,7 @@ class HeadKVCache(Cache):
             self._grow(key_states.shape[-2])
             self._owners = {}
         self._last = layer_idx
+        LAST_UPDATE.set(layer_idx)
         out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         layer = self.layers[layer_idx]
         if isinstance(layer, HeadKVLayer) and layer.compressed:
@@ -519,13 +532,13 @@ class HeadKVCache(Cache):
 
     def latent_layer(self, layer_idx: int) -> LatentLayer | None:
         """The compressed MLA layer `layer_idx`, if it is one."""
-        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        layer = self.layers[layer_idx] if layer_idx is not None and layer_idx < len(self.layers) else None
         return layer if isinstance(layer, LatentLayer) and layer.compressed else None
 
     def compressed_layer(self, layer_idx: int, key: torch.Tensor) -> HeadKVLayer | None:
         """The compressed layer whose `update` just returned `key`: layer `layer_idx`'s own, or, for a layer that
         reuses an earlier layer's KV (Gemma 3n), that layer (None for any other cache's keys)."""
-        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        layer = self.layers[layer_idx] if layer_idx is not None and layer_idx < len(self.layers) else None
         if not (isinstance(layer, HeadKVLayer) and layer.compressed):
             layer = getattr(self, "_owners", {}).get(id(key))
         if layer is not None and layer.compressed and layer.returned is key:

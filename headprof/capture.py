@@ -24,7 +24,7 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 
 from headprof import attention
 from headprof import layout as layouts
-from headprof.cache import HeadKVCache
+from headprof.cache import LAST_UPDATE, HeadKVCache, layer_of
 from headprof.calls import with_cache
 from headprof.errors import ModelError
 
@@ -81,12 +81,12 @@ def compressed(cache: HeadKVCache) -> Iterator[HeadKVCache]:
 
 def _compressed_layer(module, key):
     cache = _CACHE.get()
-    return None if cache is None else cache.compressed_layer(module.layer_idx, key)
+    return None if cache is None else cache.compressed_layer(layer_of(module), key)
 
 
 def _latent_layer(module):
     cache = _CACHE.get()
-    return None if cache is None else cache.latent_layer(module.layer_idx)
+    return None if cache is None else cache.latent_layer(layer_of(module))
 
 
 _VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its layout, as the tensors showed it
@@ -122,6 +122,7 @@ class _Recorder(DynamicCache):
         self.returned: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        LAST_UPDATE.set(layer_idx)
         out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         self.returned[layer_idx] = out
         return out
@@ -138,7 +139,7 @@ class _Seen:
         self.own_values: dict[int, bool] = {}
 
     def saw(self, module, key: torch.Tensor, value: torch.Tensor) -> None:
-        layer = getattr(module, "layer_idx", None)
+        layer = layer_of(module)
         if layer is None:
             return
         self.keys[layer] = tuple(key.shape)
@@ -242,7 +243,7 @@ def _capture(module, query, key, attention_mask, scaling, sliding_window, softca
     n = min(cap.last_n, query.shape[2])
     q_len = query.shape[2]
     probs = attention_probs(query, key, attention_mask, scaling, sliding_window, softcap, q_len - n, q_len)
-    cap.sink(module.layer_idx, probs)
+    cap.sink(layer_of(module), probs)
 
 
 def _observe(module, key, value) -> None:

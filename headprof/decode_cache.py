@@ -17,6 +17,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from headprof import native
+from headprof.cache import LAST_UPDATE
 
 
 class ReservedLayer(DynamicLayer):
@@ -98,7 +99,7 @@ class PaddedPrefill:
 
 def alone(config) -> DynamicCache:
     """The cache one prompt is prefilled into: attention layers keep every key, other layers are the model's own."""
-    cache = DynamicCache()
+    cache = ScoringCache()
     layers = native.full_layers(config)
     if layers:
         cache.layers, cache.layer_class_to_replicate = layers, None
@@ -106,7 +107,12 @@ def alone(config) -> DynamicCache:
 
 
 class ScoringCache(DynamicCache):
-    """The joined cache: finished rows leave every kind of layer."""
+    """The joined cache (and a lone prompt's): finished rows leave every kind of layer; each update says which layer
+    the attention call that follows belongs to (`cache.layer_of`)."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        LAST_UPDATE.set(layer_idx)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         for layer in self.layers:
