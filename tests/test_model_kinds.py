@@ -42,9 +42,12 @@ def built(tmp_path_factory):
     ("qwen3_next", "works", "hybrid"),  # gated delta-net layers beside attention
     ("jamba", "works", "hybrid"),  # Mamba layers beside attention
     ("falcon_h1", "works", "hybrid"),  # Mamba and attention inside every layer
+    ("zamba2", "works", "hybrid"),  # one attention block shared by several layers (layer_idx -1)
+    ("gemma3n_text", "works", "KV-shared"),  # later layers attend over earlier layers' (compressed) KV
     ("deepseek_v3", "works", "MLA"),
     ("mamba", "refused", "attention-free"),
     ("bloom", "refused", "legacy attention"),  # attention outside transformers' attention interface
+    ("diffllama", "refused", "?"),  # two attention calls per layer over transformed values
 ])
 def test_each_mechanism_gets_its_status(built, model_type, status, mechanism):
     folder = built(model_type)
