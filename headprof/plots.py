@@ -86,7 +86,8 @@ def save_heatmap(profile: Profile, path: Path, kv: bool = False, top: int = 10, 
         for x in range(group, heads, group):
             ax.axvline(x - 0.5, color="white", linewidth=0.8, alpha=0.7)
     flat = np.abs(data).ravel() if other is not None else data.ravel()
-    for i in np.argsort(-flat, kind="stable")[:top]:
+    labelled = [i for i in np.argsort(-flat, kind="stable") if int(i) // heads not in headless(profile)][:top]
+    for i in labelled:
         layer, head = divmod(int(i), heads)
         ax.text(head, layer, f"L{layer}H{head}", ha="center", va="center", fontsize=6 if heads > 16 else 7,
                 color="black", bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.75))
@@ -119,7 +120,7 @@ def terminal_heatmap(profile: Profile, kv: bool = False, top: int = 10, other: P
     none = set(headless(profile))
     for layer in range(layers):
         if layer in none:
-            t.add_row(f"L{layer}", *[Text("--" if h else "-- no attention heads", style="dim") for h in range(heads)])
+            t.add_row(f"L{layer}", *[Text("··", style="dim") for _ in range(heads)])
             continue
         cells = []
         for h in range(heads):
@@ -130,6 +131,9 @@ def terminal_heatmap(profile: Profile, kv: bool = False, top: int = 10, other: P
             cells.append(Text(shades[level] * 2 + sep, style=colour))
         t.add_row(f"L{layer}", *cells)
     flat = np.abs(data).ravel() if other is not None else data.ravel()
-    order = np.argsort(-flat, kind="stable")[:top]
+    order = [i for i in np.argsort(-flat, kind="stable") if int(i) // heads not in none][:top]
     best = [f"L{int(i) // heads}H{int(i) % heads} {data.ravel()[i]:.3g}" for i in order]
-    return Group(t, Text("top: " + ", ".join(best)))
+    notes = [Text("top: " + ", ".join(best))]
+    if none:
+        notes.append(Text(f"·· layers without attention heads: {', '.join(map(str, sorted(none)))}", style="dim"))
+    return Group(t, *notes)
