@@ -247,19 +247,38 @@ def main() -> int:
     return 0
 
 
-def page(rows: list[Row], version: str, total: int) -> str:
+def commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def page(rows: list[Row], version: str, total: int, at: str | None = None) -> str:
     built = [r for r in rows if r.status != "does not build"]
     n = len(built)
     works = sum(r.status == "works" for r in built)
     refused = sum(r.status == "refused" for r in built)
+    by_kind: dict[str, dict[str, int]] = {}
+    for r in built:
+        by_kind.setdefault(r.mechanism, {}).setdefault(r.status, 0)
+        by_kind[r.mechanism][r.status] += 1
+    summary = ["| mechanism | works | refused | fails |", "| --- | --- | --- | --- |"] + [
+        f"| {kind} | {c.get('works', 0)} | {c.get('refused', 0)} | {c.get('fails', 0)} |"
+        for kind, c in sorted(by_kind.items(), key=lambda kv: -sum(kv[1].values()))]
     lines = ["# Supported models", "",
              f"Every causal-LM architecture of transformers {version} (`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, "
-             f"{len(rows)} entries), built as a tiny random model offline and run through headprof: "
-             f"`python benchmarks/model_matrix.py` (its docstring says what each status means)."
+             f"{len(rows)} entries), built as a tiny random model offline and run through headprof at commit "
+             f"{at or commit()}: `python benchmarks/model_matrix.py` (its docstring says what each status means; "
+             "`?` marks a model refused before its mechanism could be read)."
              + (f" This run covers the first {len(rows)} of the {total}, in name order." if len(rows) < total else ""),
              "",
              f"Of the {n} that build offline: **{works} work ({100 * works / n:.0f}%), {refused} are refused in one "
-             f"line, {n - works - refused} fail**.", "",
+             f"line, {n - works - refused} fail** (none silently, none with a traceback).", "", *summary, "",
+             "Architectures that do not build as a tiny model offline are listed with why; they were not run.", "",
              "| architecture | mechanism | status | reason |", "| --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r.model_type} | {r.mechanism} | {r.status} | {r.reason.replace('|', '/')} |")
