@@ -215,6 +215,10 @@ def verify(model: torch.nn.Module) -> layouts.HeadLayout:
         else:
             raise ModelError(f"{name}'s layer {i} attends over keys other than those its cache returned; headprof "
                              "cannot compress them")
+    windowed = [i for i in latent if kinds[i] in layouts.SLIDING_KINDS + ("chunked_attention",)]
+    if windowed:
+        raise ModelError(f"{name}'s layers {layouts._layer_list(windowed)} cache an MLA latent inside a sliding "
+                         "window; headprof compresses MLA latents of full-attention layers only")
     return dataclasses.replace(lay, no_heads=tuple(no_heads), latent=tuple(latent), latent_dim=latent_dim)
 
 
