@@ -52,6 +52,7 @@ PATTERNS = {"jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer
                                  layer_types=["sliding_attention", "full_attention"] * 2),
             "gpt_neo": dict(attention_types=[[["global", "local"], 2]]),
             "lfm2": dict(layer_types=["conv", "full_attention"] * 2),
+            "lfm2_moe": dict(layer_types=["conv", "full_attention"] * 2),
             "codegen": dict(rotary_dim=8), "gptj": dict(rotary_dim=8), "xlnet": dict(d_head=16)}
 # what a config may refuse, least needed first: dropped one by one until it builds
 OPTIONAL = ("max_position_embeddings", "head_dim", "is_decoder", "num_key_value_heads", "moe_intermediate_size",
@@ -88,21 +89,27 @@ def _shrunk(cls, default, model_type: str):
     return cls(**{k: kwargs[k] for k in ("num_hidden_layers", "hidden_size", "vocab_size") if k in kwargs})
 
 
-def tiny_config(model_type: str):
+def tiny_config(model_type: str, towers: bool = True):
     """A small config of `model_type`; a composite config (a text model inside a multimodal one) gets a small
-    text config."""
+    text config and, with `towers`, small vision or audio configs (the same widths and depth)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
     default = cls()
     text = getattr(default, "text_config", None)
     if text is None or text is default:
-        return _shrunk(cls, default, model_type)
-    small = _shrunk(type(text), text, model_type)
-    try:
-        return cls(text_config=small.to_dict())
-    except Exception:
-        return _shrunk(cls, default, model_type)
+        config = _shrunk(cls, default, model_type)
+    else:
+        small = _shrunk(type(text), text, model_type)
+        try:
+            config = cls(text_config=small.to_dict())
+        except Exception:
+            config = _shrunk(cls, default, model_type)
+    for name in getattr(default, "sub_configs", {}) if towers else ():
+        sub = getattr(config, name, None)
+        if name != "text_config" and sub is not None and hasattr(sub, "to_dict"):
+            setattr(config, name, _shrunk(type(sub), sub, model_type))
+    return config
 
 
 def char_tokenizer():
@@ -121,23 +128,27 @@ def build(model_type: str, folder: Path) -> str | None:
     """Save a tiny random `model_type` with the tokenizer to `folder`; None, or why it does not build offline."""
     from transformers import AutoModelForCausalLM
 
-    try:
-        config = tiny_config(model_type)
-        with torch.device("meta"):  # sizes the config does not let us shrink (sub-configs) build no tiny model
-            size = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
-        if size > MAX_PARAMS:
-            return f"not tiny: {size / 1e6:.0f}M parameters from its config's own sizes"
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-        model.generation_config.eos_token_id = None
-        ids = torch.randint(3, 98, (1, 12))
-        with torch.no_grad():
-            model.generate(ids, max_new_tokens=2, do_sample=False)
-        model.save_pretrained(folder)
-        char_tokenizer().save_pretrained(folder)
-    except Exception as e:
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-    return None
+    why = None
+    for towers in (True, False):  # small vision/audio towers where the model takes them, else its own
+        try:
+            config = tiny_config(model_type, towers)
+            with torch.device("meta"):  # sizes the config does not let us shrink build no tiny model
+                size = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+            if size > MAX_PARAMS:
+                why = f"not tiny: {size / 1e6:.0f}M parameters from its config's own sizes"
+                continue
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+            model.generation_config.eos_token_id = None
+            ids = torch.randint(3, 98, (1, 12))
+            with torch.no_grad():
+                model.generate(ids, max_new_tokens=2, do_sample=False)
+            model.save_pretrained(folder)
+            char_tokenizer().save_pretrained(folder)
+            return None
+        except Exception as e:
+            why = why or f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    return why
 
 
 @dataclass

@@ -47,7 +47,7 @@ from transformers.cache_utils import (
     LinearAttentionAndFullAttentionLayer,
 )
 
-from headprof.latent import LatentLayer
+from headprof.latent import IndexedLatentLayer, LatentLayer
 
 # The layer whose cache was updated last: the layer an attention call belongs to when its module does not say
 # (a block shared by several layers, as in Zamba, carries layer_idx -1 and hands the real one to the cache).
@@ -274,7 +274,9 @@ class HeadKVLayer(DynamicLayer):
         kept_pos = pos.to(torch.int32) if self.sliding_window is not None else None
         packed = np.concatenate([[0], np.cumsum(lens)[:-1]])
         self._place(torch.cat((keys[0, head_of, pos], values[0, head_of, pos]), -1), kept_pos, packed, 0, win)
-        self.keys = self.values = None
+        # the dense tensors are freed; empty ones stay for model code that asks a layer whether it holds keys
+        self.keys, self.values = keys.new_empty((1, len(keep), 0, keys.shape[-1])), values.new_empty(
+            (1, len(keep), 0, values.shape[-1]))  # new storage: views would keep the prompt's tensors alive
 
     def _keep_from(self, q: int) -> int:
         """Generated entries a growth for `q` new tokens drops: those a sliding window has passed (never read again)."""
@@ -480,7 +482,7 @@ def _transformers_layer(kind: str, window: int | None):
 
 def _compressed_layer_for(kind: str, window: int | None, slack: float, latent: bool, native_layer) -> DynamicLayer:
     if latent:
-        return LatentLayer()
+        return IndexedLatentLayer() if kind == "indexed_attention" else LatentLayer()
     if kind in ("hybrid", "hybrid_sliding"):
         return HybridHeadKVLayer(window, slack, getattr(native_layer, "number_of_states", 1))
     return HeadKVLayer(window, slack)

@@ -22,7 +22,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
 
-from headprof import attention
+from headprof import attention, own_cache
 from headprof import layout as layouts
 from headprof.cache import LAST_UPDATE, HeadKVCache, layer_of
 from headprof.calls import with_cache
@@ -120,12 +120,17 @@ class _Recorder(DynamicCache):
     def __init__(self, config) -> None:
         super().__init__(config=config)
         self.returned: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.indexed: set[int] = set()  # layers that ran a sparse-attention indexer of their own
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         LAST_UPDATE.set(layer_idx)
         out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         self.returned[layer_idx] = out
         return out
+
+    def update_indexer(self, indexer_key_states, layer_idx):
+        self.indexed.add(layer_idx)
+        return super().update_indexer(indexer_key_states, layer_idx)
 
 
 class _Seen:
@@ -163,7 +168,7 @@ def verify(model: torch.nn.Module) -> layouts.HeadLayout:
     config = model.config
     lay = layouts.layout_of(config)
     name = config.model_type
-    recorder = _Recorder(config)
+    recorder = own_cache.adapt(_Recorder(config), config)
     seen = _Seen(recorder)
     vocab = getattr(config.get_text_config(), "vocab_size", None) or 4
     ids = (torch.arange(4) % max(1, min(vocab, 4) - 1) + 1)[None].to(model.device)
@@ -183,15 +188,19 @@ def verify(model: torch.nn.Module) -> layouts.HeadLayout:
     if not seen.keys:
         raise ModelError(f"{name}'s attention does not go through transformers' attention interface; headprof "
                          "cannot see or compress it")
-    missing = [i for i in attends if i not in seen.keys]
+    # cross-attention layers (Mllama) attend over image states only: on text they neither cache nor attend
+    cross = set(getattr(config.get_text_config(), "cross_attention_layers", None) or ())
+    idle = [i for i in attends if i not in seen.keys and i in cross and i not in recorder.returned]
+    missing = [i for i in attends if i not in seen.keys and i not in idle]
     if missing:
-        raise ModelError(f"{name}'s attention in layers {layouts._layer_list(missing)} does not go through "
+        raise ModelError(f"{name}'s attention in layers {layouts.layer_list(missing)} does not go through "
                          "transformers' attention interface; headprof cannot see or compress it")
     twice = [i for i, n in seen.calls.items() if n > 1]
     if twice:
-        raise ModelError(f"{name} runs the attention of layers {layouts._layer_list(sorted(twice))} more than once per "
+        raise ModelError(f"{name} runs the attention of layers {layouts.layer_list(sorted(twice))} more than once per "
                          "forward pass (weights or cache shared across steps); headprof cannot tell its heads apart")
-    no_heads = sorted(set(lay.no_heads) | {i for i, k in enumerate(kinds) if k == "dummy" and i not in seen.keys})
+    no_heads = sorted(set(lay.no_heads) | set(idle)
+                      | {i for i, k in enumerate(kinds) if k == "dummy" and i not in seen.keys})
     cached_heads = {seen.keys[i][1] for i in seen.own_keys if seen.own_keys[i]}
     if len(cached_heads) == 1 and lay.num_query_heads % next(iter(cached_heads)) == 0:
         # every layer caches the same KV heads, not the config's (multi-query models that say so in their own
@@ -217,9 +226,11 @@ def verify(model: torch.nn.Module) -> layouts.HeadLayout:
                              "cannot compress them")
     windowed = [i for i in latent if kinds[i] in layouts.SLIDING_KINDS + ("chunked_attention",)]
     if windowed:
-        raise ModelError(f"{name}'s layers {layouts._layer_list(windowed)} cache an MLA latent inside a sliding "
+        raise ModelError(f"{name}'s layers {layouts.layer_list(windowed)} cache an MLA latent inside a sliding "
                          "window; headprof compresses MLA latents of full-attention layers only")
-    return dataclasses.replace(lay, no_heads=tuple(no_heads), latent=tuple(latent), latent_dim=latent_dim)
+    reused = tuple(i for i in latent if kinds[i] in layouts.INDEXED_KINDS and i not in recorder.indexed)
+    return dataclasses.replace(lay, no_heads=tuple(no_heads), latent=tuple(latent), latent_dim=latent_dim,
+                               reused_index=reused)
 
 
 @contextmanager
@@ -256,14 +267,22 @@ def _observe(module, key, value) -> None:
         seen.saw(module, key, value)
 
 
-def _latent_attention(module, query, key, value, scaling, softcap, **kwargs):
-    """A compressed MLA layer: every head over the kept tokens' expanded keys, causal among the new tokens only
-    (the model's mask counts every prompt position; this layer holds fewer)."""
+def _latent_attention(module, query, key, value, attention_mask, scaling, softcap):
+    """A compressed MLA layer: every head over the kept tokens' expanded keys, causal among the new tokens only (the
+    model's mask counts every prompt position; this layer holds fewer). A mask sized to the tokens held (a sparse
+    attention's top-k, `latent.IndexedLatentLayer`) is applied as well."""
     q_len, k_len = query.shape[2], key.shape[2]
     mask = None
     if q_len > 1:
         mask = (torch.arange(k_len, device=key.device)[None, :]
                 <= torch.arange(k_len - q_len, k_len, device=key.device)[:, None])[None, None]
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and attention_mask.shape[-1] == k_len:
+        if mask is None:
+            mask = attention_mask
+        elif attention_mask.dtype == torch.bool:
+            mask = mask & attention_mask
+        else:
+            mask = attention_mask.masked_fill(~mask, torch.finfo(attention_mask.dtype).min)
     if softcap is not None:
         return _chunked_attention(query, key, value, mask, scaling, None, softcap), None
     return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, is_causal=False)
@@ -277,7 +296,7 @@ def _sdpa_attention(module, query, key, value, attention_mask, scaling=None, dro
     if layer is not None:  # a compressed layer: each KV head attends over its own kept tokens
         return attention.attend(layer, query, scaling, softcap), None
     if _latent_layer(module) is not None:
-        return _latent_attention(module, query, key, value, scaling, softcap)
+        return _latent_attention(module, query, key, value, attention_mask, scaling, softcap)
     _capture(module, query, key, attention_mask, scaling, sliding_window, softcap)
     if softcap is not None:  # SDPA has no soft-capping: compute the same thing in query chunks
         return _chunked_attention(query, key, value, attention_mask, scaling, sliding_window, softcap), None
@@ -295,7 +314,7 @@ def _flash_attention(module, query, key, value, attention_mask, scaling=None, dr
     if layer is not None:
         return attention.attend(layer, query, scaling, softcap), None
     if _latent_layer(module) is not None:
-        return _latent_attention(module, query, key, value, scaling, softcap)
+        return _latent_attention(module, query, key, value, attention_mask, scaling, softcap)
     _capture(module, query, key, attention_mask, scaling, sliding_window, softcap)
     return flash_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                    dropout=dropout, sliding_window=sliding_window, softcap=softcap,

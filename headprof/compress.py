@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from headprof import latent
+from headprof.layout import INDEXED_KINDS, SLIDING_KINDS, HeadLayout, check_compressible, compressible
 from headprof.methods import Method
-from headprof.models import COMPRESSIBLE_KINDS, SLIDING_KINDS, HeadLayout, check_compressible
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,12 @@ class Plan:
         window_pos = torch.arange(self.prefix, self.prompt_len, device=probs.device)
         picks = self.method.choose(self, layer, probs)
         if self.layout.is_latent(layer):
-            picks = [latent.shared_positions(picks, self.method.score(self, layer, probs))]
+            count = None
+            if self.layout.attention_kinds[layer] in INDEXED_KINDS:  # one mask for all of them: one count
+                count = latent.common_count(self.budgets, [i for i in range(self.layout.num_layers)
+                                                           if self.layout.attention_kinds[i] in INDEXED_KINDS
+                                                           and self.compressible[i].any()])
+            picks = [latent.shared_positions(picks, self.method.score(self, layer, probs), count)]
         return [torch.cat([k, window_pos]) for k in picks]
 
 
@@ -81,9 +86,9 @@ def compressed_layers(layout: HeadLayout, method: Method, compress_sliding: bool
     if not method.compresses:
         return [False] * layout.num_layers
     check_compressible(layout)
-    return [kind in COMPRESSIBLE_KINDS and layout.has_heads(layer)
+    return [compressible(layout, layer) and layout.has_heads(layer)
             and (compress_sliding or not is_sliding(layout, layer))
-            for layer, kind in enumerate(layout.attention_kinds)]
+            for layer in range(layout.num_layers)]
 
 
 def capacity(layout: HeadLayout, prompt_len: int, window: int) -> np.ndarray:

@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from headprof import native
+from headprof import native, own_cache
 from headprof.cache import LAST_UPDATE
 
 
@@ -74,12 +74,14 @@ class PaddedPrefill:
         self.others: dict[int, list] = {}  # layers that are not plain keys and values: each row's own
         self.pads: list[int] = []
         self.layers = 0
+        self.cache_class: type = ScoringCache  # the rows' (a model's own cache class too, `own_cache`)
 
     def add(self, row: int, cache: DynamicCache, pad: int) -> None:
         self.layers = max(self.layers, len(cache.layers))
         self.pads.append(pad)
+        self.cache_class = type(cache)
         for i, layer in enumerate(cache.layers):
-            if not native.is_plain(layer):
+            if not native.is_plain(layer) or layer.keys is None:  # never updated (a cross-attention layer on text)
                 self.others.setdefault(i, []).append(layer)
                 continue
             k, v = layer.keys, layer.values  # (1, kv_heads, n, head_dim)
@@ -92,6 +94,7 @@ class PaddedPrefill:
 
     def cache(self) -> DynamicCache:
         cache = ScoringCache()
+        cache.__class__ = self.cache_class
         cache.layers = [ReservedLayer(self.keys[i], self.values[i], self.width) if i in self.keys
                         else native.join(self.others[i], self.pads) for i in range(self.layers)]
         return cache
@@ -103,7 +106,7 @@ def alone(config) -> DynamicCache:
     layers = native.full_layers(config)
     if layers:
         cache.layers, cache.layer_class_to_replicate = layers, None
-    return cache
+    return own_cache.adapt(cache, config)
 
 
 class ScoringCache(DynamicCache):

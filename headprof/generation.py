@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, StoppingCriteria
 
-from headprof import capture, methods, native
+from headprof import capture, methods, native, own_cache
 from headprof.cache import HeadKVCache, HeadKVLayer, full_entries, held_bytes, held_entries, ideal_entries
 from headprof.capture import AttentionCapture
 from headprof.compress import Plan, compressed_layers, make_plan
@@ -28,6 +28,7 @@ from headprof.decode_cache import alone
 from headprof.defaults import BETA, KERNEL, WINDOW
 from headprof.errors import HeadprofError
 from headprof.latent import LatentLayer
+from headprof.layout import KEPT_KINDS, layer_list
 from headprof.models import HeadLayout, LoadedModel, end_tokens, with_cache
 
 
@@ -72,7 +73,8 @@ def cache_for(layout: HeadLayout, method: methods.Method, compress_sliding: bool
     windows = list(layout.layer_windows) or [layout.sliding_window if kind == "sliding_attention" else None
                                              for kind in layout.attention_kinds]
     own = native.model_layers(config) if config is not None else None
-    return HeadKVCache(list(layout.attention_kinds), squeeze, windows, native=own, latent=layout.latent)
+    cache = HeadKVCache(list(layout.attention_kinds), squeeze, windows, native=own, latent=layout.latent)
+    return own_cache.adapt(cache, config) if config is not None else cache
 
 
 @contextmanager
@@ -183,6 +185,7 @@ def _from_prefill(cache, shared: Prefill, plan: Plan | None) -> None:
         if keys is None or (isinstance(keys, torch.Tensor) and keys.numel() == 0):
             continue
         cache.update(keys, own.values, i)
+        native.copy_indexer(own, cache.layers[i])
         if plan is not None and isinstance(cache.layers[i], (HeadKVLayer, LatentLayer)):
             cache.compress(i, plan.select(i, shared.rows[i][:, :, -plan.window:]))  # the method's own window
 
@@ -216,7 +219,7 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str | methods.Metho
             notes.append(f"budget {budget} >= prompt length {n}: every prompt token is kept")
         cache = cache_for(lay, m, compress_sliding, lm.model.config)
     else:
-        cache = DynamicCache(config=lm.model.config)
+        cache = own_cache.adapt(DynamicCache(config=lm.model.config), lm.model.config)
     ids = torch.tensor([prompt_ids], device=lm.model.device)
     clock = _Clock()
     kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
@@ -252,9 +255,13 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str | methods.Metho
                                                                  else 1)
                    if isinstance(layer, (HeadKVLayer, LatentLayer)) and layer.compressed
                    else [0] * lay.num_kv_heads for layer in cache.layers]
+        kept = [i for i, k in enumerate(lay.attention_kinds) if k in KEPT_KINDS]
+        if kept:
+            notes.append(f"layers {layer_list(kept)} attend within chunks of {lay.layer_windows[kept[0]]} tokens: "
+                         "kept as the model keeps them (one chunk at most), not compressed")
         if lay.latent:
-            notes.append(f"the heads of layers {', '.join(map(str, lay.latent[:6]))}"
-                         f"{' ...' if len(lay.latent) > 6 else ''} read one MLA latent: they share their kept tokens")
+            notes.append(f"the heads of layers {layer_list(list(lay.latent))} read one MLA latent: they share their "
+                         "kept tokens")
     elem = torch.finfo(lm.model.dtype).bits // 8
     label = method if isinstance(method, str) else m.name
     return RunResult(method=label, text=lm.tokenizer.decode(tokens, skip_special_tokens=True).strip(),

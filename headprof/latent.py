@@ -6,20 +6,28 @@ update. Every head of such a layer reads the same tokens, so compression keeps o
 `shared_positions` turns the method's per-head picks into one list of the layer's mean budget (HeadKV: the layer's
 share of the head scores), the positions most heads chose first. `LatentLayer` then holds only those tokens'
 latents, so the memory is really freed; the heads' attention over them runs through headprof's attention function
-(`capture.py`), which builds its own mask, since the model's mask counts every prompt position.
+(`capture.py`), causal among the new tokens by its own mask.
+
+DeepSeek-V3.2's sparse attention (`indexed_attention`) adds an indexer that picks, for each query, the top keys by
+its own per-token keys: `IndexedLatentLayer` cuts those keys to the same tokens and sizes the model's masks to the
+tokens held, so the indexer picks among what the layer holds and its mask lines up with the latent. transformers
+builds that mask once for all such layers, so they all keep the same number of tokens (`common_count`: the mean of
+their budgets), each its own selection.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicIndexedLayer, DynamicLayer
 
 
-def shared_positions(picks: list[torch.Tensor], scores: torch.Tensor) -> torch.Tensor:
-    """One sorted list of prefix positions for all heads: as many as the heads keep on average, the positions
-    chosen by the most heads first, ties broken by the mean of the heads' scores."""
+def shared_positions(picks: list[torch.Tensor], scores: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """One sorted list of `count` prefix positions for all heads (default: as many as the heads keep on average),
+    the positions chosen by the most heads first, ties broken by the mean of the heads' scores."""
     prefix = scores.shape[-1]
-    count = round(sum(int(p.numel()) for p in picks) / max(len(picks), 1))
+    if count is None:
+        count = round(sum(int(p.numel()) for p in picks) / max(len(picks), 1))
     if count <= 0 or prefix == 0:
         return torch.zeros(0, dtype=torch.long, device=scores.device)
     votes = torch.bincount(torch.cat(picks).to(scores.device), minlength=prefix)[:prefix]
@@ -27,6 +35,11 @@ def shared_positions(picks: list[torch.Tensor], scores: torch.Tensor) -> torch.T
     order = torch.argsort(tie, descending=True)
     order = order[torch.argsort(votes[order], descending=True, stable=True)]
     return order[:min(count, prefix)].sort().values
+
+
+def common_count(budgets: np.ndarray, layers: list[int]) -> int:
+    """The tokens every sparse-attention latent layer keeps: the mean per-head budget of `layers`."""
+    return round(float(budgets[layers].mean())) if layers else 0
 
 
 class LatentLayer(DynamicLayer):
@@ -63,3 +76,16 @@ class LatentLayer(DynamicLayer):
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0
+
+
+class IndexedLatentLayer(LatentLayer, DynamicIndexedLayer):
+    """A latent with a sparse-attention indexer's keys, cut to the same tokens; the model's masks cover the tokens
+    held (the indexer scores them, and its top-k mask is then one column per held token)."""
+
+    def compress(self, keep: list[torch.Tensor]) -> None:
+        super().compress(keep)
+        if self.indexer_keys is not None and self.indexer_keys.numel():
+            self.indexer_keys = self.indexer_keys[:, keep[0].to(self.indexer_keys.device)].contiguous()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.held() + query_length, 0

@@ -26,6 +26,7 @@ class HeadLayout:
     no_heads: tuple[int, ...] = ()  # layers with no attention heads (Mamba, linear attention, MLP-only): not scored
     latent: tuple[int, ...] = ()  # layers whose cache holds one latent shared by all their heads (MLA)
     latent_dim: int = 0  # numbers per token in such a layer's cache (latent + shared rotary key)
+    reused_index: tuple[int, ...] = ()  # sparse-attention layers that reuse an earlier layer's top-k (GLM-5)
 
     @property
     def group_size(self) -> int:
@@ -45,11 +46,17 @@ class HeadLayout:
 # - state that is not keys and values (Mamba, linear attention, convolution): no heads to score, no budget, left
 #   exactly as the model's own cache keeps it (`native.py`);
 # - "dummy": no KV of its own (KV shared with an earlier layer, or an MLP/MoE-only layer): transformers' own layer;
-# - any other kind (chunked or indexed attention): scored, but compressing methods refuse the model in one line.
+# - "chunked_attention" (Llama 4's local layers): scored, and kept as the model keeps them (transformers' own layer,
+#   which never holds more than one chunk); the budget goes to the other layers;
+# - "indexed_attention" (DeepSeek sparse attention): compressed where its cache is an MLA latent (`latent.py`, the
+#   indexer's keys cut with it);
+# - any other kind: scored, but compressing methods refuse the model in one line.
 # Layers whose cache holds one latent shared by all heads (MLA) are found from the tensors (`latent.py`).
 COMPRESSIBLE_KINDS = ("full_attention", "sliding_attention", "hybrid", "hybrid_sliding")
 STATE_KINDS = ("linear_attention", "conv")
 CACHELESS_KINDS = ("dummy",)
+KEPT_KINDS = ("chunked_attention",)  # attention layers a compressed cache leaves as the model keeps them
+INDEXED_KINDS = ("indexed_attention",)  # compressible where the layer's cache is an MLA latent
 SLIDING_KINDS = ("sliding_attention", "hybrid_sliding")
 
 
@@ -95,7 +102,7 @@ def layout_of(config) -> HeadLayout:
         seen: dict[tuple[int, int, int], list[int]] = {}
         for i, shape in zip(attending, shapes, strict=True):
             seen.setdefault(shape, []).append(i)
-        described = "; ".join(f"{q} query / {kv} KV heads of size {d} in layers {_layer_list(ls)}"
+        described = "; ".join(f"{q} query / {kv} KV heads of size {d} in layers {layer_list(ls)}"
                               for (q, kv, d), ls in seen.items())
         raise ModelError(f"this model's layers differ in their heads ({described}); headprof needs one head "
                          "layout for every layer")
@@ -107,15 +114,26 @@ def layout_of(config) -> HeadLayout:
                       no_heads=tuple(stateful))
 
 
-def _layer_list(layers: list[int]) -> str:
+def layer_list(layers: list[int]) -> str:
     return ", ".join(map(str, layers[:6])) + (f" (+{len(layers) - 6})" if len(layers) > 6 else "")
+
+
+def compressible(layout: HeadLayout, layer: int) -> bool:
+    """Whether a compressing method can compress this layer's kind (heads aside)."""
+    kind = layout.attention_kinds[layer]
+    return kind in COMPRESSIBLE_KINDS or (kind in INDEXED_KINDS and layout.is_latent(layer)
+                                          and layer not in layout.reused_index)
 
 
 def unsupported_kinds(layout: HeadLayout) -> dict[str, list[int]]:
     """Layer kinds a compressed cache cannot handle yet, with their layers (empty for every shipped model)."""
     out: dict[str, list[int]] = {}
     for i, kind in enumerate(layout.attention_kinds):
-        if kind not in COMPRESSIBLE_KINDS + CACHELESS_KINDS + STATE_KINDS:
+        if kind in INDEXED_KINDS and i in layout.reused_index:
+            kind = "indexed_attention reusing an earlier layer's top-k"
+        elif kind in INDEXED_KINDS and layout.is_latent(i):
+            continue
+        if kind not in COMPRESSIBLE_KINDS + CACHELESS_KINDS + STATE_KINDS + KEPT_KINDS:
             out.setdefault(kind, []).append(i)
     return out
 
@@ -125,9 +143,9 @@ def check_compressible(layout: HeadLayout) -> None:
     has no layer a method could compress."""
     bad = unsupported_kinds(layout)
     if bad:
-        kinds = "; ".join(f"{kind} in layers {_layer_list(ls)}" for kind, ls in bad.items())
+        kinds = "; ".join(f"{kind} in layers {layer_list(ls)}" for kind, ls in bad.items())
         raise ModelError(f"headprof cannot compress this model's KV cache yet ({kinds}); only full and "
                          "sliding-window attention layers: run it with --method full, or score its heads only")
-    if not any(layout.has_heads(i) and k in COMPRESSIBLE_KINDS for i, k in enumerate(layout.attention_kinds)):
+    if not any(layout.has_heads(i) and compressible(layout, i) for i in range(layout.num_layers)):
         raise ModelError("this model has no attention layer with a KV cache of its own to compress: run it with "
                          "--method full, or score its heads only")

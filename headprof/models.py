@@ -265,9 +265,31 @@ def load_config(spec: str):
         where = "in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if _offline() else "locally or on the hub"
         raise ModelError(f"model '{spec}' not found {where}: {type(e).__name__}") from None
     encoder = config.model_type in _ENCODERS and not getattr(config, "is_decoder", False)
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or encoder:
+    if encoder or (config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and _named_causal_lm(config) is None):
         raise ModelError(f"'{spec}' is a {config.model_type} model, not a causal language model")
     return config, (kind, location, sha, resolved)
+
+
+def _named_causal_lm(config):
+    """The causal-LM class a config's `architectures` names, where the mapping knows the class but not the config's
+    type (Emu3's and Mllama's causal LMs save their text config, whose type the mapping does not list)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    known = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    for name in getattr(config, "architectures", None) or []:
+        if name in known:
+            return getattr(transformers, name, None)
+    return None
+
+
+def _causal_lm_class(config):
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForCausalLM
+    return _named_causal_lm(config)
 
 
 def local_path(spec: str) -> str:
@@ -322,7 +344,7 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
 
 def load(spec: str, device: str = "auto", dtype: str = "auto", device_map: str | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer, attached to the capture mechanism (see capture.py)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from headprof import capture
 
@@ -332,7 +354,7 @@ def load(spec: str, device: str = "auto", dtype: str = "auto", device_map: str |
     local_only = _offline() or kind != "hub"
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(location), local_files_only=local_only)
-        model = AutoModelForCausalLM.from_pretrained(
+        model = _causal_lm_class(config).from_pretrained(
             str(location), dtype=torch_dtype, local_files_only=local_only,
             device_map=device_map if device_map else None)
     except Exception as e:

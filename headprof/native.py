@@ -89,3 +89,10 @@ def copy_state(src, dst) -> None:
                  "conv_kernel_size"):
         setattr(dst, name, dict(getattr(src, name)))
     dst.device, dst.dtype = src.device, src.dtype
+
+
+def copy_indexer(src, dst) -> None:
+    """Give `dst` the sparse-attention indexer keys `src` holds (a shared prefill's), if it holds any."""
+    keys = getattr(src, "indexer_keys", None)
+    if isinstance(keys, torch.Tensor) and keys.numel() and hasattr(dst, "update_indexer"):
+        dst.update_indexer(keys)

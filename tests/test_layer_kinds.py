@@ -1,6 +1,8 @@
 """Layer kinds come from transformers' own table: a kind headprof cannot compress is refused, never taken for
 full attention, and a model whose layers differ in their heads is refused with a clear message."""
 
+import dataclasses
+
 import pytest
 import torch
 from fakes import loaded
@@ -24,16 +26,21 @@ def test_kinds_and_windows_come_from_transformers():
     gemma = loaded("gemma3").info.layout
     assert gemma.attention_kinds == ("sliding_attention", "full_attention", "sliding_attention")
     assert gemma.sliding_window == 8 and gemma.layer_windows == (8, None, 8)
-    assert models.unsupported_kinds(gemma) == {} and models.unsupported_kinds(lay) == {"chunked_attention": [0, 1, 2]}
+    assert models.unsupported_kinds(gemma) == {} and models.unsupported_kinds(lay) == {}
+    odd = dataclasses.replace(lay, attention_kinds=("compressed_sparse_attention",) + lay.attention_kinds[1:])
+    assert models.unsupported_kinds(odd) == {"compressed_sparse_attention": [0]}
+    with pytest.raises(ModelError, match=r"cannot compress .*compressed_sparse_attention in layers 0.*--method full"):
+        compress.make_plan(methods.get("snapkv"), odd, 100, 40)
 
 
-def test_a_chunked_attention_model_is_refused_by_compressing_methods_and_runs_with_the_full_cache():
+def test_chunked_attention_layers_are_kept_as_the_model_keeps_them_and_the_budget_goes_to_the_others():
     lay = models.layout_of(_llama4())
-    with pytest.raises(ModelError, match=r"cannot compress .*chunked_attention in layers 0, 1, 2.*--method full"):
-        generation.cache_for(lay, methods.get("snapkv"))
-    with pytest.raises(ModelError, match="chunked_attention"):
-        compress.make_plan(methods.get("snapkv"), lay, 100, 40)
+    assert compress.compressed_layers(lay, methods.get("snapkv"), True) == [False, False, False, True]
     assert compress.compressed_layers(lay, methods.get("full"), True) == [False] * 4
+    plan = compress.make_plan(methods.get("snapkv"), lay, 100, 40)
+    assert plan.budgets[:3].sum() == 0 and (plan.budgets[3] == 40 - plan.window).all()
+    c = generation.cache_for(lay, methods.get("snapkv"))
+    assert [type(layer) for layer in c.layers[:3]] == [DynamicSlidingWindowLayer] * 3
     torch.manual_seed(0)
     lm = loaded("llama")
     m = AutoModelForCausalLM.from_config(_llama4(), dtype=torch.float32).eval()
@@ -46,8 +53,10 @@ def test_a_chunked_attention_model_is_refused_by_compressing_methods_and_runs_wi
     ids = torch.randint(0, 96, (80,), generator=torch.Generator().manual_seed(0)).tolist()
     r = generation.generate(l4, ids, "full", 0, max_new_tokens=3)
     assert len(r.tokens) == 3 and r.kv_entries_full == 2 * (3 * 32 + 82)  # chunked layers hold their chunk
-    with pytest.raises(ModelError, match="chunked_attention"):
-        generation.generate(l4, ids, "snapkv", 40, max_new_tokens=3)
+    above = generation.generate(l4, ids, "snapkv", 100, max_new_tokens=3)
+    assert above.tokens == r.tokens and "chunks of 32 tokens" in " ".join(above.notes)
+    small = generation.generate(l4, ids, "snapkv", 20, max_new_tokens=3)
+    assert small.kv_bytes < r.kv_bytes and small.budgets[:3] == [[0, 0]] * 3
 
 
 def test_layers_headprof_leaves_alone_get_transformers_own_cache_layer():

@@ -45,6 +45,11 @@ def built(tmp_path_factory):
     ("zamba2", "works", "hybrid"),  # one attention block shared by several layers (layer_idx -1)
     ("gemma3n_text", "works", "KV-shared"),  # later layers attend over earlier layers' (compressed) KV
     ("deepseek_v3", "works", "MLA"),
+    ("glm_moe_dsa", "works", "MLA"),  # sparse attention: an indexer's top-k over the latent it holds
+    ("hy_v4", "refused", "MLA"),  # sparse-attention layers reusing an earlier layer's top-k
+    ("llama4_text", "works", "sliding"),  # chunked layers kept as the model keeps them
+    ("minimax", "works", "hybrid"),  # takes only its own cache class
+    ("mllama", "works", "GQA"),  # cross-attention layers, idle on text
     ("mamba", "refused", "attention-free"),
     ("bloom", "refused", "legacy attention"),  # attention outside transformers' attention interface
     ("diffllama", "refused", "?"),  # two attention calls per layer over transformed values
@@ -97,6 +102,24 @@ def test_an_mla_layer_keeps_one_selection_of_its_latent(built):
     assert all(len(set(b)) == 1 for b in small.budgets)  # every head of a layer: the same tokens
 
 
+def test_sparse_attention_latents_keep_one_count_and_their_indexer_keys_follow(built):
+    lm = models.load(str(built("glm_moe_dsa")), device="cpu")
+    assert set(lm.info.layout.attention_kinds) == {"indexed_attention"} and lm.info.layout.reused_index == ()
+    prof = api.score(str(built("glm_moe_dsa")), "r2", lengths=[240], depths=2, filter_probes=False,
+                     teacher_forced=True, chat_template=False, device="cpu", batch_size=2)
+    ids = [1] + [3 + (i * 7) % 90 for i in range(119)]
+    from headprof import generation, methods
+
+    m = methods.resolve("headkv", prof)
+    cache = generation.cache_for(lm.info.layout, m, True, lm.model.config)
+    plan = generation.make_plan(m, lm.info.layout, len(ids), 40, True)
+    with generation.compressing(cache, m.window, lambda _: plan):
+        generation._generate(lm, torch.tensor([ids]), cache, max_new_tokens=3)
+    held = {layer.keys.shape[-2] for layer in cache.layers}
+    assert len(held) == 1 and {layer.indexer_keys.shape[1] for layer in cache.layers} == held
+    assert next(iter(held)) < len(ids)
+
+
 def test_shared_positions_take_the_layers_mean_budget_by_votes():
     picks = [torch.tensor([1, 2, 5]), torch.tensor([2, 5, 7]), torch.tensor([2, 3, 5])]
     scores = torch.zeros(3, 8)
@@ -124,7 +147,7 @@ def test_no_position_limit_is_not_a_limit():
     assert info.max_positions == 0  # 0: no limit (generation and scoring check only a positive limit)
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_next", "falcon_h1", "deepseek_v3"])
+@pytest.mark.parametrize("model_type", ["qwen3_next", "falcon_h1", "deepseek_v3", "glm_moe_dsa", "minimax"])
 def test_eval_cells_from_one_shared_prefill_equal_their_own_prefill(built, model_type):
     """eval builds every cell's cache from one prefill: a hybrid layer's state and an MLA latent come along."""
     from headprof import generation
