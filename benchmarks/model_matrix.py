@@ -9,12 +9,12 @@ For each architecture in transformers' `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` that 
 local model:
 
 - `info`: the head layout from the config;
-- `score`: an r2 profile from two teacher-forced probes (weights on the fact sentence, which every head that
-  attends gives a non-zero share);
+- `score`: an r2 profile from two teacher-forced probes (a head scores the weight of its top keys that fall on the
+  fact sentence);
 - `run`: headkv (with that profile), snapkv and full, at a budget above the prompt and at a small one.
 
-Status: *works* when the captured scores are non-zero on every full-attention layer with heads (a sliding layer's
-window may end before the needle), the compressed answers at a
+Status: *works* when headprof's capture hands over every full-attention layer's softmax rows (each sums to 1; a
+random model's profile may still be zero where no head's top keys fall on the fact), the compressed answers at a
 budget above the prompt equal the full cache's token for token, and at the small budget the compressed caches
 hold fewer bytes; *refused* when headprof stops with its own one-line error (what the command prints, exit 2);
 *fails* otherwise (a traceback, or a result that looks right and is not: a silent failure).
@@ -30,6 +30,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +54,7 @@ PATTERNS = {"jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer
             "gpt_neo": dict(attention_types=[[["global", "local"], 2]]),
             "lfm2": dict(layer_types=["conv", "full_attention"] * 2),
             "lfm2_moe": dict(layer_types=["conv", "full_attention"] * 2),
+            "zaya": dict(num_experts_per_tok=1), "dbrx": dict(attn_config=dict(kv_n_heads=2, rope_theta=10000.0)),
             "codegen": dict(rotary_dim=8), "gptj": dict(rotary_dim=8), "xlnet": dict(d_head=16)}
 # what a config may refuse, least needed first: dropped one by one until it builds
 OPTIONAL = ("max_position_embeddings", "head_dim", "is_decoder", "num_key_value_heads", "moe_intermediate_size",
@@ -185,6 +187,9 @@ def mechanism(folder: Path) -> str:
 def classify(folder: Path) -> tuple[str, str]:
     """(status, reason) of headprof on the model in `folder`."""
     from headprof import api
+    from headprof.calls import with_cache
+    from headprof.capture import AttentionCapture
+    from headprof.decode_cache import alone
     from headprof.errors import HeadprofError
 
     spec = str(folder)
@@ -199,10 +204,13 @@ def classify(folder: Path) -> tuple[str, str]:
         # not: its window can end before the fact sentence)
         full = [i for i in range(lay.num_layers) if lay.has_heads(i) and lay.attention_kinds[i] in ("full_attention",
                                                                                                    "hybrid")]
-        zero = [i for i in full if not (abs(scores[i]) > 0).any()]
-        if zero or not (abs(scores) > 0).any():
-            return "fails", f"silent: captured scores are zero on layers {zero[:6] or 'all'}"
         ids = [1] + [3 + (i * 7) % 90 for i in range(119)]
+        rows: dict[int, torch.Tensor] = {}
+        with torch.no_grad(), AttentionCapture(rows.__setitem__, last_n=4):
+            lm.model(input_ids=torch.tensor([ids]), **with_cache(lm.model, alone(lm.model.config)))
+        unseen = [i for i in full if i not in rows or not torch.allclose(rows[i].sum(-1), torch.ones(()), atol=1e-4)]
+        if unseen or not np.isfinite(scores).all() or not (abs(scores) > 0).any() and not rows:
+            return "fails", f"silent: no attention rows captured on layers {unseen[:6] or 'all'}"
         for method in ("headkv", "snapkv"):
             big = api.generate(lm, ids, method, len(ids) + 8, profile=prof, max_new_tokens=6)
             if big.runs[0].tokens != big.runs[1].tokens:

@@ -81,6 +81,10 @@ def _head_shapes(text, layers: list[int]) -> list[tuple[int, int, int]]:
     shapes = []
     for i in layers:
         c = configs[i]
+        decoder = getattr(c, "decoder_attention_heads", None)
+        if decoder:  # the causal LM of an encoder-decoder config is its decoder (Whisper's, BART's): heads of its own
+            shapes.append((decoder, decoder, c.d_model // decoder))
+            continue
         heads = c.num_attention_heads
         shapes.append((heads, getattr(c, "num_key_value_heads", None) or heads,
                        getattr(c, "head_dim", None) or c.hidden_size // heads))
