@@ -21,7 +21,7 @@ from headprof import partial as partial_mod
 from headprof import profile as profile_mod
 from headprof.answers import token_f1
 from headprof.defaults import BETA, KERNEL, WINDOW
-from headprof.errors import HeadprofError, OutputError, ProfileError
+from headprof.errors import HeadprofError, NothingAnswered, OutputError, ProfileError
 from headprof.files import check_output, write_atomic, write_dir_atomic
 from headprof.models import LoadedModel
 from headprof.profile import Profile, shipped
@@ -95,7 +95,7 @@ def score(model: str | LoadedModel, method: str = "r2", *, lengths: Sequence[int
           device_map: str | None = None, families: str | Sequence[str] | None = None, version: str | None = None,
           min_answered: int | None | str = "auto", max_drawn: int | None = None, teacher_forced: bool = False,
           keep_chance_families: bool = False, preset: str | None = None, batch_size: int | None = None,
-          notice: Callable[[str], None] | None = None) -> Profile:
+          notice: Callable[[str], None] | None = None, write_if_none_succeed: bool = False) -> Profile:
     """Score every head on needle probes and return the profile.
 
     With `out`, the profile is written there atomically, and finished probes are kept in
@@ -103,9 +103,10 @@ def score(model: str | LoadedModel, method: str = "r2", *, lengths: Sequence[int
     `min_answered` draws further rounds of the grid (at most `max_drawn` probes, default 6x) until that
     many answered probes count; "auto" means 30 for generated probes that are filtered, else none.
     `teacher_forced` feeds the gold answer instead. `preset` ("headkv", "retrieval-head") runs an
-    official protocol over the needles folder `haystack` (docs/profiles.md). `batch_size` probes are
-    scored at once (default: by device); the profile does not depend on it. `notice` hears of a batch
-    halved for lack of memory.
+    official protocol over the needles folder `haystack` (docs/profiles.md); when no probe succeeds it
+    raises NothingAnswered, as the scripts write no scores then (finished probes are kept), unless
+    `write_if_none_succeed`. `batch_size` probes are scored at once (default: by device); the profile does not
+    depend on it. `notice` hears of a batch halved for lack of memory.
     """
     if batch_size is not None and batch_size < 1:
         raise HeadprofError(f"--batch-size must be at least 1, got {batch_size}")
@@ -142,6 +143,11 @@ def score(model: str | LoadedModel, method: str = "r2", *, lengths: Sequence[int
     prof = scoring.score(lm, ps, settings, hs, partial=partial, resume=resume,
                          progress=progress if world.main else None, world=world, batch_size=batch_size,
                          notice=notice)
+    if preset is not None and not prof.probe_set["successes"] and not write_if_none_succeed:
+        kept = f"; finished probes are kept in {partial}" if partial is not None else ""
+        raise NothingAnswered(f"no probe of {prof.probe_set['count']} succeeded under --preset {preset}: the "
+                              f"official script writes no scores then, so no profile was written{kept} "
+                              "(--write-if-none-succeed writes one, counting every probe)")
     if target is not None:
         if world.main:
             prof.save(target, force=True)

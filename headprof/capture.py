@@ -41,11 +41,12 @@ class AttentionCapture:
     Use as a context manager around a forward pass of a model prepared with `attach`.
     """
 
-    def __init__(self, sink: RowSink, last_n: int = 1) -> None:
+    def __init__(self, sink: RowSink, last_n: int = 1, official: bool = False) -> None:
         if last_n < 1:
             raise ValueError("last_n must be >= 1")
         self.sink = sink
         self.last_n = last_n
+        self.official = official  # half-precision decode steps as the official modelling file computes them
         self.stopped = False
         self._token: contextvars.Token | None = None
 
@@ -297,6 +298,12 @@ def _sdpa_attention(module, query, key, value, attention_mask, scaling=None, dro
         return attention.attend(layer, query, scaling, softcap), None
     if _latent_layer(module) is not None:
         return _latent_attention(module, query, key, value, attention_mask, scaling, softcap)
+    cap = _ACTIVE.get()
+    if (cap is not None and cap.official and not cap.stopped and query.shape[2] == 1 and softcap is None
+            and sliding_window is None and query.dtype in (torch.bfloat16, torch.float16)):
+        out, probs = official_attention(query, key, value, attention_mask, scaling)
+        cap.sink(layer_of(module), probs.float())
+        return out, None
     _capture(module, query, key, attention_mask, scaling, sliding_window, softcap)
     if softcap is not None:  # SDPA has no soft-capping: compute the same thing in query chunks
         return _chunked_attention(query, key, value, attention_mask, scaling, sliding_window, softcap), None
@@ -319,6 +326,25 @@ def _flash_attention(module, query, key, value, attention_mask, scaling=None, dr
     return flash_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                    dropout=dropout, sliding_window=sliding_window, softcap=softcap,
                                    **kwargs)
+
+
+def official_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step the way the official HeadKV modelling file computes it (`forward_torch`): QK^T divided by
+    sqrt(d) in the model's dtype, the mask added, softmax in fp32 cast back to the dtype, then times the values.
+    Returns (output (batch, 1, heads, dim), probabilities in the model's dtype (batch, heads, 1, keys)); `--preset`
+    scores bf16 runs with these, so they match the script's, token for token."""
+    b, h, q_len, d = query.shape
+    hkv, k_len = key.shape[1], key.shape[2]
+    logits = torch.matmul(query.reshape(b, hkv, h // hkv * q_len, d), key.transpose(-1, -2)) / (1.0 / scaling)
+    logits = logits.reshape(b, h, q_len, k_len)
+    if attention_mask is not None and attention_mask.dim() == 4:
+        rows = attention_mask[:, :, -q_len:, :k_len]
+        logits = (logits.masked_fill(~rows, torch.finfo(logits.dtype).min) if rows.dtype == torch.bool
+                  else logits + rows.to(logits.dtype))
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs.reshape(b, hkv, h // hkv * q_len, k_len), value)
+    return out.reshape(b, h, q_len, value.shape[-1]).transpose(1, 2), probs
 
 
 def attention_probs(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,

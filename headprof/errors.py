@@ -23,3 +23,10 @@ class OutputError(HeadprofError):
 
 class MethodError(HeadprofError):
     """An unknown compression method, or an option it does not have."""
+
+
+class NothingAnswered(HeadprofError):
+    """An official protocol's run in which no probe succeeded: the scripts write no scores, so neither does
+    headprof unless asked to (exit 1: the run worked, the model did not)."""
+
+    exit_code = 1

@@ -35,15 +35,34 @@ class Preset:
     needs_answer: bool
     min_overlap: float  # a real_needle found with less token overlap is bad input
     first_match: bool  # Retrieval_Head takes the first window above min_overlap; HeadKV-R2 the last best one
+    first_part: int  # needle i's haystack is part{i + first_part} (Retrieval_Head reads part1..part3)
+    end_test: bool  # HeadKV-R2 also stops at the config's end token; Retrieval_Head has no end test
+    parts: int | None = None  # how many parts the script reads (Retrieval_Head: 3), None: one per needle
 
 
 PRESETS = {
     "headkv": Preset("headkv", "r2", "qa_f1", stop_at_answer=True, needs_answer=True, min_overlap=0.5,
-                     first_match=False),
+                     first_match=False, first_part=0, end_test=True),
     "retrieval-head": Preset("retrieval-head", "retrieval", "needle_rouge1_recall", stop_at_answer=False,
-                             needs_answer=False, min_overlap=0.9, first_match=True),
+                             needs_answer=False, min_overlap=0.9, first_match=True, first_part=1, end_test=False,
+                             parts=3),
 }
 MAX_NEW_TOKENS = 50  # both scripts' decode length
+LLAMA2_NEWLINE = 144  # the scripts also stop at this id (Llama-2's newline byte token), in every vocabulary
+NEWLINE_TOKEN = "<0x0A>"  # ... and at a token spelled so (SentencePiece's newline byte)
+
+
+def stop_ids(tokenizer, config, preset: Preset) -> tuple[set[int], set[int]]:
+    """(end ids, newline ids) at which the script's decode loop breaks, after counting the step: the literal token
+    test and id 144 as the scripts write them (which in most vocabularies are not a newline), and for HeadKV-R2 the
+    config's own end token (a list of them matches nothing there)."""
+    newline = {LLAMA2_NEWLINE}
+    found = tokenizer.convert_tokens_to_ids(NEWLINE_TOKEN)
+    if isinstance(found, int) and found != tokenizer.unk_token_id and \
+            tokenizer.convert_ids_to_tokens(found) == NEWLINE_TOKEN:
+        newline.add(found)
+    eos = getattr(config, "eos_token_id", None)
+    return ({eos} if preset.end_test and isinstance(eos, int) else set()), newline
 
 
 def get(name: str) -> Preset:
@@ -58,9 +77,10 @@ class Folder:
     def __init__(self, path: Path, preset: Preset) -> None:
         self.path = Path(path)
         needles = self.path / "needles.jsonl"
+        first = preset.first_part
         if not needles.is_file():
-            raise ProbeError(f"{needles} not found: a --preset haystack folder holds needles.jsonl and part0/, "
-                             "part1/, ...")
+            raise ProbeError(f"{needles} not found: a --preset {preset.name} haystack folder holds needles.jsonl "
+                             f"and part{first}/, part{first + 1}/, ...")
         fields = ("needle", "question", "real_needle") + (("answer",) if preset.needs_answer else ())
         self.records: list[dict[str, str]] = []
         for n, line in enumerate(needles.read_text(encoding="utf-8").splitlines(), 1):
@@ -76,15 +96,21 @@ class Folder:
             self.records.append({f: str(r[f]) for f in fields})
         if not self.records:
             raise ProbeError(f"{needles} holds no needles")
+        if preset.parts is not None and len(self.records) > preset.parts:
+            raise ProbeError(f"{needles} holds {len(self.records)} needles; --preset {preset.name} reads "
+                             f"{preset.parts}, one per part{first}..part{first + preset.parts - 1}")
+        wanted = [f"part{i + first}" for i in range(len(self.records))]
+        have = sorted(p.name for p in self.path.glob("part*") if p.is_dir() and list(p.glob("*.txt")))
+        if [w for w in wanted if w not in have]:
+            raise ProbeError(f"--preset {preset.name} reads {', '.join(wanted)} (one per needle) in {self.path}; "
+                             f"the folder has {', '.join(have) or 'no part folder with .txt files'}")
         self.texts = []
-        for i in range(len(self.records)):
-            files = sorted(glob.glob(str(self.path / f"part{i}" / "*.txt")))
-            if not files:
-                raise ProbeError(f"{self.path / f'part{i}'} holds no .txt haystack for needle {i}")
+        for i, part in enumerate(wanted):
+            files = sorted(glob.glob(str(self.path / part / "*.txt")))
             try:
                 self.texts.append("".join(Path(f).read_text(encoding="utf-8") for f in files))
             except (OSError, UnicodeDecodeError) as e:
-                raise ProbeError(f"cannot read the haystack of needle {i} in {self.path / f'part{i}'}: {e}") from None
+                raise ProbeError(f"cannot read the haystack of needle {i} in {self.path / part}: {e}") from None
 
     @property
     def identity(self) -> str:
@@ -92,8 +118,9 @@ class Folder:
         return "folder:" + hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
-def official_lengths(max_positions: int, low: int = 1000, high: int = 10000) -> list[int]:
-    """The official grid: five lengths, linspace(low, high), capped by the model's positions."""
+def official_lengths(max_positions: int, low: int = 0, high: int = 10000) -> list[int]:
+    """The official grid: five lengths, linspace(low, high) (`start.sh`: 0 to 10000; length 0 is the needle and the
+    question alone, at every depth), capped by the model's positions."""
     top = min(high, max_positions - MAX_NEW_TOKENS) if max_positions else high
     return [int(x) for x in np.round(np.linspace(min(low, top), top, num=5))]
 
@@ -126,13 +153,9 @@ def check_spans(probe_set: ProbeSet, tokenizer, folder: Folder, preset: Preset) 
 
 
 def _period_ids(tokenizer) -> set[int]:
-    """Tokens that end a sentence, where the needle may go (the scripts list them per tokenizer)."""
-    ids: set[int] = set()
-    for text in (".", " .", "a.", "a. "):
-        for t in tokenizer(text, add_special_tokens=False)["input_ids"]:
-            if tokenizer.decode([t]).strip() == ".":
-                ids.add(t)
-    return ids
+    """Tokens that end a sentence, where the needle may go: what the scripts' generic branch takes, the encoding of
+    '.' (their per-tokenizer lists name the same token for Llama 3)."""
+    return set(tokenizer(".")["input_ids"])
 
 
 def context(tokenizer, haystack: str, needle: str, length: int, depth: float) -> str:
@@ -141,14 +164,13 @@ def context(tokenizer, haystack: str, needle: str, length: int, depth: float) ->
     text = ""
     while len(text.split()) < length:
         text += haystack
-    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+    # the scripts' `enc.encode`: with the tokenizer's special tokens (a BOS, where it adds one, goes into the text)
+    tokens = tokenizer(text)["input_ids"]
     if len(tokens) > length:  # the scripts trim by decoding the first tokens, then encode the text again
-        tokens = tokenizer(tokenizer.decode(tokens[:length]), add_special_tokens=False)["input_ids"]
-    needle_ids = tokenizer(needle, add_special_tokens=False)["input_ids"]
+        tokens = tokenizer(tokenizer.decode(tokens[:length]))["input_ids"]
+    needle_ids = tokenizer(needle)["input_ids"]
     keep = length - BUFFER
-    if keep - len(needle_ids) < 1:
-        raise ProbeError(f"length {length} leaves no room for the needle and the {BUFFER}-token buffer")
-    if len(tokens) + len(needle_ids) > keep:
+    if len(tokens) + len(needle_ids) > keep:  # Python's slice, as the scripts cut: a short length keeps what it keeps
         tokens = tokens[:keep - len(needle_ids)]
     percent = round(depth * 100)
     if percent == 100:

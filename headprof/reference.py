@@ -64,11 +64,11 @@ def official_context(tok, haystack: str, needle: str, length: int, depth_percent
     context = ""
     while len(context.split()) < length:
         context += haystack
-    ids = tok(context, add_special_tokens=False)["input_ids"]
+    ids = tok.encode(context)
     if len(ids) > length:
         context = tok.decode(ids[:length])
-    tokens_needle = tok(needle, add_special_tokens=False)["input_ids"]
-    tokens_context = tok(context, add_special_tokens=False)["input_ids"]
+    tokens_needle = tok.encode(needle)
+    tokens_context = tok.encode(context)
     length -= 200
     if len(tokens_context) + len(tokens_needle) > length:
         tokens_context = tokens_context[:length - len(tokens_needle)]
@@ -76,8 +76,7 @@ def official_context(tok, haystack: str, needle: str, length: int, depth_percent
         return tok.decode(tokens_context + tokens_needle)
     insertion_point = int(len(tokens_context) * (depth_percent / 100))
     tokens_new_context = tokens_context[:insertion_point]
-    period_tokens = [t for probe in (".", " .", "a.", "a. ")
-                     for t in tok(probe, add_special_tokens=False)["input_ids"] if tok.decode([t]).strip() == "."]
+    period_tokens = tok.encode(".")  # the scripts' branch for a tokenizer they do not list
     while tokens_new_context and tokens_new_context[-1] not in period_tokens:
         insertion_point -= 1
         tokens_new_context = tokens_context[:insertion_point]
@@ -112,14 +111,15 @@ def official_probe(lm, haystack: str, needle: str, question: str, real_needle: s
     layout = lm.info.layout
     result = np.zeros((layout.num_layers, layout.num_query_heads))
     answer_len = len(tok(answer, add_special_tokens=False)["input_ids"]) if r2 and answer else None
-    eos = {tok.eos_token_id, *(lambda e: e if isinstance(e, list) else [e])(
-        getattr(lm.model.generation_config, "eos_token_id", None))} - {None}
+    eos = lm.model.config.eos_token_id  # R2 compares the id with the config's value, whatever its type
     output: list[int] = []
-    with implementation(lm.model, "eager"):
-        cache = DynamicCache()
-        ids = torch.tensor([prompt_ids], device=lm.model.device)
+    cache = DynamicCache()
+    ids = torch.tensor([prompt_ids], device=lm.model.device)
+    prefill = "sdpa" if getattr(lm.model, "_supports_sdpa", False) else "eager"  # Gemma 2 soft-caps: eager
+    with implementation(lm.model, prefill):  # the scripts prefill with flash attention: SDPA's semantics
         lm.model(ids[:, :-1], **with_cache(lm.model, cache), use_cache=True)
-        inp = ids[:, -1:]
+    inp = ids[:, -1:]
+    with implementation(lm.model, "eager"):  # and decode with their `forward_torch`, what eager computes
         for _ in range(50):
             out = lm.model(inp, **with_cache(lm.model, cache), use_cache=True, output_attentions=True)
             token = int(out.logits[0, -1].argmax())
@@ -134,7 +134,8 @@ def official_probe(lm, haystack: str, needle: str, question: str, real_needle: s
                         if not r2 and start <= i < end and token == prompt_ids[i]:
                             result[layer, head] += 1 / (end - start)
                             break
-            if "\n" in tok.decode([token]) or token in eos or (answer_len is not None and len(output) >= answer_len):
+            newline = tok.convert_ids_to_tokens(token) == "<0x0A>" or token == 144  # as the scripts test it
+            if newline or (r2 and (token == eos or len(output) >= (answer_len or 0))):
                 break
             inp = torch.tensor([[token]], device=lm.model.device)
     response = tok.decode(output, skip_special_tokens=True).strip()

@@ -46,8 +46,9 @@ class Decoder:
 
     Default: at an end token, or at a newline once some text exists (the end of the answer line; a
     line ending in ':' announces the answer on the next one), or after `cap` tokens. `official`: the
-    scripts' rule, a newline or end token at any step, and with `answer_tokens` (HeadKV-R2) once the
-    output is as long as the answer."""
+    scripts' rule, as they write it: after counting the step, at a token of `newlines` (their literal newline
+    test, `presets.stop_ids`) or of `stops` (HeadKV-R2's end token; Retrieval_Head has none), and with
+    `answer_tokens` (HeadKV-R2) once the output is as long as the answer."""
 
     tokenizer: Any
     stops: set[int]
@@ -55,6 +56,7 @@ class Decoder:
     official: bool = False
     answer_tokens: int | None = None
     reason: str = "cap"
+    newlines: frozenset[int] = frozenset()  # official: the ids the scripts' newline test matches
 
     def _line_done(self, generated: list[int]) -> bool:
         """The answer's line has text and does not announce the answer on the next line ("The code is:")."""
@@ -69,7 +71,8 @@ class Decoder:
         generated.append(token)
         if token in self.stops:
             self.reason = "eos"
-        elif "\n" in self.tokenizer.decode([token]) and (self.official or self._line_done(generated)):
+        elif token in self.newlines if self.official else ("\n" in self.tokenizer.decode([token])
+                                                           and self._line_done(generated)):
             self.reason = "line"
         elif self.answer_tokens is not None and len(generated) >= self.answer_tokens:
             self.reason = "answer"
@@ -183,6 +186,7 @@ def score_batch(lm: LoadedModel, jobs: list[ProbeJob],
         v, i = probs[:, :, -1, :].topk(kk, dim=-1)
         top_vals[:len(v), layer, :, :kk], top_idx[:len(v), layer, :, :kk] = v, i
 
+    official = any(job.decoder.official for job in live)  # --preset: half-precision steps as the script's
     totals = torch.zeros(n, layout.num_layers, layout.num_query_heads, device=device)
     generated: list[list[int]] = [[] for _ in live]
     predicted: list[list[torch.Tensor]] = [[] for _ in live]
@@ -190,7 +194,7 @@ def score_batch(lm: LoadedModel, jobs: list[ProbeJob],
     for step in range(most):
         rows = torch.tensor(active, device=device)
         pos = (positions[rows, -1] + step)[:, None]
-        with AttentionCapture(sink):
+        with AttentionCapture(sink, official=official):
             logits = forward(seq[rows, width - 1 + step][:, None], rows, width + step, pos)
         greedy = logits[:, -1].argmax(-1)
         chosen = greedy.tolist() if any(live[b].forced is None for b in active) else None
@@ -283,10 +287,13 @@ class Settings:
     def decoder(self, lm: LoadedModel, rendered: probes_mod.RenderedProbe, probe: probes_mod.Probe) -> Decoder:
         stops = end_tokens(lm)
         if self.preset is not None:
+            preset = presets.get(self.preset)
             answer = None
-            if presets.get(self.preset).stop_at_answer:
+            if preset.stop_at_answer:
                 answer = len(lm.tokenizer(probe.answer, add_special_tokens=False)["input_ids"])
-            return Decoder(lm.tokenizer, stops, self.max_new_tokens, official=True, answer_tokens=answer)
+            ends, newlines = presets.stop_ids(lm.tokenizer, lm.model.config, preset)
+            return Decoder(lm.tokenizer, ends, self.max_new_tokens, official=True, answer_tokens=answer,
+                           newlines=frozenset(newlines))
         start, end = rendered.answer_span
         cap = end - start + self.margin if self.margin is not None else self.max_new_tokens
         return Decoder(lm.tokenizer, stops, cap)
@@ -298,8 +305,10 @@ class Settings:
         elif self.margin is not None:
             decode = f"greedy, span tokens + {self.margin}, stopping at a newline or end token"
         elif self.preset is not None:
-            decode = ("greedy, official: stop at a newline or end token"
-                      + (", or at the answer's token length" if presets.get(self.preset).stop_at_answer else "")
+            preset = presets.get(self.preset)
+            decode = (f"greedy, official: stop after a step whose token is '{presets.NEWLINE_TOKEN}' or id "
+                      f"{presets.LLAMA2_NEWLINE}" + (", the config's end token, or the answer's token length"
+                                                     if preset.end_test else " (no end-token test)")
                       + f", at most {self.max_new_tokens} tokens")
         else:
             decode = (f"greedy, until the answer's line ends (a line ending in ':' goes on) or an end token, at most "
@@ -451,8 +460,10 @@ def score(lm: LoadedModel, probe_set: probes_mod.ProbeSet, settings: Settings | 
     world = world or World()
     if batch_size is not None and batch_size < 1:
         raise ProbeError(f"--batch-size must be at least 1, got {batch_size}")
-    size = batch_size or BATCH_SIZE
     s = (Settings(settings) if isinstance(settings, str) else settings).resolved(probe_set, lm)
+    if s.preset is not None and lm.dtype in ("bfloat16", "float16"):
+        batch_size = 1  # the scripts run one probe at a time, and in half precision a batch rounds otherwise
+    size = batch_size or BATCH_SIZE
     check_lengths(probe_set, lm.info.max_positions, s.max_new_tokens)
     fingerprint = {**_fingerprint(lm, probe_set, s), "processes": world.size, "rank": world.rank}
     kept = PartialRun(partial, fingerprint, resume, "id", "model, method, probes, dtype or device")

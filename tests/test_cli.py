@@ -228,8 +228,13 @@ def test_score_preset_writes_a_profile_that_records_the_protocol(tiny_dir, tmp_p
         "needle": " Odo keeps bees. Ula keeps goats. Odo is 40. Ula is 31.", "question": "What does the older keep?",
         "real_needle": "Odo keeps bees.", "answer": "Odo keeps bees."}) + "\n")
     out = tmp_path / "p.json"
-    r = headprof("score", tiny_dir, "--preset", "headkv", "--haystack", folder, "--lengths", "330", "--depths", "2",
-                 "--no-filter", "--out", out, "--quiet")
+    args = ("score", tiny_dir, "--preset", "headkv", "--haystack", folder, "--lengths", "330", "--depths", "2",
+            "--no-filter", "--out", out, "--quiet")
+    r = headprof(*args)  # a random model answers nothing: the script writes no scores, nor does headprof
+    assert r.returncode == 1 and "no probe of 2 succeeded under --preset headkv" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+    assert out.with_name("p.json.partial.jsonl").exists()  # the finished probes are kept
+    r = headprof(*args, "--write-if-none-succeed", "--resume")
     assert r.returncode == 0, r.stderr
     d = json.loads(out.read_text())
     params = d["method"]["params"]

@@ -72,7 +72,8 @@ class _Tok:
     ([1, 6, 0, 3, 0], {}, [1, 6, 0, 3, 0], "line"),  # "Mara:" announces the answer on the next line
     ([1, 2, 5], {}, [1, 2], "eos"),
     ([1, 2, 3, 4], {"cap": 3}, [1, 2, 3], "cap"),
-    ([0, 1], {"official": True}, [0], "line"),  # the scripts stop at any newline
+    ([0, 1], {"official": True, "newlines": frozenset({0})}, [0], "line"),  # the scripts' newline ids
+    ([0, 1, 2], {"official": True, "cap": 3}, [0, 1, 2], "cap"),  # ... and no other newline
     ([1, 2, 5], {"official": True}, [1, 2, 5], "eos"),  # ... keep the end token in their output
     ([1, 2, 3, 4], {"official": True, "answer_tokens": 2}, [1, 2], "answer"),  # HeadKV-R2: answer length
 ])

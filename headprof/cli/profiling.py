@@ -57,6 +57,9 @@ def score(
     max_new_tokens: Annotated[int, typer.Option(help="decode at most this many tokens per probe")] = 50,
     preset: Annotated[str | None, typer.Option(help="an official protocol end to end: headkv or retrieval-head "
                                                     "(needles folder from --haystack DIR)")] = None,
+    write_if_none_succeed: Annotated[bool, typer.Option(help="--preset: write a profile even when no probe "
+                                                             "succeeds (the official scripts write none; exit 1)"
+                                                        )] = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
     device_map: Annotated[str | None, typer.Option(help="'auto' to spread a large model (accelerate)")] = None,
@@ -91,7 +94,7 @@ def score(
             device=device, dtype=dtype, device_map=device_map, families=families, version=probe_version,
             min_answered=None if one_round else (min_answered if min_answered is not None else "auto"),
             max_drawn=max_drawn, teacher_forced=teacher_forced, keep_chance_families=keep_chance_families,
-            preset=preset, batch_size=batch_size,
+            preset=preset, batch_size=batch_size, write_if_none_succeed=write_if_none_succeed,
             notice=lambda message: err.print(f"note: {message}", highlight=False)))
     except KeyboardInterrupt:
         err.print(f"interrupted: finished probes are kept in {api.partial_path(target)}; "
