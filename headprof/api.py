@@ -212,6 +212,21 @@ def generate(model: str | LoadedModel, prompt: str | Sequence[int], method: str 
     """
     if max_new_tokens < 1:
         raise HeadprofError("--max-new-tokens must be at least 1")
+    m, where, label = _method(model, method, budget, profile, window, kernel, beta, group_reduce)
+    lm = load_model(model, device, dtype)
+    if getattr(m, "profile", None) is not None and hasattr(m.profile, "check_fits"):
+        m.profile.check_fits(lm.info.layout)
+    ids = list(prompt) if not isinstance(prompt, str) else probes.prompt_ids(lm.tokenizer, prompt, chat_template)
+    runs = [generation.generate(lm, ids, m, budget, max_new_tokens, compress_sliding=compress_sliding)]
+    if baseline and m.compresses:
+        runs.append(generation.generate(lm, ids, "full", budget, max_new_tokens=max_new_tokens))
+    return _report(lm, m, label, where, budget, beta, group_reduce, compress_sliding, len(ids), runs)
+
+
+def _method(model: str | LoadedModel, method: str | methods.Method, budget: int, profile, window: int, kernel: int,
+            beta: float, group_reduce: str) -> tuple[methods.Method, str | None, str]:
+    """The built method (with its profile: given, or the alias's shipped one), where the profile came from, and the
+    method's label in reports."""
     model_spec = model if isinstance(model, str) else model.info.spec
     built = isinstance(method, methods.Method)
     spec = None if built else methods.parse_spec(method)
@@ -225,21 +240,81 @@ def generate(model: str | LoadedModel, prompt: str | Sequence[int], method: str 
         m = spec.build(profile=prof, window=window, kernel=kernel, beta=beta, reduction=group_reduce)
     if m.compresses and budget <= m.window:
         raise HeadprofError(f"--budget {budget} must exceed --window {m.window}")
-    lm = load_model(model, device, dtype)
-    if prof is not None:
-        prof.check_fits(lm.info.layout)
-    ids = list(prompt) if not isinstance(prompt, str) else probes.prompt_ids(lm.tokenizer, prompt, chat_template)
-    runs = [generation.generate(lm, ids, m, budget, max_new_tokens, compress_sliding=compress_sliding)]
-    runs[0].method = m.name if built else method
-    if baseline and m.compresses:
-        runs.append(generation.generate(lm, ids, "full", budget, max_new_tokens=max_new_tokens))
+    return m, where, m.name if built else method
+
+
+def _report(lm: LoadedModel, m: methods.Method, label: str, where: str | None, budget: int, beta: float,
+            group_reduce: str, compress_sliding: bool, prompt_tokens: int,
+            runs: list[generation.RunResult]) -> GenerationReport:
+    runs[0].method = label
     agreement = None
     if len(runs) > 1:
         agreement = {"exact": runs[0].text == runs[1].text, "token_f1": token_f1(runs[0].text, runs[1].text)}
-    return GenerationReport(model=lm.info.resolved, prompt_tokens=len(ids), method=runs[0].method, budget=budget,
+    return GenerationReport(model=lm.info.resolved, prompt_tokens=prompt_tokens, method=label, budget=budget,
                             window=m.window, kernel=m.kernel, beta=getattr(m, "beta", beta),
                             group_reduce=getattr(m, "reduction", group_reduce),
                             compress_sliding=compress_sliding, profile=where, runs=runs, agreement=agreement)
+
+
+def generate_many(model: str | LoadedModel, prompts: Sequence[str | Sequence[int]],
+                  method: str | methods.Method = "headkv", budget: int = 128, *, batch_size: int = 8,
+                  names: Sequence[str] | None = None, notice: Callable[[str], None] | None = None,
+                  **options) -> list[GenerationReport]:
+    """`generate` for several prompts, `batch_size` at a time: each batch one compressed cache (a segment per
+    sequence and KV head) and one attention call per layer, each prompt the tokens it gets alone. A batch that
+    runs out of memory is halved and retried (`notice` hears of it; finished batches are kept). Options as for
+    `generate`. Every prompt is checked (empty, longer than the model's positions: named by `names`) before any
+    work starts."""
+    if batch_size < 1:
+        raise HeadprofError(f"--batch-size must be at least 1, got {batch_size}")
+    if not prompts:
+        raise HeadprofError("no prompt given")
+    names = list(names) if names is not None else [f"prompt {i + 1}" for i in range(len(prompts))]
+    options = {"profile": None, "window": WINDOW, "kernel": KERNEL, "beta": BETA, "group_reduce": "mean",
+               "max_new_tokens": 64, "baseline": True, "compress_sliding": True, **options}
+    max_new = options["max_new_tokens"]
+    if max_new < 1:
+        raise HeadprofError("--max-new-tokens must be at least 1")
+    m, where, label = _method(model, method, budget, options["profile"], options["window"], options["kernel"],
+                              options["beta"], options["group_reduce"])
+    lm = load_model(model, options.pop("device", "auto"), options.pop("dtype", "auto"))
+    if getattr(m, "profile", None) is not None and hasattr(m.profile, "check_fits"):
+        m.profile.check_fits(lm.info.layout)
+    chat = options.pop("chat_template", True)
+    ids = []
+    for name, p in zip(names, prompts, strict=True):
+        if isinstance(p, str) and not p.strip():
+            raise HeadprofError(f"{name} is empty")
+        one = list(p) if not isinstance(p, str) else probes.prompt_ids(lm.tokenizer, p, chat)
+        if lm.info.max_positions and len(one) + max_new > lm.info.max_positions:
+            raise HeadprofError(f"{name}: {len(one)} tokens + {max_new} new tokens exceed the model's "
+                                f"{lm.info.max_positions} positions")
+        ids.append(one)
+    reports: list[GenerationReport] = []
+    size, start = batch_size, 0
+    while start < len(ids):
+        chunk = ids[start:start + size]
+        try:
+            compressed = generation.generate_batch(lm, chunk, m, budget, max_new,
+                                                   compress_sliding=options["compress_sliding"])
+            full = (generation.generate_batch(lm, chunk, "full", budget, max_new)
+                    if options["baseline"] and m.compresses else [None] * len(chunk))
+        except Exception as e:  # out of memory: torch.OutOfMemoryError, or a RuntimeError saying so
+            if not scoring.out_of_memory(e) or size == 1:
+                raise
+            import torch
+
+            size = max(1, len(chunk) // 2)
+            if notice is not None:
+                notice(f"out of memory on {len(chunk)} prompts at once: batches of {size} from now on")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        for c, f, prompt in zip(compressed, full, chunk, strict=True):
+            reports.append(_report(lm, m, label, where, budget, options["beta"], options["group_reduce"],
+                                   options["compress_sliding"], len(prompt), [c] + ([f] if f is not None else [])))
+        start += len(chunk)
+    return reports
 
 
 @dataclass
@@ -477,6 +552,13 @@ def read_prompt(path: str | Path) -> str:
     from headprof.files import read_prompt as read
 
     return read(Path(path))
+
+
+def read_prompts(paths: Sequence[str | Path]) -> list[tuple[str, str]]:
+    """(name, text) of the prompts in text files and JSONL files (one prompt per line), all checked first."""
+    from headprof.files import read_prompts as read
+
+    return read([Path(p) for p in paths])
 
 
 def partial_path(out: str | Path) -> Path:

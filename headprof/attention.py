@@ -58,14 +58,14 @@ def _pick(device: str, dtype: torch.dtype, softcap: float | None, sliding: bool,
 
 def attend(layer: HeadKVLayer, query: torch.Tensor, scaling: float, softcap: float | None,
            backend: str | None = None) -> torch.Tensor:
-    """query (1, query_heads, q, dim) -> output (1, q, query_heads, dim), as transformers expects.
+    """query (batch, query_heads, q, dim) -> output (batch, q, query_heads, dim), as transformers expects.
 
-    The group's query heads and the new tokens are the rows of one (1, heads, group * q, dim) batch, so each
-    KV head meets its own queries without repeating keys. A decode step is a handful of tensor operations
-    whatever the number of heads (a test counts them)."""
-    _, hq, q, d = query.shape
+    The group's query heads and the new tokens are the rows of one (1, segments, group * q, dim) batch, a segment
+    per sequence and KV head, so each KV head of each sequence meets its own queries without repeating keys. A
+    decode step is a handful of tensor operations whatever the number of heads or sequences (a test counts them)."""
+    b, hq, q, d = query.shape
     heads = layer.heads
-    rows = query.reshape(1, heads, hq // heads * q, d)  # query head h reads KV head h // group
+    rows = query.reshape(1, heads, hq * b // heads * q, d)  # sequence s's query head h reads its KV head h // group
     if not layer.in_order:  # window i belongs to KV head win.order[i]
         rows = rows.index_select(1, layer.order)
     if backend is None:
@@ -79,8 +79,8 @@ def attend(layer: HeadKVLayer, query: torch.Tensor, scaling: float, softcap: flo
     if not layer.in_order:
         out = out.index_select(1, layer.unorder)
     if q == 1:
-        return out.view(1, 1, hq, -1)
-    return out.view(1, hq, q, -1).transpose(1, 2)
+        return out.view(b, 1, hq, -1)
+    return out.view(b, hq, q, -1).transpose(1, 2)
 
 
 def _torch(layer: HeadKVLayer, rows: torch.Tensor, q: int, scaling: float, softcap: float | None) -> torch.Tensor:

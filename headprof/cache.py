@@ -178,8 +178,9 @@ class HeadKVLayer(DynamicLayer):
         super().__init__()
         self.sliding_window = sliding_window
         self.slack = slack
-        self.seen = 0  # positions so far (prompt + appended)
+        self.seen = 0  # positions so far (prompt + appended; a batch's padded length)
         self.prompt_len = 0
+        self.batch = 1  # sequences; the layer holds batch x KV heads segments
         self.key_dim = 0  # keys take the first key_dim columns of `kv`, values the rest
         self.seg: Segments | None = None
         # (entries, key dim + value dim): an entry's key then its value, segments as in the module docstring;
@@ -243,7 +244,7 @@ class HeadKVLayer(DynamicLayer):
             ahead = self.generated + np.arange(q)
             slots = _on((self.next_free[:, None] + ahead).ravel(), self.kv.device)
             opened = _on(self.seg.kept_end_w[:, None] + ahead, self.kv.device)  # (heads, q)
-        entries = torch.cat((key_states, value_states), -1)  # batch 1: (heads * q, key dim + value dim)
+        entries = torch.cat((key_states, value_states), -1)  # (batch, heads, q, dim): segment-major rows
         self.kv.index_copy_(0, slots, entries.view(-1, entries.shape[-1]))
         if self.positions is not None:
             new_pos = self.seen - q + torch.arange(q, device=slots.device, dtype=torch.int32)
@@ -255,14 +256,20 @@ class HeadKVLayer(DynamicLayer):
         return key_states, value_states
 
     def compress(self, keep: list[torch.Tensor]) -> None:
-        """Keep positions keep[h] (sorted) of KV head h; free the dense tensors."""
-        keys, values = self.keys, self.values  # (1, heads, seq, dim)
-        if keys.shape[0] != 1:
-            raise ValueError("head-level compression supports batch size 1")
+        """Keep positions keep[s] (sorted) of segment s = b * kv_heads + h (sequence b's KV head h); free the
+        dense tensors. A batch is one layer of batch x heads segments: each sequence keeps its own tokens, and
+        one attention call covers them all (positions count in the batch's padded frame, as transformers'
+        cache positions do)."""
+        keys, values = self.keys, self.values  # (batch, heads, seq, dim)
+        batch, kv_heads, seq = keys.shape[:3]
+        if len(keep) != batch * kv_heads:
+            raise ValueError(f"{len(keep)} selections for {batch} sequences x {kv_heads} KV heads")
+        self.batch = batch
         device = keys.device
         lens = [int(k.numel()) for k in keep]
         head_of = torch.repeat_interleave(torch.arange(len(keep), device=device), torch.tensor(lens, device=device))
         pos = torch.cat([k.to(device) for k in keep])
+        keys, values = keys.reshape(1, batch * kv_heads, seq, -1), values.reshape(1, batch * kv_heads, seq, -1)
         self.prompt_len, self.key_dim = keys.shape[2], keys.shape[-1]
         self.generated = self.dropped = 0  # the first token grows the room (with the other layers, in a cache)
         win = windows(lens)
@@ -275,8 +282,8 @@ class HeadKVLayer(DynamicLayer):
         packed = np.concatenate([[0], np.cumsum(lens)[:-1]])
         self._place(torch.cat((keys[0, head_of, pos], values[0, head_of, pos]), -1), kept_pos, packed, 0, win)
         # the dense tensors are freed; empty ones stay for model code that asks a layer whether it holds keys
-        self.keys, self.values = keys.new_empty((1, len(keep), 0, keys.shape[-1])), values.new_empty(
-            (1, len(keep), 0, values.shape[-1]))  # new storage: views would keep the prompt's tensors alive
+        self.keys, self.values = keys.new_empty((batch, kv_heads, 0, keys.shape[-1])), values.new_empty(
+            (batch, kv_heads, 0, values.shape[-1]))  # new storage: views would keep the prompt's tensors alive
 
     def _keep_from(self, q: int) -> int:
         """Generated entries a growth for `q` new tokens drops: those a sliding window has passed (never read again)."""

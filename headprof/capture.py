@@ -47,8 +47,22 @@ class AttentionCapture:
         self.sink = sink
         self.last_n = last_n
         self.official = official  # half-precision decode steps as the official modelling file computes them
+        self._mask: tuple[torch.Tensor | None, int, int] = (None, 0, 1)  # the rows' mask, keys and sequences
         self.stopped = False
         self._token: contextvars.Token | None = None
+
+    def pads(self) -> list[int]:
+        """Per sequence of the rows just handed to the sink: how many leading keys are padding (a left-padded
+        batch); read off the attention mask only when a sink asks (a compressing sink, once per layer)."""
+        mask, k_len, batch = self._mask
+        if mask is None:
+            return [0] * batch
+        if mask.dim() == 4:  # a key some query may read is no padding (a sliding layer's last rows read less)
+            rows = mask[:, 0, :, :k_len]
+            allowed = (rows if rows.dtype == torch.bool else rows > torch.finfo(rows.dtype).min / 2).any(1)
+        else:  # a 2D padding mask (flash-attn)
+            allowed = mask[:, -k_len:].bool()
+        return allowed.int().argmax(-1).tolist()
 
     def stop(self) -> None:
         """Compute no more rows (compression needs the prefill rows only, not every decode step)."""
@@ -259,6 +273,7 @@ def _capture(module, query, key, attention_mask, scaling, sliding_window, softca
     n = min(cap.last_n, query.shape[2])
     q_len = query.shape[2]
     probs = attention_probs(query, key, attention_mask, scaling, sliding_window, softcap, q_len - n, q_len)
+    cap._mask = (attention_mask, key.shape[2], query.shape[0])
     cap.sink(layer_of(module), probs)
 
 

@@ -68,6 +68,36 @@ def read_prompt(path: Path) -> str:
     return text
 
 
+def read_prompts(paths: list[Path]) -> list[tuple[str, str]]:
+    """(name, text) of every prompt: a text file is one prompt; a .jsonl file holds one per line, a JSON string or
+    an object with a "prompt" string (named FILE:LINE). Every prompt is read and checked before any is run."""
+    import json
+
+    out = []
+    for path in paths:
+        if Path(path).suffix != ".jsonl":
+            out.append((str(path), read_prompt(path)))
+            continue
+        for n, line in enumerate(read_prompt(path).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise HeadprofError(f"{path}:{n}: not JSON (one prompt per line: a string or {{\"prompt\": ...}})"
+                                    ) from None
+            text = record.get("prompt") if isinstance(record, dict) else record
+            if not isinstance(text, str):
+                raise HeadprofError(f"{path}:{n}: not a prompt (a JSON string or an object with a \"prompt\" "
+                                    "string)")
+            if not text.strip():
+                raise HeadprofError(f"{path}:{n}: the prompt is empty")
+            out.append((f"{path}:{n}", text))
+    if not out:
+        raise HeadprofError(f"no prompt in {', '.join(map(str, paths))}")
+    return out
+
+
 def check_output(path: str | Path, force: bool) -> Path:
     """Refuse early (before hours of work) when the output cannot or must not be written."""
     p = Path(path)

@@ -21,7 +21,15 @@ import torch
 from transformers import DynamicCache, StoppingCriteria
 
 from headprof import capture, methods, native, own_cache
-from headprof.cache import HeadKVCache, HeadKVLayer, full_entries, held_bytes, held_entries, ideal_entries
+from headprof.cache import (
+    HeadKVCache,
+    HeadKVLayer,
+    full_entries,
+    full_layer_entries,
+    held_bytes,
+    held_entries,
+    ideal_entries,
+)
 from headprof.capture import AttentionCapture
 from headprof.compress import Plan, compressed_layers, make_plan
 from headprof.decode_cache import alone
@@ -83,13 +91,20 @@ def compressing(cache: HeadKVCache, window: int, plan_for: Callable[[int], Plan]
     last `window` queries exist, by the plan `plan_for(prompt_len)`, then stop capturing, so decoding
     pays nothing for it."""
     todo = {i for i, layer in enumerate(cache.layers) if isinstance(layer, (HeadKVLayer, LatentLayer))}
-    made: list[Plan] = []
+    made: list[tuple[int, Plan]] = []  # per sequence: its left padding and its plan
 
     def sink(layer: int, probs: torch.Tensor) -> None:
         if layer in todo:
-            if not made:  # the first layer's rows tell the prompt length
-                made.append(plan_for(probs.shape[-1]))
-            cache.compress(layer, made[0].select(layer, probs))
+            if not made:  # the first layer's rows tell each sequence's prompt length (a batch is left-padded)
+                pads = cap.pads() if probs.shape[0] > 1 else [0]  # (the 2D mask of a batch, on any layer)
+                if len(pads) > 1 and any(isinstance(x, LatentLayer) for x in cache.layers):
+                    raise HeadprofError("batched compression of an MLA latent is not supported yet: one prompt "
+                                        "at a time (--batch-size 1)")
+                made.extend((pad, plan_for(probs.shape[-1] - pad)) for pad in pads)
+            keep = []
+            for b, (pad, plan) in enumerate(made):  # each sequence: its own budgets and tokens, never padding
+                keep += [k + pad for k in plan.select(layer, probs[b:b + 1, :, :, pad:])]
+            cache.compress(layer, keep)
             todo.discard(layer)
         if not todo:
             cap.stop()
@@ -270,3 +285,97 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str | methods.Metho
                      kv_entries_ideal=ideal, bytes_per_entry=(lay.latent_dim or 2 * lay.head_dim) * elem,
                      budgets=budgets, notes=notes,
                      first_step_s=first_step, steady_tokens_per_s=steady)
+
+
+def _sequence_entries(cache, layout: HeadLayout, b: int, batch: int) -> int:
+    """KV entries sequence `b` of a batch holds: its own segments in compressed layers, its rows (with their
+    padding) in every other layer."""
+    total = 0
+    for layer in cache.layers:
+        if isinstance(layer, HeadKVLayer) and layer.compressed:
+            h = layer.heads // batch
+            total += sum(layer.lens[b * h:(b + 1) * h]) + h * layer.generated
+        else:
+            keys = getattr(layer, "keys", None)
+            if isinstance(keys, torch.Tensor) and keys.dim() == 4 and keys.shape[0] == batch:
+                total += keys.shape[1] * keys.shape[2]
+    return total
+
+
+def _sequence_ideal(cache, layout: HeadLayout, b: int, batch: int, seq: int, appended: int) -> int:
+    """What sequence `b` would hold alone with no free room (`cache.ideal_entries` for one row of a batch)."""
+    windows = layout.layer_windows or [None] * layout.num_layers
+    total = 0
+    for i, (layer, kind, w) in enumerate(zip(cache.layers, layout.attention_kinds, windows, strict=True)):
+        if isinstance(layer, HeadKVLayer) and layer.compressed:
+            h = layer.heads // batch
+            total += sum(layer.lens[b * h:(b + 1) * h]) + h * appended
+        else:
+            total += full_layer_entries(kind, w, seq, 1 if layout.is_latent(i) else layout.num_kv_heads)
+    return total
+
+
+@torch.no_grad()
+def generate_batch(lm: LoadedModel, prompts: list[list[int]], method: str | methods.Method = "snapkv",
+                   budget: int = 128, max_new_tokens: int = 64, compress_sliding: bool = True) -> list[RunResult]:
+    """`generate` for several prompts at once: left-padded into one batch, one cache whose compressed layers hold a
+    segment per sequence and KV head (each sequence its own budgets, from its own prompt length and observation
+    window; padding is never kept), one attention call per layer for the whole batch. Each prompt gets the tokens
+    it gets alone. A report per prompt; its KV entries are its own segments and rows, its bytes its share of the
+    batch's by entries. Sequences that end keep their rows until the batch ends (transformers' `generate`)."""
+    if len(prompts) == 1:
+        return [generate(lm, prompts[0], method, budget, max_new_tokens, compress_sliding=compress_sliding)]
+    lay = lm.info.layout
+    m = methods.resolve(method)
+    longest = max(len(p) for p in prompts)
+    if lm.info.max_positions and longest + max_new_tokens > lm.info.max_positions:
+        raise HeadprofError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's "
+                            f"{lm.info.max_positions} positions")
+    if m.compresses and min(len(p) for p in prompts) <= m.window:
+        raise HeadprofError(f"a prompt of {min(len(p) for p in prompts)} tokens is not longer than the observation "
+                            f"window ({m.window})")
+    plans = {n: make_plan(m, lay, n, budget, compress_sliding) for n in {len(p) for p in prompts}} \
+        if m.compresses else {}  # made before prefill: errors come first
+    ids = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts],  # padding is masked: any id
+                       device=lm.model.device)
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=lm.model.device)
+    cache = cache_for(lay, m, compress_sliding, lm.model.config) if m.compresses else own_cache.adapt(
+        DynamicCache(config=lm.model.config), lm.model.config)
+    clock = _Clock()
+    start = time.perf_counter()
+    with compressing(cache, m.window, plans.__getitem__) if m.compresses else contextlib.nullcontext():
+        out = _generate(lm, ids, cache, clock, attention_mask=mask, max_new_tokens=max_new_tokens)
+    times = clock.times
+    prefill_s = times[0] - start if times else time.perf_counter() - start
+    ends = end_tokens(lm)
+    held, elem = held_bytes(cache), torch.finfo(lm.model.dtype).bits // 8
+    shares = [_sequence_entries(cache, lay, b, len(prompts)) for b in range(len(prompts))]
+    runs = []
+    for b, p in enumerate(prompts):
+        tokens = out[b, longest:].tolist()
+        stop = next((i for i, t in enumerate(tokens) if t in ends), None)
+        tokens = tokens[:stop + 1] if stop is not None else tokens
+        appended = max(len(tokens) - 1, 0)
+        steps = len(tokens)
+        decode = (steps - 1) / (times[steps - 1] - times[0]) if steps > 1 and len(times) >= steps else None
+        budgets, notes = None, []
+        if m.compresses:
+            budgets = []
+            for layer in cache.layers:
+                if isinstance(layer, HeadKVLayer) and layer.compressed:
+                    h = layer.heads // len(prompts)
+                    budgets.append([n - m.window for n in layer.lens[b * h:(b + 1) * h]])
+                else:
+                    budgets.append([0] * lay.num_kv_heads)
+            if budget >= len(p):
+                notes.append(f"budget {budget} >= prompt length {len(p)}: every prompt token is kept")
+        notes.append(f"decoded in a batch of {len(prompts)}")
+        ideal = _sequence_ideal(cache, lay, b, len(prompts), len(p) + appended, appended)
+        runs.append(RunResult(
+            method=method if isinstance(method, str) else m.name,
+            text=lm.tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens=tokens,
+            prompt_tokens=len(p), prefill_s=prefill_s, decode_tokens_per_s=decode, kv_entries=shares[b],
+            kv_bytes=round(held * shares[b] / max(sum(shares), 1)),
+            kv_entries_full=full_entries(lay, len(p) + appended), kv_entries_ideal=ideal,
+            bytes_per_entry=(lay.latent_dim or 2 * lay.head_dim) * elem, budgets=budgets, notes=notes))
+    return runs

@@ -1,4 +1,4 @@
-"""Commands that compress the KV cache: run (one prompt) and eval (quality versus budget)."""
+"""Commands that compress the KV cache: run (prompts, batched) and eval (quality versus budget)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ CompressSliding = Annotated[bool, typer.Option("--compress-sliding/--keep-slidin
 @app.command()
 @friendly
 def run(
-    prompt: Annotated[Path, typer.Argument(help="a UTF-8 text file: the prompt (context and question)")],
+    prompts: Annotated[list[Path], typer.Argument(help="UTF-8 text files, a prompt each (context and question), "
+                                                       "or .jsonl files of prompts (a JSON string or "
+                                                       "{\"prompt\": ...} per line)")],
     model: Annotated[str, typer.Option(help="model spec, as for `score`")] = "smollm2-135m",
     profile_path: Annotated[Path | None, typer.Option("--profile", help="head profile for headkv "
                                                       "[default: the shipped r2 profile of --model]")] = None,
@@ -52,17 +54,33 @@ def run(
     no_chat_template: Annotated[bool, typer.Option("--no-chat-template")] = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    batch_size: Annotated[int, typer.Option(help="prompts decoded at once, one compressed cache per batch "
+                                                 "(halved when out of memory)")] = 8,
 ) -> None:
-    """Generate with a head-level compressed KV cache, next to the full-cache answer."""
+    """Generate with a head-level compressed KV cache, next to the full-cache answer; several prompts in batches."""
     from headprof import api
 
-    report = api.generate(model, api.read_prompt(prompt), method, budget, profile=profile_path, window=window,
-                          kernel=kernel, beta=beta, group_reduce=group_reduce, max_new_tokens=max_new_tokens,
-                          baseline=not no_baseline, chat_template=not no_chat_template,
-                          compress_sliding=compress_sliding, device=device, dtype=dtype)
+    named = api.read_prompts(prompts)  # every prompt checked before any work
+    options = dict(profile=profile_path, window=window, kernel=kernel, beta=beta, group_reduce=group_reduce,
+                   max_new_tokens=max_new_tokens, baseline=not no_baseline, chat_template=not no_chat_template,
+                   compress_sliding=compress_sliding, device=device, dtype=dtype)
+    if len(named) == 1 and batch_size >= 1:
+        reports = [api.generate(model, named[0][1], method, budget, **options)]
+    else:
+        reports = api.generate_many(model, [text for _, text in named], method, budget, batch_size=batch_size,
+                                    names=[name for name, _ in named],
+                                    notice=lambda m: err.print(f"note: {m}", highlight=False), **options)
     if as_json:
-        sys.stdout.write(json.dumps(report.to_dict(), indent=1) + "\n")
+        docs = [{"prompt": name, **r.to_dict()} for (name, _), r in zip(named, reports, strict=True)]
+        sys.stdout.write(json.dumps(docs[0] if len(docs) == 1 else docs, indent=1) + "\n")
         return
+    for (name, _), report in zip(named, reports, strict=True):
+        if len(named) > 1:
+            out.rule(name)
+        _print_report(report)
+
+
+def _print_report(report) -> None:
     from rich.columns import Columns
     from rich.panel import Panel
 
