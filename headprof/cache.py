@@ -45,8 +45,10 @@ from transformers.cache_utils import (
     DynamicLayer,
     DynamicSlidingWindowLayer,
     LinearAttentionAndFullAttentionLayer,
+    LinearAttentionLayer,
 )
 
+from headprof import native
 from headprof.latent import IndexedLatentLayer, LatentLayer
 
 # The layer whose cache was updated last: the layer an attention call belongs to when its module does not say
@@ -181,6 +183,7 @@ class HeadKVLayer(DynamicLayer):
         self.seen = 0  # positions so far (prompt + appended; a batch's padded length)
         self.prompt_len = 0
         self.batch = 1  # sequences; the layer holds batch x KV heads segments
+        self.kept_prompt: list[int] = []  # prompt tokens each segment kept (what its budget bought)
         self.key_dim = 0  # keys take the first key_dim columns of `kv`, values the rest
         self.seg: Segments | None = None
         # (entries, key dim + value dim): an entry's key then its value, segments as in the module docstring;
@@ -270,20 +273,42 @@ class HeadKVLayer(DynamicLayer):
         head_of = torch.repeat_interleave(torch.arange(len(keep), device=device), torch.tensor(lens, device=device))
         pos = torch.cat([k.to(device) for k in keep])
         keys, values = keys.reshape(1, batch * kv_heads, seq, -1), values.reshape(1, batch * kv_heads, seq, -1)
-        self.prompt_len, self.key_dim = keys.shape[2], keys.shape[-1]
-        self.generated = self.dropped = 0  # the first token grows the room (with the other layers, in a cache)
+        self.key_dim = keys.shape[-1]
+        kept_pos = pos.to(torch.int32) if self.sliding_window is not None else None
+        self._lay_out(lens, torch.cat((keys[0, head_of, pos], values[0, head_of, pos]), -1), kept_pos, seq)
+        self.kept_prompt = lens
+        # the dense tensors are freed; empty ones stay for model code that asks a layer whether it holds keys
+        self.keys, self.values = keys.new_empty((batch, kv_heads, 0, keys.shape[-1])), values.new_empty(
+            (batch, kv_heads, 0, values.shape[-1]))  # new storage: views would keep the prompt's tensors alive
+
+    def _lay_out(self, lens: list[int], entries: torch.Tensor, positions: torch.Tensor | None,
+                 prompt_len: int) -> None:
+        """Lay the segments' `entries` (each segment's, one after the other) out as a fresh buffer with no room
+        (the first new token grows it, with the other layers in a cache)."""
+        device = entries.device
+        self.prompt_len = prompt_len
+        self.generated = self.dropped = 0
         win = windows(lens)
         self.seg = seg = Segments.of(lens, win)
         self.order, self.unorder = _on(seg.order, device), _on(seg.unorder, device)
         self._first_dev, self._kept_end_dev = _on(seg.first_w[:, None], device), _on(seg.kept_end_w[:, None], device)
-        self._zero = torch.zeros((), dtype=keys.dtype, device=device)
-        self._ninf = torch.full((), float("-inf"), dtype=keys.dtype, device=device)
-        kept_pos = pos.to(torch.int32) if self.sliding_window is not None else None
-        packed = np.concatenate([[0], np.cumsum(lens)[:-1]])
-        self._place(torch.cat((keys[0, head_of, pos], values[0, head_of, pos]), -1), kept_pos, packed, 0, win)
-        # the dense tensors are freed; empty ones stay for model code that asks a layer whether it holds keys
-        self.keys, self.values = keys.new_empty((batch, kv_heads, 0, keys.shape[-1])), values.new_empty(
-            (batch, kv_heads, 0, values.shape[-1]))  # new storage: views would keep the prompt's tensors alive
+        self._zero = torch.zeros((), dtype=entries.dtype, device=device)
+        self._ninf = torch.full((), float("-inf"), dtype=entries.dtype, device=device)
+        self.room = 0
+        self._place(entries, positions, np.concatenate([[0], np.cumsum(lens)[:-1]]), 0, win)
+
+    def select_sequences(self, rows: list[int]) -> None:
+        """Keep only the sequences `rows` of the batch (the others ended: they stop costing). Each kept segment's
+        tokens, prompt and generated alike, become its held tokens in a fresh layout; positions go on counting."""
+        h = self.heads // self.batch
+        segments = [b * h + j for b in rows for j in range(h)]
+        parts = [self.head_kv(s) for s in segments]
+        entries = torch.cat([torch.cat((k, v), -1) for k, v, _ in parts])
+        positions = torch.cat([p for _, _, p in parts]) if self.positions is not None else None
+        self.kept_prompt = [self.kept_prompt[s] for s in segments]
+        self.batch = len(rows)
+        self.keys, self.values = self.keys[rows], self.values[rows]
+        self._lay_out([k.shape[0] for k, _, _ in parts], entries, positions, self.seen)
 
     def _keep_from(self, q: int) -> int:
         """Generated entries a growth for `q` new tokens drops: those a sliding window has passed (never read again)."""
@@ -556,6 +581,19 @@ class HeadKVCache(Cache):
 
     def compress(self, layer: int, keep: list[torch.Tensor]) -> None:
         self.layers[layer].compress(keep)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the batch's sequences `indices` (the others ended) in every layer, whatever it holds."""
+        rows = indices.tolist()
+        for layer in self.layers:
+            if isinstance(layer, HeadKVLayer) and layer.compressed:
+                if native.has_state(layer):  # a hybrid layer's state (its keys are the segments)
+                    LinearAttentionLayer.reorder_cache(layer, indices)
+                layer.select_sequences(rows)
+            elif isinstance(layer, LatentLayer) and layer.compressed:
+                raise ValueError("a compressed MLA latent holds one sequence")
+            else:
+                native.select_rows(layer, indices)
 
     def entries(self) -> int:
         return held_entries(self)

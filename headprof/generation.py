@@ -37,7 +37,7 @@ from headprof.defaults import BETA, KERNEL, WINDOW
 from headprof.errors import HeadprofError
 from headprof.latent import LatentLayer
 from headprof.layout import KEPT_KINDS, layer_list
-from headprof.models import HeadLayout, LoadedModel, end_tokens, with_cache
+from headprof.models import HeadLayout, LoadedModel, end_tokens, last_logits_only, with_cache
 
 
 @dataclass
@@ -287,9 +287,9 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str | methods.Metho
                      first_step_s=first_step, steady_tokens_per_s=steady)
 
 
-def _sequence_entries(cache, layout: HeadLayout, b: int, batch: int) -> int:
-    """KV entries sequence `b` of a batch holds: its own segments in compressed layers, its rows (with their
-    padding) in every other layer."""
+def _sequence_entries(cache, b: int, batch: int) -> int:
+    """KV entries row `b` of a batch holds: its own segments in compressed layers, its rows (with their padding) in
+    every other layer."""
     total = 0
     for layer in cache.layers:
         if isinstance(layer, HeadKVLayer) and layer.compressed:
@@ -303,16 +303,27 @@ def _sequence_entries(cache, layout: HeadLayout, b: int, batch: int) -> int:
 
 
 def _sequence_ideal(cache, layout: HeadLayout, b: int, batch: int, seq: int, appended: int) -> int:
-    """What sequence `b` would hold alone with no free room (`cache.ideal_entries` for one row of a batch)."""
+    """What row `b` would hold alone with no free room (`cache.ideal_entries` for one row of a batch)."""
     windows = layout.layer_windows or [None] * layout.num_layers
     total = 0
     for i, (layer, kind, w) in enumerate(zip(cache.layers, layout.attention_kinds, windows, strict=True)):
         if isinstance(layer, HeadKVLayer) and layer.compressed:
             h = layer.heads // batch
-            total += sum(layer.lens[b * h:(b + 1) * h]) + h * appended
+            total += sum(layer.kept_prompt[b * h:(b + 1) * h]) + h * appended
         else:
             total += full_layer_entries(kind, w, seq, 1 if layout.is_latent(i) else layout.num_kv_heads)
     return total
+
+
+def _sequence_budgets(cache, layout: HeadLayout, b: int, batch: int, window: int) -> list[list[int]]:
+    out = []
+    for layer in cache.layers:
+        if isinstance(layer, HeadKVLayer) and layer.compressed:
+            h = layer.heads // batch
+            out.append([n - window for n in layer.kept_prompt[b * h:(b + 1) * h]])
+        else:
+            out.append([0] * layout.num_kv_heads)
+    return out
 
 
 @torch.no_grad()
@@ -320,9 +331,10 @@ def generate_batch(lm: LoadedModel, prompts: list[list[int]], method: str | meth
                    budget: int = 128, max_new_tokens: int = 64, compress_sliding: bool = True) -> list[RunResult]:
     """`generate` for several prompts at once: left-padded into one batch, one cache whose compressed layers hold a
     segment per sequence and KV head (each sequence its own budgets, from its own prompt length and observation
-    window; padding is never kept), one attention call per layer for the whole batch. Each prompt gets the tokens
-    it gets alone. A report per prompt; its KV entries are its own segments and rows, its bytes its share of the
-    batch's by entries. Sequences that end keep their rows until the batch ends (transformers' `generate`)."""
+    window; padding is never kept), one attention call per layer for the whole batch, greedy. A sequence that ends
+    leaves the batch at once (its segments and rows are dropped: it stops costing). Each prompt gets the tokens it
+    gets alone. A report per prompt, made when it ends: its KV entries are its own segments and rows, its bytes its
+    share of the batch's by entries at that moment."""
     if len(prompts) == 1:
         return [generate(lm, prompts[0], method, budget, max_new_tokens, compress_sliding=compress_sliding)]
     lay = lm.info.layout
@@ -336,46 +348,65 @@ def generate_batch(lm: LoadedModel, prompts: list[list[int]], method: str | meth
                             f"window ({m.window})")
     plans = {n: make_plan(m, lay, n, budget, compress_sliding) for n in {len(p) for p in prompts}} \
         if m.compresses else {}  # made before prefill: errors come first
-    ids = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts],  # padding is masked: any id
-                       device=lm.model.device)
-    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=lm.model.device)
+    device = lm.model.device
+    ids = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)  # padding: masked
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = cache_for(lay, m, compress_sliding, lm.model.config) if m.compresses else own_cache.adapt(
         DynamicCache(config=lm.model.config), lm.model.config)
-    clock = _Clock()
+    kwargs = {**with_cache(lm.model, cache), **last_logits_only(lm.model), "use_cache": True}
+    ends, elem = end_tokens(lm), torch.finfo(lm.model.dtype).bits // 8
+    active = list(range(len(prompts)))  # which prompt each row of the batch holds
+    tokens: list[list[int]] = [[] for _ in prompts]
+    runs: list[RunResult | None] = [None] * len(prompts)
     start = time.perf_counter()
+    times: list[float] = []
     with compressing(cache, m.window, plans.__getitem__) if m.compresses else contextlib.nullcontext():
-        out = _generate(lm, ids, cache, clock, attention_mask=mask, max_new_tokens=max_new_tokens)
-    times = clock.times
-    prefill_s = times[0] - start if times else time.perf_counter() - start
-    ends = end_tokens(lm)
-    held, elem = held_bytes(cache), torch.finfo(lm.model.dtype).bits // 8
-    shares = [_sequence_entries(cache, lay, b, len(prompts)) for b in range(len(prompts))]
-    runs = []
-    for b, p in enumerate(prompts):
-        tokens = out[b, longest:].tolist()
-        stop = next((i for i, t in enumerate(tokens) if t in ends), None)
-        tokens = tokens[:stop + 1] if stop is not None else tokens
-        appended = max(len(tokens) - 1, 0)
-        steps = len(tokens)
-        decode = (steps - 1) / (times[steps - 1] - times[0]) if steps > 1 and len(times) >= steps else None
-        budgets, notes = None, []
-        if m.compresses:
-            budgets = []
-            for layer in cache.layers:
-                if isinstance(layer, HeadKVLayer) and layer.compressed:
-                    h = layer.heads // len(prompts)
-                    budgets.append([n - m.window for n in layer.lens[b * h:(b + 1) * h]])
-                else:
-                    budgets.append([0] * lay.num_kv_heads)
-            if budget >= len(p):
-                notes.append(f"budget {budget} >= prompt length {len(p)}: every prompt token is kept")
-        notes.append(f"decoded in a batch of {len(prompts)}")
-        ideal = _sequence_ideal(cache, lay, b, len(prompts), len(p) + appended, appended)
-        runs.append(RunResult(
-            method=method if isinstance(method, str) else m.name,
-            text=lm.tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens=tokens,
-            prompt_tokens=len(p), prefill_s=prefill_s, decode_tokens_per_s=decode, kv_entries=shares[b],
-            kv_bytes=round(held * shares[b] / max(sum(shares), 1)),
-            kv_entries_full=full_entries(lay, len(p) + appended), kv_entries_ideal=ideal,
-            bytes_per_entry=(lay.latent_dim or 2 * lay.head_dim) * elem, budgets=budgets, notes=notes))
-    return runs
+        logits = lm.model(ids, attention_mask=mask, position_ids=pos, **kwargs).logits[:, -1]
+        last = pos[:, -1]
+        for step in range(max_new_tokens):
+            token = logits.argmax(-1)
+            chosen = token.tolist()  # one host read per step for the whole batch
+            times.append(time.perf_counter())
+            done = []
+            for r, b in enumerate(active):
+                tokens[b].append(chosen[r])
+                if chosen[r] in ends or step + 1 == max_new_tokens:
+                    done.append(r)
+                    runs[b] = _batch_run(lm, lay, m, method, budget, len(prompts), cache, r, len(active),
+                                         prompts[b], tokens[b], times[0] - start, times, elem)
+            if done:
+                keep = [r for r in range(len(active)) if r not in done]
+                if not keep:
+                    break
+                rows = torch.tensor(keep, device=device)
+                cache.batch_select_indices(rows)
+                active, token, mask, last = [active[r] for r in keep], token[rows], mask[rows], last[rows]
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], -1)
+            last = last + 1
+            logits = lm.model(token[:, None], attention_mask=mask, position_ids=last[:, None], **kwargs).logits[:, -1]
+    return runs  # type: ignore[return-value]
+
+
+def _batch_run(lm: LoadedModel, lay: HeadLayout, m: methods.Method, method, budget: int, size: int, cache, r: int,
+               batch: int, prompt: list[int], tokens: list[int], prefill_s: float, times: list[float],
+               elem: int) -> RunResult:
+    """The report of the prompt in row `r` of a batch of `batch`, as it ends (before it leaves the batch)."""
+    n, appended = len(prompt), max(len(tokens) - 1, 0)
+    entries = [_sequence_entries(cache, b, batch) for b in range(batch)]
+    steps = len(tokens)
+    decode = (steps - 1) / (times[steps - 1] - times[0]) if steps > 1 and times[steps - 1] > times[0] else None
+    notes = [f"decoded in a batch of {size} (each prompt leaves it when it ends)"]
+    budgets = None
+    if m.compresses:
+        budgets = _sequence_budgets(cache, lay, r, batch, m.window)
+        if budget >= n:
+            notes.append(f"budget {budget} >= prompt length {n}: every prompt token is kept")
+    return RunResult(
+        method=method if isinstance(method, str) else m.name,
+        text=lm.tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens=list(tokens), prompt_tokens=n,
+        prefill_s=prefill_s, decode_tokens_per_s=decode, kv_entries=entries[r],
+        kv_bytes=round(held_bytes(cache) * entries[r] / max(sum(entries), 1)),
+        kv_entries_full=full_entries(lay, n + appended),
+        kv_entries_ideal=_sequence_ideal(cache, lay, r, batch, n + appended, appended),
+        bytes_per_entry=(lay.latent_dim or 2 * lay.head_dim) * elem, budgets=budgets, notes=notes)

@@ -85,7 +85,7 @@ def test_generate_many_equals_each_prompt_alone_and_reports_each():
     prompts = _prompts(2)
     m = _method(lm, "headkv")
     many = api.generate_many(lm, prompts, m, 40, batch_size=2, max_new_tokens=5)
-    assert len(many) == 3 and "decoded in a batch of 2" in many[0].runs[0].notes
+    assert len(many) == 3 and "decoded in a batch of 2 (each prompt leaves it when it ends)" in many[0].runs[0].notes
     for p, report in zip(prompts, many, strict=True):
         alone = api.generate(lm, p, m, 40, max_new_tokens=5)
         assert [r.tokens for r in report.runs] == [r.tokens for r in alone.runs]
@@ -126,3 +126,36 @@ def test_run_names_the_bad_jsonl_line(tmp_path, tiny_dir, line, message):
     r = CliRunner().invoke(app, ["run", str(b), "--model", tiny_dir, "--batch-size", "2"])
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
     assert re.search(message, r.output), r.output
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_a_sequence_that_ends_leaves_the_batch_and_the_others_go_on_as_alone(arch):
+    lm = loaded(arch)
+    m = _method(lm, "headkv")
+    prompts = _prompts(3)
+    width = max(LENGTHS)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    c = generation.cache_for(lm.info.layout, m, True, lm.model.config)
+    seen = []
+    with torch.no_grad(), generation.compressing(c, 8, lambda n: generation.make_plan(m, lm.info.layout, n, 40,
+                                                                                       True)):
+        logits = lm.model(ids, attention_mask=mask, position_ids=pos, cache=c).logits[:, -1]
+        last = pos[:, -1]
+        for step in range(8):
+            token = logits.argmax(-1)
+            seen.append(logits)
+            if step == 3:  # the second prompt ends: its segments leave every layer
+                before = c.nbytes()
+                keep = torch.tensor([0, 2])
+                c.batch_select_indices(keep)
+                token, mask, last = token[keep], mask[keep], last[keep]
+                assert c.nbytes() < before
+            mask = torch.cat([mask, mask.new_ones(len(token), 1)], -1)
+            last = last + 1
+            logits = lm.model(token[:, None], attention_mask=mask, position_ids=last[:, None], cache=c).logits[:, -1]
+    for row, b in ((0, 0), (1, 2)):
+        _, alone, _ = _decode(lm, m, torch.tensor([prompts[b]]))
+        got = torch.stack([s[b] if i <= 3 else s[row] for i, s in enumerate(seen[:6])])
+        torch.testing.assert_close(got, alone[0], atol=1e-5, rtol=0)
