@@ -1,0 +1,133 @@
+"""Concurrency under a KV memory cap: how many sequences each cache fits, and the decode throughput at that batch.
+
+For the full cache and for headkv and snapkv at several budgets, on a Llama-3-shaped model built in code
+(benchmarks/synthetic.py: 32 layers, 32 query / 8 KV heads) or a shipped alias (`--model smollm2-135m`), with
+prompts of `--length` tokens:
+
+- bytes per sequence: what one prompt's cache holds after `--new-tokens` decode steps (cache.held_bytes);
+- fits: the largest batch whose caches stay under `--kv-cap-mb` (capped at `--max-batch`, marked "+");
+- tok/s: aggregate greedy decode tokens per second at that batch (one forward pass per step for the batch);
+- / dense: the per-step time against a dense cache holding the same tokens per sequence (a full cache of a prompt of
+  the budget's length) at the same batch; the target is >= 0.9 at batch 1, 8 and 32 (`--dense-batches`).
+
+The sequences of a batch are copies of one prefilled prompt (`HeadKVCache.batch_select_indices` repeats its
+segments): the decode cost does not depend on what the prompts say, and prefilling dozens of 4k-token prompts would
+dominate a CPU run. Every figure comes from this one run.
+
+    python benchmarks/bench_throughput.py [--length 4096] [--kv-cap-mb 512] [--budgets 64,128,256] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+sys.path.insert(0, str(Path(__file__).parent))
+import synthetic  # noqa: E402
+
+from headprof import capture, generation, methods, models  # noqa: E402
+from headprof.cache import held_bytes  # noqa: E402
+from headprof.models import with_cache  # noqa: E402
+
+
+def prefilled(lm, ids: list[int], method, budget: int):
+    """One prompt's cache after its prefill (compressed by `method`, or full) and its first token."""
+    x = torch.tensor([ids], device=lm.model.device)
+    if method is None:
+        cache = DynamicCache(config=lm.model.config)
+        return cache, lm.model(x, **with_cache(lm.model, cache)).logits[:, -1].argmax(-1)
+    lay = lm.info.layout
+    plan = generation.make_plan(method, lay, len(ids), budget, True)
+    cache = generation.cache_for(lay, method, True, lm.model.config)
+    with generation.compressing(cache, method.window, lambda _: plan):
+        token = lm.model(x, **with_cache(lm.model, cache)).logits[:, -1].argmax(-1)
+    return cache, token
+
+
+def decode(lm, prefill, batch: int, steps: int) -> tuple[float, int]:
+    """Seconds per decode step for `batch` copies of a prefilled cache, and the bytes the batch then holds."""
+    cache = copy.deepcopy(prefill[0])
+    cache.batch_select_indices(torch.zeros(batch, dtype=torch.long, device=prefill[1].device))
+    tok = prefill[1].repeat(batch)[:, None]
+    kw = with_cache(lm.model, cache)
+    sync = torch.cuda.synchronize if tok.is_cuda else (lambda: None)
+    with capture.compressed(cache) if hasattr(cache, "compressed_layer") else contextlib.nullcontext():
+        tok = lm.model(tok, **kw).logits[:, -1:].argmax(-1)  # warm-up step (and the room's first growth)
+        sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            tok = lm.model(tok, **kw).logits[:, -1:].argmax(-1)
+        sync()
+    return (time.perf_counter() - start) / steps, held_bytes(cache)
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="a model spec or alias [default: the Llama-3-shaped stack]")
+    ap.add_argument("--length", type=int, default=4096)
+    ap.add_argument("--budgets", default="64,128,256")
+    ap.add_argument("--kv-cap-mb", type=float, default=512.0, help="the KV memory all sequences share")
+    ap.add_argument("--max-batch", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=8, help="decode steps timed per cell")
+    ap.add_argument("--dense-batches", default="1,8,32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
+    args = ap.parse_args()
+    if args.model:
+        lm = models.load(args.model, device=args.device, dtype=args.dtype)
+    else:
+        tmp = tempfile.mkdtemp()
+        path = synthetic.save(Path(tmp) / "llama3-shaped", max_positions=args.length + 4 * args.new_tokens + 64)
+        lm = models.load(str(path), device=args.device, dtype=args.dtype)
+    lay = lm.info.layout
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 96, args.length).tolist()
+    profile = rng.random((lay.num_layers, lay.num_kv_heads)) ** 4  # skewed, as bench_scale.py
+    cap = args.kv_cap_mb * 1e6
+    print(f"model {lm.info.resolved}, device {lm.device}, dtype {lm.dtype}, threads {torch.get_num_threads()}, "
+          f"prompts of {args.length} tokens, KV cap {args.kv_cap_mb:.0f} MB")
+    cells = [("full", None, 0)] + [(f"{name} @ {b}", methods.resolve(name, profile), b)
+                                   for b in map(int, args.budgets.split(",")) for name in ("headkv", "snapkv")]
+    rows, full_fit, full_rate = [], None, None
+    for name, method, budget in cells:
+        pre = prefilled(lm, ids, method, budget)
+        _, per_seq = decode(lm, pre, 1, args.new_tokens)
+        fits = min(int(cap // per_seq), args.max_batch)
+        step, _ = decode(lm, pre, max(fits, 1), args.new_tokens)
+        rate = max(fits, 1) / step
+        if name == "full":
+            full_fit, full_rate = fits, rate
+        dense = {}
+        if method is not None:
+            same = prefilled(lm, ids[-budget:], None, budget)  # a dense cache of the same tokens per sequence
+            for b in map(int, args.dense_batches.split(",")):
+                dense[b] = decode(lm, same, b, args.new_tokens)[0] / decode(lm, pre, b, args.new_tokens)[0]
+        rows.append((name, per_seq, fits, rate, dense))
+        capped = "+" if fits == args.max_batch else ""
+        print(f"  {name}: {per_seq / 1e6:.2f} MB per sequence, fits {fits}{capped}, {rate:.1f} tok/s", flush=True)
+    print()
+    print("| cache | MB per sequence | fits under the cap | x full | decode tok/s at that batch | x full | "
+          + " | ".join(f"per step / dense, batch {b}" for b in args.dense_batches.split(",")) + " |")
+    print("| --- " * (6 + len(args.dense_batches.split(","))) + "|")
+    for name, per_seq, fits, rate, dense in rows:
+        capped = "+" if fits == args.max_batch else ""
+        ratios = " | ".join(f"{dense[b]:.2f}" if b in dense else "-" for b in map(int, args.dense_batches.split(",")))
+        print(f"| {name} | {per_seq / 1e6:.2f} | {fits}{capped} | {fits / max(full_fit, 1):.1f} | {rate:.1f} | "
+              f"{rate / full_rate:.1f} | {ratios} |")
+
+
+if __name__ == "__main__":
+    from headprof import quiet
+
+    quiet.third_party()
+    main()
