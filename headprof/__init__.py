@@ -21,7 +21,8 @@ except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "unknown"
 
 _EXPORTS = {
-    "score": "headprof.api", "generate": "headprof.api", "evaluate": "headprof.api", "check": "headprof.api",
+    "score": "headprof.api", "generate": "headprof.api", "generate_many": "headprof.api",
+    "evaluate": "headprof.api", "check": "headprof.api",
     "load_model": "headprof.api", "GenerationReport": "headprof.api", "EvalReport": "headprof.api",
     "CheckResult": "headprof.api", "compression": "headprof.generation", "RunResult": "headprof.generation",
     "Profile": "headprof.profile", "Method": "headprof.methods", "register": "headprof.methods",

@@ -205,11 +205,17 @@ def generate(model: str | LoadedModel, prompt: str | Sequence[int], method: str 
              dtype: str = "auto") -> GenerationReport:
     """Generate greedily with `method` at `budget` tokens per KV head, next to the full cache.
 
-    `prompt` is the user message (wrapped in the chat template when the model has one) or token ids.
+    `prompt` is the user message (wrapped in the chat template when the model has one) or token ids; a list of
+    prompts (strings or id lists) is decoded in batches by `generate_many`, and a list of reports comes back.
     `method`: a name or spec (`headkv:beta=1.5`; `headkv-r2` uses the alias's shipped r2 profile); `window`,
     `kernel`, `beta`, `group_reduce` apply to the methods that have them unless the spec sets them.
     `profile` (headkv): a Profile, a path, or None for the shipped profile of a model alias.
     """
+    if not isinstance(prompt, str) and prompt and not isinstance(prompt[0], int):
+        return generate_many(model, prompt, method, budget, profile=profile, window=window,  # type: ignore[return-value]
+                             kernel=kernel, beta=beta, group_reduce=group_reduce, max_new_tokens=max_new_tokens,
+                             baseline=baseline, chat_template=chat_template, compress_sliding=compress_sliding,
+                             device=device, dtype=dtype)
     if max_new_tokens < 1:
         raise HeadprofError("--max-new-tokens must be at least 1")
     m, where, label = _method(model, method, budget, profile, window, kernel, beta, group_reduce)

@@ -45,7 +45,6 @@ from transformers.cache_utils import (
     DynamicLayer,
     DynamicSlidingWindowLayer,
     LinearAttentionAndFullAttentionLayer,
-    LinearAttentionLayer,
 )
 
 from headprof import native
@@ -265,14 +264,18 @@ class HeadKVLayer(DynamicLayer):
         cache positions do)."""
         keys, values = self.keys, self.values  # (batch, heads, seq, dim)
         batch, kv_heads, seq = keys.shape[:3]
-        if len(keep) != batch * kv_heads:
+        rows = len(keep) // kv_heads  # one prompt's keys may feed several rows (eval's cells of one prefill)
+        if len(keep) % kv_heads or (batch != rows and batch != 1):
             raise ValueError(f"{len(keep)} selections for {batch} sequences x {kv_heads} KV heads")
-        self.batch = batch
         device = keys.device
         lens = [int(k.numel()) for k in keep]
-        head_of = torch.repeat_interleave(torch.arange(len(keep), device=device), torch.tensor(lens, device=device))
+        source = torch.arange(len(keep), device=device)
+        if batch == 1:
+            source = source % kv_heads
+        batch = self.batch = rows
+        head_of = torch.repeat_interleave(source, torch.tensor(lens, device=device))
         pos = torch.cat([k.to(device) for k in keep])
-        keys, values = keys.reshape(1, batch * kv_heads, seq, -1), values.reshape(1, batch * kv_heads, seq, -1)
+        keys, values = keys.reshape(1, -1, seq, keys.shape[-1]), values.reshape(1, -1, seq, values.shape[-1])
         self.key_dim = keys.shape[-1]
         kept_pos = pos.to(torch.int32) if self.sliding_window is not None else None
         self._lay_out(lens, torch.cat((keys[0, head_of, pos], values[0, head_of, pos]), -1), kept_pos, seq)
@@ -588,7 +591,7 @@ class HeadKVCache(Cache):
         for layer in self.layers:
             if isinstance(layer, HeadKVLayer) and layer.compressed:
                 if native.has_state(layer):  # a hybrid layer's state (its keys are the segments)
-                    LinearAttentionLayer.reorder_cache(layer, indices)
+                    native.select_rows_of_state(layer, indices)
                 layer.select_sequences(rows)
             elif isinstance(layer, LatentLayer) and layer.compressed:
                 raise ValueError("a compressed MLA latent holds one sequence")

@@ -197,7 +197,7 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
              max_new_tokens: int = 24, progress: Callback | None = None,
              compress_sliding: bool = True, share_prefill: bool = True, world: World | None = None,
              ratios: Sequence[float] = (), suite: dict[str, Any] | None = None, partial: Path | None = None,
-             resume: bool = False) -> dict[str, Any]:
+             resume: bool = False, batch_cells: bool = True) -> dict[str, Any]:
     """Run the grid; returns the results document (see docs/results.md for its shape).
 
     Each finished item's rows go to `partial` at once (partial.py): an interrupted grid keeps its items, and
@@ -208,7 +208,10 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
 
     Each item is prefilled once (`share_prefill`) and every method and budget starts from that prefill:
     the answers are the same as prefilling per cell, and prefill is most of the time. A cell's
-    `seconds` then counts its decode only; the prefill's time is in the item's full-cache row.
+    `seconds` then counts its decode only; the prefill's time is in the item's full-cache row. With
+    `batch_cells` (the default) the compressing cells of an item decode as one batch from that prefill
+    (`generation.generate_cells`: the same tokens, a cell leaving the batch when it ends); a cell's `seconds` is
+    then its share of the batch's time, and its `kv_bytes` its share of the batch's bytes by entries.
 
     `ratios` are cells as kvpress reports them: the fraction of each prompt's KV removed, i.e. a budget
     per item of (1 - ratio) x its prompt tokens per KV head (rows keep the budget used and the ratio)."""
@@ -269,15 +272,27 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
             full_row = _row(item, FULL, None, None, full, full.text, time.perf_counter() - t)
             tick()
             cells = [(b, None) for b in budgets] + [(ratio_budget(item, r, window), r) for r in ratios]
+            grid = [(budget, ratio, method, beta) for budget, ratio in cells for method in compressed
+                    for beta in (betas if _tuned(specs[method]) else [None])]
+            batched: dict[int, tuple[generation.RunResult, float]] = {}
+            if shared is not None and batch_cells and len(grid) > 1:  # one batch of every cell of the prefill
+                t = time.perf_counter()
+                made = generation.generate_cells(
+                    lm, shared, [(specs[m].build(profiles, window=window, kernel=kernel, beta=beta or BETA), b)
+                                 for b, _, m, beta in grid], item.max_new_tokens or max_new_tokens, compress_sliding)
+                share = (time.perf_counter() - t) / len(grid)  # a cell's seconds: its share of the batch's
+                batched = {i: (r, share) for i, r in enumerate(made)}
+            k = 0
             for budget, ratio in cells:
                 level = {"ratio": ratio} if ratio is not None else {}
                 item_rows.append({**full_row, "budget": budget, **level})
                 for method in compressed:
                     for beta in (betas if _tuned(specs[method]) else [None]):
                         t = time.perf_counter()
-                        r = run(item, method, budget, beta or BETA)
-                        item_rows.append({**_row(item, method, budget, beta, r, full.text, time.perf_counter() - t),
-                                          **level})
+                        r, seconds = batched.get(k) or (run(item, method, budget, beta or BETA), None)
+                        seconds = time.perf_counter() - t if seconds is None else seconds
+                        item_rows.append({**_row(item, method, budget, beta, r, full.text, seconds), **level})
+                        k += 1
                         tick()
             kept.add({"item": item.id, "rows": item_rows})
             rows += item_rows

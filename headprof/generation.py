@@ -117,7 +117,8 @@ def compressing(cache: HeadKVCache, window: int, plan_for: Callable[[int], Plan]
 def compression(model, method: str | methods.Method = "headkv", budget: int = 128, profile=None,
                 window: int = WINDOW, kernel: int = KERNEL, beta: float = BETA, group_reduce: str = "mean",
                 compress_sliding: bool = True) -> Iterator[HeadKVCache]:
-    """Head-level KV compression inside your own `model.generate` (batch size 1), on any HF causal LM:
+    """Head-level KV compression inside your own `model.generate`, on any HF causal LM, for one prompt or a
+    left-padded batch (pass its `attention_mask`; each sequence gets its own budgets and tokens):
 
         with headprof.compression(model, "headkv", budget=128, profile=prof) as cache:
             out = model.generate(ids, cache=cache, max_new_tokens=64)
@@ -410,3 +411,68 @@ def _batch_run(lm: LoadedModel, lay: HeadLayout, m: methods.Method, method, budg
         kv_entries_full=full_entries(lay, n + appended),
         kv_entries_ideal=_sequence_ideal(cache, lay, r, batch, n + appended, appended),
         bytes_per_entry=(lay.latent_dim or 2 * lay.head_dim) * elem, budgets=budgets, notes=notes)
+
+
+@torch.no_grad()
+def generate_cells(lm: LoadedModel, shared: Prefill, cells: list[tuple[methods.Method, int]],
+                   max_new_tokens: int = 64, compress_sliding: bool = True) -> list[RunResult]:
+    """Every compressing (method, budget) cell of one shared prefill decoded as one batch: a row per cell, each
+    compressed by its own plan from the prefill's rows, in one cache (a segment per cell and KV head), one
+    forward pass per step for all cells; a cell that ends leaves the batch. Each cell gets the tokens
+    `generate(..., shared=shared)` gives it. MLA latents are one selection per layer: their cells run one by
+    one."""
+    lay = lm.info.layout
+    n = len(shared.prompt_ids)
+    if lay.latent or len(cells) == 1:
+        return [generate(lm, shared.prompt_ids, m, b, max_new_tokens, compress_sliding=compress_sliding,
+                         shared=shared) for m, b in cells]
+    for m, _ in cells:
+        if not m.compresses or shared.window < m.window:
+            raise ValueError("cells must compress, from a prefill with rows for their window")
+    plans = [make_plan(m, lay, n, b, compress_sliding) for m, b in cells]
+    rows = len(cells)
+    cache = cache_for(lay, cells[0][0], compress_sliding, lm.model.config)
+    start = time.perf_counter()
+    for i, own in enumerate(shared.layers):
+        layer = cache.layers[i]
+        if native.has_state(own):  # each cell its own copy of the prefill's state, one row each
+            native.copy_state(own, layer)
+            native.select_rows_of_state(layer, torch.zeros(rows, dtype=torch.long, device=lm.model.device))
+        keys = getattr(own, "keys", None)
+        if keys is None or (isinstance(keys, torch.Tensor) and keys.numel() == 0):
+            continue
+        if isinstance(layer, HeadKVLayer):
+            cache.update(keys, own.values, i)  # one copy of the prompt's keys; each cell selects its own
+            cache.compress(i, [k for plan in plans for k in plan.select(i, shared.rows[i][:, :, -plan.window:])])
+        else:
+            cache.update(keys.expand(rows, -1, -1, -1), own.values.expand(rows, -1, -1, -1), i)
+    ends, elem = end_tokens(lm), torch.finfo(lm.model.dtype).bits // 8
+    tokens: list[list[int]] = [[shared.first] for _ in cells]
+    runs: list[RunResult | None] = [None] * rows
+    active = list(range(rows))
+    kwargs = {**with_cache(lm.model, cache), **last_logits_only(lm.model), "use_cache": True}
+    times = [time.perf_counter()]
+    token = torch.full((rows,), shared.first, dtype=torch.long, device=lm.model.device)
+    with capture.compressed(cache):
+        for _ in range(max_new_tokens):
+            done = [r for r, c in enumerate(active) if tokens[c][-1] in ends or len(tokens[c]) >= max_new_tokens]
+            for r in done:
+                c = active[r]
+                m, budget = cells[c]
+                runs[c] = _batch_run(lm, lay, m, m, budget, rows, cache, r, len(active), shared.prompt_ids,
+                                     tokens[c], times[0] - start + shared.seconds, times, elem)
+            if done:
+                keep = [r for r in range(len(active)) if r not in done]
+                if not keep:
+                    break
+                index = torch.tensor(keep, device=lm.model.device)
+                cache.batch_select_indices(index)
+                active, token = [active[r] for r in keep], token[index]
+            logits = lm.model(token[:, None], **kwargs).logits[:, -1]
+            token = logits.argmax(-1)
+            for c, t in zip(active, token.tolist(), strict=True):
+                tokens[c].append(t)
+            times.append(time.perf_counter())
+    for run in runs:
+        run.notes[0] = f"decoded with {rows - 1} other cells of this prompt's prefill in one batch"
+    return runs  # type: ignore[return-value]

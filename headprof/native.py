@@ -20,6 +20,7 @@ from transformers.cache_utils import (
     LinearAttentionAndFullAttentionLayer,
     LinearAttentionAndSlidingWindowAttentionLayer,
     LinearAttentionCacheLayerMixin,
+    LinearAttentionLayer,
 )
 
 
@@ -79,6 +80,11 @@ def select_rows(layer, indices: torch.Tensor) -> None:
         layer.reorder_cache(indices)  # linear states (and a hybrid layer's keys) by index_select
     else:
         layer.batch_select_indices(indices)
+
+
+def select_rows_of_state(layer, indices: torch.Tensor) -> None:
+    """Keep (or repeat) rows `indices` of a layer's linear-attention state only, not of its keys."""
+    LinearAttentionLayer.reorder_cache(layer, indices)
 
 
 def copy_state(src, dst) -> None:

@@ -85,6 +85,8 @@ def test_generate_many_equals_each_prompt_alone_and_reports_each():
     prompts = _prompts(2)
     m = _method(lm, "headkv")
     many = api.generate_many(lm, prompts, m, 40, batch_size=2, max_new_tokens=5)
+    listed = api.generate(lm, prompts, m, 40, max_new_tokens=5)  # a list of prompts: a report each
+    assert [r.runs[0].tokens for r in listed] == [r.runs[0].tokens for r in many]
     assert len(many) == 3 and "decoded in a batch of 2 (each prompt leaves it when it ends)" in many[0].runs[0].notes
     for p, report in zip(prompts, many, strict=True):
         alone = api.generate(lm, p, m, 40, max_new_tokens=5)

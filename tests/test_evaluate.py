@@ -7,7 +7,7 @@ import pytest
 from fakes import loaded
 from tiny import save
 
-from headprof import evaluate, probes, profile
+from headprof import cache, evaluate, probes, profile
 from headprof.errors import HeadprofError, OutputError, ProbeError
 
 SCHEMA_KEYS = {"results_version", "model", "methods", "budgets", "betas", "chosen_beta", "window", "kernel",
@@ -139,13 +139,18 @@ def test_one_prefill_per_item_gives_the_per_cell_results(arch, compress_sliding)
                "headkv:profile=r2,window=12"]  # methods with their own windows, narrower and wider than the grid's
     kw = dict(max_new_tokens=5, compress_sliding=compress_sliding, window=8)
     items = _items(lm, 2, length=120)
-    shared = evaluate.evaluate(lm, items, methods, [16, 40], {"r2": _profile(lm)}, **kw)
+    shared = evaluate.evaluate(lm, items, methods, [16, 40], {"r2": _profile(lm)}, batch_cells=False, **kw)
     per_cell = evaluate.evaluate(lm, items, methods, [16, 40], {"r2": _profile(lm)}, share_prefill=False, **kw)
+    batched = evaluate.evaluate(lm, items, methods, [16, 40], {"r2": _profile(lm)}, **kw)
 
-    def strip(res):
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in res["rows"]]
+    def strip(res, drop=("seconds",)):
+        return [{k: v for k, v in r.items() if k not in drop} for r in res["rows"]]
 
     assert strip(shared) == strip(per_cell)
+    # one batch of every cell: the same rows; a cell's bytes are its share of the batch's, within the slack
+    assert strip(batched, ("seconds", "kv_bytes")) == strip(per_cell, ("seconds", "kv_bytes"))
+    for a, b in zip(batched["rows"], per_cell["rows"], strict=True):
+        assert abs(a["kv_bytes"] - b["kv_bytes"]) <= cache.SLACK * b["kv_bytes"] + 256, (a, b)
     assert len({r["response"] for r in shared["rows"]}) > 1  # the methods do not all answer alike
 
 
