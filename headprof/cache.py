@@ -375,6 +375,8 @@ class HeadKVLayer(DynamicLayer):
             j = np.arange(self.reach + room)
             mine = (j >= self.seg.first_w[:, None]) & (j < self.seg.kept_end_w[:, None] + self.generated)
             self._set_open(_on(mine[None, :, None], kv.device))
+        else:  # (a layout made uniform by sequences leaving drops its mask)
+            self._open = self._open_rows = None
         self._ready()
 
     def _ready(self) -> None:

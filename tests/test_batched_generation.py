@@ -161,3 +161,16 @@ def test_a_sequence_that_ends_leaves_the_batch_and_the_others_go_on_as_alone(arc
         _, alone, _ = _decode(lm, m, torch.tensor([prompts[b]]))
         got = torch.stack([s[b] if i <= 3 else s[row] for i, s in enumerate(seen[:6])])
         torch.testing.assert_close(got, alone[0], atol=1e-5, rtol=0)
+
+
+def test_a_batch_left_with_equal_segments_drops_its_mask():
+    layer = cache.HeadKVLayer()
+    k = torch.randn(2, 2, 30, 8)
+    layer.update(k, k.clone())
+    keep = [torch.arange(5), torch.arange(9), torch.arange(6), torch.arange(6)]  # sequence 0 unequal, 1 equal
+    layer.compress(keep)
+    assert not layer.uniform and layer._open is not None
+    layer.select_sequences([1])
+    assert layer.uniform and layer._open is None and layer.batch == 1
+    layer.update(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))  # one decode step: no stale mask to open
+    assert layer.entries() == 6 + 6 + 2
