@@ -6,6 +6,7 @@
 # 2. `headprof score` and `headprof run` in bf16 on a hub-format Llama-3-shaped model built in code
 # 3. benchmarks/bench_scale.py on CUDA: decode tok/s per attention backend at 4k, 8k and 32k-token prompts
 # 4. benchmarks/bench_score.py on CUDA: scoring probes/s at batch 1, 4, 8 and 16 vs plain prefills
+# 5. benchmarks/bench_throughput.py on CUDA: sequences under a KV cap and decode tok/s at that batch, 4k prompts
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -37,3 +38,5 @@ echo "== 3. decode speed at scale (Llama-3-shaped, 32 layers, bf16)"
 $PY benchmarks/bench_scale.py --device cuda --dtype bfloat16 --lengths 4096,8192,32768 --new-tokens 64
 echo "== 4. scoring throughput by batch size (the model of step 2, bf16, 4000-token probes)"
 $PY benchmarks/bench_score.py --device cuda --dtype bfloat16 --model "$tmp/model" --lengths 4000 --no-naive
+echo "== 5. concurrency under a KV cap (Llama-3-shaped, bf16, 4k-token prompts, 8 GB of KV)"
+$PY benchmarks/bench_throughput.py --device cuda --dtype bfloat16 --length 4096 --kv-cap-mb 8192 --max-batch 512

@@ -32,6 +32,7 @@ from headprof.models import LoadedModel
 from headprof.partial import PartialRun
 from headprof.profile import Profile
 from headprof.progress import Callback, Progress
+from headprof.scoring import out_of_memory
 
 RESULTS_VERSION = 1
 PROBE_TASKS = ("needle", "reasoning")  # headprof's own items: retrieval needles and r2 reasoning probes
@@ -277,11 +278,16 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
             batched: dict[int, tuple[generation.RunResult, float]] = {}
             if shared is not None and batch_cells and len(grid) > 1:  # one batch of every cell of the prefill
                 t = time.perf_counter()
-                made = generation.generate_cells(
-                    lm, shared, [(specs[m].build(profiles, window=window, kernel=kernel, beta=beta or BETA), b)
-                                 for b, _, m, beta in grid], item.max_new_tokens or max_new_tokens, compress_sliding)
-                share = (time.perf_counter() - t) / len(grid)  # a cell's seconds: its share of the batch's
-                batched = {i: (r, share) for i, r in enumerate(made)}
+                try:
+                    made = generation.generate_cells(
+                        lm, shared, [(specs[m].build(profiles, window=window, kernel=kernel, beta=beta or BETA), b)
+                                     for b, _, m, beta in grid], item.max_new_tokens or max_new_tokens,
+                        compress_sliding)
+                    share = (time.perf_counter() - t) / len(grid)  # a cell's seconds: its share of the batch's
+                    batched = {i: (r, share) for i, r in enumerate(made)}
+                except Exception as e:  # out of memory: this item's cells one by one (the same rows)
+                    if not out_of_memory(e):
+                        raise
             k = 0
             for budget, ratio in cells:
                 level = {"ratio": ratio} if ratio is not None else {}

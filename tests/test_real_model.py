@@ -94,3 +94,18 @@ def test_batched_scoring_equals_one_probe_at_a_time_on_smollm2():
     assert len({p["tokens"] for p in one.data["probes"]}) > 1  # prompts of several lengths: the batch was padded
     np.testing.assert_allclose(four.query_scores(), one.query_scores(), atol=1e-5)
     assert one.query_scores().max() > 0.01
+
+
+def test_a_batch_of_prompts_gets_each_prompts_own_tokens_on_smollm2():
+    from headprof import api, models
+
+    lm = models.load("smollm2-135m", device="cpu")
+    base = "The spare key is under the blue flowerpot by the door. The ferry leaves at six. "
+    prompts = [base * 8 + "Where is the spare key?", base * 13 + "When does the ferry leave?",
+               "Rain fell on the hills all day. " * 20 + "What fell on the hills?"]
+    many = api.generate_many(lm, prompts, "headkv", 64, batch_size=3, max_new_tokens=12)
+    for prompt, report in zip(prompts, many, strict=True):
+        alone = api.generate(lm, prompt, "headkv", 64, max_new_tokens=12)
+        assert [r.tokens for r in report.runs] == [r.tokens for r in alone.runs]
+        assert report.runs[0].budgets == alone.runs[0].budgets
+        assert report.runs[0].kv_entries_ideal == alone.runs[0].kv_entries_ideal
