@@ -298,6 +298,10 @@ def generate_many(model: str | LoadedModel, prompts: Sequence[str | Sequence[int
         ids.append(one)
     reports: list[GenerationReport] = []
     size, start = batch_size, 0
+    if lm.info.layout.latent and m.compresses and size > 1:  # one selection per MLA layer: one prompt at a time
+        size = 1
+        if notice is not None:
+            notice("MLA latents are compressed one prompt at a time: --batch-size 1")
     while start < len(ids):
         chunk = ids[start:start + size]
         try:
