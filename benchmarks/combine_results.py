@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from headprof import evaluate
 from headprof.api import EvalReport
+from headprof.errors import HeadprofError
 
 
 def main() -> None:
@@ -21,8 +23,18 @@ def main() -> None:
     ap.add_argument("--force", action="store_true", help="replace an existing output directory")
     a = ap.parse_args()
     paths = [Path(p) / "results.json" if Path(p).is_dir() else Path(p) for p in a.runs]
-    results = evaluate.combine([json.loads(p.read_text()) for p in paths])
-    EvalReport(results).save(a.out, force=a.force)
+    try:
+        docs = []
+        for p in paths:
+            try:
+                docs.append(json.loads(p.read_text()))
+            except (OSError, json.JSONDecodeError) as e:
+                raise HeadprofError(f"cannot read {p}: {getattr(e, 'strerror', None) or e}") from None
+        results = evaluate.combine(docs)
+        EvalReport(results).save(a.out, force=a.force)
+    except HeadprofError as e:  # one line, exit 2, nothing written
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"wrote {a.out}: {len(paths)} runs, {results['items']} items, {len(results['rows'])} rows")
 
 

@@ -353,9 +353,13 @@ def combine(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
             raise HeadprofError(f"results of different grids cannot be combined ({', '.join(differs)} differ)")
         if part.get("chosen_beta"):
             raise HeadprofError("results that chose beta on validation items cannot be combined")
-    item_sets = [{r["item"] for r in part["rows"]} for part in parts]
-    if sum(map(len, item_sets)) != len(set().union(*item_sets)):
-        raise HeadprofError("the same item occurs in more than one of the results to combine")
+    seen: dict[str, int] = {}
+    for n, part in enumerate(parts):
+        twice = sorted({r["item"] for r in part["rows"] if seen.get(r["item"], n) != n})
+        if twice:
+            raise HeadprofError(f"items {', '.join(twice[:3])}{' ...' if len(twice) > 3 else ''} occur in results "
+                                f"{seen[twice[0]] + 1} and {n + 1}: combined runs must hold different items")
+        seen.update((r["item"], n) for r in part["rows"])
     out = {k: v for k, v in first.items() if k not in ("rows", "summary", "by_task")}
     out["rows"] = [r for part in parts for r in part["rows"]]
     out["items"] = sum(p["items"] for p in parts)

@@ -9,7 +9,8 @@ import pytest  # noqa: E402
 # shipped package. `python -m pytest -q -m "not slow"` skips them for a quick check while developing; CI runs all.
 SLOW_MODULES = {"test_cli", "test_distributed", "test_real_model", "test_api_docs"}
 SLOW_TESTS = {"test_eval_cli_writes_outputs_and_refuses_bad_input", "test_cli_artefact_commands_and_bad_inputs",
-              "test_check_passes_on_rescore_and_fails_on_changed_model"}
+              "test_check_passes_on_rescore_and_fails_on_changed_model",
+              "test_combine_results_refuses_in_one_line_and_writes_nothing"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -190,11 +190,28 @@ def test_runs_on_disjoint_items_combine_into_the_grid_of_one_run():
     for mine, theirs in zip(combined["summary"], whole["summary"], strict=True):
         assert {k: v for k, v in mine.items() if k != "seconds"} == {k: v for k, v in theirs.items() if k != "seconds"}
     assert set(combined["by_task"]) == {"a", "b"}
-    with pytest.raises(HeadprofError, match="same item"):
+    with pytest.raises(HeadprofError, match=r"items i0, i1 occur in results 1 and 2: combined runs must hold"):
         evaluate.combine([parts[0], parts[0]])
     other = evaluate.evaluate(lm, items[2:], *args[:1], [24], args[2], max_new_tokens=3, window=8)
-    with pytest.raises(HeadprofError, match="budgets"):
+    with pytest.raises(HeadprofError, match=r"different grids cannot be combined \(budgets, ratios differ\)"):
         evaluate.combine([parts[0], other])
+
+
+def test_combine_results_refuses_in_one_line_and_writes_nothing(tmp_path):
+    from pathlib import Path
+
+    lm = loaded("llama")
+    run = tmp_path / "a"
+    run.mkdir()
+    res = evaluate.evaluate(lm, _items(lm, 2), ["full", "snapkv"], [16], {}, max_new_tokens=2, window=8)
+    (run / "results.json").write_text(json.dumps(res))
+    script = Path(__file__).parents[1] / "benchmarks" / "combine_results.py"
+    for args in ([run, run], [run, tmp_path / "missing"]):
+        r = subprocess.run([sys.executable, str(script), str(tmp_path / "out"), *map(str, args)],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "occur in results 1 and 2" in r.stderr or "cannot read" in r.stderr
+        assert not (tmp_path / "out").exists()
 
 
 def test_an_interrupted_grid_keeps_its_items_and_resumes_to_the_same_rows(tmp_path, monkeypatch):
