@@ -21,7 +21,7 @@ from headprof import partial as partial_mod
 from headprof import profile as profile_mod
 from headprof.answers import token_f1
 from headprof.defaults import BETA, KERNEL, WINDOW
-from headprof.errors import HeadprofError, NothingAnswered, OutputError, ProfileError
+from headprof.errors import BatchOutOfMemory, HeadprofError, NothingAnswered, OutputError, ProfileError, out_of_memory
 from headprof.files import check_output, write_atomic, write_dir_atomic
 from headprof.models import LoadedModel
 from headprof.profile import Profile, shipped
@@ -296,35 +296,52 @@ def generate_many(model: str | LoadedModel, prompts: Sequence[str | Sequence[int
             raise HeadprofError(f"{name}: {len(one)} tokens + {max_new} new tokens exceed the model's "
                                 f"{lm.info.max_positions} positions")
         ids.append(one)
-    reports: list[GenerationReport] = []
-    size, start = batch_size, 0
+    size = batch_size
     if lm.info.layout.latent and m.compresses and size > 1:  # one selection per MLA layer: one prompt at a time
         size = 1
         if notice is not None:
             notice("MLA latents are compressed one prompt at a time: --batch-size 1")
-    while start < len(ids):
-        chunk = ids[start:start + size]
-        try:
-            compressed = generation.generate_batch(lm, chunk, m, budget, max_new,
-                                                   compress_sliding=options["compress_sliding"])
-            full = (generation.generate_batch(lm, chunk, "full", budget, max_new)
-                    if options["baseline"] and m.compresses else [None] * len(chunk))
-        except Exception as e:  # out of memory: torch.OutOfMemoryError, or a RuntimeError saying so
-            if not scoring.out_of_memory(e) or size == 1:
-                raise
-            import torch
+    compressed = _in_batches(lm, ids, m, budget, max_new, options["compress_sliding"], size, notice)
+    full = (_in_batches(lm, ids, methods.build("full"), budget, max_new, True, size, notice)
+            if options["baseline"] and m.compresses else [None] * len(ids))
+    return [_report(lm, m, label, where, budget, options["beta"], options["group_reduce"], options["compress_sliding"],
+                    len(prompt), [c] + ([f] if f is not None else []))
+            for c, f, prompt in zip(compressed, full, ids, strict=True)]
 
-            size = max(1, len(chunk) // 2)
+
+def _in_batches(lm: LoadedModel, ids: list[list[int]], m: methods.Method, budget: int, max_new: int,
+                compress_sliding: bool, size: int, notice: Callable[[str], None] | None) -> list:
+    """Every prompt's run, `size` at a time; a batch that runs out of memory is halved and retried with the prompts
+    it had not finished (those that finished are kept)."""
+    runs: list = [None] * len(ids)
+    todo = list(range(len(ids)))
+    while todo:
+        chunk = todo[:size]
+        try:
+            made = dict(enumerate(generation.generate_batch(lm, [ids[i] for i in chunk], m, budget, max_new,
+                                                            compress_sliding=compress_sliding)))
+        except Exception as e:
+            if not (isinstance(e, BatchOutOfMemory) or out_of_memory(e)):
+                raise
+            if size == 1:
+                raise HeadprofError(f"out of memory on one prompt of {len(ids[chunk[0]])} tokens: use a shorter "
+                                    "prompt, --dtype bfloat16 or a smaller --max-new-tokens") from None
+            made, size = getattr(e, "finished", {}), max(1, len(chunk) // 2)
             if notice is not None:
-                notice(f"out of memory on {len(chunk)} prompts at once: batches of {size} from now on")
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            continue
-        for c, f, prompt in zip(compressed, full, chunk, strict=True):
-            reports.append(_report(lm, m, label, where, budget, options["beta"], options["group_reduce"],
-                                   options["compress_sliding"], len(prompt), [c] + ([f] if f is not None else [])))
-        start += len(chunk)
-    return reports
+                notice(f"out of memory on {len(chunk)} prompts at once ({len(made)} had finished and are kept): "
+                       f"batches of {size} from now on")
+            _free_device_memory()
+        for j, run in made.items():
+            runs[chunk[j]] = run
+        todo = [i for i in todo if runs[i] is None]
+    return runs
+
+
+def _free_device_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @dataclass

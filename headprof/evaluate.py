@@ -26,13 +26,12 @@ from headprof.answers import answer_not_distractor, token_f1, words
 from headprof.compare import bootstrap_ci
 from headprof.defaults import BETA, KERNEL, WINDOW
 from headprof.distributed import World
-from headprof.errors import HeadprofError, ProbeError
+from headprof.errors import HeadprofError, ProbeError, out_of_memory
 from headprof.files import read_jsonl
 from headprof.models import LoadedModel
 from headprof.partial import PartialRun
 from headprof.profile import Profile
 from headprof.progress import Callback, Progress
-from headprof.scoring import out_of_memory
 
 RESULTS_VERSION = 1
 PROBE_TASKS = ("needle", "reasoning")  # headprof's own items: retrieval needles and r2 reasoning probes

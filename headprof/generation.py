@@ -34,7 +34,7 @@ from headprof.capture import AttentionCapture
 from headprof.compress import Plan, compressed_layers, make_plan
 from headprof.decode_cache import alone
 from headprof.defaults import BETA, KERNEL, WINDOW
-from headprof.errors import HeadprofError
+from headprof.errors import BatchOutOfMemory, HeadprofError, out_of_memory
 from headprof.latent import LatentLayer
 from headprof.layout import KEPT_KINDS, layer_list
 from headprof.models import HeadLayout, LoadedModel, end_tokens, last_logits_only, with_cache
@@ -356,37 +356,51 @@ def generate_batch(lm: LoadedModel, prompts: list[list[int]], method: str | meth
     cache = cache_for(lay, m, compress_sliding, lm.model.config) if m.compresses else own_cache.adapt(
         DynamicCache(config=lm.model.config), lm.model.config)
     kwargs = {**with_cache(lm.model, cache), **last_logits_only(lm.model), "use_cache": True}
-    ends, elem = end_tokens(lm), torch.finfo(lm.model.dtype).bits // 8
-    active = list(range(len(prompts)))  # which prompt each row of the batch holds
-    tokens: list[list[int]] = [[] for _ in prompts]
     runs: list[RunResult | None] = [None] * len(prompts)
     start = time.perf_counter()
-    times: list[float] = []
-    with compressing(cache, m.window, plans.__getitem__) if m.compresses else contextlib.nullcontext():
-        logits = lm.model(ids, attention_mask=mask, position_ids=pos, **kwargs).logits[:, -1]
-        last = pos[:, -1]
-        for step in range(max_new_tokens):
-            token = logits.argmax(-1)
-            chosen = token.tolist()  # one host read per step for the whole batch
-            times.append(time.perf_counter())
-            done = []
-            for r, b in enumerate(active):
-                tokens[b].append(chosen[r])
-                if chosen[r] in ends or step + 1 == max_new_tokens:
-                    done.append(r)
-                    runs[b] = _batch_run(lm, lay, m, method, budget, len(prompts), cache, r, len(active),
-                                         prompts[b], tokens[b], times[0] - start, times, elem)
-            if done:
-                keep = [r for r in range(len(active)) if r not in done]
-                if not keep:
-                    break
-                rows = torch.tensor(keep, device=device)
-                cache.batch_select_indices(rows)
-                active, token, mask, last = [active[r] for r in keep], token[rows], mask[rows], last[rows]
-            mask = torch.cat([mask, mask.new_ones(len(active), 1)], -1)
-            last = last + 1
-            logits = lm.model(token[:, None], attention_mask=mask, position_ids=last[:, None], **kwargs).logits[:, -1]
+    try:
+        with compressing(cache, m.window, plans.__getitem__) if m.compresses else contextlib.nullcontext():
+            _decode_batch(lm, lay, m, method, budget, prompts, cache, ids, mask, pos, kwargs, max_new_tokens,
+                          runs, start)
+    except Exception as e:
+        if out_of_memory(e):  # the prompts that finished are kept; a smaller batch retries the others
+            raise BatchOutOfMemory({b: r for b, r in enumerate(runs) if r is not None}, e) from e
+        raise
     return runs  # type: ignore[return-value]
+
+
+def _decode_batch(lm: LoadedModel, lay: HeadLayout, m: methods.Method, method, budget: int,
+                  prompts: list[list[int]], cache, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                  kwargs: dict, max_new_tokens: int, runs: list, start: float) -> None:
+    """The prefill and greedy decode loop of `generate_batch`, filling `runs` as each prompt ends."""
+    ends, elem = end_tokens(lm), torch.finfo(lm.model.dtype).bits // 8
+    device = ids.device
+    active = list(range(len(prompts)))  # which prompt each row of the batch holds
+    tokens: list[list[int]] = [[] for _ in prompts]
+    times: list[float] = []
+    logits = lm.model(ids, attention_mask=mask, position_ids=pos, **kwargs).logits[:, -1]
+    last = pos[:, -1]
+    for step in range(max_new_tokens):
+        token = logits.argmax(-1)
+        chosen = token.tolist()  # one host read per step for the whole batch
+        times.append(time.perf_counter())
+        done = []
+        for r, b in enumerate(active):
+            tokens[b].append(chosen[r])
+            if chosen[r] in ends or step + 1 == max_new_tokens:
+                done.append(r)
+                runs[b] = _batch_run(lm, lay, m, method, budget, len(prompts), cache, r, len(active),
+                                     prompts[b], tokens[b], times[0] - start, times, elem)
+        if done:
+            keep = [r for r in range(len(active)) if r not in done]
+            if not keep:
+                break
+            rows = torch.tensor(keep, device=device)
+            cache.batch_select_indices(rows)
+            active, token, mask, last = [active[r] for r in keep], token[rows], mask[rows], last[rows]
+        mask = torch.cat([mask, mask.new_ones(len(active), 1)], -1)
+        last = last + 1
+        logits = lm.model(token[:, None], attention_mask=mask, position_ids=last[:, None], **kwargs).logits[:, -1]
 
 
 def _batch_run(lm: LoadedModel, lay: HeadLayout, m: methods.Method, method, budget: int, size: int, cache, r: int,

@@ -28,7 +28,7 @@ from headprof import profile as profile_mod
 from headprof.capture import AttentionCapture
 from headprof.decode_cache import PaddedPrefill, alone
 from headprof.distributed import World
-from headprof.errors import ProbeError
+from headprof.errors import ProbeError, out_of_memory
 from headprof.haystack import Haystack
 from headprof.models import LoadedModel, end_tokens, last_logits_only, with_cache
 from headprof.partial import PartialRun
@@ -396,8 +396,6 @@ def batches(work: list[Work], size: int) -> list[list[Work]]:
     return [ordered[i:i + size] for i in range(0, len(ordered), size)]
 
 
-def out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -174,3 +174,26 @@ def test_a_batch_left_with_equal_segments_drops_its_mask():
     assert layer.uniform and layer._open is None and layer.batch == 1
     layer.update(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))  # one decode step: no stale mask to open
     assert layer.entries() == 6 + 6 + 2
+
+
+def test_a_batch_out_of_memory_is_halved_and_keeps_the_prompts_that_finished(monkeypatch):
+    lm = loaded("llama")
+    prompts = _prompts(4) + _prompts(5)[:1]  # 4 prompts
+    want = [api.generate(lm, p, "snapkv", 40, max_new_tokens=5, baseline=False).runs[0].tokens for p in prompts]
+    lm.model.generation_config.eos_token_id = want[1][1]  # prompt 2 ends at its second token, the others run on
+    want = [api.generate(lm, p, "snapkv", 40, max_new_tokens=5, baseline=False).runs[0].tokens for p in prompts]
+    forward, calls = lm.model.forward, []
+
+    def tight(*args, **kwargs):  # a device that holds 3 sequences for at most two decode steps
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        calls.append(ids.shape)
+        if ids.shape[0] >= 3 and ids.shape[1] == 1 and sum(c[0] >= 3 and c[1] == 1 for c in calls) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (a test)")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(lm.model, "forward", tight)
+    notes: list[str] = []
+    many = api.generate_many(lm, prompts, "snapkv", 40, batch_size=4, max_new_tokens=5, baseline=False,
+                             notice=notes.append)
+    assert [r.runs[0].tokens for r in many] == want
+    assert notes and "(1 had finished and are kept)" in notes[0] and "batches of 2" in notes[0], notes
