@@ -129,7 +129,13 @@ def _pairs(text: str, methods: list[str]) -> list[tuple[str, str]]:
 
 
 if __name__ == "__main__":
-    if json.load(open(sys.argv[1])).get("budgets"):
+    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
+        raise SystemExit("usage: results_table.py RESULTS.json [--by-task] [--paired A-B,C-D]")
+    try:
+        grid = json.load(open(sys.argv[1]))
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"{sys.argv[1]}: not a readable results.json ({err})") from None
+    if grid.get("budgets"):
         main(sys.argv[1])
         if "--by-task" in sys.argv[2:]:
             by_task(sys.argv[1])
