@@ -3,6 +3,9 @@
 # usage: bash benchmarks/ruler_grid.sh MODEL OUT LENGTH ITEMS FIRST_ITEM RATIOS [METHODS]
 # e.g.   bash benchmarks/ruler_grid.sh smollm2-135m results/ruler4k-smollm2 4096 8 0 0.5,0.75,0.9,0.97
 set -euo pipefail
+if [ $# -lt 6 ]; then
+  echo "usage: bash benchmarks/ruler_grid.sh MODEL OUT LENGTH ITEMS FIRST_ITEM RATIOS [METHODS]" >&2; exit 2
+fi
 model=$1 out=$2 length=$3 items=$4 first=$5 ratios=$6
 methods=${7:-full,streaming,snapkv,pyramidkv,adakv,headkv-retrieval,headkv-r2}
 tasks=${TASKS:-"niah_single_1 niah_single_2 niah_multikey_1 niah_multikey_2 qa_1 qa_2 vt fwe niah_single_3 niah_multikey_3 niah_multivalue niah_multiquery cwe"}
