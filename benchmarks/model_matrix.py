@@ -175,11 +175,11 @@ def mechanism(folder: Path) -> str:
     kinds = set(lay.attention_kinds)
     if getattr(lay, "latent", False):
         return "MLA"
-    if kinds - {"full_attention", "sliding_attention", "dummy", "chunked_attention"}:
+    if kinds - {"full_attention", "sliding_attention", "local_attention", "dummy", "chunked_attention"}:
         return "hybrid"
     if "dummy" in kinds:
         return "KV-shared"
-    if "sliding_attention" in kinds or "chunked_attention" in kinds:
+    if kinds & {"sliding_attention", "local_attention", "chunked_attention"}:
         return "sliding"
     return "GQA" if lay.num_kv_heads < lay.num_query_heads else "dense"
 

@@ -49,6 +49,7 @@ from transformers.cache_utils import (
 
 from headprof import native
 from headprof.latent import IndexedLatentLayer, LatentLayer
+from headprof.layout import LOCAL_KIND
 
 # The layer whose cache was updated last: the layer an attention call belongs to when its module does not say
 # (a block shared by several layers, as in Zamba, carries layer_idx -1 and hands the real one to the cache).
@@ -637,12 +638,12 @@ def full_layer_entries(kind: str, window: int | None, seq: int, kv_heads: int) -
     """Entries the model's own cache layer of this kind holds after `seq` tokens (a sliding layer: its window)."""
     if kind in ("dummy", "linear_attention", "conv"):  # no KV of its own (shared, or a state that is not KV)
         return 0
-    return (min(seq, window) if window and kind not in ("full_attention", "hybrid") else seq) * kv_heads
+    return (min(seq, window) if window and kind not in ("full_attention", "hybrid", LOCAL_KIND) else seq) * kv_heads
 
 
 def _kv_heads(layout, layer: int) -> int:
     """KV entries per token a layer's cache holds: one latent for an MLA layer, else one per KV head."""
-    return 1 if layer in getattr(layout, "latent", ()) else layout.num_kv_heads
+    return 1 if layer in getattr(layout, "latent", ()) else layout.kv_heads(layer)
 
 
 def full_entries(layout, seq: int) -> int:

@@ -22,7 +22,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
 
-from headprof import attention, own_cache
+from headprof import attention, legacy, own_cache
 from headprof import layout as layouts
 from headprof.cache import LAST_UPDATE, HeadKVCache, layer_of
 from headprof.calls import with_cache
@@ -113,7 +113,7 @@ def attach(model: torch.nn.Module, flash: bool = False) -> str:
     _register()
     name = FLASH if flash else SDPA
     try:
-        model.set_attn_implementation(name)
+        _set_implementation(model, name)
     except (ValueError, NotImplementedError, AttributeError) as e:
         raise ModelError(f"{model.config.model_type} cannot switch its attention implementation "
                          f"({str(e).splitlines()[0][:100]}); headprof cannot see or compress it") from None
@@ -216,20 +216,25 @@ def verify(model: torch.nn.Module) -> layouts.HeadLayout:
                          "forward pass (weights or cache shared across steps); headprof cannot tell its heads apart")
     no_heads = sorted(set(lay.no_heads) | set(idle)
                       | {i for i, k in enumerate(kinds) if k == "dummy" and i not in seen.keys})
-    cached_heads = {seen.keys[i][1] for i in seen.own_keys if seen.own_keys[i]}
-    if len(cached_heads) == 1 and lay.num_query_heads % next(iter(cached_heads)) == 0:
-        # every layer caches the same KV heads, not the config's (multi-query models that say so in their own
-        # terms): follow the tensors
-        lay = dataclasses.replace(lay, num_kv_heads=next(iter(cached_heads)))
+    cached = {i: seen.keys[i][1] for i in seen.own_keys if seen.own_keys[i]}
+    if cached and all(lay.num_query_heads % n == 0 for n in cached.values()):
+        # follow the tensors where they differ from the config: every layer caching other KV heads than it says
+        # (multi-query models that say so in their own terms), or layers caching different numbers of KV heads
+        # (MiMo-V2-Flash's sliding layers)
+        if len(set(cached.values())) == 1:
+            lay = dataclasses.replace(lay, num_kv_heads=next(iter(cached.values())))
+        else:
+            per_layer = tuple(cached.get(i, lay.num_kv_heads) for i in range(lay.num_layers))
+            lay = dataclasses.replace(lay, num_kv_heads=max(per_layer), layer_kv_heads=per_layer)
     latent, latent_dim = [], 0
     for i, shape in sorted(seen.keys.items()):
         if i not in seen.own_keys:
             continue  # reads another layer's cache (KV sharing): it follows that layer
         cached_k, cached_v = recorder.returned[i]
         if seen.own_keys[i]:
-            if shape[1] != lay.num_kv_heads:
-                raise ModelError(f"{name}'s layer {i} caches {shape[1]} KV heads where its other layers cache "
-                                 f"{lay.num_kv_heads}; headprof needs one head layout for every layer")
+            if shape[1] != lay.kv_heads(i):
+                raise ModelError(f"{name}'s layer {i} caches {shape[1]} KV heads, which do not divide its "
+                                 f"{lay.num_query_heads} query heads; headprof cannot tell which heads read them")
             if not seen.own_values[i]:
                 raise ModelError(f"{name} changes the values after the cache update (layer {i}); headprof's "
                                  "compressed attention reads the cached values and would give other answers")
@@ -252,11 +257,20 @@ def verify(model: torch.nn.Module) -> layouts.HeadLayout:
 def implementation(model: torch.nn.Module, name: str) -> Iterator[None]:
     """Temporarily run the model with another attention implementation (e.g. `eager` for checks)."""
     previous = model.config._attn_implementation
-    model.set_attn_implementation(name)
+    _set_implementation(model, name)
     try:
         yield
     finally:
-        model.set_attn_implementation(previous)
+        _set_implementation(model, previous)
+
+
+def _set_implementation(model: torch.nn.Module, name: str) -> None:
+    """transformers' switch, or, for a model whose modules compute attention in a method of their own (GPT-Neo,
+    where transformers' switch does nothing), the config's name that `legacy.py`'s routing reads."""
+    if legacy.adapt(model, (SDPA, FLASH)):
+        model.config._attn_implementation = name
+    else:
+        model.set_attn_implementation(name)
 
 
 def _register() -> None:

@@ -40,9 +40,8 @@ class Plan:
     def window(self) -> int:
         return self.method.window
 
-    @property
-    def group_size(self) -> int:
-        return self.layout.group_size
+    def group(self, layer: int) -> int:
+        return self.layout.group(layer)
 
     @property
     def prefix(self) -> int:
@@ -92,17 +91,17 @@ def compressed_layers(layout: HeadLayout, method: Method, compress_sliding: bool
 
 
 def capacity(layout: HeadLayout, prompt_len: int, window: int) -> np.ndarray:
-    """[layer, kv_head] how many prefix positions each head can choose from (sliding layers: its window)."""
+    """[layer, kv_head] how many prefix positions each head can choose from (sliding layers: its window; none for
+    a KV head the layer does not have)."""
     caps = [prompt_len - window - first_candidate(layout, layer, prompt_len, window)
             for layer in range(layout.num_layers)]
-    return np.repeat(np.array(caps, dtype=np.int64)[:, None], layout.num_kv_heads, axis=1)
+    return np.where(layout.present(), np.array(caps, dtype=np.int64)[:, None], 0)
 
 
 def make_plan(method: Method, layout: HeadLayout, prompt_len: int, budget: int,
               compress_sliding: bool = False) -> Plan:
     """Allocate budgets for `method`. Raises BudgetError for budgets the prompt cannot honour."""
-    compressible = np.repeat(np.array(compressed_layers(layout, method, compress_sliding))[:, None],
-                             layout.num_kv_heads, axis=1)
+    compressible = np.array(compressed_layers(layout, method, compress_sliding))[:, None] & layout.present()
     budgets = (method.allocate(budget, capacity(layout, prompt_len, method.window), compressible)
                if method.compresses else np.zeros(compressible.shape, dtype=np.int64))
     return Plan(method, layout, budget, prompt_len, budgets, compressible, compress_sliding)

@@ -267,10 +267,10 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str | methods.Metho
     entries, nbytes = held_entries(cache), held_bytes(cache)
     ideal = ideal_entries(cache, lay, n + appended, appended)
     if m.compresses:  # what each head kept of the prompt beyond the window (adaptive methods decide it at prefill)
-        budgets = [[n_kept - window for n_kept in layer.lens] * (lay.num_kv_heads if isinstance(layer, LatentLayer)
+        budgets = [[n_kept - window for n_kept in layer.lens] * (lay.kv_heads(i) if isinstance(layer, LatentLayer)
                                                                  else 1)
                    if isinstance(layer, (HeadKVLayer, LatentLayer)) and layer.compressed
-                   else [0] * lay.num_kv_heads for layer in cache.layers]
+                   else [0] * lay.kv_heads(i) for i, layer in enumerate(cache.layers)]
         kept = [i for i, k in enumerate(lay.attention_kinds) if k in KEPT_KINDS]
         if kept:
             notes.append(f"layers {layer_list(kept)} attend within chunks of {lay.layer_windows[kept[0]]} tokens: "
@@ -312,18 +312,18 @@ def _sequence_ideal(cache, layout: HeadLayout, b: int, batch: int, seq: int, app
             h = layer.heads // batch
             total += sum(layer.kept_prompt[b * h:(b + 1) * h]) + h * appended
         else:
-            total += full_layer_entries(kind, w, seq, 1 if layout.is_latent(i) else layout.num_kv_heads)
+            total += full_layer_entries(kind, w, seq, 1 if layout.is_latent(i) else layout.kv_heads(i))
     return total
 
 
 def _sequence_budgets(cache, layout: HeadLayout, b: int, batch: int, window: int) -> list[list[int]]:
     out = []
-    for layer in cache.layers:
+    for i, layer in enumerate(cache.layers):
         if isinstance(layer, HeadKVLayer) and layer.compressed:
             h = layer.heads // batch
             out.append([n - window for n in layer.kept_prompt[b * h:(b + 1) * h]])
         else:
-            out.append([0] * layout.num_kv_heads)
+            out.append([0] * layout.kv_heads(i))
     return out
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from headprof.errors import ModelError
 
 
 @dataclass(frozen=True)
 class HeadLayout:
-    """Where the heads are. Query head h of a layer reads KV head h // group_size."""
+    """Where the heads are. Query head h of layer l reads KV head h // group(l)."""
 
     num_layers: int
     num_query_heads: int
@@ -27,10 +29,27 @@ class HeadLayout:
     latent: tuple[int, ...] = ()  # layers whose cache holds one latent shared by all their heads (MLA)
     latent_dim: int = 0  # numbers per token in such a layer's cache (latent + shared rotary key)
     reused_index: tuple[int, ...] = ()  # sparse-attention layers that reuse an earlier layer's top-k (GLM-5)
+    # per layer, where layers cache different numbers of KV heads (MiMo-V2-Flash's sliding layers cache twice its
+    # full layers'); `num_kv_heads` is then the widest layer's, the [layer, kv_head] grid's width, and a layer's
+    # KV heads beyond its own count are absent (no score, no budget)
+    layer_kv_heads: tuple[int, ...] = ()
 
     @property
     def group_size(self) -> int:
         return self.num_query_heads // self.num_kv_heads
+
+    def kv_heads(self, layer: int) -> int:
+        """The KV heads layer `layer` caches."""
+        return self.layer_kv_heads[layer] if self.layer_kv_heads else self.num_kv_heads
+
+    def group(self, layer: int) -> int:
+        """Query heads per KV head in layer `layer`: query head h reads KV head h // group."""
+        return self.num_query_heads // self.kv_heads(layer)
+
+    def present(self) -> np.ndarray:
+        """[layer, kv_head] bool: the KV heads each layer really has (all, unless layers differ)."""
+        counts = np.array([self.kv_heads(i) for i in range(self.num_layers)])
+        return np.arange(self.num_kv_heads)[None, :] < counts[:, None]
 
     def has_heads(self, layer: int) -> bool:
         return layer not in self.no_heads
@@ -50,14 +69,17 @@ class HeadLayout:
 #   which never holds more than one chunk); the budget goes to the other layers;
 # - "indexed_attention" (DeepSeek sparse attention): compressed where its cache is an MLA latent (`latent.py`, the
 #   indexer's keys cut with it);
+# - "local_attention" (headprof's name, GPT-Neo's local layers): treated as a sliding layer whose own cache keeps
+#   every token (its window is in its attention: `legacy.py`);
 # - any other kind: scored, but compressing methods refuse the model in one line.
 # Layers whose cache holds one latent shared by all heads (MLA) are found from the tensors (`latent.py`).
-COMPRESSIBLE_KINDS = ("full_attention", "sliding_attention", "hybrid", "hybrid_sliding")
+LOCAL_KIND = "local_attention"  # headprof's name: attention inside a window over a cache of every token (GPT-Neo)
+COMPRESSIBLE_KINDS = ("full_attention", "sliding_attention", "hybrid", "hybrid_sliding", LOCAL_KIND)
 STATE_KINDS = ("linear_attention", "conv")
 CACHELESS_KINDS = ("dummy",)
 KEPT_KINDS = ("chunked_attention",)  # attention layers a compressed cache leaves as the model keeps them
 INDEXED_KINDS = ("indexed_attention",)  # compressible where the layer's cache is an MLA latent
-SLIDING_KINDS = ("sliding_attention", "hybrid_sliding")
+SLIDING_KINDS = ("sliding_attention", "hybrid_sliding", LOCAL_KIND)
 
 
 def layer_kinds(config) -> tuple[list[str], list[int | None]]:
@@ -71,6 +93,11 @@ def layer_kinds(config) -> tuple[list[str], list[int | None]]:
         kinds = getattr(text, "layer_types", None) or [
             "sliding_attention" if window else "full_attention"] * text.num_hidden_layers
         return list(kinds), [window if k == "sliding_attention" else None for k in kinds]
+    local = getattr(text, "attention_layers", None)
+    if getattr(text, "window_size", None) and isinstance(local, list) and "local" in local:
+        # GPT-Neo's "local" layers: a window in their attention over a cache that keeps every token
+        return ([LOCAL_KIND if k == "local" else "full_attention" for k in local],
+                [text.window_size if k == "local" else None for k in local])
     kinds, kwargs = get_layer_types_and_kwargs(text)
     return list(kinds), [kw.get("sliding_window") for kw in kwargs]
 

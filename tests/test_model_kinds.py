@@ -10,10 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from headprof import api, families, latent, layout, models
+from headprof import api, compress, families, latent, layout, methods, models
 from headprof.cli import app
 from headprof.errors import ProfileError
 from headprof.probes import RenderedProbe
+from headprof.profile import Profile
 from headprof.scoring import Decoder, ProbeJob, score_batch, score_probe
 
 _spec = iu.spec_from_file_location("model_matrix", Path(__file__).parents[1] / "benchmarks" / "model_matrix.py")
@@ -52,6 +53,8 @@ def built(tmp_path_factory):
     ("mllama", "works", "GQA"),  # cross-attention layers, idle on text
     ("mamba", "refused", "attention-free"),
     ("bloom", "refused", "legacy attention"),  # attention outside transformers' attention interface
+    ("mimo_v2_flash", "works", "sliding"),  # its sliding layers cache twice the KV heads of its full layers
+    ("gpt_neo", "works", "sliding"),  # attention in a method of its own (`legacy.py`), local layers' window in it
     ("diffllama", "refused", "?"),  # two attention calls per layer over transformed values
 ])
 def test_each_mechanism_gets_its_status(built, model_type, status, mechanism):
@@ -159,3 +162,21 @@ def test_eval_cells_from_one_shared_prefill_equal_their_own_prefill(built, model
         a = generation.generate(lm, ids, method, budget, max_new_tokens=6, shared=shared)
         b = generation.generate(lm, ids, method, budget, max_new_tokens=6)
         assert (a.tokens, a.kv_bytes) == (b.tokens, b.kv_bytes)
+
+
+def test_layers_that_cache_different_kv_heads_group_budget_and_score_by_their_own_count(built):
+    """MiMo-V2-Flash's sliding layers cache 4 KV heads, its full layers 2 (4 query heads): the grid is 4 wide, a full
+    layer's KV heads 2 and 3 are absent (no budget, score 0), and each layer groups its query heads by its count."""
+    lm = api.load_model(str(built("mimo_v2_flash")), device="cpu")
+    lay = lm.info.layout
+    assert lay.num_kv_heads == 4 and set(lay.layer_kv_heads) == {2, 4}
+    full = [i for i in range(lay.num_layers) if lay.kv_heads(i) == 2]
+    plan = compress.make_plan(methods.get("snapkv"), lay, 200, 40)
+    assert (plan.budgets[full, 2:] == 0).all() and not plan.compressible[full, 2:].any()
+    assert (plan.budgets[full, :2] > 0).all()
+    query = np.arange(lay.num_layers * 4, dtype=float).reshape(lay.num_layers, 4)
+    kv = Profile.kv_reduce(query, 4, list(lay.layer_kv_heads))["mean"]
+    assert kv[full[0]] == [query[full[0], :2].mean(), query[full[0], 2:].mean(), 0, 0]
+    r = api.generate(lm, "a b c d e f g h i j " * 8, method="snapkv", budget=40, max_new_tokens=2)
+    assert [len(b) for b in r.runs[0].budgets] == [lay.kv_heads(i) for i in range(lay.num_layers)]
+    assert r.runs[0].kv_bytes < r.runs[1].kv_bytes

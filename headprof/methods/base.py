@@ -35,7 +35,8 @@ class PlanView(Protocol):
 
     budget: int  # tokens per KV head asked for, window included
     budgets: np.ndarray  # [layer, kv_head] prefix tokens each head keeps (decided before prefill)
-    group_size: int  # query heads per KV head
+
+    def group(self, layer: int) -> int: ...  # query heads per KV head of `layer`
 
     @property
     def prefix(self) -> int: ...  # prompt tokens before the observation window
@@ -62,7 +63,7 @@ def pooled_scores(probs: torch.Tensor, group: int, kernel: int) -> torch.Tensor:
 
 def pooled_window(method: Method, plan: PlanView, layer: int, probs: torch.Tensor) -> torch.Tensor:
     """SnapKV's scorer: pooled window attention (`pooled_scores` with the method's kernel)."""
-    scores = pooled_scores(probs, plan.group_size, method.kernel)
+    scores = pooled_scores(probs, plan.group(layer), method.kernel)
     lo = plan.first_candidate(layer)
     if lo:
         scores[:, :lo] = float("-inf")
