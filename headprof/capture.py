@@ -111,7 +111,7 @@ def attach(model: torch.nn.Module, flash: bool = False) -> str:
     """Route the model's attention through the capture function and check, on one short forward pass, that it
     really runs for every layer that attends (`verify`); returns the implementation name."""
     _register()
-    name = FLASH if flash else SDPA
+    name = FLASH if flash and not legacy.adapt(model) else SDPA  # routed legacy modules take SDPA (`legacy.py`)
     try:
         _set_implementation(model, name)
     except (ValueError, NotImplementedError, AttributeError) as e:
@@ -256,7 +256,7 @@ def verify(model: torch.nn.Module) -> layouts.HeadLayout:
 @contextmanager
 def implementation(model: torch.nn.Module, name: str) -> Iterator[None]:
     """Temporarily run the model with another attention implementation (e.g. `eager` for checks)."""
-    previous = model.config._attn_implementation
+    previous = legacy.routed(model) or model.config._attn_implementation
     _set_implementation(model, name)
     try:
         yield
@@ -267,8 +267,9 @@ def implementation(model: torch.nn.Module, name: str) -> Iterator[None]:
 def _set_implementation(model: torch.nn.Module, name: str) -> None:
     """transformers' switch, or, for a model whose modules compute attention in a method of their own (GPT-Neo,
     where transformers' switch does nothing), the config's name that `legacy.py`'s routing reads."""
-    if legacy.adapt(model, (SDPA, FLASH)):
-        model.config._attn_implementation = name
+    if legacy.adapt(model):
+        ours = name in (SDPA, FLASH)
+        legacy.route(model, SDPA if ours else None, "sdpa" if ours else name)
     else:
         model.set_attn_implementation(name)
 

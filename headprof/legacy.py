@@ -1,55 +1,137 @@
-"""Attention modules that compute attention in a method of their own, not through transformers' attention
-interface: GPT-Neo and GPT-NeoX-Japanese call `self._attn(query, key, value, attention_mask)` right after their cache
-update. `adapt` routes that call, on each module instance, to the attention function registered for the model's
-implementation (headprof's, `capture.py`), with the module's own scaling and window, so these layers are seen,
-scored and compressed like any other. Under any other implementation (eager, for checks) the module's own method
-runs. Nothing of the modelling code is copied; models whose attention is written inline (Bloom, Falcon, MPT) stay
-refused by `capture.verify`.
+"""Attention modules that do not go through transformers' attention interface but hand their attention to one
+call headprof can take over, right after their cache update:
+
+- a method of their own, `self._attn(query, key, value, attention_mask)` (GPT-Neo, GPT-NeoX-Japanese): the method
+  is replaced on the instance;
+- PyTorch's `scaled_dot_product_attention`, called inline under the `sdpa` implementation (Falcon without ALiBi):
+  that one call is caught while the module runs (a `TorchFunctionMode`, entered and left by module hooks).
+
+Either way the call goes to the attention function registered for the route (headprof's, `capture.py`) with the
+module's own scaling and window, so these layers are seen, scored and compressed like any other. With no route
+(eager, for checks) the module's own code runs. Nothing of the modelling code is copied. transformers' switch of
+implementation does nothing on these models, so `route` sets the config's implementation itself (`sdpa` under
+headprof's route: the masks and code path the route expects). Attention written inline as matmuls (Bloom, MPT,
+XGLM) stays refused by `capture.verify`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-# attention class -> (module, config) -> (scaling, attention window or None)
-ADAPTERS: dict[str, Callable[[torch.nn.Module, object], tuple[float, int | None]]] = {
+from headprof.errors import ModelError
+
+
+@dataclass(frozen=True)
+class Adapter:
+    call: str  # "method": the module's own `_attn`; "sdpa": its inline scaled_dot_product_attention
+    params: Callable[[torch.nn.Module, object], tuple[float | None, int | None]]  # -> (scaling, attention window)
+    refuse: Callable[[object], str | None] = lambda config: None  # a reason this config cannot be routed
+
+
+ADAPTERS: dict[str, Adapter] = {
     # GPT-Neo: unscaled logits; its "local" layers attend to the last `window_size` tokens of a cache that keeps all
-    "GPTNeoSelfAttention": lambda m, c: (1.0, c.window_size if m.attention_type == "local" else None),
-    "GPTNeoXJapaneseAttention": lambda m, c: (1.0 / m.norm_factor, None),
+    "GPTNeoSelfAttention": Adapter("method", lambda m, c: (1.0, c.window_size if m.attention_type == "local"
+                                                           else None)),
+    "GPTNeoXJapaneseAttention": Adapter("method", lambda m, c: (1.0 / m.norm_factor, None)),
+    "FalconAttention": Adapter("sdpa", lambda m, c: (None, None), lambda c: (
+        "falcon with ALiBi adds a position bias to every key; headprof's compressed heads keep other positions and "
+        "cannot honour it" if getattr(c, "alibi", False) else None)),
 }
 
 
-def adapt(model: torch.nn.Module, implementations: tuple[str, ...]) -> int:
-    """Route the own-method attention of `model`'s modules through `implementations` when the model runs one of
-    them; returns how many modules it routes (0 for a model that needs none). Idempotent."""
+def adapt(model: torch.nn.Module) -> int:
+    """Prepare `model`'s modules that need routing (idempotent); how many there are (0 for most models). A config
+    the adapter cannot route is refused in one line (ModelError)."""
     count = 0
     for module in model.modules():
-        spec = ADAPTERS.get(type(module).__name__)
-        if spec is None:
+        adapter = ADAPTERS.get(type(module).__name__)
+        if adapter is None:
             continue
+        reason = adapter.refuse(model.config)
+        if reason:
+            raise ModelError(reason)
         count += 1
-        if getattr(module, "_headprof_own_attn", None) is None:
-            scaling, window = spec(module, model.config)
-            module._headprof_own_attn = module._attn
-            module._attn = _routed(module, model.config, scaling, window, implementations)
+        if not hasattr(module, "_headprof_route"):
+            scaling, window = adapter.params(module, model.config)
+            module._headprof_route = None
+            if adapter.call == "method":
+                module._attn = _routed_method(module, module._attn, scaling, window)
+            else:
+                _catch_sdpa(module, scaling)
     return count
 
 
-def _routed(module, config, scaling: float, window: int | None, implementations: tuple[str, ...]):
+def route(model: torch.nn.Module, name: str | None, implementation: str) -> None:
+    """Send the adapted modules' attention to the function registered as `name` (None: the module's own code) and
+    set the config's implementation (what the model's masks and code paths follow) to `implementation`."""
+    for module in model.modules():
+        if hasattr(module, "_headprof_route"):
+            module._headprof_route = name
+    model.config._attn_implementation = implementation
+
+
+def routed(model: torch.nn.Module) -> str | None:
+    return next((m._headprof_route for m in model.modules() if hasattr(m, "_headprof_route")), None)
+
+
+def _call(module, query, key, value, mask, scaling, window, is_causal=None) -> torch.Tensor:
+    """The routed attention, (batch, heads, q, dim) as the module expects it back."""
+    if window is not None and (mask is None or mask.dim() == 4):
+        mask = band(mask, query.shape[2], key.shape[2], window, key.device)
+    extra = {} if is_causal is None else {"is_causal": is_causal}
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    out, _ = ALL_ATTENTION_FUNCTIONS[module._headprof_route](module, query, key, value, mask, scaling=scaling,
+                                                              dropout=0.0, sliding_window=window, **extra)
+    return out.transpose(1, 2).contiguous()
+
+
+def _routed_method(module, own, scaling: float, window: int | None):
     def _attn(query, key, value, attention_mask=None):
-        name = config._attn_implementation
-        if name not in implementations:
-            return module._headprof_own_attn(query, key, value, attention_mask)
-        if window is not None and (attention_mask is None or attention_mask.dim() == 4):
-            attention_mask = band(attention_mask, query.shape[2], key.shape[2], window, key.device)
-        out, _ = ALL_ATTENTION_FUNCTIONS[name](module, query, key, value, attention_mask,
-                                                scaling=scaling, dropout=0.0, sliding_window=window)
-        return out.transpose(1, 2), None  # the module merges heads from (batch, heads, q, dim)
+        if module._headprof_route is None:
+            return own(query, key, value, attention_mask)
+        return _call(module, query, key, value, attention_mask, scaling, window), None
 
     return _attn
+
+
+class _SDPA(TorchFunctionMode):
+    """Inside one module's forward: its `scaled_dot_product_attention` call goes to the routed function (whose own
+    calls run normally: a mode is off while it handles a call)."""
+
+    def __init__(self, module, scaling: float | None) -> None:
+        super().__init__()
+        self.module, self.scaling = module, scaling
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        query, key, value = args[:3]
+        mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+        scale = kwargs.get("scale", self.scaling)
+        return _call(self.module, query, key, value, mask, scale, None, kwargs.get("is_causal", False) or None)
+
+
+def _catch_sdpa(module, scaling: float | None) -> None:
+    def enter(mod, args):
+        if mod._headprof_route is not None:
+            mod._headprof_mode = _SDPA(mod, scaling)
+            mod._headprof_mode.__enter__()
+
+    def leave(mod, args, output):
+        mode = getattr(mod, "_headprof_mode", None)
+        if mode is not None:
+            mod._headprof_mode = None
+            mode.__exit__(None, None, None)
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave, always_call=True)
 
 
 def band(mask: torch.Tensor | None, q_len: int, k_len: int, window: int, device) -> torch.Tensor:

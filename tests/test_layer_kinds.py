@@ -75,38 +75,3 @@ def test_a_model_whose_layers_differ_in_their_heads_is_refused():
                                          r"0, 2; 2 query / 1 KV heads of size 32 in layers 1, 3\)"):
         models.layout_of(config)
 
-
-def test_gpt_neo_local_layers_attend_inside_their_window_over_a_cache_of_every_token():
-    """GPT-Neo computes attention in a method of its own (`legacy.py` routes it) and its local layers' window is
-    in their attention: headprof's logits and answers equal the model's own, and its full cache counts every token."""
-    from transformers import GPTNeoConfig
-
-    from headprof.capture import attach
-
-    def neo(window):
-        return GPTNeoConfig(num_layers=2, attention_types=[[["global", "local"], 1]], window_size=window,
-                            hidden_size=64, num_heads=4, vocab_size=96, max_position_embeddings=256, bos_token_id=1,
-                            eos_token_id=2, initializer_range=0.3)
-
-    torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_config(neo(4), dtype=torch.float32).eval()
-    m.generation_config.eos_token_id = None
-    ids = torch.randint(3, 96, (40,), generator=torch.Generator().manual_seed(1)).tolist()
-    with torch.no_grad():
-        own_logits = m(torch.tensor([ids])).logits  # its own eager code
-        wide = AutoModelForCausalLM.from_config(neo(256), dtype=torch.float32).eval()
-        wide.load_state_dict(m.state_dict())
-        assert not torch.allclose(wide(torch.tensor([ids])).logits, own_logits, atol=1e-3)  # the window matters
-    own = m.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, 40:].tolist()
-    lay = models.layout_of(m.config)
-    assert lay.attention_kinds == ("full_attention", "local_attention") and lay.layer_windows == (None, 4)
-    info = models.ModelInfo("tiny-neo", "tiny-neo", None, None, type(m).__name__, "gpt_neo", lay, 256, False)
-    tiny = models.LoadedModel(m, loaded("llama").tokenizer, info, "cpu", "float32", attach(m))
-    with torch.no_grad():
-        assert torch.allclose(m(torch.tensor([ids])).logits, own_logits, atol=1e-4)
-    full = generation.generate(tiny, ids, "full", 0, max_new_tokens=6)
-    assert full.tokens == own and len(set(own)) > 1
-    assert full.kv_entries_full == 2 * 4 * (40 + 5)  # the local layer's cache keeps every token, as GPT-Neo's does
-    assert generation.generate(tiny, ids, "snapkv", 100, max_new_tokens=6).tokens == own
-    small = generation.generate(tiny, ids, "snapkv", 24, max_new_tokens=6)
-    assert small.kv_bytes < full.kv_bytes and small.budgets[1] == [0] * 4  # the local layer is kept as it is

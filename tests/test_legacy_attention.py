@@ -1,0 +1,85 @@
+"""Attention computed outside transformers' attention interface, in one call headprof takes over (`legacy.py`):
+headprof's logits and answers equal the model's own code's, and what it cannot route is refused in one line."""
+
+import pytest
+import torch
+from fakes import loaded
+from transformers import AutoModelForCausalLM, FalconConfig, GPTNeoConfig
+
+from headprof import capture, generation, models
+from headprof.capture import attach, implementation
+from headprof.errors import ModelError
+
+
+def test_gpt_neo_local_layers_attend_inside_their_window_over_a_cache_of_every_token():
+    """GPT-Neo computes attention in a method of its own (`legacy.py` routes it) and its local layers' window is
+    in their attention: headprof's logits and answers equal the model's own, and its full cache counts every token."""
+    def neo(window):
+        return GPTNeoConfig(num_layers=2, attention_types=[[["global", "local"], 1]], window_size=window,
+                            hidden_size=64, num_heads=4, vocab_size=96, max_position_embeddings=256, bos_token_id=1,
+                            eos_token_id=2, initializer_range=0.3)
+
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(neo(4), dtype=torch.float32).eval()
+    m.generation_config.eos_token_id = None
+    ids = torch.randint(3, 96, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        own_logits = m(torch.tensor([ids])).logits  # its own eager code
+        wide = AutoModelForCausalLM.from_config(neo(256), dtype=torch.float32).eval()
+        wide.load_state_dict(m.state_dict())
+        assert not torch.allclose(wide(torch.tensor([ids])).logits, own_logits, atol=1e-3)  # the window matters
+    own = m.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, 40:].tolist()
+    lay = models.layout_of(m.config)
+    assert lay.attention_kinds == ("full_attention", "local_attention") and lay.layer_windows == (None, 4)
+    info = models.ModelInfo("tiny-neo", "tiny-neo", None, None, type(m).__name__, "gpt_neo", lay, 256, False)
+    tiny = models.LoadedModel(m, loaded("llama").tokenizer, info, "cpu", "float32", attach(m))
+    with torch.no_grad():
+        assert torch.allclose(m(torch.tensor([ids])).logits, own_logits, atol=1e-4)
+    full = generation.generate(tiny, ids, "full", 0, max_new_tokens=6)
+    assert full.tokens == own and len(set(own)) > 1
+    assert full.kv_entries_full == 2 * 4 * (40 + 5)  # the local layer's cache keeps every token, as GPT-Neo's does
+    assert generation.generate(tiny, ids, "snapkv", 100, max_new_tokens=6).tokens == own
+    small = generation.generate(tiny, ids, "snapkv", 24, max_new_tokens=6)
+    assert small.kv_bytes < full.kv_bytes and small.budgets[1] == [0] * 4  # the local layer is kept as it is
+
+
+def _tiny(m, model_type: str) -> models.LoadedModel:
+    name = attach(m)
+    info = models.ModelInfo("tiny", "tiny", None, None, type(m).__name__, model_type, capture.layout(m), 256, False)
+    return models.LoadedModel(m, loaded("llama").tokenizer, info, "cpu", "float32", name)
+
+
+@pytest.mark.parametrize("shape", [dict(multi_query=True), dict(new_decoder_architecture=True, num_kv_heads=2),
+                                   dict(multi_query=False)])
+def test_falcon_inline_sdpa_is_routed_and_equals_its_own_eager_and_sdpa_code(shape):
+    config = FalconConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=96,
+                          max_position_embeddings=256, bos_token_id=1, eos_token_id=2, initializer_range=0.3,
+                          **shape)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    m.generation_config.eos_token_id = None
+    ids = torch.randint(3, 96, (40,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        m.config._attn_implementation = "eager"
+        own = m(ids[None]).logits
+        m.config._attn_implementation = "sdpa"
+        assert torch.allclose(m(ids[None]).logits, own, atol=1e-4)
+    tokens = m.generate(ids[None], max_new_tokens=6, do_sample=False)[0, 40:].tolist()
+    tiny = _tiny(m, "falcon")
+    with torch.no_grad():
+        assert torch.allclose(m(ids[None]).logits, own, atol=1e-4)
+        with implementation(m, "eager"):  # the model's own code again, for checks
+            assert torch.allclose(m(ids[None]).logits, own, atol=1e-4)
+    full = generation.generate(tiny, ids.tolist(), "full", 0, max_new_tokens=6)
+    assert full.tokens == tokens and len(set(tokens)) > 1
+    assert generation.generate(tiny, ids.tolist(), "snapkv", 100, max_new_tokens=6).tokens == tokens
+    small = generation.generate(tiny, ids.tolist(), "snapkv", 24, max_new_tokens=6)
+    assert small.kv_bytes < full.kv_bytes
+
+
+def test_falcon_with_alibi_is_refused_in_one_line():
+    config = FalconConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=96, alibi=True)
+    m = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with pytest.raises(ModelError, match="ALiBi") as e:
+        attach(m)
+    assert "\n" not in str(e.value)
