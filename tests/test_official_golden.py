@@ -65,8 +65,8 @@ def test_the_golden_files_are_there():
 def test_the_preset_gives_what_the_official_script_gave(case, smollm2):
     golden = json.loads((DATA / f"{case}.json").read_text())
     if golden["dtype"] == "bfloat16" and not os.environ.get("HEADPROF_GOLDEN_BF16"):
-        pytest.skip("bf16 decodes one probe at a time in the modelling file's arithmetic, about 30 s a probe on 2 CPU "
-                    "cores: set HEADPROF_GOLDEN_BF16=1")
+        pytest.skip("bf16 decodes one probe at a time in the modelling file's arithmetic (5-30 s a probe on a CPU "
+                    "core): set HEADPROF_GOLDEN_BF16=1")
     preset = presets.get("headkv" if golden["script"].endswith("_r2.py") else "retrieval-head")
     folder = presets.Folder(_folder(case), preset)
     lengths = [int(x) for x in golden["lengths"].split(",")]
