@@ -360,21 +360,24 @@ def _flash_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 def official_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decode step the way the official HeadKV modelling file computes it (`forward_torch`): QK^T divided by
-    sqrt(d) in the model's dtype, the mask added, softmax in fp32 cast back to the dtype, then times the values.
+    """One decode step the way the official HeadKV modelling file computes it (`forward_torch`): keys and values
+    repeated per query head, QK^T divided by sqrt(d) in the model's dtype, the mask added, softmax in fp32 cast
+    back to the dtype, then times the values. The layout matters, not only the order of operations: on CPU a
+    half-precision matmul of grouped rows (the query heads of a KV head together) sometimes rounds the weighted sum
+    of the values otherwise than one row per head does, and a late near-tie then decodes another token.
     Returns (output (batch, 1, heads, dim), probabilities in the model's dtype (batch, heads, 1, keys)); `--preset`
-    scores bf16 runs with these, so they match the script's, token for token."""
+    scores half-precision runs with these, token for token the script's."""
     b, h, q_len, d = query.shape
-    hkv, k_len = key.shape[1], key.shape[2]
-    logits = torch.matmul(query.reshape(b, hkv, h // hkv * q_len, d), key.transpose(-1, -2)) / (1.0 / scaling)
-    logits = logits.reshape(b, h, q_len, k_len)
+    group = h // key.shape[1]
+    key = key.repeat_interleave(group, dim=1) if group > 1 else key
+    value = value.repeat_interleave(group, dim=1) if group > 1 else value
+    logits = torch.matmul(query, key.transpose(-1, -2)) / (1.0 / scaling)
     if attention_mask is not None and attention_mask.dim() == 4:
-        rows = attention_mask[:, :, -q_len:, :k_len]
+        rows = attention_mask[:, :, -q_len:, :key.shape[2]]
         logits = (logits.masked_fill(~rows, torch.finfo(logits.dtype).min) if rows.dtype == torch.bool
                   else logits + rows.to(logits.dtype))
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
-    out = torch.matmul(probs.reshape(b, hkv, h // hkv * q_len, k_len), value)
-    return out.reshape(b, h, q_len, value.shape[-1]).transpose(1, 2), probs
+    return torch.matmul(probs, value).transpose(1, 2), probs
 
 
 def attention_probs(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
