@@ -26,6 +26,7 @@ from headprof.files import check_output, write_atomic, write_dir_atomic
 from headprof.models import LoadedModel
 from headprof.profile import Profile, shipped
 from headprof.progress import Callback
+from headprof.selection import Kept, kept_positions
 
 CPU_LENGTH = 2000  # the longest default probe on CPU (small models answer r2 probes less often beyond)
 DEFAULT_EVAL_METHODS = "full,streaming,snapkv,pyramidkv,adakv,headkv-retrieval,headkv-r2"
@@ -227,6 +228,20 @@ def generate(model: str | LoadedModel, prompt: str | Sequence[int], method: str 
     if baseline and m.compresses:
         runs.append(generation.generate(lm, ids, "full", budget, max_new_tokens=max_new_tokens))
     return _report(lm, m, label, where, budget, beta, group_reduce, compress_sliding, len(ids), runs)
+
+
+def kept(model: str | LoadedModel, prompt: str | Sequence[int], method: str | methods.Method = "headkv",
+         budget: int = 128, *, profile: Profile | str | Path | None = None, window: int = WINDOW,
+         kernel: int = KERNEL, beta: float = BETA, group_reduce: str = "mean", chat_template: bool = True,
+         compress_sliding: bool = True, device: str = "auto", dtype: str = "auto") -> Kept:
+    """The prompt positions `method` at `budget` keeps, per layer and KV head (what `generate` would hold), with
+    `Kept.coverage(span)` for how much of a span (an answer's tokens) each head kept. Options as for `generate`."""
+    m, _, _ = _method(model, method, budget, profile, window, kernel, beta, group_reduce)
+    lm = load_model(model, device, dtype)
+    if getattr(m, "profile", None) is not None and hasattr(m.profile, "check_fits"):
+        m.profile.check_fits(lm.info.layout)
+    ids = list(prompt) if not isinstance(prompt, str) else probes.prompt_ids(lm.tokenizer, prompt, chat_template)
+    return kept_positions(lm, ids, m, budget, compress_sliding)
 
 
 def _method(model: str | LoadedModel, method: str | methods.Method, budget: int, profile, window: int, kernel: int,

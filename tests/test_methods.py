@@ -108,3 +108,17 @@ def test_a_profile_named_by_the_method_must_exist():
         api.generate(lm, list(range(40)), "headkv-lite", 24, max_new_tokens=2)
     report = api.generate(lm, list(range(40)), methods.build("snapkv", window=4, kernel=1), 24, max_new_tokens=2)
     assert report.method == "snapkv" and report.window == 4 and report.kernel == 1  # a built method: its own params
+
+
+def test_spread_hands_a_score_on_to_the_positions_after_it():
+    import torch
+
+    from headprof.methods.base import pooled_scores
+
+    probs = torch.zeros(1, 2, 2, 12)  # 2 query heads (one KV head), window 2, prefix 10
+    probs[0, :, :, 3] = 1.0
+    probs[0, :, :, 8] = 0.5
+    plain = pooled_scores(probs, 2, 1)
+    spread = pooled_scores(probs, 2, 1, spread=3)
+    assert plain[0].tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 0.5, 0]
+    assert spread[0].tolist() == [0, 0, 0, 1, 1, 1, 1, 0, 0.5, 0.5]  # 8's run is cut at the prefix's end

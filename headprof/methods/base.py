@@ -49,21 +49,26 @@ class PlanView(Protocol):
 Scorer = Callable[["Method", PlanView, int, torch.Tensor], torch.Tensor]
 
 
-def pooled_scores(probs: torch.Tensor, group: int, kernel: int) -> torch.Tensor:
+def pooled_scores(probs: torch.Tensor, group: int, kernel: int, spread: int = 0) -> torch.Tensor:
     """probs (1, query_heads, window, keys) -> (kv_heads, prefix) selection scores: the mean over the window's
-    queries and over the group's query heads, max-pooled over positions so a strong token's neighbours come."""
+    queries and over the group's query heads, max-pooled over positions so a strong token's neighbours come.
+    `spread` > 0 also hands each score on to the `spread` positions after it (a trailing max): the question
+    points at the start of a value (a UUID, a number), and copying it later reads the tokens that follow."""
     _, heads, window, keys = probs.shape
     prefix = keys - window
     s = probs[0, :, :, :prefix].mean(dim=1)  # over window queries -> (heads, prefix)
     s = s.reshape(heads // group, group, prefix).mean(dim=1)  # over the group -> (kv_heads, prefix)
     if kernel > 1 and prefix > 0:
         s = F.max_pool1d(s[:, None], kernel_size=kernel, stride=1, padding=kernel // 2)[:, 0, :prefix]
+    if spread > 0 and prefix > 0:
+        s = F.max_pool1d(F.pad(s[:, None], (spread, 0), value=float("-inf")), kernel_size=spread + 1,
+                         stride=1)[:, 0]
     return s
 
 
 def pooled_window(method: Method, plan: PlanView, layer: int, probs: torch.Tensor) -> torch.Tensor:
     """SnapKV's scorer: pooled window attention (`pooled_scores` with the method's kernel)."""
-    scores = pooled_scores(probs, plan.group(layer), method.kernel)
+    scores = pooled_scores(probs, plan.group(layer), method.kernel, method.spread)
     lo = plan.first_candidate(layer)
     if lo:
         scores[:, :lo] = float("-inf")
@@ -83,7 +88,8 @@ class Method:
     """Uniform budgets and SnapKV selection (top pooled window attention); subclasses change either.
 
     `window`: the last prompt tokens whose attention scores the rest (always kept, counted in the budget);
-    `kernel`: the max-pool width over positions of the default scorer."""
+    `kernel`: the max-pool width over positions of the default scorer; `spread`: how many positions after a
+    token inherit its score (0, SnapKV's rule: none; `pooled_scores`)."""
 
     name: ClassVar[str]
     summary: ClassVar[str]  # one line for help texts and docs
@@ -94,6 +100,7 @@ class Method:
 
     window: int = WINDOW
     kernel: int = KERNEL
+    spread: int = 0
 
     def allocate(self, budget: int, caps: np.ndarray, compressible: np.ndarray) -> np.ndarray:
         """[layer, kv_head] prefix tokens to keep (the window is kept on top); caps bound each head."""
