@@ -243,3 +243,11 @@ def test_score_preset_writes_a_profile_that_records_the_protocol(tiny_dir, tmp_p
     assert all(r["stop"] in ("line", "eos", "answer", "cap") and r["fact"] == "Odo keeps bees." for r in d["probes"])
     r = headprof("check", out, "--quiet")
     one_line_error(r, "--preset headkv --haystack DIR")
+
+
+def test_the_model_argument_names_every_alias():
+    from headprof.cli.common import ModelArg
+    from headprof.models import ALIASES
+
+    help_text = ModelArg.__metadata__[0].help
+    assert all(alias in help_text for alias in ALIASES)

@@ -133,7 +133,8 @@ def method_names() -> str:
 
 
 ModelArg = Annotated[str, typer.Argument(help="hub id, local directory, .gguf file, or alias "
-                                               "(smollm2-135m, gemma3-270m)")]
+                                               "(smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b, "
+                                               "qwen2.5-coder-1.5b)")]
 ScoringMethod = Annotated[str, typer.Option("--method", help="retrieval (Wu et al.) or r2 (HeadKV "
                                                              "retrieval-reasoning)")]
 Depths = Annotated[int, typer.Option(help="needle depths per length, evenly spaced over 0-100%")]
