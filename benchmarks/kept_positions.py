@@ -19,18 +19,7 @@ import numpy as np
 
 from headprof import api, evaluate
 from headprof.profile import Profile
-
-
-def answer_positions(tokenizer, ids: list[int], answer: str) -> list[int]:
-    """Prompt positions of the tokens that spell the last occurrence of `answer` (by character offsets)."""
-    pieces = [tokenizer.decode([t]) for t in ids]
-    starts = np.cumsum([0] + [len(p) for p in pieces])
-    text = "".join(pieces)
-    at = text.rfind(answer)
-    if at < 0:
-        raise SystemExit(f"answer {answer!r} not found in the prompt")
-    end = at + len(answer)
-    return [i for i in range(len(ids)) if starts[i] < end and starts[i + 1] > at]
+from headprof.selection import span_positions
 
 
 def first_wrong(tokenizer, response: str, answer: str) -> int | None:
@@ -68,7 +57,7 @@ def main() -> None:
     out = []
     for item in items:
         answer = item.answers[0]
-        pos = answer_positions(lm.tokenizer, item.prompt_ids, answer)
+        pos = span_positions(lm.tokenizer, item.prompt_ids, answer)
         print(f"\n{item.id}: {answer!r}, {len(pos)} tokens at prompt positions {pos[0]}-{pos[-1]} "
               f"of {len(item.prompt_ids)}")
         print("| method | budget | kept by all heads (per answer token) | by top heads | heads keeping all | answer "

@@ -22,7 +22,8 @@ except PackageNotFoundError:  # a source tree that was never installed
 
 _EXPORTS = {
     "score": "headprof.api", "generate": "headprof.api", "generate_many": "headprof.api",
-    "evaluate": "headprof.api", "check": "headprof.api", "kept": "headprof.api", "Kept": "headprof.selection",
+    "evaluate": "headprof.api", "check": "headprof.api",
+    "kept": "headprof.api", "kept_span": "headprof.api", "Kept": "headprof.selection",
     "load_model": "headprof.api", "GenerationReport": "headprof.api", "EvalReport": "headprof.api",
     "CheckResult": "headprof.api", "compression": "headprof.generation", "RunResult": "headprof.generation",
     "Profile": "headprof.profile", "Method": "headprof.methods", "register": "headprof.methods",

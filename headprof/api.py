@@ -26,7 +26,7 @@ from headprof.files import check_output, write_atomic, write_dir_atomic
 from headprof.models import LoadedModel
 from headprof.profile import Profile, shipped
 from headprof.progress import Callback
-from headprof.selection import Kept, kept_positions
+from headprof.selection import Kept, kept_positions, span_positions
 
 CPU_LENGTH = 2000  # the longest default probe on CPU (small models answer r2 probes less often beyond)
 DEFAULT_EVAL_METHODS = "full,streaming,snapkv,pyramidkv,adakv,headkv-retrieval,headkv-r2"
@@ -242,6 +242,22 @@ def kept(model: str | LoadedModel, prompt: str | Sequence[int], method: str | me
         m.profile.check_fits(lm.info.layout)
     ids = list(prompt) if not isinstance(prompt, str) else probes.prompt_ids(lm.tokenizer, prompt, chat_template)
     return kept_positions(lm, ids, m, budget, compress_sliding)
+
+
+def kept_span(model: str | LoadedModel, prompt: str | Sequence[int], text: str, method: str | methods.Method = "headkv",
+              budget: int = 128, **options: Any) -> dict[str, Any]:
+    """How much of `text` (a span of the prompt, an answer) each KV head keeps: its positions, the [layer][kv_head]
+    share kept (None for a layer that keeps every token), and how many compressed heads keep all of it. Options as
+    for `kept`."""
+    lm = load_model(model, options.pop("device", "auto"), options.pop("dtype", "auto"))
+    k = kept(lm, prompt, method, budget, **options)
+    positions = span_positions(lm.tokenizer, k.prompt_ids, text)
+    cov = k.coverage(positions)
+    rows = [None if layer is None else [round(float(c), 4) for c in cov[i, :len(layer)]]
+            for i, layer in enumerate(k.positions)]
+    heads = [c for row in rows if row is not None for c in row]
+    return {"text": text, "method": k.method, "budget": budget, "positions": positions, "coverage": rows,
+            "heads": len(heads), "whole": sum(c == 1.0 for c in heads)}
 
 
 def _method(model: str | LoadedModel, method: str | methods.Method, budget: int, profile, window: int, kernel: int,

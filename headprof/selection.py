@@ -27,10 +27,14 @@ class Kept:
 
     method: str
     budget: int
-    prompt_len: int
+    prompt_ids: list[int]
     window: int
     positions: list[list[np.ndarray] | None]
     budgets: np.ndarray
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
 
     def coverage(self, span: np.ndarray | list[int]) -> np.ndarray:
         """[layer, kv_head] the share of the prompt positions `span` that each head kept (NaN: a layer that keeps
@@ -46,7 +50,7 @@ class Kept:
         return out
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "budget": self.budget, "prompt_len": self.prompt_len, "window": self.window,
+        return {"method": self.method, "budget": self.budget, "prompt_tokens": self.prompt_len, "window": self.window,
                 "budgets": self.budgets.tolist(),
                 "positions": [None if layer is None else [k.tolist() for k in layer] for layer in self.positions]}
 
@@ -80,4 +84,18 @@ def kept_positions(lm: LoadedModel, prompt_ids: list[int], method: str | methods
     for i, layer in enumerate(positions):  # what each head bought (adaptive methods decide it per layer here)
         if layer is not None:
             budgets[i, :len(layer)] = [len(k) - m.window for k in layer]
-    return Kept(m.name, budget, n, m.window, positions, budgets)
+    return Kept(m.name, budget, list(prompt_ids), m.window, positions, budgets)
+
+
+def span_positions(tokenizer, prompt_ids: list[int], text: str) -> list[int]:
+    """Prompt positions of the tokens that spell the last occurrence of `text`, matched on the decoded tokens'
+    characters without whitespace (so a span need not be tokenized as it is in context, and tokenizers that
+    decode a lone token without its space still match)."""
+    pieces = ["".join(tokenizer.decode([t]).split()) for t in prompt_ids]
+    starts = np.cumsum([0] + [len(p) for p in pieces])
+    want = "".join(text.split())
+    at = "".join(pieces).rfind(want) if want else -1
+    if at < 0:
+        raise HeadprofError(f"'{text[:40]}' does not occur in the prompt")
+    end = at + len(want)
+    return [i for i in range(len(prompt_ids)) if starts[i] < end and starts[i + 1] > at]

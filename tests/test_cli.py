@@ -151,6 +151,13 @@ def test_run_compressed_next_to_full(tiny_dir, tiny_profile, tmp_path):
     r = headprof("run", "--model", tiny_dir, "--method", "snapkv", "--budget", "24", "--max-new-tokens", "3",
                  "--no-baseline", prompt)
     assert r.returncode == 0 and "snapkv" in r.stdout and "KV entries" in r.stdout
+    r = headprof("run", "--model", tiny_dir, "--method", "snapkv", "--budget", "24", "--max-new-tokens", "3",
+                 "--no-baseline", "--json", "--kept", "What was quiet?", prompt)
+    assert r.returncode == 0, r.stderr
+    kept = json.loads(r.stdout)["kept"]
+    # the question ends the prompt, inside the observation window: every compressed head keeps all of it
+    assert kept["positions"] and kept["whole"] == kept["heads"] > 0
+    assert all(row is None or all(c == 1.0 for c in row) for row in kept["coverage"])
 
 
 @pytest.mark.parametrize("args,words", [
@@ -167,6 +174,8 @@ def test_run_compressed_next_to_full(tiny_dir, tiny_profile, tmp_path):
     (["--profile", "CORRUPT", "PROMPT"], ["not valid JSON"]),
     (["--profile", "NEWER", "PROMPT"], ["newer than this headprof"]),
     (["LONG"], ["exceeds the model's"]),
+    (["--kept", "zebra crossing", "PROMPT"], ["does not occur in the prompt"]),
+    (["--kept", "boats", "PROMPT", "PROMPT"], ["--kept inspects one prompt"]),
 ])
 def test_run_bad_inputs(tiny_dir, tiny_profile, tmp_path, args, words):
     files = {"MISSING": tmp_path / "none.txt", "EMPTY": tmp_path / "e.txt", "BINARY": tmp_path / "b.txt",

@@ -51,3 +51,16 @@ def test_kept_positions_refuses_what_it_cannot_say():
         kept_positions(lm, list(range(40)), "full", 16)
     with pytest.raises(HeadprofError, match="observation window"):
         kept_positions(lm, list(range(10)), methods.resolve("snapkv", window=16), 20)
+
+
+def test_a_span_is_found_by_its_characters():
+    from tiny import char_tokenizer
+
+    from headprof.selection import span_positions
+
+    tok = char_tokenizer()
+    ids = tok("the cat sat by the cat door")["input_ids"]
+    assert span_positions(tok, ids, "cat") == [19, 20, 21]  # the last occurrence
+    assert span_positions(tok, ids, "cat sat") == [4, 5, 6, 7, 8, 9, 10]  # the space between is a token too
+    with pytest.raises(HeadprofError, match="does not occur"):
+        span_positions(tok, ids, "dog")

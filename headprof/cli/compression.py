@@ -56,11 +56,15 @@ def run(
     dtype: Dtype = "auto",
     batch_size: Annotated[int, typer.Option(help="prompts decoded at once, one compressed cache per batch "
                                                  "(halved when out of memory)")] = 8,
+    kept_text: Annotated[str | None, typer.Option("--kept", help="text in the prompt (an answer): show the share of "
+                                                  "its tokens each KV head kept (one prompt)")] = None,
 ) -> None:
     """Generate with a head-level compressed KV cache, next to the full-cache answer; several prompts in batches."""
     from headprof import api
 
     named = api.read_prompts(prompts)  # every prompt checked before any work
+    if kept_text is not None and len(named) != 1:
+        raise api.HeadprofError("--kept inspects one prompt: give one prompt file")
     options = dict(profile=profile_path, window=window, kernel=kernel, beta=beta, group_reduce=group_reduce,
                    max_new_tokens=max_new_tokens, baseline=not no_baseline, chat_template=not no_chat_template,
                    compress_sliding=compress_sliding, device=device, dtype=dtype)
@@ -70,14 +74,33 @@ def run(
         reports = api.generate_many(model, [text for _, text in named], method, budget, batch_size=batch_size,
                                     names=[name for name, _ in named],
                                     notice=lambda m: err.print(f"note: {m}", highlight=False), **options)
+    kept = None
+    if kept_text is not None:
+        kept = api.kept_span(model, named[0][1], kept_text, method, budget,
+                             **{k: v for k, v in options.items() if k not in ("max_new_tokens", "baseline")})
     if as_json:
         docs = [{"prompt": name, **r.to_dict()} for (name, _), r in zip(named, reports, strict=True)]
+        if kept is not None:
+            docs[0]["kept"] = kept
         sys.stdout.write(json.dumps(docs[0] if len(docs) == 1 else docs, indent=1) + "\n")
         return
     for (name, _), report in zip(named, reports, strict=True):
         if len(named) > 1:
             out.rule(name)
         _print_report(report)
+    if kept is not None:
+        _print_kept(kept)
+
+
+def _print_kept(kept: dict) -> None:
+    cov = kept["coverage"]
+    t = Table("layer", "share of the span kept, per KV head")
+    for i, row in enumerate(cov):
+        t.add_row(f"L{i}", "not compressed" if row is None else "  ".join(f"H{h} {c:.2f}" for h, c in enumerate(row)))
+    out.print(t)
+    out.print(f"'{kept['text']}' is {len(kept['positions'])} prompt tokens (positions {kept['positions'][0]}-"
+              f"{kept['positions'][-1]}); {kept['whole']} of {kept['heads']} compressed KV heads kept all of them",
+              highlight=False)
 
 
 def _print_report(report) -> None:
