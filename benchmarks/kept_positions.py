@@ -89,8 +89,9 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- |")
     for method, vals in pooled.items():
         a = np.array([[np.nan if x is None else x for x in v] for v in vals], dtype=float)
+        score = f"{np.nanmean(a[:, 3]):.2f}" if not np.isnan(a[:, 3]).all() else "-"  # no grid row: not scored
         print(f"| {method} | {np.nanmean(a[:, 0]):.2f} | {np.nanmean(a[:, 1]):.2f} | {np.nanmean(a[:, 2]):.2f} | "
-              f"{np.nanmean(a[:, 3]):.2f} |")
+              f"{score} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
