@@ -1,8 +1,9 @@
-"""Attention of the new tokens over a compressed layer: one call per layer for all KV heads.
+"""Attention of the new tokens over a compressed layer: one call per layer (or per bucket) for all KV heads.
 
 Each KV head reads its own segment of the layer's buffer (`cache.py`): the prompt tokens it kept and the
-tokens generated since, causal among the new tokens. The layer hands over one strided (heads, width, dim)
-view, a window per head, and a mask of what each window may read. Two backends compute the same thing:
+tokens generated since, causal among the new tokens. The layer hands over strided (heads, width, dim)
+views, a window per head (one view, or one per bucket of heads of similar sizes: `cache.buckets_of`), and a mask of
+what each window may read. Two backends compute the same thing:
 
 - `torch`: PyTorch's fused scaled-dot-product attention over the view, for any device and dtype; with
   soft-capping (which SDPA lacks) one explicit matmul and softmax instead.
@@ -83,12 +84,28 @@ def attend(layer: HeadKVLayer, query: torch.Tensor, scaling: float, softcap: flo
     return out.view(b, hq, q, -1).transpose(1, 2)
 
 
+def _by_bucket(layer: HeadKVLayer, rows: torch.Tensor, q: int, scaling: float, softcap: float | None,
+               one) -> torch.Tensor:
+    """(1, heads, group * q, dim) in window order -> the same shape: `one` per bucket of windows (`cache.Bucket`),
+    over that bucket's rows."""
+    views = layer.view()
+    if len(views) == 1:
+        return one(layer, 0, views[0], rows, q, scaling, softcap)
+    return torch.cat([one(layer, i, view, rows[:, b.lo:b.hi], q, scaling, softcap)
+                      for i, (b, view) in enumerate(zip(layer.buckets, views, strict=True))], 1)
+
+
 def _torch(layer: HeadKVLayer, rows: torch.Tensor, q: int, scaling: float, softcap: float | None) -> torch.Tensor:
-    """(1, heads, group * q, dim) in window order -> the same shape (batched 4-D: PyTorch's fused CPU kernel,
-    not its math path)."""
-    k, v, mask = layer.view()  # (1, heads, width, d), mask (1, heads, 1, width) additive
+    return _by_bucket(layer, rows, q, scaling, softcap, _torch_bucket)
+
+
+def _torch_bucket(layer: HeadKVLayer, bucket: int, view, rows: torch.Tensor, q: int, scaling: float,
+                  softcap: float | None) -> torch.Tensor:
+    """One bucket's (1, n, group * q, dim) rows over its view (batched 4-D: PyTorch's fused CPU kernel, not its
+    math path)."""
+    k, v, mask = view  # (1, n, width, d), mask (1, n, 1, width) additive
     if q > 1 or layer.sliding_window is not None:  # causal among the new tokens; the window, if any
-        kpos = layer.view_positions()[None, :, None, :]
+        kpos = layer.view_positions(bucket)[None, :, None, :]
         group = rows.shape[2] // q
         qpos = (layer.seen - q + torch.arange(q, device=rows.device, dtype=kpos.dtype)).repeat(group)[:, None]
         hidden = kpos > qpos
@@ -105,13 +122,18 @@ def _torch(layer: HeadKVLayer, rows: torch.Tensor, q: int, scaling: float, softc
 
 
 def _flash(layer: HeadKVLayer, rows: torch.Tensor, q: int, scaling: float, softcap: float | None) -> torch.Tensor:
-    """flash-attn over the windows: head i is batch entry i with one KV head; its keys run from the
+    return _by_bucket(layer, rows, q, scaling, softcap, _flash_bucket)
+
+
+def _flash_bucket(layer: HeadKVLayer, bucket: int, view, rows: torch.Tensor, q: int, scaling: float,
+                  softcap: float | None) -> torch.Tensor:
+    """flash-attn over one bucket's windows: head i is batch entry i with one KV head; its keys run from the
     window's own start (`cache_leftpad`) to its last filled slot (`cache_seqlens`, an end index)."""
     from flash_attn import flash_attn_with_kvcache
 
-    k, v, _ = layer.view()
+    k, v, _ = view
     _, heads, width, d = k.shape
-    first, end = layer.window_bounds()
+    first, end = layer.window_bounds(bucket)
     qg = rows.view(heads, -1, q, rows.shape[-1]).transpose(1, 2)  # (heads, q, group, dim)
     out = flash_attn_with_kvcache(qg, k.view(heads, width, 1, d), v.view(heads, width, 1, d),
                                   cache_seqlens=end, cache_leftpad=first, softmax_scale=scaling,

@@ -9,7 +9,7 @@ read of the old buffer: the windows keep their order and only shift. In a `HeadK
 layer grows at the same token, in one burst before the forward pass reaches the first layer: the
 bookkeeping runs back to back, warm, rather than interrupting the forward pass at every token.
 
-Attention reads the segments through one strided view, (heads, W, dim): window i starts at i * S. The
+Attention reads the segments through a strided view, (heads, W, dim): window i starts at i * S. The
 segments are ordered, and S chosen, so that every segment lies inside its own window (`windows`). A
 window may also cover its neighbours' entries; a mask hides them. The mask (one byte per window and
 column, counted in the bytes held) is built when the buffer is laid out and kept current by `update`,
@@ -18,8 +18,11 @@ opens, the views over the room) is made, on the host, with the room: a step is a
 whatever the number of heads, and on a GPU it computes no indices. When all heads keep the same count
 (SnapKV, StreamingLLM), S = W = the segment size and the view is a plain dense cache, with no mask. When
 they differ (HeadKV, AdaKV, and PyramidKV on layers whose budget does not divide evenly among their heads,
-which then differ by one token), W is close to the largest segment: one batched call per layer does about the
-work of a cache padded to the longest head, without storing the padding.
+which then differ by one token), W is close to the largest segment: one batched call does about the work of a
+cache padded to the longest head, without storing the padding. Where that padding would cost more than another
+call (a batch of skewed layers: hundreds of segments of very different sizes), the segments are split into a few
+*buckets* of similar sizes, laid one after the other, each read through its own strided view (`Bucket`,
+`buckets_of`): a few calls per layer, whatever the number of heads or sequences.
 
 Positions keep counting from the prompt length, so RoPE continues where the prompt ended. A layer may
 also carry a sliding window (Gemma-style layers compressed inside their window): keys older than the
@@ -33,6 +36,7 @@ hybrid layer (attention beside a linear state) compresses its keys and keeps its
 
 from __future__ import annotations
 
+import bisect
 import contextvars
 import math
 from dataclasses import dataclass
@@ -66,25 +70,116 @@ SLACK = 0.045  # right after growing, compressed layers hold at most this share 
 
 
 @dataclass(frozen=True)
+class Bucket:
+    """Windows lo..hi-1 of the window order, read through one strided view: window i starts at
+    base + (i - lo) * stride and is `width` entries wide."""
+
+    lo: int
+    hi: int
+    base: int
+    stride: int
+    width: int
+
+    def grown(self, by: int) -> Bucket:
+        """After every segment grew by `by`: the lo segments before this bucket moved its base by lo * by."""
+        return Bucket(self.lo, self.hi, self.base + self.lo * by, self.stride + by, self.width + by)
+
+
+@dataclass(frozen=True)
 class Windows:
-    """Where each head's segment lies: segment of head order[i] starts at start[i], inside the window
-    [i * stride, i * stride + width) of the strided view."""
+    """Where each head's segment lies: segment of head order[i] starts at start[i], inside window i of the bucket
+    that holds it (`Bucket`). Buckets hold segments of similar sizes, one after the other in the buffer."""
 
     order: list[int]
     start: list[int]
-    stride: int
-    width: int
+    buckets: tuple[Bucket, ...]
 
     def grown(self, by: int) -> Windows:
         """The windows after every segment grew by `by` entries: same order, each start shifted by the growth
         of the segments before it; entries before a window's segment stay as many (the mask still fits)."""
-        return Windows(self.order, [a + i * by for i, a in enumerate(self.start)], self.stride + by,
-                       self.width + by)
+        return Windows(self.order, [a + i * by for i, a in enumerate(self.start)],
+                       tuple(b.grown(by) for b in self.buckets))
+
+    def window_starts(self) -> np.ndarray:
+        """(heads,) where each window starts in the buffer."""
+        return np.concatenate([b.base + np.arange(b.hi - b.lo) * b.stride for b in self.buckets])
 
 
-def windows(sizes: list[int]) -> Windows:
-    """Order segments of `sizes` entries so that one strided view covers each in its own window, with the
-    window as narrow as we can find (never narrower than the largest segment).
+# One strided view reads about (heads x its widest segment) columns. Splitting a layer's segments into buckets of
+# similar sizes, one view and one attention call each, reads fewer, at the price of a call per bucket: a split is
+# made where it saves at least SPLIT_SCALARS key numbers read (columns x key dim) per extra call. Measured on CPU
+# (benchmarks/bench_throughput.py: a fused SDPA call costs about as much as reading 2^17 key numbers); on other
+# devices a layer stays one view until measured there (flash-attn reads each window only up to its end anyway).
+SPLIT_SCALARS = {"cpu": 1 << 17}
+MAX_BUCKETS = 6
+
+
+def buckets_of(sizes: list[int], split: int | None) -> list[list[list[int]]]:
+    """Candidate groupings of the heads of `sizes` into 1..MAX_BUCKETS buckets of contiguous sizes, each the one
+    that reads the fewest columns for its number of buckets by an estimate (`windows` lays them out and keeps the
+    cheapest for real). One group, in head order, when `split` is None or the sizes are equal: a layer of equal
+    heads stays a plain dense view."""
+    heads = len(sizes)
+    if split is None or len(set(sizes)) == 1:
+        return [[list(range(heads))]]
+    by_size = sorted(range(heads), key=lambda h: sizes[h])
+    values, counts = np.unique(np.asarray(sizes)[by_size], return_counts=True)
+    before = np.concatenate([[0], np.cumsum(counts)])  # heads below each distinct size
+    entries = np.concatenate([[0], np.cumsum(counts * values)])  # their entries
+    n = len(values)
+    # cols[i, j]: what a bucket of distinct sizes i..j-1 reads: its heads x its window, at least its largest size
+    # and at least what a whole-entry stride leaves to the last window (total - (heads - 1) x floor(mean))
+    count = before[None, :] - before[:, None]
+    total = entries[None, :] - entries[:, None]
+    width = np.maximum(np.concatenate([[0], values])[None, :], total - (count - 1) * (total // np.maximum(count, 1)))
+    cols = np.where(count > 0, count * width, np.inf)
+    best = np.full(n + 1, np.inf)
+    best[0] = 0.0
+    out = []
+    cuts: list[np.ndarray] = []
+    for k in range(1, min(MAX_BUCKETS, n) + 1):
+        options = best[:, None] + cols
+        cuts.append(options.argmin(0))
+        best = options.min(0)
+        bounds = [n]
+        for step in range(k - 1, -1, -1):
+            bounds.append(int(cuts[step][bounds[-1]]))
+        bounds = bounds[::-1]
+        out.append([by_size[before[a]:before[b]] for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+    return out
+
+
+def windows(sizes: list[int], split: int | None = None) -> Windows:
+    """Group segments of `sizes` entries into buckets (`buckets_of`: the grouping whose views read the fewest
+    columns, plus `split` columns for each bucket after the first), and order each bucket's segments so that one
+    strided view covers each in its own window, with the window as narrow as we can find (never narrower than the
+    bucket's largest segment)."""
+    views: dict[tuple[int, ...], tuple[list[int], list[int], int, int]] = {}
+    best: tuple[float, Windows] | None = None
+    for groups in buckets_of(sizes, split):
+        order: list[int] = []
+        start: list[int] = []
+        buckets = []
+        base = 0
+        for heads in groups:
+            sub = [sizes[h] for h in heads]
+            key = tuple(heads)
+            if key not in views:
+                views[key] = _one_view(sub)
+            local, offsets, stride, width = views[key]
+            lo = len(order)
+            order += [heads[j] for j in local]
+            start += [base + a for a in offsets]
+            buckets.append(Bucket(lo, len(order), base, stride, width))
+            base += sum(sub)
+        cost = sum((b.hi - b.lo) * b.width for b in buckets) + (split or 0) * (len(buckets) - 1)
+        if best is None or cost < best[0]:
+            best = (cost, Windows(order, start, tuple(buckets)))
+    return best[1]
+
+
+def _one_view(sizes: list[int]) -> tuple[list[int], list[int], int, int]:
+    """(order, starts, stride, width) of one strided view over segments of `sizes`, laid back to back.
 
     With windows every `stride` entries and the last one ending where the buffer ends, segment i fits iff
     the entries before it stay within [i * stride, i * stride + D], D = total - heads * stride. A greedy
@@ -93,16 +188,24 @@ def windows(sizes: list[int]) -> Windows:
     """
     heads, total = len(sizes), sum(sizes)
 
+    by_size = sorted(range(heads), key=lambda h: sizes[h])
+
     def order_for(stride: int) -> list[int] | None:
         slack = total - heads * stride
-        left, ahead, order = sorted(range(heads), key=lambda h: sizes[h]), 0, []
+        left, ahead, order = list(by_size), 0, []
+        left_sizes = [sizes[h] for h in left]
         while left:
-            h = max((h for h in left if ahead + sizes[h] - stride <= slack), key=lambda h: sizes[h])
+            # the largest size that fits, the first head of that size
+            fit = bisect.bisect_right(left_sizes, slack + stride - ahead) - 1
+            if fit < 0:
+                return None
+            i = bisect.bisect_left(left_sizes, left_sizes[fit])
+            h = left.pop(i)
+            left_sizes.pop(i)
             ahead += sizes[h] - stride
             if ahead < 0:
                 return None
             order.append(h)
-            left.remove(h)
         return order
 
     lo, hi = min(sizes), total // heads
@@ -118,7 +221,7 @@ def windows(sizes: list[int]) -> Windows:
     start = [0]
     for h in order[:-1]:
         start.append(start[-1] + sizes[h])
-    return Windows(order, start, stride, total - (heads - 1) * stride)
+    return order, start, stride, total - (heads - 1) * stride
 
 
 @dataclass(frozen=True)
@@ -137,16 +240,18 @@ class Segments:
     uniform: bool  # every head keeps the same count: the view is a dense cache, with no mask
     in_order: bool  # window i holds head i (no reordering around attention)
     reach: int  # the furthest column a window reads before generated tokens (the end of its kept tokens)
+    bucket_reach: tuple[int, ...]  # the same, per bucket: its view's width before generated tokens
 
     @classmethod
     def of(cls, kept: list[int], win: Windows) -> Segments:
         order = np.asarray(win.order)
         kept_w = np.asarray(kept)[order]
-        first_w = np.asarray(win.start) - np.arange(len(kept)) * win.stride
+        first_w = np.asarray(win.start) - win.window_starts()
         kept_end_w = first_w + kept_w
         return cls(np.asarray(kept), order, np.argsort(order), kept_w, first_w, kept_end_w,
                    uniform=len(set(kept)) == 1, in_order=win.order == list(range(len(kept))),
-                   reach=int(kept_end_w.max()))
+                   reach=int(kept_end_w.max()),
+                   bucket_reach=tuple(int(kept_end_w[b.lo:b.hi].max()) for b in win.buckets))
 
     @property
     def heads(self) -> int:
@@ -292,7 +397,8 @@ class HeadKVLayer(DynamicLayer):
         device = entries.device
         self.prompt_len = prompt_len
         self.generated = self.dropped = 0
-        win = windows(lens)
+        split = SPLIT_SCALARS.get(device.type)
+        win = windows(lens, None if split is None else max(1, split // self.key_dim))
         self.seg = seg = Segments.of(lens, win)
         self.order, self.unorder = _on(seg.order, device), _on(seg.unorder, device)
         self._first_dev, self._kept_end_dev = _on(seg.first_w[:, None], device), _on(seg.kept_end_w[:, None], device)
@@ -389,7 +495,8 @@ class HeadKVLayer(DynamicLayer):
         cols = [None] * len(slots) if self.uniform else list(
             _on(self.seg.kept_end_w[:, None] + ahead[:, None], device).unbind(0))
         self.steps = Steps(self.generated, slots, cols)
-        self._views = None if self.uniform else self._strided(self.reach + self.room)
+        self._views = None if self.uniform else [self._strided(b, w + self.room)
+                                                 for b, w in zip(self.win.buckets, self.seg.bucket_reach, strict=True)]
 
     def _hold(self, kv: torch.Tensor) -> None:
         self.kv, self.k, self.v = kv, kv[:, :self.key_dim], kv[:, self.key_dim:]
@@ -398,35 +505,45 @@ class HeadKVLayer(DynamicLayer):
         self._open, self._open_rows = is_open, is_open[0, :, 0]  # (1, heads, 1, width) and a (heads, width) view
 
     @property
-    def width(self) -> int:
-        """Columns of `view`: a dense layer's filled ones; a masked layer's whole room (no window reads past it)."""
-        return self.reach + (self.generated if self.uniform else self.room)
+    def buckets(self) -> tuple[Bucket, ...]:
+        """The layer's views: windows lo..hi-1 of the window order each (one, unless its heads differ widely)."""
+        return self.win.buckets
 
-    def _strided(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        row, stride = self.kv.shape[-1], self.win.stride
-        strides = (0, stride * row, row, 1)
-        return (self.k.as_strided((1, self.heads, width, self.k.shape[-1]), strides),
-                self.v.as_strided((1, self.heads, width, self.v.shape[-1]), strides))
+    def width(self, bucket: int = 0) -> int:
+        """Columns of a bucket's view: a dense layer's filled ones; a masked layer's whole room (no window reads
+        past it)."""
+        return self.seg.bucket_reach[bucket] + (self.generated if self.uniform else self.room)
 
-    def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Keys and values for one attention call, (1, heads, width, dim), window i for KV head `win.order[i]`,
-        and an additive (1, heads, 1, width) mask of what each window may read (None: everything, the
-        dense case)."""
+    def _strided(self, bucket: Bucket, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        row, heads = self.kv.shape[-1], bucket.hi - bucket.lo
+        strides, at = (0, bucket.stride * row, row, 1), bucket.base * row
+        return (self.k.as_strided((1, heads, width, self.k.shape[-1]), strides, self.k.storage_offset() + at),
+                self.v.as_strided((1, heads, width, self.v.shape[-1]), strides, self.v.storage_offset() + at))
+
+    def view(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Per bucket, keys and values for one attention call, (1, hi - lo, width, dim), window i for KV head
+        `win.order[i]`, and an additive (1, hi - lo, 1, width) mask of what each window may read (None:
+        everything, the dense case)."""
         if self.uniform:
-            return *self._strided(self.width), None
-        return *self._views, torch.where(self._open, self._zero, self._ninf)
+            return [(*self._strided(self.buckets[0], self.width()), None)]
+        if len(self.buckets) == 1:
+            return [(*self._views[0], torch.where(self._open, self._zero, self._ninf))]
+        return [(k, v, torch.where(self._open[:, b.lo:b.hi, :, :k.shape[2]], self._zero, self._ninf))
+                for b, (k, v) in zip(self.buckets, self._views, strict=True)]
 
-    def window_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(heads,) int32 first and one-past-last entry each window reads, relative to the window."""
-        return self._first_dev[:, 0].int(), (self._kept_end_dev[:, 0] + self.generated).int()
+    def window_bounds(self, bucket: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hi - lo,) int32 first and one-past-last entry each window of a bucket reads, relative to the window."""
+        b = self.buckets[bucket]
+        return (self._first_dev[b.lo:b.hi, 0].int(), (self._kept_end_dev[b.lo:b.hi, 0] + self.generated).int())
 
-    def view_positions(self) -> torch.Tensor:
-        """Positions of the entries `view` returns, (heads, width). Kept prompt tokens of a layer without a
-        window read as -1: they come before every query, which is all a causal mask needs."""
-        width = self.width
+    def view_positions(self, bucket: int = 0) -> torch.Tensor:
+        """Positions of the entries a bucket's `view` returns, (hi - lo, width). Kept prompt tokens of a layer
+        without a window read as -1: they come before every query, which is all a causal mask needs."""
+        b, width = self.buckets[bucket], self.width(bucket)
         if self.positions is not None:
-            return self.positions.as_strided((self.heads, width), (self.win.stride, 1))
-        rel = torch.arange(width, device=self.k.device, dtype=torch.int32) - self._kept_end_dev
+            return self.positions.as_strided((b.hi - b.lo, width), (b.stride, 1),
+                                             self.positions.storage_offset() + b.base)
+        rel = torch.arange(width, device=self.k.device, dtype=torch.int32) - self._kept_end_dev[b.lo:b.hi]
         return torch.where(rel < 0, -1, self.prompt_len + self.dropped + rel)
 
     def head_kv(self, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -6,7 +6,7 @@ import torch
 from fakes import loaded
 
 from headprof import attention, compress, generation, methods, reference
-from headprof.cache import HeadKVCache, HeadKVLayer, windows
+from headprof.cache import MAX_BUCKETS, HeadKVCache, HeadKVLayer, buckets_of, windows
 from headprof.models import with_cache
 
 CASES = [("llama", False), ("llama-mha", False), ("qwen2", False), ("mistral", False),
@@ -43,20 +43,32 @@ def _decode_compared(lm, method, budget, compress_sliding, steps=(1, 1, 3, 1, 2,
     return worst, cache, plan
 
 
+@pytest.fixture(params=["one view", "buckets"])
+def split(request, monkeypatch):
+    """Layers read through one strided view, or split into buckets wherever heads differ (a split costing one
+    column: as many buckets as pay)."""
+    from headprof import cache
+
+    monkeypatch.setattr(cache, "SPLIT_SCALARS", {} if request.param == "one view" else {"cpu": 1})
+    return request.param
+
+
 @pytest.mark.parametrize("arch,compress_sliding", CASES)
 @pytest.mark.parametrize("method", ["headkv", "snapkv"])
-def test_batched_attention_equals_per_head_reference(arch, compress_sliding, method):
+def test_batched_attention_equals_per_head_reference(arch, compress_sliding, method, split):
     lm = loaded(arch)
     worst, cache, plan = _decode_compared(lm, method, 24, compress_sliding)
+    if split == "buckets" and method == "headkv" and lm.info.layout.num_kv_heads > 1:
+        assert any(len(layer.buckets) > 1 for layer in cache.layers if isinstance(layer, HeadKVLayer))
     compressed_layers = sum(isinstance(layer, HeadKVLayer) for layer in cache.layers)
     assert compressed_layers == int(plan.compressible.any(axis=1).sum()) > 0
     assert len(worst) == 10 * compressed_layers  # every decode step of every compressed layer was compared
     assert max(worst) < 1e-5
-    if method == "headkv" and lm.info.layout.num_kv_heads > 1:  # skewed budgets: reordered windows were exercised
+    if method == "headkv" and lm.info.layout.num_kv_heads > 1 and split == "one view":  # skewed budgets: reordered
         assert any(not layer.uniform and not layer.in_order for layer in cache.layers if isinstance(layer, HeadKVLayer))
 
 
-def test_sliding_layers_compressed_inside_their_window_forget_old_keys():
+def test_sliding_layers_compressed_inside_their_window_forget_old_keys(split):
     lm = loaded("gemma3", sliding_window=20)  # layers 0 and 2 slide
     steps = (1,) * 30
     worst, cache, plan = _decode_compared(lm, "snapkv", 12, True, steps=steps)
@@ -71,7 +83,7 @@ def test_sliding_layers_compressed_inside_their_window_forget_old_keys():
 
 
 @pytest.mark.parametrize("arch,method", [("llama", "headkv"), ("gemma3", "headkv"), ("llama-mha", "snapkv")])
-def test_layers_grow_together_and_hold_at_most_the_slack_over_their_tokens_after_every_token(arch, method):
+def test_layers_grow_together_and_hold_at_most_the_slack_over_their_tokens_after_every_token(arch, method, split):
     """Every compressed layer grows at the same token (one burst), and right after any token, what they hold
     beyond their tokens' bytes (free room, masks, positions) stays within SLACK of those bytes."""
     from headprof.cache import SLACK
@@ -101,31 +113,63 @@ def test_layers_grow_together_and_hold_at_most_the_slack_over_their_tokens_after
         assert all(layer.generated < 40 for layer in layers if layer.sliding_window)
 
 
-@pytest.mark.parametrize("sizes", [[40] * 8, [415, 36, 66, 166, 96, 116, 73, 56], [5, 900, 17, 64, 300, 8, 1200, 40],
-                                   [1], [3, 3, 4], list(range(1, 65))])
-def test_every_segment_lies_in_its_own_window_and_no_padding_is_stored(sizes):
-    w = windows(sizes)
+SIZES = [[40] * 8, [415, 36, 66, 166, 96, 116, 73, 56], [5, 900, 17, 64, 300, 8, 1200, 40], [1], [3, 3, 4],
+         list(range(1, 65)), [35] * 128 + [42] * 32 + [87] * 32 + [291] * 32 + [358] * 32]
+
+
+@pytest.mark.parametrize("split", [None, 64, 2048])
+@pytest.mark.parametrize("sizes", SIZES)
+def test_every_segment_lies_in_its_own_window_and_no_padding_is_stored(sizes, split):
+    w = windows(sizes, split)
     _check(w, sizes)
-    assert max(sizes) <= w.width
+    assert 1 <= len(w.buckets) <= MAX_BUCKETS
     if len(set(sizes)) == 1:
-        assert w.stride == w.width == sizes[0]  # equal heads: a plain dense view
+        assert len(w.buckets) == 1 and w.buckets[0].stride == w.buckets[0].width == sizes[0]  # a plain dense view
+        assert w.order == list(range(len(sizes)))
+    if split is None:
+        assert len(w.buckets) == 1
     for by in (1, 7, -min(sizes) + 1):  # the room grows (or a sliding layer shrinks it): windows only shift
         _check(w.grown(by), [n + by for n in sizes])
 
 
 def _check(w, sizes):
     assert sorted(w.order) == list(range(len(sizes)))
+    assert w.buckets[0].lo == 0 and w.buckets[-1].hi == len(sizes)
     end = 0
-    for i, h in enumerate(w.order):
-        assert w.start[i] == end  # segments back to back: the buffer holds nothing else
-        assert i * w.stride <= w.start[i] and w.start[i] + sizes[h] <= i * w.stride + w.width
-        end += sizes[h]
-    assert (len(sizes) - 1) * w.stride + w.width == sum(sizes)  # the last window ends with the buffer
+    for b, after in zip(w.buckets, w.buckets[1:] + (None,), strict=True):
+        assert after is None or after.lo == b.hi  # buckets cover the windows in order
+        assert b.base == end  # each bucket's view starts where its first segment does
+        for i in range(b.lo, b.hi):
+            h = w.order[i]
+            assert w.start[i] == end  # segments back to back: the buffer holds nothing else
+            left = b.base + (i - b.lo) * b.stride
+            assert left <= w.start[i] and w.start[i] + sizes[h] <= left + b.width
+            end += sizes[h]
+        assert b.base + (b.hi - b.lo - 1) * b.stride + b.width == end  # the bucket's last window ends with it
+    assert end == sum(sizes)
 
 
 def test_unequal_windows_are_far_narrower_than_the_whole_layer():
     sizes = [415, 36, 66, 166, 96, 116, 73, 56]  # a skewed HeadKV layer
-    assert windows(sizes).width <= 1.05 * max(sizes) < 0.45 * sum(sizes)
+    assert windows(sizes).buckets[0].width <= 1.05 * max(sizes) < 0.45 * sum(sizes)
+
+
+def _columns(w, sizes):
+    return sum((b.hi - b.lo) * b.width for b in w.buckets)
+
+
+def test_buckets_read_fewer_columns_where_heads_differ_widely_and_split_only_where_it_pays():
+    """A batch of skewed layers (the bench's HeadKV at budget 128, 32 sequences): one view reads 4.4x its entries;
+    buckets of similar sizes read close to the entries themselves. A split costs a call, so it is made only where
+    it saves more columns than `split`."""
+    sizes = SIZES[-1]
+    one, split = windows(sizes), windows(sizes, 2048)
+    assert _columns(one, sizes) > 4 * sum(sizes)
+    assert 1 < len(split.buckets) and _columns(split, sizes) < 1.2 * sum(sizes)
+    assert len(windows(sizes, 10 ** 9).buckets) == 1  # a call dearer than any saving: one view
+    few = [35, 42, 87, 291, 358, 35, 35, 35]  # one sequence's layer: saving 1,700 columns is not worth 2048
+    assert len(windows(few, 2048).buckets) == 1 and len(windows(few, 64).buckets) > 1
+    assert all(sizes[g[0]] <= sizes[g[-1]] for groups in buckets_of(sizes, 2048) for g in groups)
 
 
 def test_keys_and_values_of_different_widths_share_the_buffer():
@@ -144,9 +188,9 @@ def test_keys_and_values_of_different_widths_share_the_buffer():
         assert (out - reference.per_head_attention(layer, query, 0.25, None)).abs().max() < 1e-5
 
 
-def _ops_per_step(heads: int) -> int:
+def _ops_per_step(heads: int) -> tuple[int, int]:
     """Tensor operations one decode step of one compressed layer runs (write + attention), with skewed
-    per-head counts; a step that does not grow the room."""
+    per-head counts; a step that does not grow the room. And the layer's buckets."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -160,19 +204,27 @@ def _ops_per_step(heads: int) -> int:
     layer = HeadKVLayer()
     layer.keys, layer.values = torch.randn(1, heads, 400, 16, generator=g), torch.randn(1, heads, 400, 16, generator=g)
     layer.seen = 400
-    layer.compress([torch.randperm(400, generator=g)[:n].sort().values for n in range(5, 5 + 20 * heads, 20)])
+    layer.compress([torch.randperm(400, generator=g)[:n].sort().values for n in (5 + (np.arange(heads) * 7) % 390)])
     new, query = torch.randn(1, heads, 1, 16, generator=g), torch.randn(1, 2 * heads, 1, 16, generator=g)
     while layer.generated + 1 > layer.room - 1:  # leave the step that grows behind
         layer.update(new, new)
     with Count():
         layer.update(new, new)
         attention.attend(layer, query, 0.25, None)
-    return Count.n
+    return Count.n, len(layer.buckets)
 
 
-def test_a_decode_step_costs_the_same_operations_for_any_number_of_heads():
-    """No loop over heads per decoded token: 4 or 32 KV heads, one write and one attention call per layer."""
-    assert _ops_per_step(4) == _ops_per_step(32) <= 10  # write (cat, copy, mask), attention (reorder, mask, sdpa)
+def test_a_decode_step_costs_the_same_operations_for_any_number_of_heads(monkeypatch):
+    """No loop over heads per decoded token: 4 or 32 KV heads, one write and one attention call per layer; split
+    into buckets (256 heads), a few operations more per bucket, and never more than MAX_BUCKETS buckets."""
+    from headprof import cache
+
+    monkeypatch.setattr(cache, "SPLIT_SCALARS", {})  # one view per layer
+    one = _ops_per_step(4)
+    assert one == _ops_per_step(32) == _ops_per_step(256) and one[0] <= 10 and one[1] == 1
+    monkeypatch.setattr(cache, "SPLIT_SCALARS", {"cpu": 1 << 12})
+    ops, buckets = _ops_per_step(256)
+    assert 1 < buckets <= MAX_BUCKETS and ops <= one[0] + 5 * buckets  # per bucket: rows, mask, sdpa; a cat
 
 
 def _storage_bytes(cache) -> int:
@@ -211,7 +263,7 @@ def test_bytes_held_are_the_tensors_and_within_5_percent_of_ideal_on_any_stop(bu
 
 
 @pytest.mark.parametrize("arch,softcap", [("llama", None), ("llama-mha", None), ("llama", 30.0)])
-def test_flash_route_passes_each_window_bounds_and_layout_as_documented(monkeypatch, arch, softcap):
+def test_flash_route_passes_each_window_bounds_and_layout_as_documented(monkeypatch, arch, softcap, split):
     """The CUDA kernel cannot run here; a stand-in with flash-attn's documented semantics checks what
     headprof hands it (window order, cache_leftpad / cache_seqlens, GQA layout, causal q > 1)."""
     import types
@@ -223,7 +275,8 @@ def test_flash_route_passes_each_window_bounds_and_layout_as_documented(monkeypa
     lm = loaded(arch)
     lay = lm.info.layout
     worst, cache, _ = _decode_compared(lm, "headkv", 24, False)  # leaves a compressed cache behind
-    layer = next(x for x in cache.layers if isinstance(x, HeadKVLayer) and not x.uniform and not x.in_order)
+    layer = next(x for x in cache.layers if isinstance(x, HeadKVLayer) and not x.uniform
+                 and (not x.in_order if split == "one view" else len(x.buckets) > 1))
     g = torch.Generator().manual_seed(3)
     for q in (1, 3):
         new = torch.randn(1, lay.num_kv_heads, q, lay.head_dim, generator=g)

@@ -42,6 +42,19 @@ def _decode(lm, m, ids, mask=None):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "mistral"])  # GQA, sliding-window layers
 @pytest.mark.parametrize("name", ["snapkv", "headkv", "adakv", "pyramidkv", "streaming"])
 def test_model_generate_in_a_batch_gives_each_prompt_its_own_logits(arch, name):
+    _batch_equals_alone(arch, name)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])  # GQA with 2 KV heads: heads that differ within a sequence
+@pytest.mark.parametrize("name", ["headkv", "adakv"])
+def test_a_batch_read_in_buckets_gives_each_prompt_its_own_logits(arch, name, monkeypatch):
+    """Layers split into buckets of similar heads (a split costing one column: wherever heads differ)."""
+    monkeypatch.setattr(cache, "SPLIT_SCALARS", {"cpu": 1})
+    batch_cache = _batch_equals_alone(arch, name)
+    assert any(len(layer.buckets) > 1 for layer in batch_cache.layers if isinstance(layer, cache.HeadKVLayer))
+
+
+def _batch_equals_alone(arch, name):
     lm = loaded(arch)
     m = _method(lm, name)
     prompts = _prompts()
@@ -58,6 +71,7 @@ def test_model_generate_in_a_batch_gives_each_prompt_its_own_logits(arch, name):
     held = sum(layer.nbytes() for layer in batch_cache.layers if isinstance(layer, cache.HeadKVLayer))
     # the same tokens held, one layout: within the cache's slack of what the prompts hold alone
     assert abs(held - alone_bytes) <= cache.SLACK * alone_bytes + 64 * len(prompts)
+    return batch_cache
 
 
 def test_padding_is_never_kept():
@@ -130,8 +144,11 @@ def test_run_names_the_bad_jsonl_line(tmp_path, tiny_dir, line, message):
     assert re.search(message, r.output), r.output
 
 
+@pytest.mark.parametrize("split", [None, 1])
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_a_sequence_that_ends_leaves_the_batch_and_the_others_go_on_as_alone(arch):
+def test_a_sequence_that_ends_leaves_the_batch_and_the_others_go_on_as_alone(arch, split, monkeypatch):
+    if split:  # layers in buckets (re-laid out when the sequence leaves)
+        monkeypatch.setattr(cache, "SPLIT_SCALARS", {"cpu": split})
     lm = loaded(arch)
     m = _method(lm, "headkv")
     prompts = _prompts(3)
