@@ -6,9 +6,9 @@
 
 `--by-task` adds, per task (needle, reasoning), how many items each method's answer contains (a
 reasoning answer that also names a distractor does not count) with its 95% interval, and F1.
-`--paired A-B,...` (ratio grids) compares two methods on the same items: the mean of the per-item score
-differences A - B with its 95% bootstrap interval, and on how many items A is better / worse, of the
-items both ran ("-": none).
+`--paired A-B,...` (or `A-B;C-D` where names hold commas; ratio grids) compares two methods on the same items:
+the mean of the per-item score differences A - B with its 95% bootstrap interval, and on how many items A is
+better / worse, of the items both ran ("-": none).
 """
 
 from __future__ import annotations
@@ -117,9 +117,10 @@ def paired(path: str, pairs: list[tuple[str, str]]) -> None:
 
 
 def _pairs(text: str, methods: list[str]) -> list[tuple[str, str]]:
-    """'headkv-r2-snapkv' -> ('headkv-r2', 'snapkv'): split at the dash that leaves two known methods."""
+    """'headkv-r2-snapkv' -> ('headkv-r2', 'snapkv'): split at the dash that leaves two known methods. Pairs are
+    separated by commas, or by semicolons where method names hold commas ('headkv:profile=r2,spread=32-snapkv')."""
     out = []
-    for spec in text.split(","):
+    for spec in text.split(";" if ";" in text else ","):
         split = [(spec[:i], spec[i + 1:]) for i, c in enumerate(spec) if c == "-"]
         known = [(a, b) for a, b in split if a in methods and b in methods]
         if not known:
