@@ -59,7 +59,8 @@ def test_the_golden_files_are_there():
 @pytest.mark.parametrize("case", CASES)
 def test_the_preset_gives_what_the_official_script_gave(case, smollm2):
     golden = json.loads((DATA / f"{case}.json").read_text())
-    if golden["dtype"] == "bfloat16" and not os.environ.get("HEADPROF_GOLDEN_BF16"):
+    if golden["dtype"] == "bfloat16" and not case.startswith("prose_") and not os.environ.get("HEADPROF_GOLDEN_BF16"):
+        # (the prose folders' bf16 cases run always: under a minute together)
         pytest.skip("bf16 decodes one probe at a time in the modelling file's arithmetic (5-30 s a probe on a CPU "
                     "core): set HEADPROF_GOLDEN_BF16=1")
     preset = presets.get("headkv" if golden["script"].endswith("_r2.py") else "retrieval-head")
