@@ -76,7 +76,8 @@ def attend(layer: HeadKVLayer, query: torch.Tensor, scaling: float, softcap: flo
             layer.backend = "torch" if torch_only else pick(query.device, query.dtype, softcap,
                                                             layer.sliding_window is not None)
         backend = layer.backend
-    out = (_flash if backend == "flash" else _torch)(layer, rows, q, scaling, softcap)
+    flash = backend == "flash"
+    out = _by_bucket(layer, rows, q, scaling, softcap, _flash_bucket if flash else _torch_bucket, masked=not flash)
     if not layer.in_order:
         out = out.index_select(1, layer.unorder)
     if q == 1:
@@ -85,18 +86,14 @@ def attend(layer: HeadKVLayer, query: torch.Tensor, scaling: float, softcap: flo
 
 
 def _by_bucket(layer: HeadKVLayer, rows: torch.Tensor, q: int, scaling: float, softcap: float | None,
-               one) -> torch.Tensor:
+               one, masked: bool = True) -> torch.Tensor:
     """(1, heads, group * q, dim) in window order -> the same shape: `one` per bucket of windows (`cache.Bucket`),
-    over that bucket's rows."""
-    views = layer.view()
+    over that bucket's rows (`masked`: with the additive masks, which flash-attn does not read)."""
+    views = layer.view(masked)
     if len(views) == 1:
         return one(layer, 0, views[0], rows, q, scaling, softcap)
     return torch.cat([one(layer, i, view, rows[:, b.lo:b.hi], q, scaling, softcap)
                       for i, (b, view) in enumerate(zip(layer.buckets, views, strict=True))], 1)
-
-
-def _torch(layer: HeadKVLayer, rows: torch.Tensor, q: int, scaling: float, softcap: float | None) -> torch.Tensor:
-    return _by_bucket(layer, rows, q, scaling, softcap, _torch_bucket)
 
 
 def _torch_bucket(layer: HeadKVLayer, bucket: int, view, rows: torch.Tensor, q: int, scaling: float,
@@ -119,10 +116,6 @@ def _torch_bucket(layer: HeadKVLayer, bucket: int, view, rows: torch.Tensor, q: 
     if mask is not None:
         logits = logits + mask
     return torch.matmul(torch.softmax(logits, dim=-1, dtype=torch.float32).to(v.dtype), v)
-
-
-def _flash(layer: HeadKVLayer, rows: torch.Tensor, q: int, scaling: float, softcap: float | None) -> torch.Tensor:
-    return _by_bucket(layer, rows, q, scaling, softcap, _flash_bucket)
 
 
 def _flash_bucket(layer: HeadKVLayer, bucket: int, view, rows: torch.Tensor, q: int, scaling: float,

@@ -520,12 +520,14 @@ class HeadKVLayer(DynamicLayer):
         return (self.k.as_strided((1, heads, width, self.k.shape[-1]), strides, self.k.storage_offset() + at),
                 self.v.as_strided((1, heads, width, self.v.shape[-1]), strides, self.v.storage_offset() + at))
 
-    def view(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    def view(self, masked: bool = True) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """Per bucket, keys and values for one attention call, (1, hi - lo, width, dim), window i for KV head
         `win.order[i]`, and an additive (1, hi - lo, 1, width) mask of what each window may read (None:
-        everything, the dense case)."""
+        everything, the dense case, or not `masked`: a backend that reads the windows' bounds instead)."""
         if self.uniform:
             return [(*self._strided(self.buckets[0], self.width()), None)]
+        if not masked:
+            return [(k, v, None) for k, v in self._views]
         if len(self.buckets) == 1:
             return [(*self._views[0], torch.where(self._open, self._zero, self._ninf))]
         return [(k, v, torch.where(self._open[:, b.lo:b.hi, :, :k.shape[2]], self._zero, self._ninf))
