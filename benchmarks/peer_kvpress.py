@@ -18,7 +18,12 @@ answer) and writes results.json/results.csv/quality_vs_budget.png with the press
 `kvpress-NAME`. The prompt holds the question, so the question is compressed with the context, as in
 the papers (kvpress's pipeline would keep the question out of the compression). Each press runs with
 kvpress's own defaults for everything but the ratio (SnapKV: window 64, kernel 5; headprof's SnapKV
-uses window 16, kernel 7); `--window 16` runs the SnapKV-style presses with headprof's window.
+uses window 16, kernel 7); a press named `snapkv-w16` (or `adakv-w16`, `pyramidkv-w16`) runs with headprof's
+window. By default all cells of an item (every press and ratio) come from one prefill: kvpress compresses a
+layer's cache after that layer's attention has run, so the prefill does not depend on the press, and
+each press's own `compress` runs on the inputs its hook would have received; cells whose caches have the
+same shapes then decode as one batch (`shared`). `--per-cell` runs kvpress's own hooks, one prefill per
+press and ratio, the reference the shared path is checked against (docs/results.md: same responses).
 DuoAttention is left out: offline it runs neither with its published patterns nor with
 `on_the_fly_scoring` (which loads the booksum dataset from the hub).
 """
@@ -35,30 +40,135 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no third-party bars 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def presses(names: list[str], ratio: float, window: int | None = None):
+def presses(names: list[str], ratio: float):
+    """kvpress presses by name; a name ending in `-wW` runs a SnapKV-style press with observation window W."""
     import kvpress
 
-    w = {} if window is None else {"window_size": window}  # SnapKV-style presses: kvpress's default is 64
-    make = {
-        "snapkv": lambda: kvpress.SnapKVPress(compression_ratio=ratio, **w),
-        "pyramidkv": lambda: kvpress.PyramidKVPress(compression_ratio=ratio, **w),
-        "streaming": lambda: kvpress.StreamingLLMPress(compression_ratio=ratio),
-        "adakv": lambda: kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=ratio, **w)),
-        "expected_attention": lambda: kvpress.ExpectedAttentionPress(compression_ratio=ratio),
-        "adakv_expected_attention": lambda: kvpress.AdaKVPress(kvpress.ExpectedAttentionPress(compression_ratio=ratio)),
-        "keydiff": lambda: kvpress.KeyDiffPress(compression_ratio=ratio),
-    }
-    unknown = [n for n in names if n not in make]
-    if unknown:
-        raise SystemExit(f"unknown press {unknown[0]} (use {', '.join(make)})")
-    return [(n, make[n]()) for n in names]
+    def make(name: str):
+        base, _, w = name.partition("-w")
+        win = {"window_size": int(w)} if w.isdigit() else {}  # SnapKV-style presses: kvpress's default is 64
+        table = {
+            "snapkv": lambda: kvpress.SnapKVPress(compression_ratio=ratio, **win),
+            "pyramidkv": lambda: kvpress.PyramidKVPress(compression_ratio=ratio, **win),
+            "streaming": lambda: kvpress.StreamingLLMPress(compression_ratio=ratio),
+            "adakv": lambda: kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=ratio, **win)),
+            "expected_attention": lambda: kvpress.ExpectedAttentionPress(compression_ratio=ratio),
+            "adakv_expected_attention": lambda: kvpress.AdaKVPress(
+                kvpress.ExpectedAttentionPress(compression_ratio=ratio)),
+            "keydiff": lambda: kvpress.KeyDiffPress(compression_ratio=ratio),
+        }
+        windowed = {"snapkv", "pyramidkv", "adakv"}
+        if base not in table or (w and (not w.isdigit() or base not in windowed)):
+            raise SystemExit(f"unknown press {name} (use {', '.join(table)}; -wW after {', '.join(sorted(windowed))})")
+        return table[base]()
+
+    return [(n, make(n)) for n in names]
+
+
+def decode(model, cache, logits, start: int, steps: int, stops: set[int]) -> list[list[int]]:
+    """Greedy decoding of a batch of sequences, each to its first end token or `steps` tokens. The cache holds
+    fewer entries than positions, so every step passes the true position, as kvpress's own pipeline does."""
+    import torch
+
+    out, finished = [], torch.zeros(logits.shape[0], dtype=torch.bool)
+    stop = torch.tensor(sorted(stops), dtype=torch.long)
+    for step in range(steps):
+        token = logits.argmax(-1)
+        finished |= torch.isin(token, stop)
+        if bool(finished.all()):
+            break
+        out.append(token)
+        position = torch.full((token.shape[0], 1), start + step)
+        logits = model(token[:, None], past_key_values=cache, position_ids=position, use_cache=True).logits[:, -1]
+    rows = torch.stack(out, 1).tolist() if out else [[] for _ in range(logits.shape[0])]
+    return [r[:next((i for i, t in enumerate(r) if t in stops), len(r))] for r in rows]
+
+
+def per_cell(model, ids, press, steps: int, stops: set[int]):
+    """kvpress's own way: the press's hooks compress the cache during a prefill of its own."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with press(model):
+        logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+        return decode(model, cache, logits, ids.shape[1], steps, stops)[0], held
+
+
+def shared(model, ids, cells, steps: int, stops: set[int]):
+    """All cells of an item from one prefill. The prefill's outputs do not depend on the press (kvpress
+    compresses a layer's cache after that layer's attention has run), so one full-cache prefill records what
+    kvpress's forward hook receives at every attention layer; each press's `compress` then runs on exactly
+    those inputs, and cells whose compressed caches have the same shapes decode as one batch. AdaKV's masks
+    (module.masked_key_indices, read by kvpress's attention patch) are kept per press and set, with batch
+    offsets, only while that batch decodes. Returns {name: (tokens, bytes held, seconds)}."""
+    import torch
+    from transformers import DynamicCache
+
+    t0 = time.perf_counter()
+    captured: dict[int, tuple] = {}
+
+    def record(module, args, kwargs, output):
+        captured[module.layer_idx] = (module, kwargs["hidden_states"], output[1], dict(kwargs))
+
+    attn = [layer.self_attn for layer in model.model.layers]
+    hooks = [a.register_forward_hook(record, with_kwargs=True) for a in attn]
+    full = DynamicCache()
+    try:
+        logits = model(ids, past_key_values=full, use_cache=True).logits[:, -1]
+    finally:
+        for h in hooks:
+            h.remove()
+    share = (time.perf_counter() - t0) / len(cells)
+    compressed = {}
+    for name, press in cells:
+        t = time.perf_counter()
+        layers, masks = [], []
+        with press(model):  # the press's own set-up (post_init_from_model, rotary embedding); its hooks never fire
+            for i in range(len(attn)):
+                module, hidden, attentions, kwargs = captured[i]
+                module.masked_key_indices = None
+                layers.append(press.compress(module, hidden, full.layers[i].keys, full.layers[i].values,
+                                             attentions, kwargs))
+                masks.append(getattr(module, "masked_key_indices", None))
+                module.masked_key_indices = None
+        compressed[name] = (layers, masks, time.perf_counter() - t)
+    groups: dict[tuple, list[str]] = {}
+    for name, (layers, masks, _) in compressed.items():
+        key = (tuple(k.shape for k, _ in layers), masks[0] is not None)
+        groups.setdefault(key, []).append(name)
+    result = {}
+    for names in groups.values():
+        t = time.perf_counter()
+        cache = DynamicCache()
+        for i in range(len(attn)):
+            cache.update(torch.cat([compressed[n][0][i][0] for n in names]),
+                         torch.cat([compressed[n][0][i][1] for n in names]), i)
+            if compressed[names[0]][1][i] is not None:
+                parts = [compressed[n][1][i] for n in names]
+                attn[i].masked_key_indices = tuple(torch.cat([p[j] + (b if j == 0 else 0) for b, p in enumerate(parts)])
+                                                   for j in range(3))
+        try:
+            tokens = decode(model, cache, logits.expand(len(names), -1), ids.shape[1], steps, stops)
+        finally:
+            for a in attn:
+                a.masked_key_indices = None
+        seconds = (time.perf_counter() - t) / len(names)
+        for n, toks in zip(names, tokens, strict=True):
+            layers = compressed[n][0]
+            held = sum(k.nbytes + v.nbytes for k, v in layers)
+            result[n] = (toks, held, share + compressed[n][2] + seconds)
+    return result
 
 
 def run(args) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    ratios = [float(r) for r in args.ratios.split(",")]
+    names = args.presses.split(",")
+    presses(names, ratios[0])  # an unknown press is refused before the model loads
     hf_logging.disable_progress_bar()
     torch.set_grad_enabled(False)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
@@ -66,8 +176,7 @@ def run(args) -> None:
     gen = model.generation_config.eos_token_id
     stops = set(gen if isinstance(gen, list) else [gen]) - {None}
     items = [json.loads(line) for line in Path(args.items).read_text().splitlines() if line.strip()]
-    ratios = [float(r) for r in args.ratios.split(",")]
-    names = args.presses.split(",")
+    items = items[args.first_item:] if args.first_item else items
     done = set()
     out = Path(args.out)
     if out.exists():  # resume: rows already written are kept
@@ -75,35 +184,31 @@ def run(args) -> None:
     with out.open("a", encoding="utf-8") as f:
         for item in items:
             ids = torch.tensor([item["prompt_ids"]])
-            for ratio in ratios:
-                for name, press in presses(names, ratio, args.window):
-                    name = name if args.window is None else f"{name}-w{args.window}"
-                    if (item["id"], f"kvpress-{name}", ratio) in done:
-                        continue
+            steps = item["max_new_tokens"] or args.max_new_tokens
+            cells = [(f"{n}@{ratio}", ratio, press) for ratio in ratios for n, press in presses(names, ratio)
+                     if (item["id"], f"kvpress-{n}", ratio) not in done]
+            if not cells:
+                continue
+            if args.per_cell:
+                got = {}
+                for key, _, press in cells:
                     t = time.perf_counter()
-                    cache = DynamicCache()
-                    with press(model):
-                        logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
-                        held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-                        tokens: list[int] = []
-                        for _ in range(item["max_new_tokens"] or args.max_new_tokens):
-                            token = int(logits.argmax(-1))
-                            if token in stops:
-                                break
-                            tokens.append(token)
-                            # the cache holds fewer entries than positions: pass the true position, as
-                            # kvpress's own pipeline does
-                            position = torch.tensor([[ids.shape[1] + len(tokens) - 1]])
-                            logits = model(torch.tensor([[token]]), past_key_values=cache, position_ids=position,
-                                           use_cache=True).logits[:, -1]
-                    row = {"item": item["id"], "task": item["task"], "method": f"kvpress-{name}", "ratio": ratio,
-                           "budget": round((1 - ratio) * len(item["prompt_ids"])),
-                           "response": tokenizer.decode(tokens, skip_special_tokens=True).strip(),
-                           "kv_bytes": held, "seconds": time.perf_counter() - t,
-                           "prompt_tokens": len(item["prompt_ids"])}
-                    f.write(json.dumps(row) + "\n")
-                    f.flush()
-                    print(f"{item['id']} {name} {ratio}: {len(tokens)} tokens, {held / 1e6:.1f} MB", flush=True)
+                    tokens, held = per_cell(model, ids, press, steps, stops)
+                    got[key] = (tokens, held, time.perf_counter() - t)
+            else:
+                got = shared(model, ids, [(key, press) for key, _, press in cells], steps, stops)
+            for key, ratio, _ in cells:
+                tokens, held, seconds = got[key]
+                name = key.rpartition("@")[0]
+                row = {"item": item["id"], "task": item["task"], "method": f"kvpress-{name}", "ratio": ratio,
+                       "budget": round((1 - ratio) * len(item["prompt_ids"])),
+                       "response": tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                       "kv_bytes": held, "seconds": seconds, "prompt_tokens": len(item["prompt_ids"]),
+                       "mode": "per-cell" if args.per_cell else "shared"}
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                print(f"{item['id']} {name} {ratio}: {len(tokens)} tokens, {held / 1e6:.1f} MB, {seconds:.1f} s",
+                      flush=True)
 
 
 def merge(args) -> None:
@@ -153,10 +258,13 @@ def main() -> None:
     r.add_argument("--items", required=True)
     r.add_argument("--model-dir", required=True, help="the model as a Hugging Face directory")
     r.add_argument("--ratios", default="0.5,0.75,0.9")
-    r.add_argument("--presses", default="snapkv,pyramidkv,streaming,adakv,expected_attention,keydiff")
+    r.add_argument("--presses", default="snapkv,snapkv-w16,adakv,adakv-w16,keydiff,expected_attention,pyramidkv,"
+                                        "streaming", help="a name ending in -wW: a SnapKV-style press with "
+                                                          "observation window W (kvpress's default: 64)")
     r.add_argument("--max-new-tokens", type=int, default=32)
-    r.add_argument("--window", type=int, help="observation window of the SnapKV-style presses [default: kvpress's "
-                                              "64]; methods are then named kvpress-NAME-wW")
+    r.add_argument("--first-item", type=int, default=0, help="start at this line of --items")
+    r.add_argument("--per-cell", action="store_true", help="kvpress's own hooks, one prefill per press and ratio "
+                                                           "(slow; the reference the shared prefill is checked on)")
     r.add_argument("--out", required=True)
     m = sub.add_parser("merge", help="score kvpress's rows with headprof and merge them into results.json")
     m.add_argument("--results", required=True)
