@@ -177,12 +177,11 @@ def run(args) -> None:
     stops = set(gen if isinstance(gen, list) else [gen]) - {None}
     items = [json.loads(line) for line in Path(args.items).read_text().splitlines() if line.strip()]
     items = items[args.first_item:] if args.first_item else items
-    done = set()
     out = Path(args.out)
-    if out.exists():  # resume: rows already written are kept
-        done = {(r["item"], r["method"], r["ratio"]) for r in map(json.loads, out.read_text().splitlines())}
     with out.open("a", encoding="utf-8") as f:
         for item in items:
+            # resume: rows already written are kept, re-read per item so that several processes can share --out
+            done = {(r["item"], r["method"], r["ratio"]) for r in map(json.loads, out.read_text().splitlines())}
             ids = torch.tensor([item["prompt_ids"]])
             steps = item["max_new_tokens"] or args.max_new_tokens
             cells = [(f"{n}@{ratio}", ratio, press) for ratio in ratios for n, press in presses(names, ratio)
@@ -219,7 +218,14 @@ def merge(args) -> None:
     results = json.loads(Path(args.results).read_text())
     items = {x["id"]: x for x in map(json.loads, Path(args.items).read_text().splitlines())}
     full = {r["item"]: r["response"] for r in results["rows"] if r["method"] == "full"}
-    peer_rows = [json.loads(line) for line in Path(args.rows).read_text().splitlines() if line.strip()]
+    peer_rows, seen = [], {}
+    for r in (json.loads(line) for line in Path(args.rows).read_text().splitlines() if line.strip()):
+        key = (r["item"], r["method"], r["ratio"])  # two processes sharing --out may both run their last item
+        if key in seen and seen[key] != r["response"]:
+            raise SystemExit(f"{args.rows} holds {key} twice with different responses")
+        if key not in seen:
+            seen[key] = r["response"]
+            peer_rows.append(r)
     missing = sorted({r["item"] for r in peer_rows} - set(full))
     if missing and args.common:  # items headprof has not run yet: left out of both sides
         print(f"left out {len(missing)} kvpress items that {args.results} does not hold (e.g. {missing[0]})")
