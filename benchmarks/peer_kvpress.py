@@ -249,6 +249,10 @@ def merge(args) -> None:
         ran = {r["item"] for r in peer_rows}
         results["rows"] = [r for r in results["rows"] if r["item"] in ran]
         results["items"] = len(ran)
+    if args.ratios:  # only the ratios kvpress ran, so that the tables hold no empty columns
+        keep = [float(x) for x in args.ratios.split(",")]
+        results["rows"] = [r for r in results["rows"] if r.get("ratio") in keep]
+        results["ratios"] = [x for x in results["ratios"] if x in keep]
     peers = list(dict.fromkeys(r["method"] for r in peer_rows))
     results["methods"] = [m for m in results["methods"] if m not in peers] + peers
     evaluate.resummarise(results)
@@ -278,6 +282,7 @@ def main() -> None:
     m.add_argument("--rows", required=True)
     m.add_argument("--out", required=True)
     m.add_argument("--force", action="store_true")
+    m.add_argument("--ratios", help="keep only these ratios (e.g. the ones kvpress ran)")
     m.add_argument("--common", action="store_true", help="keep only the items both ran (every method on "
                                                           "the same items)")
     args = ap.parse_args()
