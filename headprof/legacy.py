@@ -11,11 +11,13 @@ module's own scaling and window, so these layers are seen, scored and compressed
 (eager, for checks) the module's own code runs. Nothing of the modelling code is copied. transformers' switch of
 implementation does nothing on these models, so `route` sets the config's implementation itself (`sdpa` under
 headprof's route: the masks and code path the route expects). Attention written inline as matmuls (Bloom, MPT,
-XGLM) stays refused by `capture.verify`.
+XGLM) stays refused by `capture.verify`. A module whose modelling code has moved to the attention interface
+(Falcon from transformers 5.25) needs no routing; its config is still checked (ALiBi stays refused).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,6 +58,8 @@ def adapt(model: torch.nn.Module) -> int:
         reason = adapter.refuse(model.config)
         if reason:
             raise ModelError(reason)
+        if _uses_interface(module):
+            continue
         count += 1
         if not hasattr(module, "_headprof_route"):
             scaling, window = adapter.params(module, model.config)
@@ -65,6 +69,12 @@ def adapt(model: torch.nn.Module) -> int:
             else:
                 _catch_sdpa(module, scaling)
     return count
+
+
+def _uses_interface(module: torch.nn.Module) -> bool:
+    """Whether the module's modelling file dispatches through transformers' attention interface (then headprof's
+    registered function sees its attention directly)."""
+    return hasattr(sys.modules.get(type(module).__module__), "ALL_ATTENTION_FUNCTIONS")
 
 
 def route(model: torch.nn.Module, name: str | None, implementation: str) -> None:

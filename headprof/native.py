@@ -65,6 +65,7 @@ def join(rows: list, pads: list[int]):
                 parts = [getattr(r, name)[i] for r in rows]
                 if all(p is not None for p in parts):
                     getattr(out, name)[i] = torch.cat(parts, 0)
+        _copy_length(first, out, pads[0])  # the batch's rows are as long as the first one with its padding
     if isinstance(first, DynamicLayer) and getattr(first, "keys", None) is not None and first.keys.numel():
         out.keys = torch.cat([F.pad(r.keys, (0, 0, p, 0)) for r, p in zip(rows, pads, strict=True)], 0)
         out.values = torch.cat([F.pad(r.values, (0, 0, p, 0)) for r, p in zip(rows, pads, strict=True)], 0)
@@ -95,6 +96,16 @@ def copy_state(src, dst) -> None:
                  "conv_kernel_size"):
         setattr(dst, name, dict(getattr(src, name)))
     dst.device, dst.dtype = src.device, src.dtype
+    _copy_length(src, dst)
+
+
+def _copy_length(src, dst, extra: int = 0) -> None:
+    """The tokens a linear-attention layer has seen (transformers >= 5.25 counts them on the layer, and the cache's
+    length is read from layer 0, which a hybrid model may make linear): `dst` gets its own counter, so that
+    generation feeds only the tokens after it."""
+    length = getattr(src, "cumulative_length_linear", None)
+    if isinstance(length, torch.Tensor):
+        dst.cumulative_length_linear = length.clone() + extra
 
 
 def copy_indexer(src, dst) -> None:

@@ -183,7 +183,7 @@ def test_kvpress_rows_merge_into_results_scored_by_headprof(tmp_path):
     lm = loaded("llama")
     items = [evaluate.Item(f"i{n}", "niah_multivalue", [5 + i % 80 for i in range(n)], ["w1", "w2"], metric="all",
                            max_new_tokens=2) for n in (60, 70)]
-    res = evaluate.evaluate(lm, items, ["full", "snapkv"], [], {}, ratios=[0.5], window=8)
+    res = evaluate.evaluate(lm, items, ["full", "snapkv"], [], {}, ratios=[0.5, 0.75], window=8)
     (tmp_path / "results.json").write_text(json.dumps(res))
     (tmp_path / "items.jsonl").write_text("".join(json.dumps(evaluate.export_row(i, None)) + "\n" for i in items))
     rows = [{"item": i.id, "task": i.task, "method": "kvpress-snapkv", "ratio": 0.5, "budget": 30,
@@ -192,7 +192,7 @@ def test_kvpress_rows_merge_into_results_scored_by_headprof(tmp_path):
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = type("A", (), {"results": tmp_path / "results.json", "items": tmp_path / "items.jsonl",
                           "rows": tmp_path / "rows.jsonl", "out": tmp_path / "merged", "force": False,
-                          "common": False})
+                          "common": False, "ratios": None})
     peer.merge(args)
     merged = json.loads((tmp_path / "merged" / "results.json").read_text())
     assert merged["methods"] == ["full", "snapkv", "kvpress-snapkv"]
@@ -205,6 +205,11 @@ def test_kvpress_rows_merge_into_results_scored_by_headprof(tmp_path):
     common = json.loads((tmp_path / "common" / "results.json").read_text())
     assert common["items"] == 1 and {r["n"] for r in common["summary"]} == {1}
     assert next(r for r in common["summary"] if r["method"] == "kvpress-snapkv")["score"] == 1.0
+    args.out, args.ratios = tmp_path / "ratios", "0.5"  # kvpress ran 0.5 only: headprof's 0.75 leaves the tables
+    peer.merge(args)
+    kept = json.loads((tmp_path / "ratios" / "results.json").read_text())
+    assert kept["ratios"] == [0.5] and {r["ratio"] for r in kept["summary"]} == {0.5}
+    assert {r["method"] for r in kept["summary"]} == {"full", "snapkv", "kvpress-snapkv"}
 
 
 def test_paired_table_compares_methods_on_the_items_both_ran(tmp_path, capsys):
