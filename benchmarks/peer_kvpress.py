@@ -212,7 +212,7 @@ def run(args) -> None:
 
 def merge(args) -> None:
     from headprof import evaluate
-    from headprof.answers import token_f1
+    from headprof.answers import agreement
     from headprof.api import EvalReport
 
     results = json.loads(Path(args.results).read_text())
@@ -243,7 +243,7 @@ def merge(args) -> None:
             "item": r["item"], "task": r["task"], "split": "test", "method": r["method"], "budget": r["budget"],
             "ratio": r["ratio"], "beta": None, "response": text, "contains": evaluate.contains(text, item.answers),
             "score": evaluate.item_score(item, text), "f1": evaluate.best_f1(text, item.answers),
-            "agreement": token_f1(text, reference) if reference or text else 1.0, "kv_bytes": r["kv_bytes"],
+            "agreement": agreement(text, reference), "kv_bytes": r["kv_bytes"],
             "seconds": r["seconds"], "prompt_tokens": r["prompt_tokens"]})
     if args.common:  # only the items kvpress ran, so that every method is averaged over the same items
         ran = {r["item"] for r in peer_rows}

@@ -95,6 +95,12 @@ def token_f1(response: str, answer: str) -> float:
     return _f1(words(response), words(answer))
 
 
+def agreement(response: str, reference: str) -> float:
+    """How far a compressed answer agrees with the full cache's: token F1, and 1.0 for the same text (two answers
+    without words, empty or punctuation only, are the same answer, not a disagreement)."""
+    return 1.0 if response == reference else token_f1(response, reference)
+
+
 _STOP = frozenset("a an the of and in on at to".split())
 
 

@@ -15,11 +15,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from headprof import compare, distributed, generation, methods, models, presets, probes, scoring
+from headprof import answers, compare, distributed, generation, methods, models, presets, probes, scoring
 from headprof import evaluate as evaluate_mod
 from headprof import partial as partial_mod
 from headprof import profile as profile_mod
-from headprof.answers import token_f1
 from headprof.defaults import BETA, KERNEL, WINDOW
 from headprof.errors import BatchOutOfMemory, HeadprofError, NothingAnswered, OutputError, ProfileError, out_of_memory
 from headprof.files import check_output, write_atomic, write_dir_atomic
@@ -286,7 +285,8 @@ def _report(lm: LoadedModel, m: methods.Method, label: str, where: str | None, b
     runs[0].method = label
     agreement = None
     if len(runs) > 1:
-        agreement = {"exact": runs[0].text == runs[1].text, "token_f1": token_f1(runs[0].text, runs[1].text)}
+        agreement = {"exact": runs[0].text == runs[1].text,
+                     "token_f1": answers.agreement(runs[0].text, runs[1].text)}
     return GenerationReport(model=lm.info.resolved, prompt_tokens=prompt_tokens, method=label, budget=budget,
                             window=m.window, kernel=m.kernel, beta=getattr(m, "beta", beta),
                             group_reduce=getattr(m, "reduction", group_reduce),

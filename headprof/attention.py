@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from headprof.cache import HeadKVLayer
+from headprof.errors import HeadprofError
 
 BACKENDS = ("flash", "torch")
 
@@ -36,10 +37,23 @@ def available(device: torch.device | str, dtype: torch.dtype, softcap: float | N
               sliding: bool = False) -> list[str]:
     """Backends that can run here, the default first."""
     out = ["torch"]
-    if (torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16) and not sliding
-            and importlib.util.find_spec("flash_attn") is not None):
+    if not sliding and unavailable("flash", torch.device(device).type, dtype) is None:
         out.append("flash")
     return out
+
+
+def unavailable(backend: str, device: str, dtype: torch.dtype) -> str | None:
+    """Why `backend` can run on no layer of a model on `device` in `dtype` (None: it runs on the layers it
+    handles; the others take `torch`, as documented above)."""
+    if backend != "flash":
+        return None
+    if device != "cuda":
+        return f"flash-attn runs on CUDA only, not {device}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"flash-attn needs float16 or bfloat16, not {str(dtype).removeprefix('torch.')}"
+    if importlib.util.find_spec("flash_attn") is None:
+        return "flash-attn is not installed (pip install \"headprof[gpu]\")"
+    return None
 
 
 def pick(device, dtype, softcap: float | None = None, sliding: bool = False) -> str:
@@ -48,10 +62,16 @@ def pick(device, dtype, softcap: float | None = None, sliding: bool = False) -> 
 
 @functools.cache
 def _pick(device: str, dtype: torch.dtype, softcap: float | None, sliding: bool, wanted: str | None) -> str:
+    """The default backend, or the one `HEADPROF_ATTENTION` forces: refused in one line where it can run on no
+    layer (a benchmark or a run labelled with a backend must have used it), left to `torch` on the layers it
+    does not handle."""
     options = available(device, dtype, softcap, sliding)
     if wanted:
         if wanted not in BACKENDS:
-            raise ValueError(f"HEADPROF_ATTENTION={wanted}: use one of {', '.join(BACKENDS)}")
+            raise HeadprofError(f"HEADPROF_ATTENTION={wanted}: use one of {', '.join(BACKENDS)}")
+        why = unavailable(wanted, device, dtype)
+        if why:
+            raise HeadprofError(f"HEADPROF_ATTENTION={wanted}: {why}; unset it to use the default backend")
         if wanted in options:
             return wanted
     return options[0]

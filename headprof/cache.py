@@ -107,10 +107,12 @@ class Windows:
 
 # One strided view reads about (heads x its widest segment) columns. Splitting a layer's segments into buckets of
 # similar sizes, one view and one attention call each, reads fewer, at the price of a call per bucket: a split is
-# made where it saves at least SPLIT_SCALARS key numbers read (columns x key dim) per extra call. Measured on CPU
-# (benchmarks/bench_throughput.py: a fused SDPA call costs about as much as reading 2^17 key numbers); on other
-# devices a layer stays one view until measured there (flash-attn reads each window only up to its end anyway).
-SPLIT_SCALARS = {"cpu": 1 << 17}
+# made where it saves at least SPLIT_SCALARS key numbers read (columns x key dim) per extra call. CPU: measured
+# (benchmarks/bench_throughput.py: a fused SDPA call costs about as much as reading 2^17 key numbers). CUDA: an
+# estimate from an H200 (a bucket's few launches, tens of microseconds, against reading keys, values and mask at a
+# few TB/s), made after one view per layer decoded HeadKV 15x slower than SnapKV at batch 512 there
+# (docs/results.md); at batch 1 no layer saves that much, so small batches keep one view. Other devices: one view.
+SPLIT_SCALARS = {"cpu": 1 << 17, "cuda": 1 << 24}
 MAX_BUCKETS = 6
 
 

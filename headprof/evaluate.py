@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from headprof import generation, methods, probes, ruler
-from headprof.answers import answer_not_distractor, token_f1, words
+from headprof.answers import agreement, answer_not_distractor, token_f1, words
 from headprof.compare import bootstrap_ci
 from headprof.defaults import BETA, KERNEL, WINDOW
 from headprof.distributed import World
@@ -378,8 +378,8 @@ def _row(item: Item, method: str, budget: int | None, beta: float | None, r: gen
     return {"item": item.id, "task": item.task, "split": item.split, "method": method, "budget": budget,
             "beta": beta, "response": r.text, "contains": contains(r.text, item.answers, item.distractors),
             "score": item_score(item, r.text),
-            "f1": best_f1(r.text, item.answers), "agreement": token_f1(r.text, full_text) if full_text or r.text
-            else 1.0, "kv_bytes": r.kv_bytes, "seconds": seconds, "prompt_tokens": r.prompt_tokens}
+            "f1": best_f1(r.text, item.answers), "agreement": agreement(r.text, full_text), "kv_bytes": r.kv_bytes,
+            "seconds": seconds, "prompt_tokens": r.prompt_tokens}
 
 
 def _ratio_level(ratio: float) -> str:

@@ -7,6 +7,7 @@ from fakes import loaded
 
 from headprof import attention, compress, generation, methods, reference
 from headprof.cache import MAX_BUCKETS, HeadKVCache, HeadKVLayer, buckets_of, windows
+from headprof.errors import HeadprofError
 from headprof.models import with_cache
 
 CASES = [("llama", False), ("llama-mha", False), ("qwen2", False), ("mistral", False),
@@ -49,7 +50,7 @@ def split(request, monkeypatch):
     column: as many buckets as pay)."""
     from headprof import cache
 
-    monkeypatch.setattr(cache, "SPLIT_SCALARS", {} if request.param == "one view" else {"cpu": 1})
+    monkeypatch.setattr(cache, "SPLIT_SCALARS", {} if request.param == "one view" else {"cpu": 1, "cuda": 1})
     return request.param
 
 
@@ -292,7 +293,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 @cuda
 @pytest.mark.parametrize("backend", ["flash", "torch"])
-def test_cuda_backends_equal_the_per_head_reference_in_bf16(backend):
+def test_cuda_backends_equal_the_per_head_reference_in_bf16(backend, split):
     if backend not in attention.available("cuda", torch.bfloat16):
         pytest.skip(f"{backend} is not available here")
     torch.manual_seed(0)
@@ -303,6 +304,7 @@ def test_cuda_backends_equal_the_per_head_reference_in_bf16(backend):
     layer.keys, layer.values = keys, torch.randn_like(keys)
     layer.seen = 1500
     layer.compress([torch.randperm(1500, device="cuda")[:n].sort().values for n in lens])
+    assert (len(layer.buckets) > 1) == (split == "buckets")
     for q in (1, 3):
         new = torch.randn(1, heads, q, d, device="cuda", dtype=torch.bfloat16)
         layer.update(new, torch.randn_like(new))
@@ -312,3 +314,33 @@ def test_cuda_backends_equal_the_per_head_reference_in_bf16(backend):
         ref = reference.per_head_attention(layer, query.float(), d ** -0.5, None)
         assert (fast.float() - ref).abs().max() < 2e-2
         assert (fast.float() - slow.float()).abs().max() < 2e-2
+
+
+def test_a_forced_backend_that_can_run_on_no_layer_is_refused_in_one_line(monkeypatch):
+    """HEADPROF_ATTENTION=flash where flash-attn cannot run must not quietly measure `torch` under flash's name."""
+    import importlib.util
+
+    attention._pick.cache_clear()
+    monkeypatch.setenv("HEADPROF_ATTENTION", "flash")
+    with pytest.raises(HeadprofError, match=r"^HEADPROF_ATTENTION=flash: flash-attn runs on CUDA only, not cpu; unset"):
+        attention.pick("cpu", torch.float32)
+    assert "float16 or bfloat16, not float32" in attention.unavailable("flash", "cuda", torch.float32)
+    with monkeypatch.context() as m:  # flash-attn absent, then present (transformers' own imports need the real one)
+        m.setattr(importlib.util, "find_spec", lambda name: None)
+        assert "not installed" in attention.unavailable("flash", "cuda", torch.bfloat16)
+        m.setattr(importlib.util, "find_spec", lambda name: object())
+        assert attention.unavailable("flash", "cuda", torch.bfloat16) is None
+        assert attention.available("cuda", torch.bfloat16) == ["torch", "flash"]
+        assert attention.available("cuda", torch.bfloat16, sliding=True) == ["torch"]  # per layer: torch
+    monkeypatch.setenv("HEADPROF_ATTENTION", "magic")
+    with pytest.raises(HeadprofError, match="use one of flash, torch"):
+        attention.pick("cpu", torch.float32)
+    monkeypatch.setenv("HEADPROF_ATTENTION", "torch")
+    assert attention.pick("cpu", torch.float32) == "torch"
+    # and through a whole compressed generation: the refusal reaches the caller as headprof's own error
+    monkeypatch.setenv("HEADPROF_ATTENTION", "flash")
+    lm = loaded("llama")
+    with pytest.raises(HeadprofError, match="CUDA only"):
+        generation.generate(lm, list(range(5, 60)), methods.resolve("headkv", np.random.default_rng(0).random((3, 2))),
+                            24, max_new_tokens=3)
+    attention._pick.cache_clear()

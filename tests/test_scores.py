@@ -153,3 +153,12 @@ def test_families_and_teacher_forcing_equal_the_naive_computation(arch):
             assert run.response == lm.tokenizer.decode(gold).strip()
             weights[f.method] += slow.sum()
     assert weights["r2"] > 0  # the comparison is not vacuous
+
+
+@pytest.mark.parametrize("response,reference,want", [
+    ("", "", 1.0), ("...", "...", 1.0),          # the same answer without words agrees, it does not score 0
+    ("the blue flowerpot", "the blue flowerpot", 1.0),
+    ("...", "", 0.0), ("blue pot", "the blue flowerpot", 0.4),
+])
+def test_agreement_with_the_full_cache_is_one_for_the_same_text(response, reference, want):
+    assert answers.agreement(response, reference) == pytest.approx(want)
