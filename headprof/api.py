@@ -532,7 +532,18 @@ def check(profile: Profile | str | Path, model: str | LoadedModel | None = None,
                        model=lm.info.resolved, probes=len(ids), spearman=rho, top10_overlap=top,
                        answered=new.probe_set["successes"],
                        answered_before=sum(r["success"] for r in prof.probes if r["id"] in ids),
-                       failures=failures, provenance=profile_mod.provenance_diff(prof, new))
+                       failures=failures, provenance=_check_provenance(prof, new, len(ps.probes)))
+
+
+def _check_provenance(prof: Profile, new: Profile, rescored: int) -> list[str]:
+    """What differs between the profile's run and the check's: a subset of the probes (--max-probes) has a hash of
+    its own, so the probe set's hash is compared on the whole set the profile stores."""
+    diff = profile_mod.provenance_diff(prof, new)
+    if rescored == sum("needle" in r for r in prof.probes):
+        return diff
+    whole, recorded = probes.from_profile(prof)[0].hash, prof.probe_set.get("hash")
+    return [d for d in diff if not d.startswith("probe_set.hash:")] + (
+        [f"probe_set.hash: {recorded} vs {whole}"] if recorded and whole != recorded else [])
 
 
 # Reading and writing profiles and models: what `show`, `heatmap`, `compare`, `import`, `export`, `info` and

@@ -188,6 +188,11 @@ def score_batch(lm: LoadedModel, jobs: list[ProbeJob],
 
     official = any(job.decoder.official for job in live)  # --preset: half-precision steps as the script's
     totals = torch.zeros(n, layout.num_layers, layout.num_query_heads, device=device)
+    # per probe, as tensors: each decode step scores the whole batch in a few operations (families.step_rows)
+    is_retrieval = torch.tensor([job.family.method == "retrieval" for job in live], device=device)
+    k_of = torch.tensor(ks, device=device)
+    spans = torch.tensor([job.rendered.answer_span for job in live], device=device).view(n, 2)
+    pad_of = torch.tensor(pads, device=device)
     generated: list[list[int]] = [[] for _ in live]
     predicted: list[list[torch.Tensor]] = [[] for _ in live]
     active = list(range(n))  # which probes the batch's rows hold, in order
@@ -198,18 +203,17 @@ def score_batch(lm: LoadedModel, jobs: list[ProbeJob],
             logits = forward(seq[rows, width - 1 + step][:, None], rows, width + step, pos)
         greedy = logits[:, -1].argmax(-1)
         chosen = greedy.tolist() if any(live[b].forced is None for b in active) else None
+        tokens = [live[b].forced[step] if live[b].forced is not None else chosen[r] for r, b in enumerate(active)]
+        token_t = torch.tensor(tokens, device=device)
+        m = len(active)
+        totals[rows] += fam.step_rows(is_retrieval[rows], top_vals[:m], top_idx[:m] - pad_of[rows].view(-1, 1, 1, 1),
+                                      k_of[rows], spans[rows], seq[rows, :width + step], pad_of[rows], token_t)
+        seq[rows, width + step] = token_t
         ended = []
         for r, b in enumerate(active):
-            job = live[b]
-            if job.forced is not None:  # no host sync: whether greedy agrees is read once at the end
-                predicted[b].append(greedy[r])
-                token = job.forced[step]
-            else:
-                token = chosen[r]
-            totals[b] += job.family.step(top_vals[r, ..., :ks[b]], top_idx[r, ..., :ks[b]] - pads[b],
-                                         seq[b, pads[b]:width + step], token, job.rendered.answer_span)
-            seq[b, width + step] = token
+            job, token = live[b], tokens[r]
             if job.forced is not None:
+                predicted[b].append(greedy[r])  # no host sync: whether greedy agrees is read once at the end
                 if step + 1 == len(job.forced):
                     ended.append(r)
                     scores = totals[b].double().cpu().numpy()

@@ -202,6 +202,8 @@ def test_check_passes_on_rescore_and_fails_on_changed_model(tmp_path):
     r = headprof("check", prof_path, "--quiet")
     assert r.returncode == 0 and "OK" in r.stdout and "Spearman 1.000" in r.stdout, r.stdout + r.stderr
     assert "provenance differs" not in r.stdout
+    r = headprof("check", prof_path, "--max-probes", "2", "--quiet")  # a subset: the same probes, not a new set
+    assert r.returncode == 0 and "provenance differs" not in r.stdout, r.stdout + r.stderr
     changed = _disable_top_heads(model_dir, profile.load(prof_path), tmp_path / "changed")
     r = headprof("check", prof_path, "--model", changed, "--quiet")
     assert r.returncode == 1 and "FAIL" in r.stdout, r.stdout + r.stderr

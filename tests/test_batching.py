@@ -137,3 +137,19 @@ def test_batch_size_below_one_is_refused(tiny_dir, tmp_path, size):
 def test_a_batch_larger_than_the_round_uses_the_round(tiny_dir):
     prof = _profile(tiny_dir, 64)
     assert prof.data["probe_set"]["count"] == 9 and prof.data["environment"]["batch_size"] == 64
+
+
+def test_a_decode_step_scores_the_whole_batch_in_one_call(monkeypatch):
+    """No loop over probes per decoded token: one `step_rows` call per step, whatever the batch holds."""
+    lm = loaded("llama")
+    calls: list[int] = []
+    real = families.step_rows
+
+    def counted(retrieval, *args):
+        calls.append(len(retrieval))
+        return real(retrieval, *args)
+
+    monkeypatch.setattr(families, "step_rows", counted)
+    runs = score_batch(lm, _jobs(lm))
+    assert len(calls) == max(r.steps for r in runs) == 7
+    assert calls[0] == 4 and calls[-1] == 1  # all four probes at first, the last one alone at the end

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 from headprof.errors import ProbeError
 from headprof.families import comparison, disambiguation, paper, paper_v1, retrieval, two_hop
-from headprof.families.base import SPANS, Family, Needle, UserNeedles, span_text
+from headprof.families.base import SPANS, Family, Needle, UserNeedles, span_text, step_rows
 
-__all__ = ["FAMILIES", "METHODS", "R2_FAMILIES", "SPANS", "Family", "Needle", "UserNeedles", "span_text",
+__all__ = ["FAMILIES", "METHODS", "R2_FAMILIES", "SPANS", "Family", "Needle", "UserNeedles", "span_text", "step_rows",
            "get", "parse", "VERSIONS", "for_version", "carries_fact", "mixes", "needs_distractors"]
 
 FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (retrieval, disambiguation, comparison, paper,

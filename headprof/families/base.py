@@ -9,7 +9,8 @@ Two scoring methods exist, and each family belongs to one:
 
 The span is the needle's correct-fact sentence (`fact`, as the official `real_needle`) by default, or
 only its answer value (`span="value"`, the narrower span of headprof's earlier profiles).
-Steps are vectorised over layers and heads; a probe's score is the sum over its decode steps.
+A family's `method` alone decides its per-step score (`step_rows`, vectorised over the probes of a batch, their
+layers and heads); a probe's score is the sum over its decode steps.
 """
 
 from __future__ import annotations
@@ -90,25 +91,44 @@ class Family:
     def topk(self, span_tokens: int) -> int:
         raise NotImplementedError
 
-    def step(self, top_vals: torch.Tensor, top_idx: torch.Tensor, tokens: torch.Tensor, generated: int,
-             span: tuple[int, int]) -> torch.Tensor:
-        """top_vals/top_idx (layers, heads, k) of this step's query -> (layers, heads) increments."""
-        raise NotImplementedError
+
+def step_rows(retrieval: torch.Tensor, top_vals: torch.Tensor, top_idx: torch.Tensor, k: torch.Tensor,
+              spans: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor, generated: torch.Tensor
+              ) -> torch.Tensor:
+    """One decode step's head increments for a batch of probes at once (no loop over probes per token).
+
+    Per row r: `retrieval[r]` picks the method; top_vals/top_idx (rows, layers, heads, K) with positions counted
+    from the probe's first token, of which the first `k[r]` count; `spans[r]` = (start, end) in those positions;
+    `tokens` (rows, T) the ids fed so far, the probe's first at column `offsets[r]` (its left padding);
+    `generated[r]` the token of this step. Returns (rows, layers, heads)."""
+    lo, hi = spans[:, 0].view(-1, 1, 1, 1), spans[:, 1].view(-1, 1, 1, 1)
+    width = (hi - lo).to(top_vals.dtype).view(-1, 1, 1)
+    in_span = (top_idx >= lo) & (top_idx < hi)
+    counted = torch.arange(top_idx.shape[-1], device=top_idx.device) < k.view(-1, 1, 1, 1)
+    r2 = (top_vals * (in_span & counted)).sum(-1) / width
+    top1 = top_idx[..., 0]  # retrieval: the top-1 position is in the span and holds the generated token
+    at = (top1 + offsets.view(-1, 1, 1)).clamp(0, tokens.shape[1] - 1)
+    same = tokens.gather(1, at.flatten(1)).view_as(top1) == generated.view(-1, 1, 1)
+    hits = (in_span[..., 0] & same).to(top_vals.dtype) / width
+    return torch.where(retrieval.view(-1, 1, 1), hits, r2)
+
+
+def _one(method: str, top_vals: torch.Tensor, top_idx: torch.Tensor, tokens: torch.Tensor, generated: int,
+         span: tuple[int, int]) -> torch.Tensor:
+    """`step_rows` for one probe (layers, heads, k): the rule has one definition."""
+    dev = top_idx.device
+    return step_rows(torch.tensor([method == "retrieval"], device=dev), top_vals[None].float(), top_idx[None],
+                     torch.tensor([top_idx.shape[-1]], device=dev), torch.tensor([span], device=dev), tokens[None],
+                     torch.zeros(1, dtype=torch.long, device=dev), torch.tensor([generated], device=dev))[0]
 
 
 def retrieval_step(top_idx: torch.Tensor, tokens: torch.Tensor, generated: int,
                    span: tuple[int, int]) -> torch.Tensor:
-    start, end = span
-    top1 = top_idx[..., 0]
-    in_span = (top1 >= start) & (top1 < end)
-    same_token = tokens[top1.clamp(max=tokens.numel() - 1)] == generated
-    return (in_span & same_token).float() / (end - start)
+    return _one("retrieval", torch.zeros(top_idx.shape, device=top_idx.device), top_idx, tokens, generated, span)
 
 
 def r2_step(top_vals: torch.Tensor, top_idx: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
-    start, end = span
-    in_span = (top_idx >= start) & (top_idx < end)
-    return (top_vals * in_span).sum(-1) / (end - start)
+    return _one("r2", top_vals, top_idx, torch.zeros(1, dtype=torch.long, device=top_idx.device), -1, span)
 
 
 class RetrievalFamily(Family):
@@ -118,9 +138,6 @@ class RetrievalFamily(Family):
     def topk(self, span_tokens: int) -> int:
         return 1
 
-    def step(self, top_vals, top_idx, tokens, generated, span):
-        return retrieval_step(top_idx, tokens, generated, span)
-
 
 class ReasoningFamily(Family):
     method = "r2"
@@ -129,9 +146,6 @@ class ReasoningFamily(Family):
 
     def topk(self, span_tokens: int) -> int:
         return span_tokens
-
-    def step(self, top_vals, top_idx, tokens, generated, span):
-        return r2_step(top_vals, top_idx, span)
 
 
 class UserNeedles(Family):
@@ -144,6 +158,3 @@ class UserNeedles(Family):
 
     def topk(self, span_tokens: int) -> int:
         return self._base.topk(span_tokens)
-
-    def step(self, top_vals, top_idx, tokens, generated, span):
-        return self._base.step(top_vals, top_idx, tokens, generated, span)
