@@ -24,7 +24,7 @@ PY
 echo "== 1. CUDA tests"
 $PY -m pytest -q -p no:cacheprovider tests/test_attention.py -rs
 echo "== 2. score and run in bf16 on a model built in code"
-$PY -c "import sys; sys.path.insert(0, 'benchmarks'); import synthetic; synthetic.save('$tmp/model', layers=8)"
+$PY -c "import sys; sys.path.insert(0, 'benchmarks'); from headprof import quiet; quiet.third_party(); import synthetic; synthetic.save('$tmp/model', layers=8)"
 $PY -m headprof score "$tmp/model" --method retrieval --lengths 2000 --depths 3 --no-filter --device cuda \
     --dtype bfloat16 --out "$tmp/profile.json" --quiet
 $PY -c "print(' '.join(['The harbour is quiet tonight.'] * 200) + ' What is quiet?')" > "$tmp/prompt.txt"
