@@ -191,8 +191,8 @@ def score_batch(lm: LoadedModel, jobs: list[ProbeJob],
     # per probe, as tensors: each decode step scores the whole batch in a few operations (families.step_rows)
     is_retrieval = torch.tensor([job.family.method == "retrieval" for job in live], device=device)
     k_of = torch.tensor(ks, device=device)
-    spans = torch.tensor([job.rendered.answer_span for job in live], device=device).view(n, 2)
-    pad_of = torch.tensor(pads, device=device)
+    spans = (torch.tensor([job.rendered.answer_span for job in live], device=device).view(n, 2)
+             + torch.tensor(pads, device=device)[:, None])  # in the batch's columns: each row's padding added
     generated: list[list[int]] = [[] for _ in live]
     predicted: list[list[torch.Tensor]] = [[] for _ in live]
     active = list(range(n))  # which probes the batch's rows hold, in order
@@ -206,8 +206,8 @@ def score_batch(lm: LoadedModel, jobs: list[ProbeJob],
         tokens = [live[b].forced[step] if live[b].forced is not None else chosen[r] for r, b in enumerate(active)]
         token_t = torch.tensor(tokens, device=device)
         m = len(active)
-        totals[rows] += fam.step_rows(is_retrieval[rows], top_vals[:m], top_idx[:m] - pad_of[rows].view(-1, 1, 1, 1),
-                                      k_of[rows], spans[rows], seq[rows, :width + step], pad_of[rows], token_t)
+        totals[rows] += fam.step_rows(is_retrieval[rows], top_vals[:m], top_idx[:m], k_of[rows], spans[rows],
+                                      seq[rows, :width + step], token_t)
         seq[rows, width + step] = token_t
         ended = []
         for r, b in enumerate(active):

@@ -93,22 +93,20 @@ class Family:
 
 
 def step_rows(retrieval: torch.Tensor, top_vals: torch.Tensor, top_idx: torch.Tensor, k: torch.Tensor,
-              spans: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor, generated: torch.Tensor
-              ) -> torch.Tensor:
+              spans: torch.Tensor, tokens: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
     """One decode step's head increments for a batch of probes at once (no loop over probes per token).
 
-    Per row r: `retrieval[r]` picks the method; top_vals/top_idx (rows, layers, heads, K) with positions counted
-    from the probe's first token, of which the first `k[r]` count; `spans[r]` = (start, end) in those positions;
-    `tokens` (rows, T) the ids fed so far, the probe's first at column `offsets[r]` (its left padding);
-    `generated[r]` the token of this step. Returns (rows, layers, heads)."""
+    Per row r: `retrieval[r]` picks the method; top_vals/top_idx (rows, layers, heads, K), positions being columns of
+    `tokens` (rows, T: the ids fed so far), of which the first `k[r]` count; `spans[r]` = (start, end) in the same
+    columns (a left-padded row's span shifted by its padding); `generated[r]` the token of this step.
+    Returns (rows, layers, heads)."""
     lo, hi = spans[:, 0].view(-1, 1, 1, 1), spans[:, 1].view(-1, 1, 1, 1)
     width = (hi - lo).to(top_vals.dtype).view(-1, 1, 1)
     in_span = (top_idx >= lo) & (top_idx < hi)
     counted = torch.arange(top_idx.shape[-1], device=top_idx.device) < k.view(-1, 1, 1, 1)
     r2 = (top_vals * (in_span & counted)).sum(-1) / width
     top1 = top_idx[..., 0]  # retrieval: the top-1 position is in the span and holds the generated token
-    at = (top1 + offsets.view(-1, 1, 1)).clamp(0, tokens.shape[1] - 1)
-    same = tokens.gather(1, at.flatten(1)).view_as(top1) == generated.view(-1, 1, 1)
+    same = tokens.gather(1, top1.clamp(max=tokens.shape[1] - 1).flatten(1)).view_as(top1) == generated.view(-1, 1, 1)
     hits = (in_span[..., 0] & same).to(top_vals.dtype) / width
     return torch.where(retrieval.view(-1, 1, 1), hits, r2)
 
@@ -119,7 +117,7 @@ def _one(method: str, top_vals: torch.Tensor, top_idx: torch.Tensor, tokens: tor
     dev = top_idx.device
     return step_rows(torch.tensor([method == "retrieval"], device=dev), top_vals[None].float(), top_idx[None],
                      torch.tensor([top_idx.shape[-1]], device=dev), torch.tensor([span], device=dev), tokens[None],
-                     torch.zeros(1, dtype=torch.long, device=dev), torch.tensor([generated], device=dev))[0]
+                     torch.tensor([generated], device=dev))[0]
 
 
 def retrieval_step(top_idx: torch.Tensor, tokens: torch.Tensor, generated: int,
