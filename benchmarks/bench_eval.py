@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="32,64,128,256")
     ap.add_argument("--methods", default=api.DEFAULT_EVAL_METHODS)
     args = ap.parse_args()
-    from headprof import evaluate
+    from headprof.evaluation import evaluate
 
     lm = api.load_model(args.model)
     profiles = api.eval_profiles(args.model, args.methods)

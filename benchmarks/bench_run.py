@@ -19,7 +19,10 @@ import sys
 
 
 def child(model: str, length: int, method: str, budget: int, new_tokens: int, profile_path: str) -> dict:
-    from headprof import generation, methods, models, probes, profile
+    from headprof import models
+    from headprof.artefacts import profile
+    from headprof.compression import generation, methods
+    from headprof.probing import probes
 
     lm = models.load(model, device="cpu")
     p = probes.build_probe_set("retrieval", [length], 1, seed=5).probes[0]

@@ -32,7 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import synthetic  # noqa: E402
 
-from headprof import attention, generation, interop, methods, models  # noqa: E402
+from headprof import models
+from headprof.artefacts import interop
+from headprof.compression import generation, methods
+from headprof.kv import readers as attention  # noqa: E402
 
 
 def main() -> None:

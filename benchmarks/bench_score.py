@@ -5,7 +5,7 @@ the end of the answer's line, at most 50 tokens). For each prompt length it prin
 with headprof's capture at each batch size, the plain SDPA prefill of the same tokens (prompt + the
 answer headprof generated, one forward per probe, no capture, no decoding), the ratio of the best
 batch size to the plain prefills (target on CPU: <= 1.3), the naive eager + output_attentions
-scorer (headprof.reference, one probe at a time), and the peak RSS of each. Every measurement runs in
+scorer (headprof.probing.reference, one probe at a time), and the peak RSS of each. Every measurement runs in
 its own process, so a peak RSS belongs to one configuration.
 
     python benchmarks/bench_score.py [--lengths 1000] [--probes 8] [--batch-sizes 1,4,8] [--model smollm2-135m]
@@ -28,8 +28,9 @@ import time
 def measure(mode: str, model: str, length: int, n_probes: int, method: str, device: str, dtype: str) -> dict:
     import torch
 
-    from headprof import capture, models, probes, scoring
-    from headprof.reference import naive_scores
+    from headprof import capture, models
+    from headprof.probing import probes, scoring
+    from headprof.probing.reference import naive_scores
 
     torch.set_grad_enabled(False)
     lm = models.load(model, device=device, dtype=dtype)

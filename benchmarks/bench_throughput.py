@@ -35,8 +35,9 @@ from transformers import DynamicCache
 sys.path.insert(0, str(Path(__file__).parent))
 import synthetic  # noqa: E402
 
-from headprof import capture, generation, methods, models  # noqa: E402
-from headprof.cache import held_bytes  # noqa: E402
+from headprof import capture, models
+from headprof.compression import generation, methods  # noqa: E402
+from headprof.kv.cache import held_bytes  # noqa: E402
 from headprof.models import with_cache  # noqa: E402
 
 

@@ -11,9 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-from headprof import evaluate
 from headprof.api import EvalReport
 from headprof.errors import HeadprofError
+from headprof.evaluation import evaluate
 
 
 def main() -> None:

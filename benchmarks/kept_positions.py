@@ -17,9 +17,10 @@ import json
 
 import numpy as np
 
-from headprof import api, evaluate
-from headprof.profile import Profile
-from headprof.selection import span_positions
+from headprof import api
+from headprof.artefacts.profile import Profile
+from headprof.compression.selection import span_positions
+from headprof.evaluation import evaluate
 
 
 def first_wrong(tokenizer, response: str, answer: str) -> int | None:

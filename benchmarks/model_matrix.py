@@ -189,8 +189,8 @@ def classify(folder: Path) -> tuple[str, str]:
     from headprof import api
     from headprof.calls import with_cache
     from headprof.capture import AttentionCapture
-    from headprof.decode_cache import alone
     from headprof.errors import HeadprofError
+    from headprof.kv.decode_cache import alone
 
     spec = str(folder)
     try:

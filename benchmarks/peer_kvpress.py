@@ -211,9 +211,9 @@ def run(args) -> None:
 
 
 def merge(args) -> None:
-    from headprof import evaluate
-    from headprof.answers import agreement
     from headprof.api import EvalReport
+    from headprof.evaluation import evaluate
+    from headprof.probing.answers import agreement
 
     results = json.loads(Path(args.results).read_text())
     items = {x["id"]: x for x in map(json.loads, Path(args.items).read_text().splitlines())}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import sys
 
-from headprof.evaluate import bootstrap
+from headprof.evaluation.evaluate import bootstrap
 
 
 def main(path: str) -> None:

@@ -23,10 +23,11 @@ except PackageNotFoundError:  # a source tree that was never installed
 _EXPORTS = {
     "score": "headprof.api", "generate": "headprof.api", "generate_many": "headprof.api",
     "evaluate": "headprof.api", "check": "headprof.api",
-    "kept": "headprof.api", "kept_span": "headprof.api", "Kept": "headprof.selection",
+    "kept": "headprof.api", "kept_span": "headprof.api", "Kept": "headprof.compression.selection",
     "load_model": "headprof.api", "GenerationReport": "headprof.api", "EvalReport": "headprof.api",
-    "CheckResult": "headprof.api", "compression": "headprof.generation", "RunResult": "headprof.generation",
-    "Profile": "headprof.profile", "Method": "headprof.methods", "register": "headprof.methods",
+    "CheckResult": "headprof.api", "compression": "headprof.compression.generation",
+    "RunResult": "headprof.compression.generation", "Profile": "headprof.artefacts.profile",
+    "Method": "headprof.compression.methods", "register": "headprof.compression.methods",
     "HeadprofError": "headprof.errors",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]

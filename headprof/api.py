@@ -15,17 +15,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from headprof import answers, compare, distributed, generation, methods, models, presets, probes, scoring
-from headprof import evaluate as evaluate_mod
+from headprof import distributed, models
 from headprof import partial as partial_mod
-from headprof import profile as profile_mod
+from headprof.artefacts import compare
+from headprof.artefacts import profile as profile_mod
+from headprof.artefacts.profile import Profile, shipped
+from headprof.compression import generation, methods
+from headprof.compression.selection import Kept, kept_positions, span_positions
 from headprof.defaults import BETA, KERNEL, WINDOW
 from headprof.errors import BatchOutOfMemory, HeadprofError, NothingAnswered, OutputError, ProfileError, out_of_memory
+from headprof.evaluation import evaluate as evaluate_mod
 from headprof.files import check_output, write_atomic, write_dir_atomic
 from headprof.models import LoadedModel
-from headprof.profile import Profile, shipped
+from headprof.probing import answers, presets, probes, scoring
 from headprof.progress import Callback
-from headprof.selection import Kept, kept_positions, span_positions
 
 CPU_LENGTH = 2000  # the longest default probe on CPU (small models answer r2 probes less often beyond)
 DEFAULT_EVAL_METHODS = "full,streaming,snapkv,pyramidkv,adakv,headkv-retrieval,headkv-r2"
@@ -435,7 +438,7 @@ def evaluate(model: str | LoadedModel, budgets: Sequence[int] = (32, 64, 128, 25
     if first_item < 0 or (first_item and own_tasks is not None):
         raise HeadprofError("--first-item takes an index >= 0 and applies to --suite ruler")
     if own_tasks is None:
-        from headprof import ruler
+        from headprof.evaluation import ruler
 
         suite_tasks = ruler.parse(suite or "")  # a bad suite or task is refused before the model loads
         ruler.check_installed()
@@ -559,7 +562,7 @@ def heatmap(profile: Profile | str | Path, output: str | Path | None = None, kv:
             diff: Profile | str | Path | None = None, force: bool = False) -> str | Path:
     """Draw a profile (minus `diff`, if given) as a layers x heads heatmap: to an image file at `output`, or
     as text for a terminal when there is none (returned)."""
-    from headprof import plots
+    from headprof.artefacts import plots
 
     prof = profile if isinstance(profile, Profile) else Profile.load(profile)
     other = diff if isinstance(diff, Profile) or diff is None else Profile.load(diff)
@@ -578,7 +581,7 @@ def compare_profiles(a: Profile | str | Path, b: Profile | str | Path, kv: bool 
 def import_profile(file: str | Path, fmt: str, model_id: str, out: str | Path, kv_heads: int | None = None,
                    query_heads: int | None = None, force: bool = False) -> Profile:
     """Read another project's head scores (HeadKV / Retrieval_Head JSON, DuoAttention TSV) and save a profile."""
-    from headprof import interop
+    from headprof.artefacts import interop
 
     check_output(Path(out), force)
     prof = interop.import_file(Path(file), fmt, model_id, kv_heads, query_heads)
@@ -588,7 +591,7 @@ def import_profile(file: str | Path, fmt: str, model_id: str, out: str | Path, k
 
 def export_profile(profile: Profile | str | Path, fmt: str) -> str:
     """A profile as HeadKV / Retrieval_Head JSON or DuoAttention TSV text."""
-    from headprof import interop
+    from headprof.artefacts import interop
 
     return interop.export_text(profile if isinstance(profile, Profile) else Profile.load(profile), fmt)
 

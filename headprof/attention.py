@@ -1,154 +1,82 @@
-"""Attention of the new tokens over a compressed layer: one call per layer (or per bucket) for all KV heads.
-
-Each KV head reads its own segment of the layer's buffer (`cache.py`): the prompt tokens it kept and the
-tokens generated since, causal among the new tokens. The layer hands over strided (heads, width, dim)
-views, a window per head (one view, or one per bucket of heads of similar sizes: `cache.buckets_of`), and a mask of
-what each window may read. Two backends compute the same thing:
-
-- `torch`: PyTorch's fused scaled-dot-product attention over the view, for any device and dtype; with
-  soft-capping (which SDPA lacks) one explicit matmul and softmax instead.
-- `flash`: flash-attn's `flash_attn_with_kvcache` over the same view, each head a batch entry whose keys
-  run from `cache_leftpad` to `cache_seqlens`, the group's query heads sharing its one KV head. CUDA,
-  fp16/bf16, layers without a sliding window whose values are as wide as their keys; chosen with
-  `HEADPROF_ATTENTION=flash` (its semantics read off flash-attn 2.8.4's sources: `cache_seqlens` is an
-  end index, the kernel reads keys from `cache_leftpad` up to it).
-
-Layers whose heads all keep the same count (SnapKV, StreamingLLM; PyramidKV where a layer's budget divides
-evenly among its heads, else its heads differ by one token) are a plain dense view with no mask and always
-take `torch`.
+"""Attention computed from queries and keys, the way headprof's attention function needs it: fp32 softmax rows
+of a few queries (what a capture hands its sink), outputs of soft-capped layers in query chunks (SDPA cannot
+soft-cap; no L x L matrix is formed), and one half-precision decode step as the official HeadKV modelling file
+computes it. Plain tensor functions, with no state: capture.py and the cache kinds call them.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
-
 import torch
-import torch.nn.functional as F
-
-from headprof.cache import HeadKVLayer
-from headprof.errors import HeadprofError
-
-BACKENDS = ("flash", "torch")
 
 
-def available(device: torch.device | str, dtype: torch.dtype, softcap: float | None = None,
-              sliding: bool = False) -> list[str]:
-    """Backends that can run here, the default first."""
-    out = ["torch"]
-    if not sliding and unavailable("flash", torch.device(device).type, dtype) is None:
-        out.append("flash")
-    return out
+def official_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step the way the official HeadKV modelling file computes it (`forward_torch`): keys and values
+    repeated per query head, QK^T divided by sqrt(d) in the model's dtype, the mask added, softmax in fp32 cast
+    back to the dtype, then times the values. The layout matters, not only the order of operations: on CPU a
+    half-precision matmul of grouped rows (the query heads of a KV head together) sometimes rounds the weighted sum
+    of the values otherwise than one row per head does, and a late near-tie then decodes another token.
+    Returns (output (batch, 1, heads, dim), probabilities in the model's dtype (batch, heads, 1, keys)); `--preset`
+    scores half-precision runs with these, token for token the script's."""
+    b, h, q_len, d = query.shape
+    group = h // key.shape[1]
+    key = key.repeat_interleave(group, dim=1) if group > 1 else key
+    value = value.repeat_interleave(group, dim=1) if group > 1 else value
+    logits = torch.matmul(query, key.transpose(-1, -2)) / (1.0 / scaling)
+    if attention_mask is not None and attention_mask.dim() == 4:
+        rows = attention_mask[:, :, -q_len:, :key.shape[2]]
+        logits = (logits.masked_fill(~rows, torch.finfo(logits.dtype).min) if rows.dtype == torch.bool
+                  else logits + rows.to(logits.dtype))
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(probs, value).transpose(1, 2), probs
 
 
-def unavailable(backend: str, device: str, dtype: torch.dtype) -> str | None:
-    """Why `backend` can run on no layer of a model on `device` in `dtype` (None: it runs on the layers it
-    handles; the others take `torch`, as documented above)."""
-    if backend != "flash":
-        return None
-    if device != "cuda":
-        return f"flash-attn runs on CUDA only, not {device}"
-    if dtype not in (torch.float16, torch.bfloat16):
-        return f"flash-attn needs float16 or bfloat16, not {str(dtype).removeprefix('torch.')}"
-    if importlib.util.find_spec("flash_attn") is None:
-        return "flash-attn is not installed (pip install \"headprof[gpu]\")"
-    return None
+def attention_probs(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                    scaling: float, sliding_window: int | None, softcap: float | None,
+                    start: int, stop: int) -> torch.Tensor:
+    """Softmax rows (fp32) of queries [start, stop) over all keys, (batch, query_heads, rows, keys).
+
+    Keys are grouped, not repeated: query head h reads KV head h // group.
+    """
+    b, h, q_len, d = query.shape
+    hkv, k_len = key.shape[1], key.shape[2]
+    # (b, hkv, group * rows, d) @ (b, hkv, d, keys): one matmul per KV head, the keys never copied per group
+    q = query[:, :, start:stop, :].float().reshape(b, hkv, h // hkv * (stop - start), d)
+    logits = torch.matmul(q, key.float().transpose(-1, -2)) * scaling
+    logits = logits.reshape(b, h, stop - start, k_len)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    if attention_mask is not None and attention_mask.dim() == 4:
+        rows = attention_mask[:, :, start:stop, :k_len]
+        if rows.dtype == torch.bool:
+            logits = logits.masked_fill(~rows, float("-inf"))
+        else:
+            logits = logits + rows.float()
+    else:  # no 4D mask: causal, aligned bottom-right, optional window and 2D padding mask
+        qpos = torch.arange(start, stop, device=key.device) + (k_len - q_len)
+        kpos = torch.arange(k_len, device=key.device)
+        allowed = kpos[None, :] <= qpos[:, None]
+        if sliding_window is not None:
+            allowed &= (qpos[:, None] - kpos[None, :]) < sliding_window
+        allowed = allowed[None, None]
+        if attention_mask is not None and attention_mask.dim() == 2:
+            allowed = allowed & attention_mask[:, None, None, -k_len:].bool()
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(logits, dim=-1)
 
 
-def pick(device, dtype, softcap: float | None = None, sliding: bool = False) -> str:
-    return _pick(torch.device(device).type, dtype, softcap, sliding, os.environ.get("HEADPROF_ATTENTION"))
-
-
-@functools.cache
-def _pick(device: str, dtype: torch.dtype, softcap: float | None, sliding: bool, wanted: str | None) -> str:
-    """The default backend, or the one `HEADPROF_ATTENTION` forces: refused in one line where it can run on no
-    layer (a benchmark or a run labelled with a backend must have used it), left to `torch` on the layers it
-    does not handle."""
-    options = available(device, dtype, softcap, sliding)
-    if wanted:
-        if wanted not in BACKENDS:
-            raise HeadprofError(f"HEADPROF_ATTENTION={wanted}: use one of {', '.join(BACKENDS)}")
-        why = unavailable(wanted, device, dtype)
-        if why:
-            raise HeadprofError(f"HEADPROF_ATTENTION={wanted}: {why}; unset it to use the default backend")
-        if wanted in options:
-            return wanted
-    return options[0]
-
-
-def attend(layer: HeadKVLayer, query: torch.Tensor, scaling: float, softcap: float | None,
-           backend: str | None = None) -> torch.Tensor:
-    """query (batch, query_heads, q, dim) -> output (batch, q, query_heads, dim), as transformers expects.
-
-    The group's query heads and the new tokens are the rows of one (1, segments, group * q, dim) batch, a segment
-    per sequence and KV head, so each KV head of each sequence meets its own queries without repeating keys. A
-    decode step is a handful of tensor operations whatever the number of heads or sequences (a test counts them)."""
-    b, hq, q, d = query.shape
-    heads = layer.heads
-    rows = query.reshape(1, heads, hq * b // heads * q, d)  # sequence s's query head h reads its KV head h // group
-    if not layer.in_order:  # window i belongs to KV head win.order[i]
-        rows = rows.index_select(1, layer.order)
-    if backend is None:
-        if layer.backend is None:  # decided once per layer (equal counts are a dense view: always torch;
-            # flash-attn wants values as wide as keys)
-            torch_only = layer.uniform or layer.k.shape[-1] != layer.v.shape[-1]
-            layer.backend = "torch" if torch_only else pick(query.device, query.dtype, softcap,
-                                                            layer.sliding_window is not None)
-        backend = layer.backend
-    flash = backend == "flash"
-    out = _by_bucket(layer, rows, q, scaling, softcap, _flash_bucket if flash else _torch_bucket, masked=not flash)
-    if not layer.in_order:
-        out = out.index_select(1, layer.unorder)
-    if q == 1:
-        return out.view(b, 1, hq, -1)
-    return out.view(b, hq, q, -1).transpose(1, 2)
-
-
-def _by_bucket(layer: HeadKVLayer, rows: torch.Tensor, q: int, scaling: float, softcap: float | None,
-               one, masked: bool = True) -> torch.Tensor:
-    """(1, heads, group * q, dim) in window order -> the same shape: `one` per bucket of windows (`cache.Bucket`),
-    over that bucket's rows (`masked`: with the additive masks, which flash-attn does not read)."""
-    views = layer.view(masked)
-    if len(views) == 1:
-        return one(layer, 0, views[0], rows, q, scaling, softcap)
-    return torch.cat([one(layer, i, view, rows[:, b.lo:b.hi], q, scaling, softcap)
-                      for i, (b, view) in enumerate(zip(layer.buckets, views, strict=True))], 1)
-
-
-def _torch_bucket(layer: HeadKVLayer, bucket: int, view, rows: torch.Tensor, q: int, scaling: float,
-                  softcap: float | None) -> torch.Tensor:
-    """One bucket's (1, n, group * q, dim) rows over its view (batched 4-D: PyTorch's fused CPU kernel, not its
-    math path)."""
-    k, v, mask = view  # (1, n, width, d), mask (1, n, 1, width) additive
-    if q > 1 or layer.sliding_window is not None:  # causal among the new tokens; the window, if any
-        kpos = layer.view_positions(bucket)[None, :, None, :]
-        group = rows.shape[2] // q
-        qpos = (layer.seen - q + torch.arange(q, device=rows.device, dtype=kpos.dtype)).repeat(group)[:, None]
-        hidden = kpos > qpos
-        if layer.sliding_window is not None:
-            hidden |= kpos <= qpos - layer.sliding_window
-        mask = torch.where(hidden, float("-inf"), rows.new_zeros(()) if mask is None else mask)
-    if softcap is None:
-        return F.scaled_dot_product_attention(rows, k, v, scale=scaling, attn_mask=mask)
-    logits = torch.matmul(rows * scaling, k.transpose(-1, -2))
-    logits = torch.tanh(logits / softcap) * softcap
-    if mask is not None:
-        logits = logits + mask
-    return torch.matmul(torch.softmax(logits, dim=-1, dtype=torch.float32).to(v.dtype), v)
-
-
-def _flash_bucket(layer: HeadKVLayer, bucket: int, view, rows: torch.Tensor, q: int, scaling: float,
-                  softcap: float | None) -> torch.Tensor:
-    """flash-attn over one bucket's windows: head i is batch entry i with one KV head; its keys run from the
-    window's own start (`cache_leftpad`) to its last filled slot (`cache_seqlens`, an end index)."""
-    from flash_attn import flash_attn_with_kvcache
-
-    k, v, _ = view
-    _, heads, width, d = k.shape
-    first, end = layer.window_bounds(bucket)
-    qg = rows.view(heads, -1, q, rows.shape[-1]).transpose(1, 2)  # (heads, q, group, dim)
-    out = flash_attn_with_kvcache(qg, k.view(heads, width, 1, d), v.view(heads, width, 1, d),
-                                  cache_seqlens=end, cache_leftpad=first, softmax_scale=scaling,
-                                  causal=q > 1, softcap=softcap or 0.0)
-    return out.transpose(1, 2).reshape(1, heads, -1, out.shape[-1])  # back to (1, heads, group * q, dim)
+def softcapped_attention(query, key, value, attention_mask, scaling, sliding_window, softcap,
+                       chunk: int = 512) -> torch.Tensor:
+    """Attention output for soft-capped layers without an L x L matrix; returns (b, q, h, d)."""
+    b, h, q_len, _ = query.shape
+    hkv = key.shape[1]
+    v = value.unsqueeze(2)  # (b, hkv, 1, k, d)
+    out = []
+    for start in range(0, q_len, chunk):
+        stop = min(start + chunk, q_len)
+        p = attention_probs(query, key, attention_mask, scaling, sliding_window, softcap, start, stop)
+        if attention_mask is not None:  # a left-padding row sees no key: zeros, not NaN, as SDPA gives
+            p = p.nan_to_num(0.0)
+        p = p.to(value.dtype).reshape(b, hkv, h // hkv, stop - start, -1)
+        out.append(torch.matmul(p, v).reshape(b, h, stop - start, -1))
+    return torch.cat(out, dim=2).transpose(1, 2).contiguous()

@@ -22,11 +22,13 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
 
-from headprof import attention, legacy, own_cache
 from headprof import layout as layouts
-from headprof.cache import LAST_UPDATE, HeadKVCache, layer_of
+from headprof import legacy
+from headprof.attention import attention_probs, official_attention, softcapped_attention
 from headprof.calls import with_cache
 from headprof.errors import ModelError
+from headprof.kv import own_cache
+from headprof.kv.cache import LAST_UPDATE, HeadKVCache, layer_of
 
 SDPA = "headprof"
 FLASH = "headprof_flash"
@@ -86,7 +88,7 @@ _CACHE: contextvars.ContextVar[HeadKVCache | None] = contextvars.ContextVar("hea
 
 @contextmanager
 def compressed(cache: HeadKVCache) -> Iterator[HeadKVCache]:
-    """While active, layers that `cache` has compressed attend over their kept tokens (attention.py)."""
+    """While active, layers that `cache` has compressed attend over their kept tokens (`LayerKind.attend`)."""
     token = _CACHE.set(cache)
     try:
         yield cache
@@ -94,14 +96,10 @@ def compressed(cache: HeadKVCache) -> Iterator[HeadKVCache]:
         _CACHE.reset(token)
 
 
-def _compressed_layer(module, key):
+def _reader(module, key):
+    """The compressed layer (of any kind) that reads itself for this attention call, or None."""
     cache = _CACHE.get()
-    return None if cache is None else cache.compressed_layer(layer_of(module), key)
-
-
-def _latent_layer(module):
-    cache = _CACHE.get()
-    return None if cache is None else cache.latent_layer(layer_of(module))
+    return None if cache is None else cache.reader(layer_of(module), key)
 
 
 _VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its layout, as the tensors showed it
@@ -298,36 +296,13 @@ def _observe(module, key, value) -> None:
         seen.saw(module, key, value)
 
 
-def _latent_attention(module, query, key, value, attention_mask, scaling, softcap):
-    """A compressed MLA layer: every head over the kept tokens' expanded keys, causal among the new tokens only (the
-    model's mask counts every prompt position; this layer holds fewer). A mask sized to the tokens held (a sparse
-    attention's top-k, `latent.IndexedLatentLayer`) is applied as well."""
-    q_len, k_len = query.shape[2], key.shape[2]
-    mask = None
-    if q_len > 1:
-        mask = (torch.arange(k_len, device=key.device)[None, :]
-                <= torch.arange(k_len - q_len, k_len, device=key.device)[:, None])[None, None]
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and attention_mask.shape[-1] == k_len:
-        if mask is None:
-            mask = attention_mask
-        elif attention_mask.dtype == torch.bool:
-            mask = mask & attention_mask
-        else:
-            mask = attention_mask.masked_fill(~mask, torch.finfo(attention_mask.dtype).min)
-    if softcap is not None:
-        return _chunked_attention(query, key, value, mask, scaling, None, softcap), None
-    return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, is_causal=False)
-
-
 def _sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                     sliding_window=None, softcap=None, **kwargs):
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     _observe(module, key, value)
-    layer = _compressed_layer(module, key)
-    if layer is not None:  # a compressed layer: each KV head attends over its own kept tokens
-        return attention.attend(layer, query, scaling, softcap), None
-    if _latent_layer(module) is not None:
-        return _latent_attention(module, query, key, value, attention_mask, scaling, softcap)
+    reader = _reader(module, key)
+    if reader is not None:  # a compressed layer reads itself (each KV head its own kept tokens, or one latent)
+        return reader.attend(module, query, key, value, attention_mask, scaling, softcap)
     cap = _ACTIVE.get()
     if (cap is not None and cap.official and not cap.stopped and query.shape[2] == 1 and softcap is None
             and sliding_window is None and query.dtype in (torch.bfloat16, torch.float16)):
@@ -336,7 +311,7 @@ def _sdpa_attention(module, query, key, value, attention_mask, scaling=None, dro
         return out, None
     _capture(module, query, key, attention_mask, scaling, sliding_window, softcap)
     if softcap is not None:  # SDPA has no soft-capping: compute the same thing in query chunks
-        return _chunked_attention(query, key, value, attention_mask, scaling, sliding_window, softcap), None
+        return softcapped_attention(query, key, value, attention_mask, scaling, sliding_window, softcap), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                   dropout=dropout, sliding_window=sliding_window, **kwargs)
 
@@ -347,85 +322,10 @@ def _flash_attention(module, query, key, value, attention_mask, scaling=None, dr
 
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     _observe(module, key, value)
-    layer = _compressed_layer(module, key)
-    if layer is not None:
-        return attention.attend(layer, query, scaling, softcap), None
-    if _latent_layer(module) is not None:
-        return _latent_attention(module, query, key, value, attention_mask, scaling, softcap)
+    reader = _reader(module, key)
+    if reader is not None:  # a compressed layer reads itself (each KV head its own kept tokens, or one latent)
+        return reader.attend(module, query, key, value, attention_mask, scaling, softcap)
     _capture(module, query, key, attention_mask, scaling, sliding_window, softcap)
     return flash_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                    dropout=dropout, sliding_window=sliding_window, softcap=softcap,
                                    **kwargs)
-
-
-def official_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       attention_mask: torch.Tensor | None, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decode step the way the official HeadKV modelling file computes it (`forward_torch`): keys and values
-    repeated per query head, QK^T divided by sqrt(d) in the model's dtype, the mask added, softmax in fp32 cast
-    back to the dtype, then times the values. The layout matters, not only the order of operations: on CPU a
-    half-precision matmul of grouped rows (the query heads of a KV head together) sometimes rounds the weighted sum
-    of the values otherwise than one row per head does, and a late near-tie then decodes another token.
-    Returns (output (batch, 1, heads, dim), probabilities in the model's dtype (batch, heads, 1, keys)); `--preset`
-    scores half-precision runs with these, token for token the script's."""
-    b, h, q_len, d = query.shape
-    group = h // key.shape[1]
-    key = key.repeat_interleave(group, dim=1) if group > 1 else key
-    value = value.repeat_interleave(group, dim=1) if group > 1 else value
-    logits = torch.matmul(query, key.transpose(-1, -2)) / (1.0 / scaling)
-    if attention_mask is not None and attention_mask.dim() == 4:
-        rows = attention_mask[:, :, -q_len:, :key.shape[2]]
-        logits = (logits.masked_fill(~rows, torch.finfo(logits.dtype).min) if rows.dtype == torch.bool
-                  else logits + rows.to(logits.dtype))
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(probs, value).transpose(1, 2), probs
-
-
-def attention_probs(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
-                    scaling: float, sliding_window: int | None, softcap: float | None,
-                    start: int, stop: int) -> torch.Tensor:
-    """Softmax rows (fp32) of queries [start, stop) over all keys, (batch, query_heads, rows, keys).
-
-    Keys are grouped, not repeated: query head h reads KV head h // group.
-    """
-    b, h, q_len, d = query.shape
-    hkv, k_len = key.shape[1], key.shape[2]
-    # (b, hkv, group * rows, d) @ (b, hkv, d, keys): one matmul per KV head, the keys never copied per group
-    q = query[:, :, start:stop, :].float().reshape(b, hkv, h // hkv * (stop - start), d)
-    logits = torch.matmul(q, key.float().transpose(-1, -2)) * scaling
-    logits = logits.reshape(b, h, stop - start, k_len)
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    if attention_mask is not None and attention_mask.dim() == 4:
-        rows = attention_mask[:, :, start:stop, :k_len]
-        if rows.dtype == torch.bool:
-            logits = logits.masked_fill(~rows, float("-inf"))
-        else:
-            logits = logits + rows.float()
-    else:  # no 4D mask: causal, aligned bottom-right, optional window and 2D padding mask
-        qpos = torch.arange(start, stop, device=key.device) + (k_len - q_len)
-        kpos = torch.arange(k_len, device=key.device)
-        allowed = kpos[None, :] <= qpos[:, None]
-        if sliding_window is not None:
-            allowed &= (qpos[:, None] - kpos[None, :]) < sliding_window
-        allowed = allowed[None, None]
-        if attention_mask is not None and attention_mask.dim() == 2:
-            allowed = allowed & attention_mask[:, None, None, -k_len:].bool()
-        logits = logits.masked_fill(~allowed, float("-inf"))
-    return torch.softmax(logits, dim=-1)
-
-
-def _chunked_attention(query, key, value, attention_mask, scaling, sliding_window, softcap,
-                       chunk: int = 512) -> torch.Tensor:
-    """Attention output for soft-capped layers without an L x L matrix; returns (b, q, h, d)."""
-    b, h, q_len, _ = query.shape
-    hkv = key.shape[1]
-    v = value.unsqueeze(2)  # (b, hkv, 1, k, d)
-    out = []
-    for start in range(0, q_len, chunk):
-        stop = min(start + chunk, q_len)
-        p = attention_probs(query, key, attention_mask, scaling, sliding_window, softcap, start, stop)
-        if attention_mask is not None:  # a left-padding row sees no key: zeros, not NaN, as SDPA gives
-            p = p.nan_to_num(0.0)
-        p = p.to(value.dtype).reshape(b, hkv, h // hkv, stop - start, -1)
-        out.append(torch.matmul(p, v).reshape(b, h, stop - start, -1))
-    return torch.cat(out, dim=2).transpose(1, 2).contiguous()

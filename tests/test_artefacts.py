@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from headprof import compare, interop, plots, profile
+from headprof.artefacts import compare, interop, plots, profile
 from headprof.errors import OutputError, ProfileError
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"

@@ -5,10 +5,14 @@ import pytest
 import torch
 from fakes import loaded
 
-from headprof import attention, compress, generation, methods, reference
-from headprof.cache import MAX_BUCKETS, HeadKVCache, HeadKVLayer, buckets_of, windows
+from headprof.compression import compress, generation, methods
 from headprof.errors import HeadprofError
+from headprof.kv import readers as attention
+from headprof.kv.cache import HeadKVCache
+from headprof.kv.heads import HeadKVLayer
+from headprof.kv.segments import MAX_BUCKETS, buckets_of, windows
 from headprof.models import with_cache
+from headprof.probing import reference
 
 CASES = [("llama", False), ("llama-mha", False), ("qwen2", False), ("mistral", False),
          ("gemma3", True), ("gemma2", True), ("gemma3", False)]
@@ -48,9 +52,9 @@ def _decode_compared(lm, method, budget, compress_sliding, steps=(1, 1, 3, 1, 2,
 def split(request, monkeypatch):
     """Layers read through one strided view, or split into buckets wherever heads differ (a split costing one
     column: as many buckets as pay)."""
-    from headprof import cache
+    from headprof.kv import segments
 
-    monkeypatch.setattr(cache, "SPLIT_SCALARS", {} if request.param == "one view" else {"cpu": 1, "cuda": 1})
+    monkeypatch.setattr(segments, "SPLIT_SCALARS", {} if request.param == "one view" else {"cpu": 1, "cuda": 1})
     return request.param
 
 
@@ -87,7 +91,7 @@ def test_sliding_layers_compressed_inside_their_window_forget_old_keys(split):
 def test_layers_grow_together_and_hold_at_most_the_slack_over_their_tokens_after_every_token(arch, method, split):
     """Every compressed layer grows at the same token (one burst), and right after any token, what they hold
     beyond their tokens' bytes (free room, masks, positions) stays within SLACK of those bytes."""
-    from headprof.cache import SLACK
+    from headprof.kv.heads import SLACK
 
     lm = loaded(arch, sliding_window=20) if arch == "gemma3" else loaded(arch)
     lay = lm.info.layout
@@ -218,12 +222,12 @@ def _ops_per_step(heads: int) -> tuple[int, int]:
 def test_a_decode_step_costs_the_same_operations_for_any_number_of_heads(monkeypatch):
     """No loop over heads per decoded token: 4 or 32 KV heads, one write and one attention call per layer; split
     into buckets (256 heads), a few operations more per bucket, and never more than MAX_BUCKETS buckets."""
-    from headprof import cache
+    from headprof.kv import segments
 
-    monkeypatch.setattr(cache, "SPLIT_SCALARS", {})  # one view per layer
+    monkeypatch.setattr(segments, "SPLIT_SCALARS", {})  # one view per layer
     one = _ops_per_step(4)
     assert one == _ops_per_step(32) == _ops_per_step(256) and one[0] <= 10 and one[1] == 1
-    monkeypatch.setattr(cache, "SPLIT_SCALARS", {"cpu": 1 << 12})
+    monkeypatch.setattr(segments, "SPLIT_SCALARS", {"cpu": 1 << 12})
     ops, buckets = _ops_per_step(256)
     assert 1 < buckets <= MAX_BUCKETS and ops <= one[0] + 5 * buckets  # per bucket: rows, mask, sdpa; a cat
 

@@ -10,9 +10,11 @@ from fakes import loaded
 from tiny import save
 from typer.testing import CliRunner
 
-from headprof import api, cache, generation, methods
+from headprof import api
 from headprof.cli import app
+from headprof.compression import generation, methods
 from headprof.errors import HeadprofError
+from headprof.kv import heads, segments
 
 LENGTHS = (70, 95, 83)  # different lengths: the batch is left-padded
 
@@ -49,9 +51,9 @@ def test_model_generate_in_a_batch_gives_each_prompt_its_own_logits(arch, name):
 @pytest.mark.parametrize("name", ["headkv", "adakv"])
 def test_a_batch_read_in_buckets_gives_each_prompt_its_own_logits(arch, name, monkeypatch):
     """Layers split into buckets of similar heads (a split costing one column: wherever heads differ)."""
-    monkeypatch.setattr(cache, "SPLIT_SCALARS", {"cpu": 1})
+    monkeypatch.setattr(segments, "SPLIT_SCALARS", {"cpu": 1})
     batch_cache = _batch_equals_alone(arch, name)
-    assert any(len(layer.buckets) > 1 for layer in batch_cache.layers if isinstance(layer, cache.HeadKVLayer))
+    assert any(len(layer.buckets) > 1 for layer in batch_cache.layers if isinstance(layer, heads.HeadKVLayer))
 
 
 def _batch_equals_alone(arch, name):
@@ -67,10 +69,10 @@ def _batch_equals_alone(arch, name):
         t, lg, c = _decode(lm, m, torch.tensor([p]))
         assert tokens[b].tolist() == t[0].tolist()
         torch.testing.assert_close(logits[b], lg[0], atol=1e-5, rtol=0)
-        alone_bytes += sum(layer.nbytes() for layer in c.layers if isinstance(layer, cache.HeadKVLayer))
-    held = sum(layer.nbytes() for layer in batch_cache.layers if isinstance(layer, cache.HeadKVLayer))
+        alone_bytes += sum(layer.nbytes() for layer in c.layers if isinstance(layer, heads.HeadKVLayer))
+    held = sum(layer.nbytes() for layer in batch_cache.layers if isinstance(layer, heads.HeadKVLayer))
     # the same tokens held, one layout: within the cache's slack of what the prompts hold alone
-    assert abs(held - alone_bytes) <= cache.SLACK * alone_bytes + 64 * len(prompts)
+    assert abs(held - alone_bytes) <= heads.SLACK * alone_bytes + 64 * len(prompts)
     return batch_cache
 
 
@@ -148,7 +150,7 @@ def test_run_names_the_bad_jsonl_line(tmp_path, tiny_dir, line, message):
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_a_sequence_that_ends_leaves_the_batch_and_the_others_go_on_as_alone(arch, split, monkeypatch):
     if split:  # layers in buckets (re-laid out when the sequence leaves)
-        monkeypatch.setattr(cache, "SPLIT_SCALARS", {"cpu": split})
+        monkeypatch.setattr(segments, "SPLIT_SCALARS", {"cpu": split})
     lm = loaded(arch)
     m = _method(lm, "headkv")
     prompts = _prompts(3)
@@ -181,7 +183,7 @@ def test_a_sequence_that_ends_leaves_the_batch_and_the_others_go_on_as_alone(arc
 
 
 def test_a_batch_left_with_equal_segments_drops_its_mask():
-    layer = cache.HeadKVLayer()
+    layer = heads.HeadKVLayer()
     k = torch.randn(2, 2, 30, 8)
     layer.update(k, k.clone())
     keep = [torch.arange(5), torch.arange(9), torch.arange(6), torch.arange(6)]  # sequence 0 unequal, 1 equal

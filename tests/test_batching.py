@@ -9,11 +9,12 @@ from fakes import loaded
 from tiny import ARCHS, save
 from typer.testing import CliRunner
 
-from headprof import families, models, probes, scoring
+from headprof import models
 from headprof.cli import app
 from headprof.errors import ProbeError
-from headprof.probes import RenderedProbe
-from headprof.scoring import Decoder, ProbeJob, score_batch, score_probe
+from headprof.probing import families, probes, scoring
+from headprof.probing.probes import RenderedProbe
+from headprof.probing.scoring import Decoder, ProbeJob, score_batch, score_probe
 
 RETRIEVAL, R2 = families.get("retrieval"), families.get("disambiguation")
 

@@ -12,10 +12,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tiny import save
 
-from headprof import models, probes, scoring
+from headprof import models
 from headprof import partial as partial_mod
 from headprof.distributed import World
 from headprof.errors import HeadprofError
+from headprof.probing import probes, scoring
 
 SETTINGS = scoring.Settings("retrieval", filter_probes=False, max_new_tokens=8)
 

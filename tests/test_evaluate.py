@@ -7,8 +7,11 @@ import pytest
 from fakes import loaded
 from tiny import save
 
-from headprof import cache, evaluate, probes, profile
+from headprof.artefacts import profile
 from headprof.errors import HeadprofError, OutputError, ProbeError
+from headprof.evaluation import evaluate
+from headprof.kv import heads
+from headprof.probing import probes
 
 SCHEMA_KEYS = {"results_version", "model", "methods", "budgets", "betas", "chosen_beta", "window", "kernel",
                "items", "validation_items", "summary", "by_task", "rows"}
@@ -150,7 +153,7 @@ def test_one_prefill_per_item_gives_the_per_cell_results(arch, compress_sliding)
     # one batch of every cell: the same rows; a cell's bytes are its share of the batch's, within the slack
     assert strip(batched, ("seconds", "kv_bytes")) == strip(per_cell, ("seconds", "kv_bytes"))
     for a, b in zip(batched["rows"], per_cell["rows"], strict=True):
-        assert abs(a["kv_bytes"] - b["kv_bytes"]) <= cache.SLACK * b["kv_bytes"] + 256, (a, b)
+        assert abs(a["kv_bytes"] - b["kv_bytes"]) <= heads.SLACK * b["kv_bytes"] + 256, (a, b)
     assert len({r["response"] for r in shared["rows"]}) > 1  # the methods do not all answer alike
 
 

@@ -9,8 +9,10 @@ from fakes import loaded
 from transformers import AutoModelForCausalLM, Gemma4TextConfig, Llama4TextConfig
 from transformers.cache_utils import DummyLayer, DynamicLayer, DynamicSlidingWindowLayer
 
-from headprof import cache, compress, generation, methods, models
+from headprof import models
+from headprof.compression import compress, generation, methods
 from headprof.errors import ModelError
+from headprof.kv import cache, heads
 
 
 def _llama4(**kw):  # chunked attention in three of four layers (Llama 4's local layers)
@@ -63,7 +65,7 @@ def test_layers_headprof_leaves_alone_get_transformers_own_cache_layer():
     c = cache.HeadKVCache(["full_attention", "sliding_attention", "dummy", "full_attention"],
                           [False, False, False, True], [None, 8, None, None])
     assert [type(layer) for layer in c.layers[:3]] == [DynamicLayer, DynamicSlidingWindowLayer, DummyLayer]
-    assert isinstance(c.layers[3], cache.HeadKVLayer) and c.layers[1].sliding_window == 8
+    assert isinstance(c.layers[3], heads.HeadKVLayer) and c.layers[1].sliding_window == 8
     assert cache.full_layer_entries("dummy", None, 100, 2) == 0  # KV shared with an earlier layer: nothing held
 
 

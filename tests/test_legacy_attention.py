@@ -6,8 +6,9 @@ import torch
 from fakes import loaded
 from transformers import AutoModelForCausalLM, FalconConfig, GPTNeoConfig
 
-from headprof import capture, generation, models
+from headprof import capture, models
 from headprof.capture import attach, implementation
+from headprof.compression import generation
 from headprof.errors import ModelError
 
 

@@ -10,12 +10,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from headprof import api, compress, families, latent, layout, methods, models
+from headprof import api, layout, models
+from headprof.artefacts.profile import Profile
 from headprof.cli import app
+from headprof.compression import compress, methods
 from headprof.errors import ProfileError
-from headprof.probes import RenderedProbe
-from headprof.profile import Profile
-from headprof.scoring import Decoder, ProbeJob, score_batch, score_probe
+from headprof.kv import latent
+from headprof.probing import families
+from headprof.probing.probes import RenderedProbe
+from headprof.probing.scoring import Decoder, ProbeJob, score_batch, score_probe
 
 _spec = iu.spec_from_file_location("model_matrix", Path(__file__).parents[1] / "benchmarks" / "model_matrix.py")
 matrix = sys.modules.setdefault("model_matrix", iu.module_from_spec(_spec))
@@ -112,7 +115,7 @@ def test_sparse_attention_latents_keep_one_count_and_their_indexer_keys_follow(b
     prof = api.score(str(built("glm_moe_dsa")), "r2", lengths=[240], depths=2, filter_probes=False,
                      teacher_forced=True, chat_template=False, device="cpu", batch_size=2)
     ids = [1] + [3 + (i * 7) % 90 for i in range(119)]
-    from headprof import generation, methods
+    from headprof.compression import generation, methods
 
     m = methods.resolve("headkv", prof)
     cache = generation.cache_for(lm.info.layout, m, True, lm.model.config)
@@ -154,7 +157,7 @@ def test_no_position_limit_is_not_a_limit():
 @pytest.mark.parametrize("model_type", ["qwen3_next", "falcon_h1", "deepseek_v3", "glm_moe_dsa", "minimax"])
 def test_eval_cells_from_one_shared_prefill_equal_their_own_prefill(built, model_type):
     """eval builds every cell's cache from one prefill: a hybrid layer's state and an MLA latent come along."""
-    from headprof import generation
+    from headprof.compression import generation
 
     lm = models.load(str(built(model_type)), device="cpu")
     ids = [1] + [3 + (i * 7) % 90 for i in range(150)]

@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from headprof import api, compare, presets, scoring
+from headprof import api
+from headprof.artefacts import compare
+from headprof.probing import presets, scoring
 
 DATA = Path(__file__).parent / "data" / "official"
 CASES = sorted(p.stem for p in DATA.glob("*.json"))

@@ -8,8 +8,9 @@ import pytest
 from fakes import loaded
 from tiny import char_tokenizer
 
-from headprof import capture, presets, reference, scoring
+from headprof import capture
 from headprof.errors import ProbeError
+from headprof.probing import presets, reference, scoring
 
 HAY = ("The harbour lights came on one by one. Boats rocked against the pier while gulls argued overhead. "
        "A bell rang twice from the chapel. Nobody hurried on such evenings. ")

@@ -3,9 +3,9 @@ import json
 import pytest
 from tiny import char_tokenizer
 
-from headprof import probes
 from headprof.errors import ProbeError
-from headprof.haystack import Haystack
+from headprof.probing import probes
+from headprof.probing.haystack import Haystack
 
 
 def test_probe_sets_are_deterministic_and_hashed():
@@ -51,7 +51,7 @@ def test_older_probe_sets_are_reproducible(family, version):
 def test_every_family_names_its_correct_fact_sentence():
     import random
 
-    from headprof import families
+    from headprof.probing import families
 
     for name, fam in families.FAMILIES.items():
         for seed in range(20):
@@ -66,7 +66,7 @@ def test_every_family_names_its_correct_fact_sentence():
 def test_families_are_chosen_and_mixed():
     ps = probes.build_probe_set("r2", [500, 900], 10, seed=1)
     kinds = [p.kind for p in ps.probes]
-    from headprof.families import R2_FAMILIES
+    from headprof.probing.families import R2_FAMILIES
 
     assert set(kinds) == set(R2_FAMILIES) and ps.families == R2_FAMILIES
     only = probes.build_probe_set("r2", [500], 6, seed=1, families="two-hop,comparison")

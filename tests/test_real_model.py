@@ -32,7 +32,8 @@ def test_check_passes_on_smollm2_and_fails_with_its_top_heads_disabled(tmp_path)
 
     from test_artefacts import _disable_top_heads
 
-    from headprof import models, profile
+    from headprof import models
+    from headprof.artefacts import profile
 
     shipped = Path(__file__).resolve().parents[1] / "profiles" / "smollm2-135m" / "retrieval.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -52,7 +53,8 @@ def test_check_passes_on_smollm2_and_fails_with_its_top_heads_disabled(tmp_path)
 def test_preset_headkv_equals_the_official_port_on_smollm2(tmp_path):
     import numpy as np
 
-    from headprof import models, presets, reference, scoring
+    from headprof import models
+    from headprof.probing import presets, reference, scoring
 
     folder = tmp_path / "haystack"
     (folder / "part0").mkdir(parents=True)
@@ -82,7 +84,8 @@ def test_preset_headkv_equals_the_official_port_on_smollm2(tmp_path):
 def test_batched_scoring_equals_one_probe_at_a_time_on_smollm2():
     import numpy as np
 
-    from headprof import models, probes, scoring
+    from headprof import models
+    from headprof.probing import probes, scoring
 
     lm = models.load("smollm2-135m", device="cpu")
     ps = probes.build_probe_set("r2", [300, 420], 2, seed=0)

@@ -11,9 +11,10 @@ from fakes import loaded
 from tiny import save
 from typer.testing import CliRunner
 
-from headprof import evaluate, models, ruler
+from headprof import models
 from headprof.cli import app
 from headprof.errors import HeadprofError, ModelError
+from headprof.evaluation import evaluate, ruler
 
 needs_ruler = pytest.mark.skipif(importlib.util.find_spec("long_context_eval") is None
                                  or importlib.util.find_spec("wonderwords") is None,

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 from tiny import save
 
-from headprof import models, probes, profile, scoring
+from headprof import models
+from headprof.artefacts import profile
 from headprof.errors import OutputError, ProfileError
+from headprof.probing import probes, scoring
 
 
 @pytest.fixture(scope="module")

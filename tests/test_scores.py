@@ -6,12 +6,12 @@ import torch
 from fakes import loaded
 from tiny import ARCHS
 
-from headprof import answers, families
-from headprof.families.base import r2_step, retrieval_step
 from headprof.models import end_tokens
-from headprof.probes import RenderedProbe
-from headprof.reference import naive_scores
-from headprof.scoring import Decoder, score_probe
+from headprof.probing import answers, families
+from headprof.probing.families.base import r2_step, retrieval_step
+from headprof.probing.probes import RenderedProbe
+from headprof.probing.reference import naive_scores
+from headprof.probing.scoring import Decoder, score_probe
 
 RETRIEVAL, R2 = families.get("retrieval"), families.get("disambiguation")
 
@@ -129,9 +129,9 @@ def test_families_and_teacher_forcing_equal_the_naive_computation(arch):
 
     from tiny import char_tokenizer
 
-    from headprof import probes
-    from headprof.haystack import Haystack
-    from headprof.scoring import forced_tokens
+    from headprof.probing import probes
+    from headprof.probing.haystack import Haystack
+    from headprof.probing.scoring import forced_tokens
 
     lm = replace(loaded(arch), tokenizer=char_tokenizer())
     ps = probes.build_probe_set("r2", [400], 8, seed=2)

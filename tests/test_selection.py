@@ -6,11 +6,12 @@ import pytest
 import torch
 from fakes import loaded
 
-from headprof import HeadprofError, compress, generation, methods
-from headprof.cache import HeadKVLayer
-from headprof.decode_cache import alone
+from headprof import HeadprofError
+from headprof.compression import compress, generation, methods
+from headprof.compression.selection import kept_positions
+from headprof.kv.decode_cache import alone
+from headprof.kv.heads import HeadKVLayer
 from headprof.models import with_cache
-from headprof.selection import kept_positions
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gemma2"])
@@ -56,7 +57,7 @@ def test_kept_positions_refuses_what_it_cannot_say():
 def test_a_span_is_found_by_its_characters():
     from tiny import char_tokenizer
 
-    from headprof.selection import span_positions
+    from headprof.compression.selection import span_positions
 
     tok = char_tokenizer()
     ids = tok("the cat sat by the cat door")["input_ids"]

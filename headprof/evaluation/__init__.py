@@ -1,0 +1,1 @@
+"""Evaluation: quality against budget or compression ratio (evaluate), and RULER's tasks (ruler)."""

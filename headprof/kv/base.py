@@ -1,0 +1,75 @@
+"""What the cache asks of every layer kind: one interface, so that `HeadKVCache` hands work to its layers without
+asking what they are (as transformers' `Cache` does with its `CacheLayerMixin`s).
+
+A kind answers, for its layer: whether a method's plan compresses it (`compressible`) and how (`compress`, given
+each segment's kept positions), how a batch drops or repeats sequences (`select_rows`), what it holds (`entries`,
+`nbytes`, per row of a batch too), what it would hold with no free room (`ideal`), each head's kept prompt tokens
+(`kept_counts`, what `run --json` reports as budgets), whether a decode step must make room in it first
+(`overflows`, `spare_room`, `grow`), and how attention reads it once compressed (`reads`, `attend`). Layers
+headprof leaves to transformers are wrapped by `native.Native`, which answers the same questions for them;
+`native.kind_of` is the one place that tells the two apart.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from headprof.errors import HeadprofError
+
+
+class LayerKind:
+    """The interface; the defaults are those of a layer that holds every token and compresses nothing."""
+
+    name = "layer"
+    compressible = False  # a method's plan selects tokens for this layer at prefill
+    max_rows: int | None = None  # sequences a compressed layer of this kind can hold (None: any batch)
+
+    compressed = False  # holds a selection of its prompt tokens (after `compress`)
+
+    def compress(self, keep: list[torch.Tensor]) -> None:
+        raise HeadprofError(f"a {self.name} layer cannot hold a compressed selection of tokens")
+
+    def select_rows(self, indices: torch.Tensor) -> None:
+        """Keep (or repeat) the batch's sequences `indices`; the others ended."""
+        raise NotImplementedError
+
+    def entries(self) -> int:
+        """KV entries (tokens x KV heads) held, every row of the batch."""
+        raise NotImplementedError
+
+    def row_entries(self, row: int, batch: int) -> int:
+        """KV entries row `row` of a batch of `batch` holds (with its padding, in a layer that pads)."""
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors held for the layer's tokens (keys, values, and any per-slot bookkeeping)."""
+        raise NotImplementedError
+
+    def ideal(self, full: int, appended: int, row: int = 0, batch: int = 1) -> int:
+        """Entries row `row` would hold with no free room, after `appended` generated tokens; `full` is what the
+        model's own layer holds for one sequence."""
+        return full
+
+    def kept_counts(self, row: int = 0, batch: int = 1) -> list[int] | None:
+        """Prompt tokens each KV head of row `row` kept (None: the layer is not compressed)."""
+        return None
+
+    def spare_room(self, q: int) -> tuple[float, float] | None:
+        """For layers that grow their free room together (`HeadKVCache.update`): (spare bytes, bytes per free slot)
+        were they grown for `q` new tokens; None for a layer that makes its own room."""
+        return None
+
+    def overflows(self, q: int) -> bool:
+        return False
+
+    def grow(self, q: int, free: int) -> None:
+        """Make room for `q` new tokens and `free` spare slots per head."""
+
+    def reads(self, key: torch.Tensor) -> bool:
+        """Whether attention over the keys `update` just returned (`key`) reads this layer itself."""
+        return False
+
+    def attend(self, module, query, key, value, attention_mask, scaling: float, softcap: float | None):
+        """(output (batch, q, query heads, dim), None) of attention over this compressed layer."""
+        raise NotImplementedError
+

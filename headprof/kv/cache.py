@@ -1,0 +1,187 @@
+"""The cache headprof hands a model: one layer per model layer, each of a kind (`base.LayerKind`), and the cache's
+accounting.
+
+The kinds live in this package, a module each: per-KV-head segments (`heads.py`, with its hybrid variant), the MLA
+latent (`latent.py`), layers left to transformers (`native.py`), a model's own cache class (`own_cache.py`) and the
+reserved full cache that scoring decodes with (`decode_cache.py`). `HeadKVCache` picks each layer's kind when it is
+made and from then on hands every operation to its layers' kinds, never asking which they are.
+"""
+
+from __future__ import annotations
+
+import contextvars
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+
+from headprof.kv.base import LayerKind
+from headprof.kv.heads import SLACK, HeadKVLayer, HybridHeadKVLayer, free_slots
+from headprof.kv.latent import IndexedLatentLayer, LatentLayer
+from headprof.kv.native import kind_of
+from headprof.layout import LOCAL_KIND
+
+# The layer whose cache was updated last: the layer an attention call belongs to when its module does not say
+# (a block shared by several layers, as in Zamba, carries layer_idx -1 and hands the real one to the cache).
+LAST_UPDATE: contextvars.ContextVar[int | None] = contextvars.ContextVar("headprof_last_update", default=None)
+
+
+def layer_of(module) -> int | None:
+    """The layer index an attention call belongs to: its module's, or the last cache update's."""
+    idx = getattr(module, "layer_idx", None)
+    return idx if isinstance(idx, int) and idx >= 0 else LAST_UPDATE.get()
+
+
+def _transformers_layer(kind: str, window: int | None):
+    """The cache layer transformers makes for a layer of this kind (its table), with the layer's window."""
+    try:
+        from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING
+    except ImportError:
+        return DynamicSlidingWindowLayer(window) if window else DynamicLayer()
+    cls = DYNAMIC_LAYER_TYPE_MAPPING.get(kind, DynamicLayer)
+    return cls(sliding_window=window) if window else cls()
+
+
+def _compressed_layer_for(kind: str, window: int | None, slack: float, latent: bool, native_layer) -> DynamicLayer:
+    if latent:
+        return IndexedLatentLayer() if kind == "indexed_attention" else LatentLayer()
+    if kind in ("hybrid", "hybrid_sliding"):
+        return HybridHeadKVLayer(window, slack, getattr(native_layer, "number_of_states", 1))
+    return HeadKVLayer(window, slack)
+
+
+class HeadKVCache(Cache):
+    """One layer per model layer: a compressible kind where heads are compressed, transformers' own otherwise.
+
+    `kinds[i]`: transformers' layer type (`layout.layer_kinds`); `compress[i]`: whether the layer's heads are
+    compressed (a full-attention layer, or a sliding one compressed inside its window `windows[i]`). Every
+    other layer is `native[i]`, the layer transformers makes for the model (`native.model_layers`), or else the
+    cache layer transformers makes for its kind, with its window. `latent`: layers whose cache is an MLA latent.
+    """
+
+    def __init__(self, kinds: list[str], compress: list[bool], windows: list[int | None],
+                 slack: float = SLACK, native: list | None = None, latent: tuple[int, ...] = ()) -> None:
+        native = native if native and len(native) == len(kinds) else [None] * len(kinds)
+        layers = [_compressed_layer_for(kind, w, slack, i in latent, own) if squeeze
+                  else own if own is not None else _transformers_layer(kind, w)
+                  for i, (kind, squeeze, w, own) in enumerate(zip(kinds, compress, windows, native, strict=True))]
+        super().__init__(layers=layers)
+        self.kinds: list[LayerKind] = [kind_of(layer) for layer in layers]
+        self._last = len(layers)  # the last layer updated: a lower one starts a forward pass
+        self._owners: dict[int, LayerKind] = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx <= self._last:  # a forward pass starts (its first layer with keys need not be layer 0)
+            self._grow(key_states.shape[-2])
+            self._owners = {}
+        self._last = layer_idx
+        LAST_UPDATE.set(layer_idx)
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        kind = self.kinds[layer_idx]
+        if kind.reads(out[0]):
+            self._owners[id(out[0])] = kind  # layers that share this layer's KV attend with what it returned
+        return out
+
+    def _grow(self, q: int) -> None:
+        """When the `q` new tokens overflow any layer's room, lay out every layer that grows with the others again,
+        in one go, with the same free slots per head (`heads.free_slots`): they then run out together again. A
+        growth is one burst of work every few tokens, not one layer's bookkeeping interrupting the forward pass at
+        every token, and the free room is sized on the whole cache's bytes."""
+        if not any(kind.overflows(q) for kind in self.kinds):
+            return
+        free = free_slots(self.kinds, q)
+        for kind in self.kinds:
+            kind.grow(q, free)
+
+    def compressible(self) -> list[int]:
+        """The layers a method's plan compresses (at prefill, as their attention rows exist)."""
+        return [i for i, kind in enumerate(self.kinds) if kind.compressible]
+
+    def max_rows(self) -> int | None:
+        """The most sequences this cache can hold once compressed (None: any batch)."""
+        limits = [kind.max_rows for kind in self.kinds if kind.compressible and kind.max_rows is not None]
+        return min(limits) if limits else None
+
+    def reader(self, layer_idx: int | None, key: torch.Tensor):
+        """The compressed layer that reads itself for attention over `key` (what an `update` just returned): layer
+        `layer_idx`'s own, or, for a layer that reuses an earlier layer's KV (Gemma 3n), that layer; else None."""
+        kind = self.kinds[layer_idx] if layer_idx is not None and layer_idx < len(self.kinds) else None
+        if kind is not None and kind.reads(key):
+            return kind
+        owner = getattr(self, "_owners", {}).get(id(key))
+        return owner if owner is not None and owner.reads(key) else None
+
+    def compress(self, layer: int, keep: list[torch.Tensor]) -> None:
+        self.kinds[layer].compress(keep)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the batch's sequences `indices` (the others ended) in every layer, whatever it holds."""
+        for kind in self.kinds:
+            kind.select_rows(indices)
+
+    def entries(self) -> int:
+        return held_entries(self)
+
+    def nbytes(self) -> int:
+        return held_bytes(self)
+
+    def kept_counts(self, layout, window: int, row: int = 0, batch: int = 1) -> list[list[int]]:
+        """Per layer and KV head, the prompt tokens row `row` kept beyond the observation window (0 for a layer
+        that is not compressed; an MLA latent's one selection counts for each of its heads)."""
+        out = []
+        for i, kind in enumerate(self.kinds):
+            kept = kind.kept_counts(row, batch)
+            heads = layout.kv_heads(i)
+            out.append([0] * heads if kept is None else
+                       [n - window for n in kept] * (heads // len(kept) if len(kept) < heads else 1))
+        return out
+
+    def ideal_entries(self, layout, seq: int, appended: int, row: int = 0, batch: int = 1) -> int:
+        """What row `row` would hold with no free room: each compressed head its kept prompt tokens and the
+        `appended` ones; every other layer what the model's own layer holds after `seq` tokens."""
+        return sum(kind.ideal(full, appended, row, batch)
+                   for kind, full in zip(self.kinds, full_layer_counts(layout, seq), strict=True))
+
+
+# The cache's accounting, one owner for generation, eval, `run --json` and the benchmarks. "Held" is what the
+# tensors of a cache occupy now (a compressed layer's keys, values, slot positions and masks); "full" is what the
+# model's own cache holds for the same sequence; "ideal" is what a compressed cache would hold with no slack.
+
+def layer_bytes(layer) -> int:
+    """Bytes of the tensors a cache layer holds for its tokens, of any cache (headprof's or transformers')."""
+    return kind_of(layer).nbytes()
+
+
+def held_entries(cache: Cache) -> int:
+    return sum(kind_of(layer).entries() for layer in cache.layers)
+
+
+def row_entries(cache: Cache, row: int, batch: int) -> int:
+    """KV entries row `row` of a batch holds, in any cache: its own segments in compressed layers, its rows (with
+    their padding) in every other layer."""
+    return sum(kind_of(layer).row_entries(row, batch) for layer in cache.layers)
+
+
+def held_bytes(cache: Cache) -> int:
+    """Bytes the cache's tensors hold now (what `run` and `eval` report as KV bytes)."""
+    return sum(layer_bytes(layer) for layer in cache.layers)
+
+
+def full_layer_entries(kind: str, window: int | None, seq: int, kv_heads: int) -> int:
+    """Entries the model's own cache layer of this kind holds after `seq` tokens (a sliding layer: its window)."""
+    if kind in ("dummy", "linear_attention", "conv"):  # no KV of its own (shared, or a state that is not KV)
+        return 0
+    return (min(seq, window) if window and kind not in ("full_attention", "hybrid", LOCAL_KIND) else seq) * kv_heads
+
+
+def full_layer_counts(layout, seq: int) -> list[int]:
+    """Per layer, the entries the model's own cache holds after `seq` tokens (one latent per token in an MLA
+    layer, else one per KV head)."""
+    windows = layout.layer_windows or [layout.sliding_window if k == "sliding_attention" else None
+                                       for k in layout.attention_kinds]
+    return [full_layer_entries(kind, w, seq, 1 if i in getattr(layout, "latent", ()) else layout.kv_heads(i))
+            for i, (kind, w) in enumerate(zip(layout.attention_kinds, windows, strict=True))]
+
+
+def full_entries(layout, seq: int) -> int:
+    """Entries of the uncompressed cache of a model (`layout.HeadLayout`) after `seq` tokens."""
+    return sum(full_layer_counts(layout, seq))

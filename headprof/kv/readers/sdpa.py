@@ -1,0 +1,48 @@
+"""`torch`: PyTorch's fused scaled-dot-product attention over the per-head layer's strided views, for any device and
+dtype; with soft-capping (which SDPA lacks) one explicit matmul and softmax instead. Every layer can be read so: it is
+the reader the others fall back to on the layers they do not take."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from headprof.kv.readers.views import by_bucket
+
+NAME = "torch"
+SLIDING = True
+
+
+def unavailable(device: str, dtype: torch.dtype) -> str | None:
+    return None
+
+
+def handles(layer) -> bool:
+    return True
+
+
+def read(layer, rows: torch.Tensor, q: int, scaling: float, softcap: float | None) -> torch.Tensor:
+    """(1, heads, group * q, dim) rows in window order -> their outputs, one fused call per bucket."""
+    return by_bucket(layer, rows, q, scaling, softcap, _bucket, masked=True)
+
+
+def _bucket(layer, bucket: int, view, rows: torch.Tensor, q: int, scaling: float,
+                  softcap: float | None) -> torch.Tensor:
+    """One bucket's (1, n, group * q, dim) rows over its view (batched 4-D: PyTorch's fused CPU kernel, not its
+    math path)."""
+    k, v, mask = view  # (1, n, width, d), mask (1, n, 1, width) additive
+    if q > 1 or layer.sliding_window is not None:  # causal among the new tokens; the window, if any
+        kpos = layer.view_positions(bucket)[None, :, None, :]
+        group = rows.shape[2] // q
+        qpos = (layer.seen - q + torch.arange(q, device=rows.device, dtype=kpos.dtype)).repeat(group)[:, None]
+        hidden = kpos > qpos
+        if layer.sliding_window is not None:
+            hidden |= kpos <= qpos - layer.sliding_window
+        mask = torch.where(hidden, float("-inf"), rows.new_zeros(()) if mask is None else mask)
+    if softcap is None:
+        return F.scaled_dot_product_attention(rows, k, v, scale=scaling, attn_mask=mask)
+    logits = torch.matmul(rows * scaling, k.transpose(-1, -2))
+    logits = torch.tanh(logits / softcap) * softcap
+    if mask is not None:
+        logits = logits + mask
+    return torch.matmul(torch.softmax(logits, dim=-1, dtype=torch.float32).to(v.dtype), v)
