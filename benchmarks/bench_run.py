@@ -19,9 +19,9 @@ import sys
 
 
 def child(model: str, length: int, method: str, budget: int, new_tokens: int, profile_path: str) -> dict:
-    from headprof import models
+    from headprof import methods, models
     from headprof.artefacts import profile
-    from headprof.compression import generation, methods
+    from headprof.compression import generation
     from headprof.probing import probes
 
     lm = models.load(model, device="cpu")

@@ -32,9 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import synthetic  # noqa: E402
 
-from headprof import models
+from headprof import methods, models
 from headprof.artefacts import interop
-from headprof.compression import generation, methods
+from headprof.compression import generation
 from headprof.kv import readers as attention  # noqa: E402
 
 

@@ -54,7 +54,7 @@ def measure(mode: str, model: str, length: int, n_probes: int, method: str, devi
             tokens += sum(len(job.rendered.input_ids) + r.steps for (_, job), r in zip(chunk, runs, strict=True))
     elif mode == "naive":
         for _, job in work:
-            naive_scores(lm, job.rendered.input_ids, job.rendered.answer_span, job.family.method == "r2",
+            naive_scores(lm, job.rendered.input_ids, job.rendered.answer_span, job.family.protocol == "r2",
                          scoring.MAX_NEW_TOKENS)
     else:  # one plain SDPA forward per probe over prompt + the answer headprof generated
         answers = [r.response for r in scoring.score_batch(lm, [job for _, job in work])]

@@ -27,7 +27,7 @@ _EXPORTS = {
     "load_model": "headprof.api", "GenerationReport": "headprof.api", "EvalReport": "headprof.api",
     "CheckResult": "headprof.api", "compression": "headprof.compression.generation",
     "RunResult": "headprof.compression.generation", "Profile": "headprof.artefacts.profile",
-    "Method": "headprof.compression.methods", "register": "headprof.compression.methods",
+    "Method": "headprof.methods", "register": "headprof.methods",
     "HeadprofError": "headprof.errors",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]

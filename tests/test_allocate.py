@@ -3,9 +3,9 @@ import pytest
 
 from headprof.compression import allocate
 from headprof.compression.allocate import BudgetError
-from headprof.compression.methods.adakv import adakv_layer
-from headprof.compression.methods.headkv import headkv
-from headprof.compression.methods.pyramidkv import pyramid
+from headprof.methods.adakv import adakv_layer
+from headprof.methods.headkv import headkv
+from headprof.methods.pyramidkv import pyramid
 
 
 def _all(shape):

@@ -22,6 +22,6 @@ def test_api_examples_run(tmp_path, monkeypatch):
     for i, code in enumerate(blocks):
         exec(compile(code, f"docs/api.md[{i}]", "exec"), namespace)  # noqa: S102
     assert os.path.exists("retrieval.json")
-    from headprof.compression import methods
+    from headprof import methods
 
     methods.REGISTRY.pop("recent", None)  # the example method must not leak into other tests

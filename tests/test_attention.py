@@ -5,7 +5,8 @@ import pytest
 import torch
 from fakes import loaded
 
-from headprof.compression import compress, generation, methods
+from headprof import methods
+from headprof.compression import compress, generation
 from headprof.errors import HeadprofError
 from headprof.kv import readers as attention
 from headprof.kv.cache import HeadKVCache

@@ -10,9 +10,9 @@ from fakes import loaded
 from tiny import save
 from typer.testing import CliRunner
 
-from headprof import api
+from headprof import api, methods
 from headprof.cli import app
-from headprof.compression import generation, methods
+from headprof.compression import generation
 from headprof.errors import HeadprofError
 from headprof.kv import heads, segments
 

@@ -13,8 +13,8 @@ from headprof import models
 from headprof.cli import app
 from headprof.errors import ProbeError
 from headprof.probing import families, probes, scoring
+from headprof.probing.decode import Decoder, ProbeJob, score_batch, score_probe
 from headprof.probing.probes import RenderedProbe
-from headprof.probing.scoring import Decoder, ProbeJob, score_batch, score_probe
 
 RETRIEVAL, R2 = families.get("retrieval"), families.get("disambiguation")
 

@@ -5,9 +5,10 @@ from fakes import loaded
 from tiny import ARCHS
 from transformers import DynamicCache
 
+from headprof import methods
 from headprof.capture import AttentionCapture, implementation
-from headprof.compression import compress, generation, methods
-from headprof.compression.methods.streaming import streaming_positions
+from headprof.compression import compress, generation
+from headprof.methods.streaming import streaming_positions
 from headprof.models import with_cache
 
 

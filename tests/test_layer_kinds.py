@@ -9,8 +9,8 @@ from fakes import loaded
 from transformers import AutoModelForCausalLM, Gemma4TextConfig, Llama4TextConfig
 from transformers.cache_utils import DummyLayer, DynamicLayer, DynamicSlidingWindowLayer
 
-from headprof import models
-from headprof.compression import compress, generation, methods
+from headprof import methods, models
+from headprof.compression import compress, generation
 from headprof.errors import ModelError
 from headprof.kv import cache, heads
 

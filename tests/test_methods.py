@@ -7,7 +7,8 @@ import pytest
 import torch
 from fakes import loaded
 
-from headprof.compression import generation, methods
+from headprof import methods
+from headprof.compression import generation
 from headprof.errors import HeadprofError, MethodError
 from headprof.evaluation import evaluate
 
@@ -114,7 +115,7 @@ def test_a_profile_named_by_the_method_must_exist():
 def test_spread_hands_a_score_on_to_the_positions_after_it():
     import torch
 
-    from headprof.compression.methods.base import pooled_scores
+    from headprof.methods.base import pooled_scores
 
     probs = torch.zeros(1, 2, 2, 12)  # 2 query heads (one KV head), window 2, prefix 10
     probs[0, :, :, 3] = 1.0

@@ -10,15 +10,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from headprof import api, layout, models
+from headprof import api, layout, methods, models
 from headprof.artefacts.profile import Profile
 from headprof.cli import app
-from headprof.compression import compress, methods
+from headprof.compression import compress
 from headprof.errors import ProfileError
 from headprof.kv import latent
 from headprof.probing import families
+from headprof.probing.decode import Decoder, ProbeJob, score_batch, score_probe
 from headprof.probing.probes import RenderedProbe
-from headprof.probing.scoring import Decoder, ProbeJob, score_batch, score_probe
 
 _spec = iu.spec_from_file_location("model_matrix", Path(__file__).parents[1] / "benchmarks" / "model_matrix.py")
 matrix = sys.modules.setdefault("model_matrix", iu.module_from_spec(_spec))
@@ -115,7 +115,8 @@ def test_sparse_attention_latents_keep_one_count_and_their_indexer_keys_follow(b
     prof = api.score(str(built("glm_moe_dsa")), "r2", lengths=[240], depths=2, filter_probes=False,
                      teacher_forced=True, chat_template=False, device="cpu", batch_size=2)
     ids = [1] + [3 + (i * 7) % 90 for i in range(119)]
-    from headprof.compression import generation, methods
+    from headprof import methods
+    from headprof.compression import generation
 
     m = methods.resolve("headkv", prof)
     cache = generation.cache_for(lm.info.layout, m, True, lm.model.config)

@@ -8,10 +8,10 @@ from tiny import ARCHS
 
 from headprof.models import end_tokens
 from headprof.probing import answers, families
+from headprof.probing.decode import Decoder, score_probe
 from headprof.probing.families.base import r2_step, retrieval_step
 from headprof.probing.probes import RenderedProbe
 from headprof.probing.reference import naive_scores
-from headprof.probing.scoring import Decoder, score_probe
 
 RETRIEVAL, R2 = families.get("retrieval"), families.get("disambiguation")
 
@@ -30,11 +30,11 @@ def test_scores_equal_naive_eager_computation(arch, family):
         ids = _prompt(seed)
         span = (20, 26)
         run = score_probe(lm, RenderedProbe(ids, span, ""), family, Decoder(lm.tokenizer, end_tokens(lm), 6))
-        gen, slow = naive_scores(lm, ids, span, family.method == "r2", max_steps=6)
+        gen, slow = naive_scores(lm, ids, span, family.protocol == "r2", max_steps=6)
         assert run.response == lm.tokenizer.decode(gen) and run.steps == 6 and run.stop == "cap"
         np.testing.assert_allclose(run.scores, slow, atol=1e-6)
         total += slow
-    if family.method == "r2":  # the comparison is not vacuous: r2 always puts some weight on the span
+    if family.protocol == "r2":  # the comparison is not vacuous: r2 always puts some weight on the span
         assert total.sum() > 0
 
 
@@ -130,8 +130,8 @@ def test_families_and_teacher_forcing_equal_the_naive_computation(arch):
     from tiny import char_tokenizer
 
     from headprof.probing import probes
+    from headprof.probing.decode import forced_tokens
     from headprof.probing.haystack import Haystack
-    from headprof.probing.scoring import forced_tokens
 
     lm = replace(loaded(arch), tokenizer=char_tokenizer())
     ps = probes.build_probe_set("r2", [400], 8, seed=2)
@@ -147,11 +147,11 @@ def test_families_and_teacher_forcing_equal_the_naive_computation(arch):
         gold = forced_tokens(lm.tokenizer, p.answer)
         for f in (fam, RETRIEVAL):
             run = score_probe(lm, r, f, forced=gold)
-            greedy, slow = naive_scores(lm, r.input_ids, r.answer_span, f.method == "r2", 0, forced=gold)
+            greedy, slow = naive_scores(lm, r.input_ids, r.answer_span, f.protocol == "r2", 0, forced=gold)
             np.testing.assert_allclose(run.scores, slow, atol=1e-5)
             assert run.followed == (greedy == gold)
             assert run.response == lm.tokenizer.decode(gold).strip()
-            weights[f.method] += slow.sum()
+            weights[f.protocol] += slow.sum()
     assert weights["r2"] > 0  # the comparison is not vacuous
 
 

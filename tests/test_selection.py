@@ -6,8 +6,8 @@ import pytest
 import torch
 from fakes import loaded
 
-from headprof import HeadprofError
-from headprof.compression import compress, generation, methods
+from headprof import HeadprofError, methods
+from headprof.compression import compress, generation
 from headprof.compression.selection import kept_positions
 from headprof.kv.decode_cache import alone
 from headprof.kv.heads import HeadKVLayer

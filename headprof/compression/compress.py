@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from headprof.compression.methods import Method
 from headprof.kv import latent
 from headprof.layout import INDEXED_KINDS, SLIDING_KINDS, HeadLayout, check_compressible, compressible
+from headprof.methods import Method
 
 
 @dataclass(frozen=True)

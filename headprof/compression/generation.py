@@ -20,9 +20,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache, StoppingCriteria
 
-from headprof import capture
+from headprof import capture, methods
 from headprof.capture import AttentionCapture
-from headprof.compression import methods
 from headprof.compression.compress import Plan, compressed_layers, make_plan
 from headprof.defaults import BETA, KERNEL, WINDOW
 from headprof.errors import BatchOutOfMemory, HeadprofError, out_of_memory
@@ -117,7 +116,7 @@ def compression(model, method: str | methods.Method = "headkv", budget: int = 12
             out = model.generate(ids, cache=cache, max_new_tokens=64)
 
     `method`: a name or spec ("headkv:beta=1.5") with `window`, `kernel`, `beta`, `group_reduce` for the
-    options it has, or a built `headprof.compression.methods` instance (its own parameters). The model's attention is
+    options it has, or a built `headprof.methods` instance (its own parameters). The model's attention is
     routed through headprof's attention function (it computes what SDPA computes). One generation per
     context: the prompt is compressed at prefill, then it decodes. (Before transformers renamed it, the
     argument was `past_key_values=cache`; `models.with_cache` picks the name.)

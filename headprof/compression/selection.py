@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from headprof.compression import methods
+from headprof import methods
 from headprof.compression.compress import compressed_layers, make_plan
 from headprof.compression.generation import Prefill, prefill
 from headprof.errors import HeadprofError

@@ -134,13 +134,13 @@ def default_lengths(max_positions: int, cap: int = 4000) -> list[int]:
     return [max(100, round(top * i / 5 / 100) * 100) for i in range(1, 6)]
 
 
-def load_needles(path: Path, method: str) -> list[fam.Needle]:
+def load_needles(path: Path, protocol: str) -> list[fam.Needle]:
     """A user's needles (JSONL: needle, question, answer; optionally fact or real_needle, the correct-fact
     sentence; r2 also distractor or distractors)."""
     def parse(d: dict[str, Any]) -> fam.Needle:
         ds = d.get("distractors") or ([d["distractor"]] if d.get("distractor") else [])
-        if fam.needs_distractors(method) and not ds:
-            raise ProbeError(f"an {method} needle needs a 'distractor' (a wrong fact of the same kind, inside the "
+        if fam.needs_distractors(protocol) and not ds:
+            raise ProbeError(f"an {protocol} needle needs a 'distractor' (a wrong fact of the same kind, inside the "
                              "needle)")
         fact = str(d.get("fact") or d.get("real_needle") or "")
         return fam.Needle(str(d["needle"]), str(d["question"]), str(d["answer"]), fact,
@@ -150,7 +150,7 @@ def load_needles(path: Path, method: str) -> list[fam.Needle]:
                                      ProbeError)]
 
 
-def build_probe_set(method: str, lengths: Sequence[int], depths: int, seed: int = 0,
+def build_probe_set(protocol: str, lengths: Sequence[int], depths: int, seed: int = 0,
                     needles: Sequence[fam.Needle] | None = None, haystack: Haystack | None = None,
                     exclude: frozenset[str] = frozenset(), version: str | None = None,
                     families: Sequence[str] | str | None = None, draw: int = 0) -> ProbeSet:
@@ -160,18 +160,18 @@ def build_probe_set(method: str, lengths: Sequence[int], depths: int, seed: int 
     repeat a profile's probes). `version` picks the probe-set version (families.VERSIONS); `families`
     the families a mixing version draws from; `draw` > 0 draws the grid again with new needles.
     """
-    if method not in fam.METHODS:
-        raise ProbeError(f"unknown probe family '{method}' (use {' or '.join(fam.METHODS)})")
-    version = version or fam.VERSIONS[method][0]
-    chosen = fam.parse(families, method, version)
+    if protocol not in fam.PROTOCOLS:
+        raise ProbeError(f"unknown probe family '{protocol}' (use {' or '.join(fam.PROTOCOLS)})")
+    version = version or fam.VERSIONS[protocol][0]
+    chosen = fam.parse(families, protocol, version)
     if not lengths:
         raise ProbeError("at least one length is needed")
     for n in lengths:
         if n <= 0:
             raise ProbeError(f"lengths must be positive token counts, got {n}")
     haystack = haystack or Haystack(seed)
-    mixed = fam.mixes(method, version)
-    with_fact = fam.carries_fact(method, version)
+    mixed = fam.mixes(protocol, version)
+    with_fact = fam.carries_fact(protocol, version)
 
     def make(rng: random.Random) -> fam.Needle:
         nd = fam.get(rng.choice(list(chosen)) if mixed else chosen[0]).make(rng).check()
@@ -184,17 +184,17 @@ def build_probe_set(method: str, lengths: Sequence[int], depths: int, seed: int 
             if needles:
                 nd = needles[(li * depths + di) % len(needles)]
             else:
-                nd = make(random.Random(f"{method}-{seed}-{length}-{di}{suffix}"))
+                nd = make(random.Random(f"{protocol}-{seed}-{length}-{di}{suffix}"))
                 for retry in range(1, 200):
                     if nd.needle not in exclude and nd.question not in exclude:
                         break
-                    nd = make(random.Random(f"{method}-{seed}-{length}-{di}{suffix}-{retry}"))
-            probes.append(Probe(id=f"{method}-L{length}-D{round_pct(depth)}{suffix}", family=method,
+                    nd = make(random.Random(f"{protocol}-{seed}-{length}-{di}{suffix}-{retry}"))
+            probes.append(Probe(id=f"{protocol}-L{length}-D{round_pct(depth)}{suffix}", family=protocol,
                                 length=int(length), depth=depth, needle=nd.needle, question=nd.question,
                                 answer=nd.answer, distractors=nd.distractors,
                                 kind=nd.kind if mixed or with_fact else None, fact=nd.fact))
     name = "headprof-default" if needles is None and haystack.path is None else "custom"
-    return ProbeSet(name=name, version=version, family=method, seed=seed, lengths=tuple(lengths),
+    return ProbeSet(name=name, version=version, family=protocol, seed=seed, lengths=tuple(lengths),
                     depths=depths, haystack=haystack.identity, probes=tuple(probes),
                     families=chosen if mixed and needles is None else None)
 

@@ -14,12 +14,12 @@ from headprof.errors import ProbeError
 from headprof.probing.families import comparison, disambiguation, paper, paper_v1, retrieval, two_hop
 from headprof.probing.families.base import SPANS, Family, Needle, UserNeedles, span_text, step_rows
 
-__all__ = ["FAMILIES", "METHODS", "R2_FAMILIES", "SPANS", "Family", "Needle", "UserNeedles", "span_text", "step_rows",
+__all__ = ["FAMILIES", "PROTOCOLS", "R2_FAMILIES", "SPANS", "Family", "Needle", "UserNeedles", "span_text", "step_rows",
            "get", "parse", "VERSIONS", "for_version", "carries_fact", "mixes", "needs_distractors"]
 
 FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (retrieval, disambiguation, comparison, paper,
                                                                   two_hop, paper_v1)}
-METHODS = ("retrieval", "r2")
+PROTOCOLS = ("retrieval", "r2")
 R2_FAMILIES = ("disambiguation", "comparison", "paper", "two-hop")
 
 # method -> versions, newest (the default) first
@@ -35,35 +35,35 @@ def get(name: str) -> Family:
     return FAMILIES[name]
 
 
-def for_version(method: str, version: str) -> tuple[str, ...]:
+def for_version(protocol: str, version: str) -> tuple[str, ...]:
     """The families a method's probe-set version draws from."""
-    if method not in METHODS:
-        raise ProbeError(f"unknown scoring method '{method}' (use {' or '.join(METHODS)})")
-    if version not in VERSIONS[method]:
-        raise ProbeError(f"unknown {method} probe-set version '{version}' (use {', '.join(VERSIONS[method])})")
-    return _FAMILIES_OF[(method, version)]
+    if protocol not in PROTOCOLS:
+        raise ProbeError(f"unknown scoring method '{protocol}' (use {' or '.join(PROTOCOLS)})")
+    if version not in VERSIONS[protocol]:
+        raise ProbeError(f"unknown {protocol} probe-set version '{version}' (use {', '.join(VERSIONS[protocol])})")
+    return _FAMILIES_OF[(protocol, version)]
 
 
-def mixes(method: str, version: str) -> bool:
+def mixes(protocol: str, version: str) -> bool:
     """Whether each cell draws its family from the mix (so a chosen subset is allowed)."""
-    return len(for_version(method, version)) > 1
+    return len(for_version(protocol, version)) > 1
 
 
-def needs_distractors(method: str) -> bool:
+def needs_distractors(protocol: str) -> bool:
     """Whether a user's needles for this method must name wrong facts (the reasoning families do)."""
-    return all(FAMILIES[f].candidates > 1 for f in for_version(method, VERSIONS[method][0]))
+    return all(FAMILIES[f].candidates > 1 for f in for_version(protocol, VERSIONS[protocol][0]))
 
 
-def carries_fact(method: str, version: str) -> bool:
-    return (method, version) not in _WITHOUT_FACT
+def carries_fact(protocol: str, version: str) -> bool:
+    return (protocol, version) not in _WITHOUT_FACT
 
 
-def parse(text: str | Sequence[str] | None, method: str, version: str) -> tuple[str, ...]:
+def parse(text: str | Sequence[str] | None, protocol: str, version: str) -> tuple[str, ...]:
     """The families to mix (default: all of the version's), validated."""
-    allowed = for_version(method, version)
+    allowed = for_version(protocol, version)
     if text is None:
         return allowed
-    if not mixes(method, version):
+    if not mixes(protocol, version):
         raise ProbeError("--families chooses among r2 (version 2 and later) probes only")
     names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
     unknown = [n for n in names if n not in allowed]

@@ -1,6 +1,6 @@
 """What a probe family is: a needle generator with its spans, top-k, per-step head score and answer rule.
 
-Two scoring methods exist, and each family belongs to one:
+Two scoring protocols exist, and each family belongs to one:
 
 - `retrieval` (Wu et al., Retrieval Head): at each decode step, +1/N for a head whose top-1 attended
   position lies in the span and holds the token generated at this step (N = span tokens);
@@ -76,7 +76,12 @@ class Family:
     """One probe family. Subclasses set `name`, `method`, `candidates` and implement `make`."""
 
     name: str = ""
-    method: str = ""  # "retrieval" or "r2": which per-step score
+    protocol: str = ""  # the scoring protocol, "retrieval" or "r2": which per-step score
+
+    @property
+    def top1(self) -> bool:
+        """Whether its step scores the top-1 hit on the span (retrieval) rather than the top-k weight on it (r2)."""
+        return self.protocol == "retrieval"
     candidates: int = 1  # how many same-kind facts the needle offers; chance = 1 / candidates
     rule: str = "answer_f1"  # the answer check (answers.RULES) of probes from this family
     topk_rule: str = ""  # how k is chosen, as profiles record it
@@ -111,11 +116,11 @@ def step_rows(retrieval: torch.Tensor, top_vals: torch.Tensor, top_idx: torch.Te
     return torch.where(retrieval.view(-1, 1, 1), hits, r2)
 
 
-def _one(method: str, top_vals: torch.Tensor, top_idx: torch.Tensor, tokens: torch.Tensor, generated: int,
+def _one(protocol: str, top_vals: torch.Tensor, top_idx: torch.Tensor, tokens: torch.Tensor, generated: int,
          span: tuple[int, int]) -> torch.Tensor:
     """`step_rows` for one probe (layers, heads, k): the rule has one definition."""
     dev = top_idx.device
-    return step_rows(torch.tensor([method == "retrieval"], device=dev), top_vals[None].float(), top_idx[None],
+    return step_rows(torch.tensor([protocol == "retrieval"], device=dev), top_vals[None].float(), top_idx[None],
                      torch.tensor([top_idx.shape[-1]], device=dev), torch.tensor([span], device=dev), tokens[None],
                      torch.tensor([generated], device=dev))[0]
 
@@ -130,7 +135,7 @@ def r2_step(top_vals: torch.Tensor, top_idx: torch.Tensor, span: tuple[int, int]
 
 
 class RetrievalFamily(Family):
-    method = "retrieval"
+    protocol = "retrieval"
     topk_rule = "1"
 
     def topk(self, span_tokens: int) -> int:
@@ -138,7 +143,7 @@ class RetrievalFamily(Family):
 
 
 class ReasoningFamily(Family):
-    method = "r2"
+    protocol = "r2"
     candidates = 3
     topk_rule = "span tokens"
 
@@ -149,9 +154,9 @@ class ReasoningFamily(Family):
 class UserNeedles(Family):
     """Needles the user brings (`--needles`, or a preset's folder): scored with the method's step."""
 
-    def __init__(self, method: str, rule: str, candidates: int = 1) -> None:
-        self.name, self.method, self.rule, self.candidates = "user", method, rule, candidates
-        self._base = next(b() for b in (RetrievalFamily, ReasoningFamily) if b.method == method)
+    def __init__(self, protocol: str, rule: str, candidates: int = 1) -> None:
+        self.name, self.protocol, self.rule, self.candidates = "user", protocol, rule, candidates
+        self._base = next(b() for b in (RetrievalFamily, ReasoningFamily) if b.protocol == protocol)
         self.topk_rule = self._base.topk_rule
 
     def topk(self, span_tokens: int) -> int:

@@ -9,7 +9,7 @@ how the cache is cut:
 A method is a small dataclass: its parameters are its fields (`HeadKV(beta=1.5, profile=prof)`), built by
 name with `build("headkv", beta=1.5)` or from a spec `"headkv:beta=1.5,profile=r2"` (`parse_spec`).
 Adding a method is one module in this package: subclass `Method` as a dataclass, decorate it with
-`@register`, import it in `headprof/compression/methods/__init__.py`.
+`@register`, import it in `headprof/methods/__init__.py`.
 """
 
 from __future__ import annotations

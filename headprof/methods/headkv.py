@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from headprof.compression.allocate import BudgetError, capacity, prefix_budget, share
-from headprof.compression.methods.base import Method, Scorer, pooled_window, register
 from headprof.defaults import BETA
+from headprof.methods.base import Method, Scorer, pooled_window, register
 
 
 def headkv(scores: np.ndarray, budget: int, window: int, prefix: int | np.ndarray, compressible: np.ndarray,

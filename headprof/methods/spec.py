@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from headprof.compression.methods.base import REGISTRY, Method, build, names, pooled_window
 from headprof.errors import MethodError
+from headprof.methods.base import REGISTRY, Method, build, names, pooled_window
 
 SCORERS = {"pooled": pooled_window}  # token scorers a spec may name (scorer=pooled)
 

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from headprof.compression.methods.base import Method, register
+from headprof.methods.base import Method, register
 
 
 @register

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from headprof.compression.methods.base import Method, register
+from headprof.methods.base import Method, register
 
 SINK = 4
 
