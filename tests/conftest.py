@@ -1,7 +1,14 @@
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# The Triton decode kernel runs on CPU tensors under Triton's interpreter, which must be on before the kernel's module
+# is imported (it is imported on first use). Only the tests that name the `triton` backend run it; on CPU every
+# default stays `torch`. On a CUDA machine the kernel compiles for real.
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 

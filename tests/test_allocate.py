@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from headprof.compression import allocate
-from headprof.compression.allocate import BudgetError
+from headprof.methods import allocate
 from headprof.methods.adakv import adakv_layer
+from headprof.methods.allocate import BudgetError
 from headprof.methods.headkv import headkv
 from headprof.methods.pyramidkv import pyramid
 

@@ -335,8 +335,9 @@ def test_a_forced_backend_that_can_run_on_no_layer_is_refused_in_one_line(monkey
         assert "not installed" in attention.unavailable("flash", "cuda", torch.bfloat16)
         m.setattr(importlib.util, "find_spec", lambda name: object())
         assert attention.unavailable("flash", "cuda", torch.bfloat16) is None
-        assert attention.available("cuda", torch.bfloat16) == ["torch", "flash"]
-        assert attention.available("cuda", torch.bfloat16, sliding=True) == ["torch"]  # per layer: torch
+        kernel = ["triton"] if torch.cuda.is_available() else []  # the default on CUDA where Triton runs
+        assert attention.available("cuda", torch.bfloat16) == kernel + ["torch", "flash"]
+        assert attention.available("cuda", torch.bfloat16, sliding=True) == kernel + ["torch"]  # per layer: torch
     monkeypatch.setenv("HEADPROF_ATTENTION", "magic")
     with pytest.raises(HeadprofError, match="use one of flash, torch"):
         attention.pick("cpu", torch.float32)

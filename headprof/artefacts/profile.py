@@ -71,7 +71,7 @@ class Profile:
         return write_atomic(path, json.dumps(self.data, indent=1) + "\n", force)
 
     def check_fits(self, layout) -> None:
-        """Refuse a profile made for a model with another head layout (`layout`: models.HeadLayout), or whose layers
+        """Refuse a profile made for a model with another head layout (`layout`: layout.HeadLayout), or whose layers
         with heads are not this model's (a hybrid model's profile on a dense one, or the other way round)."""
         m = self.model
         theirs = (m["num_layers"], m["num_query_heads"], m["num_kv_heads"])

@@ -4,7 +4,7 @@ At prefill, the capture mechanism hands each layer the attention of the last `wi
 (fp32 softmax rows). The method (`headprof/methods`) decides how many positions each head keeps and
 which (its scorer turns the rows into per-position scores: SnapKV's pooled window attention by default);
 the window is always kept. Which layers can be compressed, and the range of positions a head of a
-sliding-window layer may keep, come from the layer kinds (`models.layer_kinds`).
+sliding-window layer may keep, come from the layer kinds (`layout.layer_kinds`).
 """
 
 from __future__ import annotations

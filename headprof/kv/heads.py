@@ -72,7 +72,12 @@ class HeadKVLayer(LayerKind, DynamicLayer):
         self.next_free = np.zeros(0, dtype=np.int64)  # (heads,) each head's first free slot when the room was laid out
         self.win: Windows | None = None
         self.returned: torch.Tensor | None = None
-        self.backend: str | None = None  # the attention backend, chosen at the first call (attention.py)
+        self.backend: str | None = None  # the attention backend that reads it, chosen at each layout (`readers`)
+        self.value_dim = 0
+        # per window: where its segment starts in the buffer (int64) and its kept tokens (int32), on the device, for
+        # a backend that reads each segment by its bounds; with `generated` they give its length
+        self.starts: torch.Tensor | None = None
+        self.kept_dev: torch.Tensor | None = None
         self.order = self.unorder = None  # device copies of `seg.order` and `seg.unorder`
         # device copies of `seg.first_w` and `seg.kept_end_w`, (heads, 1); scalars for the additive mask
         self._first_dev = self._kept_end_dev = self._zero = self._ninf = None
@@ -173,6 +178,9 @@ class HeadKVLayer(LayerKind, DynamicLayer):
         self._first_dev, self._kept_end_dev = _on(seg.first_w[:, None], device), _on(seg.kept_end_w[:, None], device)
         self._zero = torch.zeros((), dtype=entries.dtype, device=device)
         self._ninf = torch.full((), float("-inf"), dtype=entries.dtype, device=device)
+        self.kept_dev = _on(seg.kept_w.astype(np.int32), device)
+        self.value_dim = entries.shape[-1] - self.key_dim
+        self.backend = readers.choose(self, entries)
         self.room = 0
         self._place(entries, positions, np.concatenate([[0], np.cumsum(lens)[:-1]]), 0, win)
 
@@ -247,11 +255,9 @@ class HeadKVLayer(LayerKind, DynamicLayer):
         self.generated, self.dropped = moved, self.dropped + keep_from
         self.room, self.win = room, win
         self.next_free = self._segments(win) + lens  # each head's first free slot
-        if not self.uniform:
-            j = np.arange(self.reach + room)
-            mine = (j >= self.seg.first_w[:, None]) & (j < self.seg.kept_end_w[:, None] + self.generated)
-            self._set_open(_on(mine[None, :, None], kv.device))
-        else:  # (a layout made uniform by sequences leaving drops its mask)
+        if not self.uniform and readers.masked(self.backend):
+            self._set_open(self._mask(kv.device))
+        else:  # (a layout made uniform by sequences leaving drops its mask; a backend that reads bounds needs none)
             self._open = self._open_rows = None
         self._ready()
 
@@ -261,7 +267,8 @@ class HeadKVLayer(LayerKind, DynamicLayer):
         indices per head and free step, as `next_free` does per head, not tokens: `nbytes` does not count them."""
         ahead, device = np.arange(self.generated, self.room)[:, None], self.kv.device
         slots = list(_on(self.next_free + ahead, device).unbind(0))
-        cols = [None] * len(slots) if self.uniform else list(
+        self.starts = _on(np.asarray(self.win.start, dtype=np.int64), device)
+        cols = [None] * len(slots) if self._open is None else list(
             _on(self.seg.kept_end_w[:, None] + ahead[:, None], device).unbind(0))
         self.steps = Steps(self.generated, slots, cols)
         self._views = None if self.uniform else [self._strided(b, w + self.room)
@@ -269,6 +276,12 @@ class HeadKVLayer(LayerKind, DynamicLayer):
 
     def _hold(self, kv: torch.Tensor) -> None:
         self.kv, self.k, self.v = kv, kv[:, :self.key_dim], kv[:, self.key_dim:]
+
+    def _mask(self, device: torch.device) -> torch.Tensor:
+        """(1, heads, 1, reach + room) bool: what each window may read now (its kept and generated entries)."""
+        j = np.arange(self.reach + self.room)
+        mine = (j >= self.seg.first_w[:, None]) & (j < self.seg.kept_end_w[:, None] + self.generated)
+        return _on(mine[None, :, None], device)
 
     def _set_open(self, is_open: torch.Tensor) -> None:
         self._open, self._open_rows = is_open, is_open[0, :, 0]  # (1, heads, 1, width) and a (heads, width) view
@@ -297,9 +310,10 @@ class HeadKVLayer(LayerKind, DynamicLayer):
             return [(*self._strided(self.buckets[0], self.width()), None)]
         if not masked:
             return [(k, v, None) for k, v in self._views]
+        is_open = self._open if self._open is not None else self._mask(self.kv.device)  # (a layer read by bounds)
         if len(self.buckets) == 1:
-            return [(*self._views[0], torch.where(self._open, self._zero, self._ninf))]
-        return [(k, v, torch.where(self._open[:, b.lo:b.hi, :, :k.shape[2]], self._zero, self._ninf))
+            return [(*self._views[0], torch.where(is_open, self._zero, self._ninf))]
+        return [(k, v, torch.where(is_open[:, b.lo:b.hi, :, :k.shape[2]], self._zero, self._ninf))
                 for b, (k, v) in zip(self.buckets, self._views, strict=True)]
 
     def window_bounds(self, bucket: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -387,7 +401,7 @@ class HeadKVLayer(LayerKind, DynamicLayer):
             return None
         entry = self.kv.shape[-1] * self.kv.element_size()
         per_entry = 0 if self.positions is None else self.positions.element_size()
-        mask = 0 if self.uniform else self.heads
+        mask = 0 if self._open is None else self.heads
         generated = self.generated - self._keep_from(q) + q
         filled = sum(self.lens) + self.heads * generated
         return (self.slack * filled * entry - filled * per_entry - mask * (self.reach + generated),

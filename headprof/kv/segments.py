@@ -59,7 +59,7 @@ class Windows:
 # (benchmarks/bench_throughput.py: a fused SDPA call costs about as much as reading 2^17 key numbers). CUDA: an
 # estimate from an H200 (a bucket's few launches, tens of microseconds, against reading keys, values and mask at a
 # few TB/s), made after one view per layer decoded HeadKV 15x slower than SnapKV at batch 512 there
-# (docs/results.md); at batch 1 no layer saves that much, so small batches keep one view. Other devices: one view.
+# (docs/results/gpu.md); at batch 1 no layer saves that much, so small batches keep one view. Other devices: one view.
 SPLIT_SCALARS = {"cpu": 1 << 17, "cuda": 1 << 24}
 MAX_BUCKETS = 6
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from headprof.compression.allocate import prefix_budget
+from headprof.methods.allocate import prefix_budget
 from headprof.methods.base import Method, Scorer, pooled_window, register, top_positions
 
 SAFEGUARD = 0.2

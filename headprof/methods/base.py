@@ -23,9 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from headprof.compression import allocate
 from headprof.defaults import KERNEL, WINDOW
 from headprof.errors import MethodError
+from headprof.methods import allocate
 
 REGISTRY: dict[str, type[Method]] = {}
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from headprof.compression.allocate import BudgetError, capacity, prefix_budget, share
 from headprof.defaults import BETA
+from headprof.methods.allocate import BudgetError, capacity, prefix_budget, share
 from headprof.methods.base import Method, Scorer, pooled_window, register
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from headprof.compression.allocate import capacity, prefix_budget, share
+from headprof.methods.allocate import capacity, prefix_budget, share
 from headprof.methods.base import Method, register
 
 RATIO = 20.0

@@ -3,11 +3,16 @@ computed, one module per backend, chosen here and nowhere else.
 
 Each KV head reads its own segment of the layer's buffer: the prompt tokens it kept and the tokens generated since,
 causal among the new tokens. A reader module has a `NAME`, `unavailable(device, dtype)` (why it can run on no layer
-there, or None), `SLIDING` (whether it reads layers with a sliding window), `handles(layer)` (the layers it reads;
-the others take `torch`) and `read(layer, rows, q, scaling, softcap)`. Adding a backend is one module and one line in
-`READERS`:
+there, or None), `DEVICES` (where it is the default, None: everywhere it runs), `SLIDING` (whether it reads layers
+with a sliding window), `MASKED` (whether it reads the layer's mask of what each window may read: a layer read
+without one holds none), `handles(layer)` (the layers it reads; the others take `torch`), optionally
+`refuses(layer)` (why a layer it is forced on cannot be read) and `read(layer, rows, q, scaling, softcap)`. Adding a
+backend is one module and one line in `READERS`:
 
-- `torch` (`sdpa.py`): PyTorch's fused SDPA over the layer's strided views, any device and dtype: the default.
+- `triton` (`kernel.py`): one flash-decoding kernel over every segment, reading only what each holds: the default
+  on CUDA;
+- `torch` (`sdpa.py`): PyTorch's fused SDPA over the layer's strided views, any device and dtype: the default
+  elsewhere;
 - `flash` (`flash.py`): flash-attn's kv-cache kernel over the same views, CUDA, fp16/bf16.
 
 Layers whose heads all keep the same count (SnapKV, StreamingLLM; PyramidKV where a layer's budget divides
@@ -23,9 +28,9 @@ import os
 import torch
 
 from headprof.errors import HeadprofError
-from headprof.kv.readers import flash, sdpa
+from headprof.kv.readers import flash, kernel, sdpa
 
-READERS = {m.NAME: m for m in (sdpa, flash)}  # the first that can run is the default
+READERS = {m.NAME: m for m in (kernel, sdpa, flash)}  # the first that can run here is the default
 BACKENDS = tuple(sorted(READERS))
 
 
@@ -34,7 +39,8 @@ def available(device: torch.device | str, dtype: torch.dtype, softcap: float | N
     """Backends that can run here, the default first."""
     kind = torch.device(device).type
     return [name for name, m in READERS.items()
-            if (m.SLIDING or not sliding) and m.unavailable(kind, dtype) is None]
+            if (m.SLIDING or not sliding) and (m.DEVICES is None or kind in m.DEVICES)
+            and m.unavailable(kind, dtype) is None]
 
 
 def unavailable(backend: str, device: str, dtype: torch.dtype) -> str | None:
@@ -52,16 +58,15 @@ def _pick(device: str, dtype: torch.dtype, softcap: float | None, sliding: bool,
     """The default backend, or the one `HEADPROF_ATTENTION` forces: refused in one line where it can run on no
     layer (a benchmark or a run labelled with a backend must have used it), left to `torch` on the layers it
     does not handle."""
-    options = available(device, dtype, softcap, sliding)
     if wanted:
         if wanted not in READERS:
             raise HeadprofError(f"HEADPROF_ATTENTION={wanted}: use one of {', '.join(BACKENDS)}")
         why = unavailable(wanted, device, dtype)
         if why:
             raise HeadprofError(f"HEADPROF_ATTENTION={wanted}: {why}; unset it to use the default backend")
-        if wanted in options:
+        if READERS[wanted].SLIDING or not sliding:
             return wanted
-    return options[0]
+    return available(device, dtype, softcap, sliding)[0]
 
 
 def attend(layer, query: torch.Tensor, scaling: float, softcap: float | None,
@@ -76,17 +81,30 @@ def attend(layer, query: torch.Tensor, scaling: float, softcap: float | None,
     rows = query.reshape(1, heads, hq * b // heads * q, d)  # sequence s's query head h reads its KV head h // group
     if not layer.in_order:  # window i belongs to KV head win.order[i]
         rows = rows.index_select(1, layer.order)
-    if backend is None:
-        if layer.backend is None:  # decided once per layer (equal counts are a dense view, and keys and values of
-            # different widths a view no kernel takes: torch)
-            torch_only = layer.uniform or layer.k.shape[-1] != layer.v.shape[-1]
-            chosen = "torch" if torch_only else pick(query.device, query.dtype, softcap,
-                                                     layer.sliding_window is not None)
-            layer.backend = chosen if READERS[chosen].handles(layer) else "torch"
-        backend = layer.backend
-    out = READERS[backend].read(layer, rows, q, scaling, softcap)
+    out = READERS[backend or layer.backend].read(layer, rows, q, scaling, softcap)
     if not layer.in_order:
         out = out.index_select(1, layer.unorder)
     if q == 1:
         return out.view(b, 1, hq, -1)
     return out.view(b, hq, q, -1).transpose(1, 2)
+
+
+def choose(layer, like: torch.Tensor) -> str:
+    """The backend that reads a per-head layer being laid out (`heads.HeadKVLayer._lay_out`; `like`: its entries, on
+    their device and in their dtype), decided once per layout:
+    equal counts are a dense view, and keys and values of different widths a view no kernel takes: `torch`;
+    otherwise the default or the forced backend, where it handles the layer (else `torch`, as documented above). A
+    forced backend that refuses the layer is refused in one line naming why."""
+    if layer.uniform or layer.key_dim != layer.value_dim:
+        return "torch"
+    chosen = pick(like.device, like.dtype, None, layer.sliding_window is not None)
+    reader = READERS[chosen]
+    why = getattr(reader, "refuses", lambda _: None)(layer)
+    if why and chosen == os.environ.get("HEADPROF_ATTENTION"):
+        raise HeadprofError(f"HEADPROF_ATTENTION={chosen}: {why}; unset it to use the default backend")
+    return chosen if reader.handles(layer) else "torch"
+
+
+def masked(backend: str) -> bool:
+    """Whether a layer read by `backend` must hold the mask of what each window may read."""
+    return READERS[backend].MASKED

@@ -13,6 +13,8 @@ import torch
 from headprof.kv.readers.views import by_bucket
 
 NAME = "flash"
+MASKED = False
+DEVICES = None
 SLIDING = False
 
 
@@ -28,7 +30,7 @@ def unavailable(device: str, dtype: torch.dtype) -> str | None:
 
 
 def handles(layer) -> bool:
-    return not layer.uniform and layer.k.shape[-1] == layer.v.shape[-1]
+    return not layer.uniform and layer.key_dim == layer.value_dim
 
 
 def read(layer, rows: torch.Tensor, q: int, scaling: float, softcap: float | None) -> torch.Tensor:

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from headprof.kv.readers.views import by_bucket
 
 NAME = "torch"
+MASKED = True
+DEVICES = None
 SLIDING = True
 
 
