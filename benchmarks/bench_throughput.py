@@ -35,8 +35,12 @@ from transformers import DynamicCache
 sys.path.insert(0, str(Path(__file__).parent))
 import synthetic  # noqa: E402
 
-from headprof import capture, models
-from headprof.compression import generation, methods  # noqa: E402
+from headprof import (
+    capture,
+    methods,  # noqa: E402
+    models,
+)
+from headprof.compression import generation  # noqa: E402
 from headprof.kv.cache import held_bytes  # noqa: E402
 from headprof.models import with_cache  # noqa: E402
 
@@ -65,7 +69,7 @@ def decode(lm, prefill, batch: int, steps: int, repeats: int = 1) -> tuple[float
         tok = prefill[1].repeat(batch)[:, None]
         kw = with_cache(lm.model, cache)
         sync = torch.cuda.synchronize if tok.is_cuda else (lambda: None)
-        with capture.compressed(cache) if hasattr(cache, "compressed_layer") else contextlib.nullcontext():
+        with capture.compressed(cache) if hasattr(cache, "reader") else contextlib.nullcontext():
             tok = lm.model(tok, **kw).logits[:, -1:].argmax(-1)  # warm-up step (and the room's first growth)
             sync()
             start = time.perf_counter()

@@ -179,16 +179,24 @@ def score_batch(lm: LoadedModel, jobs: list[ProbeJob],
              + torch.tensor(pads, device=device)[:, None])  # in the batch's columns: each row's padding added
     generated: list[list[int]] = [[] for _ in live]
     predicted: list[list[torch.Tensor]] = [[] for _ in live]
+    # teacher-forced tokens as one device tensor (rows that decode freely take their greedy token), so that a step
+    # copies nothing from the host: the one host read per step is the greedy tokens the stopping rules need
+    forced = torch.zeros(n, most, dtype=torch.long, device=device)
+    is_forced = torch.tensor([job.forced is not None for job in live], device=device)
+    for b, job in enumerate(live):
+        if job.forced is not None:
+            forced[b, :len(job.forced)] = torch.tensor(job.forced, device=device)
     active = list(range(n))  # which probes the batch's rows hold, in order
+    rows = torch.arange(n, device=device)  # the same, on the device (changed only when a probe ends)
+    free = not bool(is_forced.all())
     for step in range(most):
-        rows = torch.tensor(active, device=device)
         pos = (positions[rows, -1] + step)[:, None]
         with AttentionCapture(sink, official=official):
             logits = forward(seq[rows, width - 1 + step][:, None], rows, width + step, pos)
         greedy = logits[:, -1].argmax(-1)
-        chosen = greedy.tolist() if any(live[b].forced is None for b in active) else None
+        token_t = torch.where(is_forced[rows], forced[rows, step], greedy)
+        chosen = greedy.tolist() if free else None
         tokens = [live[b].forced[step] if live[b].forced is not None else chosen[r] for r, b in enumerate(active)]
-        token_t = torch.tensor(tokens, device=device)
         m = len(active)
         totals[rows] += fam.step_rows(is_retrieval[rows], top_vals[:m], top_idx[:m], k_of[rows], spans[rows],
                                       seq[rows, :width + step], token_t)
@@ -213,6 +221,8 @@ def score_batch(lm: LoadedModel, jobs: list[ProbeJob],
             keep = [r for r in range(len(active)) if r not in ended]
             if not keep:
                 break
-            cache.batch_select_indices(torch.tensor(keep, device=device))
-            active = [active[r] for r in keep]
+            kept = torch.tensor(keep, device=device)
+            cache.batch_select_indices(kept)
+            active, rows = [active[r] for r in keep], rows[kept]
+            free = any(live[b].forced is None for b in active)
     return runs  # type: ignore[return-value]
