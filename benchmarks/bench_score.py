@@ -4,7 +4,9 @@ The probes are scored exactly as `headprof score` scores them (chat template, th
 the end of the answer's line, at most 50 tokens). For each prompt length it prints probes per second
 with headprof's capture at each batch size, the plain SDPA prefill of the same tokens (prompt + the
 answer headprof generated, one forward per probe, no capture, no decoding), the ratio of the best
-batch size to the plain prefills (target on CPU: <= 1.3), the naive eager + output_attentions
+batch size to the plain prefills (target on CPU: <= 1.3), `model.generate` of the same prompts at the largest batch
+size for the same number of steps as that batch decoded (plain SDPA, no capture: the limit of batched scoring; target on
+a GPU: <= 1.3x at batch 16), the naive eager + output_attentions
 scorer (headprof.probing.reference, one probe at a time), and the peak RSS of each. Every measurement runs in
 its own process, so a peak RSS belongs to one configuration.
 
@@ -23,6 +25,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def measure(mode: str, model: str, length: int, n_probes: int, method: str, device: str, dtype: str) -> dict:
@@ -52,6 +55,25 @@ def measure(mode: str, model: str, length: int, n_probes: int, method: str, devi
         for chunk in scoring.batches(work, size):
             runs = scoring.score_batch(lm, [job for _, job in chunk])
             tokens += sum(len(job.rendered.input_ids) + r.steps for (_, job), r in zip(chunk, runs, strict=True))
+    elif mode.startswith("generate"):  # the limit: the same prompts, batched, decoded as long as scoring decoded them
+        size = int(mode[8:])
+        chunks = scoring.batches(work, size)
+        steps = [max(r.steps for r in scoring.score_batch(lm, [job for _, job in chunk])) for chunk in chunks]
+        pad = lm.tokenizer.eos_token_id if lm.tokenizer.eos_token_id is not None else 0
+        batches = []
+        for chunk in chunks:
+            prompts = [job.rendered.input_ids for _, job in chunk]
+            width = max(len(x) for x in prompts)
+            ids = torch.tensor([[pad] * (width - len(x)) + x for x in prompts], device=lm.model.device)
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompts], device=lm.model.device)
+            batches.append((ids, mask))
+        sync()
+        with capture.implementation(lm.model, "sdpa"):
+            t = time.perf_counter()
+            for (ids, mask), n_steps in zip(batches, steps, strict=True):
+                lm.model.generate(ids, attention_mask=mask, max_new_tokens=n_steps, min_new_tokens=n_steps,
+                                  do_sample=False, pad_token_id=pad, top_p=None, top_k=None, temperature=None)
+                tokens += int(mask.sum()) + n_steps * len(ids)
     elif mode == "naive":
         for _, job in work:
             naive_scores(lm, job.rendered.input_ids, job.rendered.answer_span, job.family.protocol == "r2",
@@ -84,6 +106,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--no-naive", action="store_true", help="skip the naive scorer (slow on long prompts)")
+    ap.add_argument("--json", default=None, help="also write every figure to this file")
     ap.add_argument("--child", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
@@ -97,11 +120,12 @@ def main() -> None:
 
     print(f"model {args.model}, method {args.method}, {n} probes per length, {args.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads", flush=True)
-    modes = [f"batch{b}" for b in sizes] + ["plain"] + ([] if args.no_naive else ["naive"])
+    modes = [f"batch{b}" for b in sizes] + ["plain", f"generate{max(sizes)}"] + ([] if args.no_naive else ["naive"])
     memory = "peak_gpu_mb" if cuda else "peak_rss_mb"
     print(f"{'length':>6} {'mode':>8} {'probes/s':>9} {'s/probe':>8} {'x plain':>8} {'tokens':>7} "
           f"{'peak GPU MB' if cuda else 'peak RSS MB':>11}")
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    every = {}
     for length in [int(x) for x in args.lengths.split(",")]:
         res = {}
         for mode in modes:
@@ -123,6 +147,14 @@ def main() -> None:
             best = min(batched, key=lambda m: res[m]["seconds"])
             print(f"{length:>6} best {best}: {res[best]['seconds'] / plain['seconds']:.2f}x the plain prefills "
                   f"(target <= 1.3)", flush=True)
+        limit, largest = res.get(f"generate{max(sizes)}"), f"batch{max(sizes)}"
+        if limit and largest in res:
+            print(f"{length:>6} {largest}: {res[largest]['seconds'] / limit['seconds']:.2f}x model.generate of the "
+                  f"same prompts and steps at that batch (target on a GPU <= 1.3)", flush=True)
+        every[str(length)] = res
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "device": args.device, "dtype": args.dtype,
+                                               "probes": n, "by_length": every}, indent=1))
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endf
         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
-def llama3_shaped(layers: int = 32, max_positions: int = 16384) -> LlamaConfig:
-    """Llama-3-8B's head layout (32 layers, 32 query heads, 8 KV heads) at hidden size 512, head_dim 16."""
+def llama3_shaped(layers: int = 32, max_positions: int = 16384, head_dim: int = 16) -> LlamaConfig:
+    """Llama-3-8B's head layout (32 layers, 32 query heads, 8 KV heads) at hidden size 512, head_dim 16 (or the real
+    model's 128: an attention stack whose caches are Llama-3-8B's, per layer, at a small hidden size)."""
     return LlamaConfig(vocab_size=128, hidden_size=512, intermediate_size=1024, num_hidden_layers=layers,
-                       num_attention_heads=32, num_key_value_heads=8, head_dim=16,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=head_dim,
                        max_position_embeddings=max_positions,
                        rope_theta=500000.0, bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
@@ -59,11 +60,11 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def save(path: str | Path, layers: int = 32, seed: int = 0, max_positions: int = 16384) -> Path:
+def save(path: str | Path, layers: int = 32, seed: int = 0, max_positions: int = 16384, head_dim: int = 16) -> Path:
     """Write the model and tokenizer to `path` (a directory) and return it."""
     path = Path(path)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(llama3_shaped(layers, max_positions), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(llama3_shaped(layers, max_positions, head_dim), dtype=torch.float32)
     model.generation_config.eos_token_id = None
     model.save_pretrained(path)
     char_tokenizer().save_pretrained(path)

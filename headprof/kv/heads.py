@@ -69,6 +69,7 @@ class HeadKVLayer(LayerKind, DynamicLayer):
         self.room = 0  # slots per head for generated tokens
         self.generated = 0  # generated tokens held per head
         self.dropped = 0  # generated tokens a sliding window has passed and a growth dropped, per head
+        self.growths = 0  # how often the room was laid out again for new tokens (the benchmarks report it)
         self.next_free = np.zeros(0, dtype=np.int64)  # (heads,) each head's first free slot when the room was laid out
         self.win: Windows | None = None
         self.returned: torch.Tensor | None = None
@@ -204,6 +205,7 @@ class HeadKVLayer(LayerKind, DynamicLayer):
     def _grow(self, q: int, free: int) -> None:
         """Reallocate with room for `q` more tokens per head plus `free` slots. Every segment grows by the same
         amount, so the windows keep their order and only shift."""
+        self.growths += 1
         keep_from = self._keep_from(q)
         room = self.generated - keep_from + q + free
         if keep_from == 0:

@@ -6,7 +6,8 @@ causal among the new tokens. A reader module has a `NAME`, `unavailable(device, 
 there, or None), `DEVICES` (where it is the default, None: everywhere it runs), `SLIDING` (whether it reads layers
 with a sliding window), `MASKED` (whether it reads the layer's mask of what each window may read: a layer read
 without one holds none), `handles(layer)` (the layers it reads; the others take `torch`), optionally
-`refuses(layer)` (why a layer it is forced on cannot be read) and `read(layer, rows, q, scaling, softcap)`. Adding a
+`refuses(layer)` (why a layer it is forced on cannot be read), `entries_read(layer)` (what a decode step reads, for
+the benchmarks) and `read(layer, rows, q, scaling, softcap)`. Adding a
 backend is one module and one line in `READERS`:
 
 - `triton` (`kernel.py`): one flash-decoding kernel over every segment, reading only what each holds: the default
@@ -103,6 +104,11 @@ def choose(layer, like: torch.Tensor) -> str:
     if why and chosen == os.environ.get("HEADPROF_ATTENTION"):
         raise HeadprofError(f"HEADPROF_ATTENTION={chosen}: {why}; unset it to use the default backend")
     return chosen if reader.handles(layer) else "torch"
+
+
+def entries_read(layer, backend: str) -> int:
+    """Entries one decode step over `layer` reads through `backend` (computed from the layout, on any device)."""
+    return READERS[backend].entries_read(layer)
 
 
 def masked(backend: str) -> bool:

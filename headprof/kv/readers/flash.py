@@ -33,6 +33,11 @@ def handles(layer) -> bool:
     return not layer.uniform and layer.key_dim == layer.value_dim
 
 
+def entries_read(layer) -> int:
+    """Entries a decode step reads: each window from its segment's start to its last filled slot."""
+    return layer.entries()
+
+
 def read(layer, rows: torch.Tensor, q: int, scaling: float, softcap: float | None) -> torch.Tensor:
     """(1, heads, group * q, dim) rows in window order -> their outputs, one kernel call per bucket (no masks)."""
     return by_bucket(layer, rows, q, scaling, softcap, _bucket, masked=False)

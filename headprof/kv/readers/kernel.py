@@ -4,7 +4,8 @@ Each program reads one segment's kept and generated entries straight from the la
 start and length (device tensors made when the layer is laid out, plus the generated count the host already
 knows): no strided views, no mask, no padding read. The GQA group's query rows and the new tokens share a program
 (causal among the new tokens); soft-capping and sliding windows (by position) are applied in the kernel; fp32 (IEEE
-products), fp16 and bf16; 64-bit offsets. Long segments are split (`_splits`) so that a batch of one still fills
+products), fp16 and bf16 (read as they are stored, multiplied in fp32: TF32 on the GPU holds a half-precision input
+exactly, and the softmax weights keep 10 bits where a bf16 cast keeps 7); 64-bit offsets. Long segments are split (`_splits`) so that a batch of one still fills
 the GPU; a small combine of the splits' partial results follows. A decode step is one launch and the combine, with
 no host synchronisation.
 
@@ -84,6 +85,11 @@ def _splits(longest: int, segments: int, device: torch.device) -> tuple[int, int
     return math.ceil(blocks / iters), iters
 
 
+def entries_read(layer) -> int:
+    """Entries a decode step reads: each segment's kept and generated entries, nothing else."""
+    return layer.entries()
+
+
 def read(layer, rows: torch.Tensor, q: int, scaling: float, softcap: float | None) -> torch.Tensor:
     """(1, heads, group * q, dim) rows in window order -> their outputs, one launch for the whole layer."""
     _, heads, n_rows, d = rows.shape
@@ -103,7 +109,7 @@ def read(layer, rows: torch.Tensor, q: int, scaling: float, softcap: float | Non
         acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
         D=d, DV=dv, D_PAD=_pow2(d), DV_PAD=_pow2(dv), ROWS=pad, BLOCK_N=BLOCK_N, ITERS=iters,
         HAS_POS=layer.positions is not None, HAS_SOFTCAP=softcap is not None,
-        IEEE=rows.dtype == torch.float32 or _interpreted(), UPCAST=rows.dtype == torch.bfloat16 and _interpreted())
+        IEEE=rows.dtype == torch.float32 or _interpreted(), UPCAST=rows.dtype != torch.float32)
     acc, m, s = acc[:, :, :n_rows, :dv], m[:, :, :n_rows], s[:, :, :n_rows]
     if splits == 1:
         out = acc[0] / s[0, ..., None]

@@ -5,8 +5,8 @@ imported). Program (segment, split) reads keys and values straight from the laye
 start + [split * ITERS * BLOCK_N, ...) of its segment and never past the segment's length, for all the query rows
 of its segment (the GQA group's heads times the new tokens), and writes its split's running max, sum and weighted
 values; `kernel.read` combines the splits. Loop bounds are compile-time (`ITERS`), as Triton 3.6's interpreter needs.
-`UPCAST` computes the products in fp32 from half-precision inputs: the interpreter's bf16 dot product is wrong
-(Triton 3.9: products off by orders of magnitude), so under the interpreter bf16 is checked with fp32 products.
+`UPCAST` multiplies half-precision inputs in fp32 (TF32 on the GPU, exact for them; the interpreter's own bf16 dot
+product is wrong in Triton 3.9, off by orders of magnitude, so this is also what lets the interpreter check bf16).
 """
 
 from __future__ import annotations

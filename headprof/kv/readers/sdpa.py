@@ -23,6 +23,12 @@ def handles(layer) -> bool:
     return True
 
 
+def entries_read(layer) -> int:
+    """Entries a decode step reads: every column of every window of each bucket's view (a masked layer's whole
+    room), whatever its segment holds."""
+    return sum((b.hi - b.lo) * layer.width(i) for i, b in enumerate(layer.buckets))
+
+
 def read(layer, rows: torch.Tensor, q: int, scaling: float, softcap: float | None) -> torch.Tensor:
     """(1, heads, group * q, dim) rows in window order -> their outputs, one fused call per bucket."""
     return by_bucket(layer, rows, q, scaling, softcap, _bucket, masked=True)
