@@ -4,10 +4,10 @@ Each program reads one segment's kept and generated entries straight from the la
 start and length (device tensors made when the layer is laid out, plus the generated count the host already
 knows): no strided views, no mask, no padding read. The GQA group's query rows and the new tokens share a program
 (causal among the new tokens); soft-capping and sliding windows (by position) are applied in the kernel; fp32 (IEEE
-products), fp16 and bf16 (read as they are stored, multiplied in fp32: TF32 on the GPU holds a half-precision input
-exactly, and the softmax weights keep 10 bits where a bf16 cast keeps 7); 64-bit offsets. Long segments are split (`_splits`) so that a batch of one still fills
-the GPU; a small combine of the splits' partial results follows. A decode step is one launch and the combine, with
-no host synchronisation.
+products), fp16 and bf16 (read as stored, multiplied in fp32: TF32 on the GPU holds a half-precision input exactly,
+and the softmax weights keep 10 bits where a bf16 cast keeps 7); 64-bit offsets. Long segments are split
+(`_splits`) so that a batch of one still fills the GPU; a small combine of the splits' partial results follows. A
+decode step is one launch and the combine, with no host synchronisation.
 
 On CPU it runs only where asked for by name under Triton's interpreter (`TRITON_INTERPRET=1`, which the tests
 use to check it against the per-head reference); the CPU default stays `torch`.
