@@ -21,7 +21,7 @@ import sys
 def child(model: str, length: int, method: str, budget: int, new_tokens: int, profile_path: str) -> dict:
     from headprof import methods, models
     from headprof.artefacts import profile
-    from headprof.compression import generation
+    from headprof.compressing import generation
     from headprof.probing import probes
 
     lm = models.load(model, device="cpu")

@@ -34,7 +34,7 @@ import synthetic  # noqa: E402
 
 from headprof import methods, models
 from headprof.artefacts import interop
-from headprof.compression import generation
+from headprof.compressing import generation
 from headprof.kv import readers as attention  # noqa: E402
 
 

@@ -47,7 +47,7 @@ from headprof import (
     methods,  # noqa: E402
     models,
 )
-from headprof.compression import generation  # noqa: E402
+from headprof.compressing import generation  # noqa: E402
 from headprof.kv import readers  # noqa: E402
 from headprof.kv.cache import held_bytes  # noqa: E402
 from headprof.models import with_cache  # noqa: E402

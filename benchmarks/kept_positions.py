@@ -19,7 +19,7 @@ import numpy as np
 
 from headprof import api
 from headprof.artefacts.profile import Profile
-from headprof.compression.selection import span_positions
+from headprof.compressing.selection import span_positions
 from headprof.evaluation import evaluate
 
 

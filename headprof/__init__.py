@@ -23,10 +23,10 @@ except PackageNotFoundError:  # a source tree that was never installed
 _EXPORTS = {
     "score": "headprof.api", "generate": "headprof.api", "generate_many": "headprof.api",
     "evaluate": "headprof.api", "check": "headprof.api",
-    "kept": "headprof.api", "kept_span": "headprof.api", "Kept": "headprof.compression.selection",
+    "kept": "headprof.api", "kept_span": "headprof.api", "Kept": "headprof.compressing.selection",
     "load_model": "headprof.api", "GenerationReport": "headprof.api", "EvalReport": "headprof.api",
-    "CheckResult": "headprof.api", "compression": "headprof.compression.generation",
-    "RunResult": "headprof.compression.generation", "Profile": "headprof.artefacts.profile",
+    "CheckResult": "headprof.api", "compression": "headprof.compressing.generation",
+    "RunResult": "headprof.compressing.generation", "Profile": "headprof.artefacts.profile",
     "Method": "headprof.methods", "register": "headprof.methods",
     "HeadprofError": "headprof.errors",
 }

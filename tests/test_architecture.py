@@ -61,7 +61,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_module_imports_another_in_a_circle():
     graph = _imports()
-    assert "headprof.api" in graph and graph["headprof.compression.compress"]  # the walk found the package
+    assert "headprof.api" in graph and graph["headprof.compressing.compress"]  # the walk found the package
     assert _cycles(graph) == []
 
 
@@ -123,3 +123,17 @@ def test_the_inventory_check_finds_a_missing_module():
     modules = ["kv/heads.py", "methods/full.py", "methods/snapkv.py", "methods/adakv.py", "kv/mystery.py", "spare.py",
                "models.py"]
     assert _undocumented(text, modules) == ["methods/adakv.py", "kv/mystery.py", "models.py"]
+
+
+def test_no_subpackage_hides_a_public_name():
+    """`headprof.compression(...)` is the API; a subpackage of that name would replace it once imported."""
+    import importlib
+
+    import headprof
+
+    for f in PACKAGE.rglob("*.py"):
+        parts = f.relative_to(PACKAGE.parent).with_suffix("").parts
+        if parts[-1] != "__main__":
+            importlib.import_module(".".join(parts).removesuffix(".__init__"))
+    shadowed = [name for name in headprof.__all__ if type(getattr(headprof, name)).__name__ == "module"]
+    assert shadowed == []

@@ -6,7 +6,7 @@ import torch
 from fakes import loaded
 
 from headprof import methods
-from headprof.compression import compress, generation
+from headprof.compressing import compress, generation
 from headprof.errors import HeadprofError
 from headprof.kv import readers as attention
 from headprof.kv.cache import HeadKVCache

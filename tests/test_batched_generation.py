@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from headprof import api, methods
 from headprof.cli import app
-from headprof.compression import generation
+from headprof.compressing import generation
 from headprof.errors import HeadprofError
 from headprof.kv import heads, segments
 

@@ -7,7 +7,7 @@ from transformers import DynamicCache
 
 from headprof import methods
 from headprof.capture import AttentionCapture, implementation
-from headprof.compression import compress, generation
+from headprof.compressing import compress, generation
 from headprof.methods.streaming import streaming_positions
 from headprof.models import with_cache
 

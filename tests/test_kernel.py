@@ -10,7 +10,7 @@ import torch
 from fakes import loaded
 
 from headprof import methods
-from headprof.compression import generation
+from headprof.compressing import generation
 from headprof.errors import HeadprofError
 from headprof.kv import readers
 from headprof.kv.heads import HeadKVLayer

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, Gemma4TextConfig, Llama4TextConfi
 from transformers.cache_utils import DummyLayer, DynamicLayer, DynamicSlidingWindowLayer
 
 from headprof import methods, models
-from headprof.compression import compress, generation
+from headprof.compressing import compress, generation
 from headprof.errors import ModelError
 from headprof.kv import cache, heads
 

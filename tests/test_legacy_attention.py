@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, FalconConfig, GPTNeoConfig
 
 from headprof import capture, models
 from headprof.capture import attach, implementation
-from headprof.compression import generation
+from headprof.compressing import generation
 from headprof.errors import ModelError
 
 

@@ -8,7 +8,7 @@ import torch
 from fakes import loaded
 
 from headprof import methods
-from headprof.compression import generation
+from headprof.compressing import generation
 from headprof.errors import HeadprofError, MethodError
 from headprof.evaluation import evaluate
 

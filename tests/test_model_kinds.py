@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from headprof import api, layout, methods, models
 from headprof.artefacts.profile import Profile
 from headprof.cli import app
-from headprof.compression import compress
+from headprof.compressing import compress
 from headprof.errors import ProfileError
 from headprof.kv import latent
 from headprof.probing import families
@@ -116,7 +116,7 @@ def test_sparse_attention_latents_keep_one_count_and_their_indexer_keys_follow(b
                      teacher_forced=True, chat_template=False, device="cpu", batch_size=2)
     ids = [1] + [3 + (i * 7) % 90 for i in range(119)]
     from headprof import methods
-    from headprof.compression import generation
+    from headprof.compressing import generation
 
     m = methods.resolve("headkv", prof)
     cache = generation.cache_for(lm.info.layout, m, True, lm.model.config)
@@ -158,7 +158,7 @@ def test_no_position_limit_is_not_a_limit():
 @pytest.mark.parametrize("model_type", ["qwen3_next", "falcon_h1", "deepseek_v3", "glm_moe_dsa", "minimax"])
 def test_eval_cells_from_one_shared_prefill_equal_their_own_prefill(built, model_type):
     """eval builds every cell's cache from one prefill: a hybrid layer's state and an MLA latent come along."""
-    from headprof.compression import generation
+    from headprof.compressing import generation
 
     lm = models.load(str(built(model_type)), device="cpu")
     ids = [1] + [3 + (i * 7) % 90 for i in range(150)]

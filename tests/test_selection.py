@@ -7,8 +7,8 @@ import torch
 from fakes import loaded
 
 from headprof import HeadprofError, methods
-from headprof.compression import compress, generation
-from headprof.compression.selection import kept_positions
+from headprof.compressing import compress, generation
+from headprof.compressing.selection import kept_positions
 from headprof.kv.decode_cache import alone
 from headprof.kv.heads import HeadKVLayer
 from headprof.models import with_cache
@@ -57,7 +57,7 @@ def test_kept_positions_refuses_what_it_cannot_say():
 def test_a_span_is_found_by_its_characters():
     from tiny import char_tokenizer
 
-    from headprof.compression.selection import span_positions
+    from headprof.compressing.selection import span_positions
 
     tok = char_tokenizer()
     ids = tok("the cat sat by the cat door")["input_ids"]

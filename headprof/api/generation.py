@@ -10,8 +10,8 @@ from typing import Any
 from headprof import methods
 from headprof.api.common import _free_device_memory, _method, load_model
 from headprof.artefacts.profile import Profile
-from headprof.compression import generation
-from headprof.compression.selection import Kept, kept_positions, span_positions
+from headprof.compressing import generation
+from headprof.compressing.selection import Kept, kept_positions, span_positions
 from headprof.defaults import BETA, KERNEL, WINDOW
 from headprof.errors import BatchOutOfMemory, HeadprofError, out_of_memory
 from headprof.models import LoadedModel

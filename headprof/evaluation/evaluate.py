@@ -24,7 +24,7 @@ import numpy as np
 from headprof import methods
 from headprof.artefacts.compare import bootstrap_ci
 from headprof.artefacts.profile import Profile
-from headprof.compression import generation
+from headprof.compressing import generation
 from headprof.defaults import BETA, KERNEL, WINDOW
 from headprof.distributed import World
 from headprof.errors import HeadprofError, ProbeError, out_of_memory

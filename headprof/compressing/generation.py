@@ -22,7 +22,7 @@ from transformers import DynamicCache, StoppingCriteria
 
 from headprof import capture, methods
 from headprof.capture import AttentionCapture
-from headprof.compression.compress import Plan, compressed_layers, make_plan
+from headprof.compressing.compress import Plan, compressed_layers, make_plan
 from headprof.defaults import BETA, KERNEL, WINDOW
 from headprof.errors import BatchOutOfMemory, HeadprofError, out_of_memory
 from headprof.kv import native, own_cache

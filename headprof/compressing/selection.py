@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from headprof import methods
-from headprof.compression.compress import compressed_layers, make_plan
-from headprof.compression.generation import Prefill, prefill
+from headprof.compressing.compress import compressed_layers, make_plan
+from headprof.compressing.generation import Prefill, prefill
 from headprof.errors import HeadprofError
 from headprof.models import LoadedModel
 
