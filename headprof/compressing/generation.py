@@ -26,7 +26,7 @@ from headprof.compressing.compress import Plan, compressed_layers, make_plan
 from headprof.defaults import BETA, KERNEL, WINDOW
 from headprof.errors import BatchOutOfMemory, HeadprofError, out_of_memory
 from headprof.kv import native, own_cache
-from headprof.kv.cache import HeadKVCache, full_entries, held_bytes, held_entries, row_entries
+from headprof.kv.cache import HeadKVCache, full_entries, held_bytes, held_entries, leave, row_entries
 from headprof.kv.decode_cache import alone
 from headprof.layout import KEPT_KINDS, layer_list
 from headprof.models import HeadLayout, LoadedModel, end_tokens, last_logits_only, with_cache
@@ -342,12 +342,10 @@ def _decode_batch(lm: LoadedModel, lay: HeadLayout, m: methods.Method, method, b
                 runs[b] = _batch_run(lm, lay, m, method, budget, len(prompts), cache, r, len(active),
                                      prompts[b], tokens[b], times[0] - start, times, elem)
         if done:
-            keep = [r for r in range(len(active)) if r not in done]
-            if not keep:
+            active, rows = leave(cache, active, done, device)
+            if rows is None:
                 break
-            rows = torch.tensor(keep, device=device)
-            cache.batch_select_indices(rows)
-            active, token, mask, last = [active[r] for r in keep], token[rows], mask[rows], last[rows]
+            token, mask, last = token[rows], mask[rows], last[rows]
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], -1)
         last = last + 1
         logits = lm.model(token[:, None], attention_mask=mask, position_ids=last[:, None], **kwargs).logits[:, -1]
@@ -427,12 +425,10 @@ def generate_cells(lm: LoadedModel, shared: Prefill, cells: list[tuple[methods.M
                 runs[c] = _batch_run(lm, lay, m, m, budget, rows, cache, r, len(active), shared.prompt_ids,
                                      tokens[c], times[0] - start + shared.seconds, times, elem)
             if done:
-                keep = [r for r in range(len(active)) if r not in done]
-                if not keep:
+                active, index = leave(cache, active, done, lm.model.device)
+                if index is None:
                     break
-                index = torch.tensor(keep, device=lm.model.device)
-                cache.batch_select_indices(index)
-                active, token = [active[r] for r in keep], token[index]
+                token = token[index]
             logits = lm.model(token[:, None], **kwargs).logits[:, -1]
             token = logits.argmax(-1)
             for c, t in zip(active, token.tolist(), strict=True):

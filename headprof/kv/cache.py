@@ -142,6 +142,17 @@ class HeadKVCache(Cache):
                    for kind, full in zip(self.kinds, full_layer_counts(layout, seq), strict=True))
 
 
+def leave(cache: Cache, active: list, ended: list[int], device) -> tuple[list, torch.Tensor | None]:
+    """Rows `ended` of a batch leave `cache` (any cache: each layer drops them as its kind does). Returns what
+    `active` (one entry per row) keeps and the kept rows' indices, or None when no row is left."""
+    keep = [r for r in range(len(active)) if r not in ended]
+    if not keep:
+        return [], None
+    index = torch.tensor(keep, device=device)
+    cache.batch_select_indices(index)
+    return [active[r] for r in keep], index
+
+
 # The cache's accounting, one owner for generation, eval, `run --json` and the benchmarks. "Held" is what the
 # tensors of a cache occupy now (a compressed layer's keys, values, slot positions and masks); "full" is what the
 # model's own cache holds for the same sequence; "ideal" is what a compressed cache would hold with no slack.

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from headprof.capture import AttentionCapture
+from headprof.kv.cache import leave
 from headprof.kv.decode_cache import PaddedPrefill, alone
 from headprof.models import LoadedModel, end_tokens, last_logits_only, with_cache
 from headprof.probing import families as fam
@@ -218,11 +219,9 @@ def score_batch(lm: LoadedModel, jobs: list[ProbeJob],
                 finish(index[b], ProbeRun(response, totals[b].double().cpu().numpy(), True, job.decoder.reason,
                                           step + 1))
         if ended:
-            keep = [r for r in range(len(active)) if r not in ended]
-            if not keep:
+            active, kept = leave(cache, active, ended, device)
+            if kept is None:
                 break
-            kept = torch.tensor(keep, device=device)
-            cache.batch_select_indices(kept)
-            active, rows = [active[r] for r in keep], rows[kept]
+            rows = rows[kept]
             free = any(live[b].forced is None for b in active)
     return runs  # type: ignore[return-value]
