@@ -74,7 +74,13 @@ def test_every_method_spends_its_budget_and_matches_full_above_the_prompt(name, 
         return
     r = generation.generate(lm, ids, m, 24, max_new_tokens=3)
     kept = np.array(r.budgets)
-    assert kept.sum() == (24 - m.window) * lay.num_layers * lay.num_kv_heads  # the whole budget, no more
+    budget = (24 - m.window) * lay.num_layers * lay.num_kv_heads
+    if m.cache_kind == "split" and m.full is None:  # whole heads and equal streaming heads: the budget or a head less
+        assert budget - (80 - m.window) < kept.sum() <= budget
+    elif m.cache_kind == "split":  # a share of heads kept whole, set by hand
+        assert (kept == 80 - m.window).sum() == round(m.full * kept.size)
+    else:
+        assert kept.sum() == budget  # the whole budget, no more
     assert kept.min() >= 0 and r.kv_entries == r.kv_entries_ideal < full.kv_entries
     assert methods.build(name, **options).params() == options  # what differs from the defaults, as labels say
 

@@ -36,7 +36,7 @@ def _load_on_every_process(world: distributed.World, model: str | LoadedModel, d
 
 
 def _profile(profile: Profile | str | Path | None, model: str, name: str = "r2",
-             named: bool = False) -> tuple[Profile, str]:
+             named: bool = False, method: str = "headkv") -> tuple[Profile, str]:
     """The profile a profile-driven method uses: given, or the one headprof ships for the model alias as `name`
     (`named`: the method spec asked for that name, e.g. headkv-retrieval)."""
     if isinstance(profile, Profile):
@@ -46,7 +46,7 @@ def _profile(profile: Profile | str | Path | None, model: str, name: str = "r2",
         if named:
             raise ProfileError(f"no shipped profile '{name}' for {model} (the method names it): pass --profile, or "
                                "use a shipped one (r2, retrieval) or a model alias that has one")
-        raise ProfileError(f"headkv needs a profile for {model}: pass --profile (make one with headprof score)")
+        raise ProfileError(f"{method} needs a profile for {model}: pass --profile (make one with headprof score)")
     return Profile.load(path), str(path)
 
 
@@ -60,7 +60,8 @@ def _method(model: str | LoadedModel, method: str | methods.Method, budget: int,
     needs = (type(method).needs_profile and getattr(method, "profile", None) is None) if built \
         else spec.method_class.needs_profile
     named = spec is not None and spec.profile is not None
-    prof, where = _profile(profile, model_spec, spec.profile if named else "r2", named) if needs else (None, None)
+    prof, where = _profile(profile, model_spec, spec.profile if named else "r2", named,
+                           type(method).name if built else spec.name) if needs else (None, None)
     if built:
         m = dataclasses.replace(method, profile=prof) if prof is not None else method
     else:

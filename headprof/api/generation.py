@@ -49,30 +49,35 @@ def generate(model: str | LoadedModel, prompt: str | Sequence[int], method: str 
              beta: float = BETA,
              group_reduce: str = "mean", max_new_tokens: int = 64, baseline: bool = True,
              chat_template: bool = True, compress_sliding: bool = True, device: str = "auto",
-             dtype: str = "auto") -> GenerationReport:
+             dtype: str = "auto", min_new_tokens: int = 0) -> GenerationReport:
     """Generate greedily with `method` at `budget` tokens per KV head, next to the full cache.
 
     `prompt` is the user message (wrapped in the chat template when the model has one) or token ids; a list of
     prompts (strings or id lists) is decoded in batches by `generate_many`, and a list of reports comes back.
     `method`: a name or spec (`headkv:beta=1.5`; `headkv-r2` uses the alias's shipped r2 profile); `window`,
     `kernel`, `beta`, `group_reduce` apply to the methods that have them unless the spec sets them.
-    `profile` (headkv): a Profile, a path, or None for the shipped profile of a model alias.
+    `profile` (headkv): a Profile, a path, or None for the shipped profile of a model alias. `min_new_tokens`: no
+    end token before that many (a measurement of a long generation does not stop early).
     """
     if not isinstance(prompt, str) and prompt and not isinstance(prompt[0], int):
         return generate_many(model, prompt, method, budget, profile=profile, window=window,  # type: ignore[return-value]
                              kernel=kernel, beta=beta, group_reduce=group_reduce, max_new_tokens=max_new_tokens,
                              baseline=baseline, chat_template=chat_template, compress_sliding=compress_sliding,
-                             device=device, dtype=dtype)
+                             device=device, dtype=dtype, min_new_tokens=min_new_tokens)
     if max_new_tokens < 1:
         raise HeadprofError("--max-new-tokens must be at least 1")
+    if not 0 <= min_new_tokens <= max_new_tokens:
+        raise HeadprofError(f"--min-new-tokens must be between 0 and --max-new-tokens ({max_new_tokens}), "
+                            f"got {min_new_tokens}")
     m, where, label = _method(model, method, budget, profile, window, kernel, beta, group_reduce)
     lm = load_model(model, device, dtype)
     if getattr(m, "profile", None) is not None and hasattr(m.profile, "check_fits"):
         m.profile.check_fits(lm.info.layout)
     ids = list(prompt) if not isinstance(prompt, str) else probes.prompt_ids(lm.tokenizer, prompt, chat_template)
-    runs = [generation.generate(lm, ids, m, budget, max_new_tokens, compress_sliding=compress_sliding)]
+    runs = [generation.generate(lm, ids, m, budget, max_new_tokens, min_new_tokens, compress_sliding=compress_sliding)]
     if baseline and m.compresses:
-        runs.append(generation.generate(lm, ids, "full", budget, max_new_tokens=max_new_tokens))
+        runs.append(generation.generate(lm, ids, "full", budget, max_new_tokens=max_new_tokens,
+                                        min_new_tokens=min_new_tokens))
     return _report(lm, m, label, where, budget, beta, group_reduce, compress_sliding, len(ids), runs)
 
 
@@ -135,10 +140,12 @@ def generate_many(model: str | LoadedModel, prompts: Sequence[str | Sequence[int
         raise HeadprofError("no prompt given")
     names = list(names) if names is not None else [f"prompt {i + 1}" for i in range(len(prompts))]
     options = {"profile": None, "window": WINDOW, "kernel": KERNEL, "beta": BETA, "group_reduce": "mean",
-               "max_new_tokens": 64, "baseline": True, "compress_sliding": True, **options}
-    max_new = options["max_new_tokens"]
+               "max_new_tokens": 64, "baseline": True, "compress_sliding": True, "min_new_tokens": 0, **options}
+    max_new, min_new = options["max_new_tokens"], options["min_new_tokens"]
     if max_new < 1:
         raise HeadprofError("--max-new-tokens must be at least 1")
+    if not 0 <= min_new <= max_new:
+        raise HeadprofError(f"--min-new-tokens must be between 0 and --max-new-tokens ({max_new}), got {min_new}")
     m, where, label = _method(model, method, budget, options["profile"], options["window"], options["kernel"],
                               options["beta"], options["group_reduce"])
     lm = load_model(model, options.pop("device", "auto"), options.pop("dtype", "auto"))
@@ -159,15 +166,15 @@ def generate_many(model: str | LoadedModel, prompts: Sequence[str | Sequence[int
         size = 1
         if notice is not None:
             notice("MLA latents are compressed one prompt at a time: --batch-size 1")
-    compressed = _in_batches(lm, ids, m, budget, max_new, options["compress_sliding"], size, notice)
-    full = (_in_batches(lm, ids, methods.build("full"), budget, max_new, True, size, notice)
+    compressed = _in_batches(lm, ids, m, budget, (min_new, max_new), options["compress_sliding"], size, notice)
+    full = (_in_batches(lm, ids, methods.build("full"), budget, (min_new, max_new), True, size, notice)
             if options["baseline"] and m.compresses else [None] * len(ids))
     return [_report(lm, m, label, where, budget, options["beta"], options["group_reduce"], options["compress_sliding"],
                     len(prompt), [c] + ([f] if f is not None else []))
             for c, f, prompt in zip(compressed, full, ids, strict=True)]
 
 
-def _in_batches(lm: LoadedModel, ids: list[list[int]], m: methods.Method, budget: int, max_new: int,
+def _in_batches(lm: LoadedModel, ids: list[list[int]], m: methods.Method, budget: int, new: tuple[int, int],
                 compress_sliding: bool, size: int, notice: Callable[[str], None] | None) -> list:
     """Every prompt's run, `size` at a time; a batch that runs out of memory is halved and retried with the prompts
     it had not finished (those that finished are kept)."""
@@ -176,8 +183,9 @@ def _in_batches(lm: LoadedModel, ids: list[list[int]], m: methods.Method, budget
     while todo:
         chunk = todo[:size]
         try:
-            made = dict(enumerate(generation.generate_batch(lm, [ids[i] for i in chunk], m, budget, max_new,
-                                                            compress_sliding=compress_sliding)))
+            made = dict(enumerate(generation.generate_batch(lm, [ids[i] for i in chunk], m, budget, new[1],
+                                                            compress_sliding=compress_sliding,
+                                                            min_new_tokens=new[0])))
         except Exception as e:
             if not (isinstance(e, BatchOutOfMemory) or out_of_memory(e)):
                 raise

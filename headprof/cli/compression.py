@@ -48,6 +48,8 @@ def run(
     beta: Annotated[float, typer.Option(help="HeadKV: share of the budget that is guaranteed is 1 - 1/beta")] = BETA,
     group_reduce: Annotated[str, typer.Option(help="query heads -> KV head: mean or max")] = "mean",
     max_new_tokens: Annotated[int, typer.Option()] = 64,
+    min_new_tokens: Annotated[int, typer.Option(help="no end token before this many new tokens (measuring a long "
+                                                     "generation)")] = 0,
     compress_sliding: CompressSliding = True,
     no_baseline: Annotated[bool, typer.Option("--no-baseline", help="skip the full-cache run")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON report")] = False,
@@ -66,7 +68,8 @@ def run(
     if kept_text is not None and len(named) != 1:
         raise api.HeadprofError("--kept inspects one prompt: give one prompt file")
     options = dict(profile=profile_path, window=window, kernel=kernel, beta=beta, group_reduce=group_reduce,
-                   max_new_tokens=max_new_tokens, baseline=not no_baseline, chat_template=not no_chat_template,
+                   max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, baseline=not no_baseline,
+                   chat_template=not no_chat_template,
                    compress_sliding=compress_sliding, device=device, dtype=dtype)
     if len(named) == 1 and batch_size >= 1:
         reports = [api.generate(model, named[0][1], method, budget, **options)]
@@ -77,7 +80,8 @@ def run(
     kept = None
     if kept_text is not None:
         kept = api.kept_span(model, named[0][1], kept_text, method, budget,
-                             **{k: v for k, v in options.items() if k not in ("max_new_tokens", "baseline")})
+                             **{k: v for k, v in options.items()
+                                if k not in ("max_new_tokens", "min_new_tokens", "baseline")})
     if as_json:
         docs = [{"prompt": name, **r.to_dict()} for (name, _), r in zip(named, reports, strict=True)]
         if kept is not None:

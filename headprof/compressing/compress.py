@@ -86,7 +86,7 @@ def compressed_layers(layout: HeadLayout, method: Method, compress_sliding: bool
         return [False] * layout.num_layers
     check_compressible(layout)
     return [compressible(layout, layer) and layout.has_heads(layer)
-            and (compress_sliding or not is_sliding(layout, layer))
+            and ((compress_sliding and method.compresses_sliding) or not is_sliding(layout, layer))
             for layer in range(layout.num_layers)]
 
 

@@ -73,7 +73,8 @@ def cache_for(layout: HeadLayout, method: methods.Method, compress_sliding: bool
     windows = list(layout.layer_windows) or [layout.sliding_window if kind == "sliding_attention" else None
                                              for kind in layout.attention_kinds]
     own = native.model_layers(config) if config is not None else None
-    cache = HeadKVCache(list(layout.attention_kinds), squeeze, windows, native=own, latent=layout.latent)
+    cache = HeadKVCache(list(layout.attention_kinds), squeeze, windows, native=own, latent=layout.latent,
+                        holder=method.cache_kind)
     return own_cache.adapt(cache, config) if config is not None else cache
 
 
@@ -89,9 +90,10 @@ def compressing(cache: HeadKVCache, window: int, plan_for: Callable[[int], Plan]
         if layer in todo:
             if not made:  # the first layer's rows tell each sequence's prompt length (a batch is left-padded)
                 pads = cap.pads() if probs.shape[0] > 1 else [0]  # (the 2D mask of a batch, on any layer)
-                if cache.max_rows() is not None and len(pads) > cache.max_rows():
-                    raise HeadprofError("batched compression of an MLA latent is not supported yet: one prompt "
-                                        "at a time (--batch-size 1)")
+                limit = cache.row_limit()
+                if limit is not None and len(pads) > limit[0]:
+                    raise HeadprofError(f"batched compression of {limit[1]} layers is not supported yet: one "
+                                        "prompt at a time (--batch-size 1)")
                 made.extend((pad, plan_for(probs.shape[-1] - pad)) for pad in pads)
             keep = []
             for b, (pad, plan) in enumerate(made):  # each sequence: its own budgets and tokens, never padding
@@ -279,7 +281,8 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str | methods.Metho
 
 @torch.no_grad()
 def generate_batch(lm: LoadedModel, prompts: list[list[int]], method: str | methods.Method = "snapkv",
-                   budget: int = 128, max_new_tokens: int = 64, compress_sliding: bool = True) -> list[RunResult]:
+                   budget: int = 128, max_new_tokens: int = 64, compress_sliding: bool = True,
+                   min_new_tokens: int = 0) -> list[RunResult]:
     """`generate` for several prompts at once: left-padded into one batch, one cache whose compressed layers hold a
     segment per sequence and KV head (each sequence its own budgets, from its own prompt length and observation
     window; padding is never kept), one attention call per layer for the whole batch, greedy. A sequence that ends
@@ -287,7 +290,8 @@ def generate_batch(lm: LoadedModel, prompts: list[list[int]], method: str | meth
     gets alone. A report per prompt, made when it ends: its KV entries are its own segments and rows, its bytes its
     share of the batch's by entries at that moment."""
     if len(prompts) == 1:
-        return [generate(lm, prompts[0], method, budget, max_new_tokens, compress_sliding=compress_sliding)]
+        return [generate(lm, prompts[0], method, budget, max_new_tokens, min_new_tokens,
+                         compress_sliding=compress_sliding)]
     lay = lm.info.layout
     m = methods.resolve(method)
     longest = max(len(p) for p in prompts)
@@ -311,7 +315,7 @@ def generate_batch(lm: LoadedModel, prompts: list[list[int]], method: str | meth
     try:
         with compressing(cache, m.window, plans.__getitem__) if m.compresses else contextlib.nullcontext():
             _decode_batch(lm, lay, m, method, budget, prompts, cache, ids, mask, pos, kwargs, max_new_tokens,
-                          runs, start)
+                          runs, start, min_new_tokens)
     except Exception as e:
         if out_of_memory(e):  # the prompts that finished are kept; a smaller batch retries the others
             raise BatchOutOfMemory({b: r for b, r in enumerate(runs) if r is not None}, e) from e
@@ -321,7 +325,7 @@ def generate_batch(lm: LoadedModel, prompts: list[list[int]], method: str | meth
 
 def _decode_batch(lm: LoadedModel, lay: HeadLayout, m: methods.Method, method, budget: int,
                   prompts: list[list[int]], cache, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
-                  kwargs: dict, max_new_tokens: int, runs: list, start: float) -> None:
+                  kwargs: dict, max_new_tokens: int, runs: list, start: float, min_new_tokens: int = 0) -> None:
     """The prefill and greedy decode loop of `generate_batch`, filling `runs` as each prompt ends."""
     ends, elem = end_tokens(lm), torch.finfo(lm.model.dtype).bits // 8
     device = ids.device
@@ -331,6 +335,8 @@ def _decode_batch(lm: LoadedModel, lay: HeadLayout, m: methods.Method, method, b
     logits = lm.model(ids, attention_mask=mask, position_ids=pos, **kwargs).logits[:, -1]
     last = pos[:, -1]
     for step in range(max_new_tokens):
+        if step < min_new_tokens and ends:  # no end token before the minimum, as generate's min_new_tokens
+            logits[:, sorted(ends)] = float("-inf")
         token = logits.argmax(-1)
         chosen = token.tolist()  # one host read per step for the whole batch
         times.append(time.perf_counter())
@@ -386,9 +392,15 @@ def generate_cells(lm: LoadedModel, shared: Prefill, cells: list[tuple[methods.M
     one."""
     lay = lm.info.layout
     n = len(shared.prompt_ids)
-    if lay.latent or len(cells) == 1:
-        return [generate(lm, shared.prompt_ids, m, b, max_new_tokens, compress_sliding=compress_sliding,
-                         shared=shared) for m, b in cells]
+    alone = [c for c, (m, _) in enumerate(cells) if lay.latent or m.cache_kind != "heads" or len(cells) == 1]
+    if alone:  # one selection per layer (MLA) or per prompt (a split): such cells decode one by one
+        runs = dict(zip(alone, [generate(lm, shared.prompt_ids, m, b, max_new_tokens, compress_sliding=compress_sliding,
+                                         shared=shared) for m, b in (cells[c] for c in alone)], strict=True))
+        rest = [c for c in range(len(cells)) if c not in runs]
+        if rest:
+            runs.update(zip(rest, generate_cells(lm, shared, [cells[c] for c in rest], max_new_tokens,
+                                                 compress_sliding), strict=True))
+        return [runs[c] for c in range(len(cells))]
     for m, _ in cells:
         if not m.compresses or shared.window < m.window:
             raise ValueError("cells must compress, from a prefill with rows for their window")

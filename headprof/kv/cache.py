@@ -18,6 +18,7 @@ from headprof.kv.base import LayerKind
 from headprof.kv.heads import SLACK, HeadKVLayer, HybridHeadKVLayer, free_slots
 from headprof.kv.latent import IndexedLatentLayer, LatentLayer
 from headprof.kv.native import kind_of
+from headprof.kv.split import HybridSplitLayer, SplitLayer
 from headprof.layout import LOCAL_KIND
 
 # The layer whose cache was updated last: the layer an attention call belongs to when its module does not say
@@ -41,9 +42,18 @@ def _transformers_layer(kind: str, window: int | None):
     return cls(sliding_window=window) if window else cls()
 
 
-def _compressed_layer_for(kind: str, window: int | None, slack: float, latent: bool, native_layer) -> DynamicLayer:
+def _compressed_layer_for(kind: str, window: int | None, slack: float, latent: bool, native_layer,
+                          holder: str = "heads") -> DynamicLayer:
+    """The compressed layer of a model layer of `kind`: an MLA latent's, or the method's kind (`holder`: "heads",
+    per-head segments; "split", full and streaming pools), with a hybrid layer's state beside it."""
     if latent:
         return IndexedLatentLayer() if kind == "indexed_attention" else LatentLayer()
+    if holder == "split":
+        if kind in ("hybrid", "hybrid_sliding"):
+            return HybridSplitLayer(getattr(native_layer, "number_of_states", 1))
+        return SplitLayer()
+    if holder != "heads":
+        raise ValueError(f"unknown cache-layer kind {holder!r}")
     if kind in ("hybrid", "hybrid_sliding"):
         return HybridHeadKVLayer(window, slack, getattr(native_layer, "number_of_states", 1))
     return HeadKVLayer(window, slack)
@@ -55,13 +65,15 @@ class HeadKVCache(Cache):
     `kinds[i]`: transformers' layer type (`layout.layer_kinds`); `compress[i]`: whether the layer's heads are
     compressed (a full-attention layer, or a sliding one compressed inside its window `windows[i]`). Every
     other layer is `native[i]`, the layer transformers makes for the model (`native.model_layers`), or else the
-    cache layer transformers makes for its kind, with its window. `latent`: layers whose cache is an MLA latent.
+    cache layer transformers makes for its kind, with its window. `latent`: layers whose cache is an MLA latent;
+    `holder`: the kind a method's compressed layers take (its `cache_kind`).
     """
 
     def __init__(self, kinds: list[str], compress: list[bool], windows: list[int | None],
-                 slack: float = SLACK, native: list | None = None, latent: tuple[int, ...] = ()) -> None:
+                 slack: float = SLACK, native: list | None = None, latent: tuple[int, ...] = (),
+                 holder: str = "heads") -> None:
         native = native if native and len(native) == len(kinds) else [None] * len(kinds)
-        layers = [_compressed_layer_for(kind, w, slack, i in latent, own) if squeeze
+        layers = [_compressed_layer_for(kind, w, slack, i in latent, own, holder) if squeeze
                   else own if own is not None else _transformers_layer(kind, w)
                   for i, (kind, squeeze, w, own) in enumerate(zip(kinds, compress, windows, native, strict=True))]
         super().__init__(layers=layers)
@@ -96,9 +108,9 @@ class HeadKVCache(Cache):
         """The layers a method's plan compresses (at prefill, as their attention rows exist)."""
         return [i for i, kind in enumerate(self.kinds) if kind.compressible]
 
-    def max_rows(self) -> int | None:
-        """The most sequences this cache can hold once compressed (None: any batch)."""
-        limits = [kind.max_rows for kind in self.kinds if kind.compressible and kind.max_rows is not None]
+    def row_limit(self) -> tuple[int, str] | None:
+        """(the most sequences this cache can hold once compressed, the kind that limits it), or None: any batch."""
+        limits = [(kind.max_rows, kind.name) for kind in self.kinds if kind.compressible and kind.max_rows is not None]
         return min(limits) if limits else None
 
     def reader(self, layer_idx: int | None, key: torch.Tensor):

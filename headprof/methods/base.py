@@ -97,6 +97,8 @@ class Method:
     compresses: ClassVar[bool] = True  # False: the model's own full cache
     rank: ClassVar[int] = 50  # where it is listed
     hard: ClassVar[dict[str, Any]] = {}  # a demanding setting of its own parameters (the method tests run it)
+    cache_kind: ClassVar[str] = "heads"  # the cache-layer kind its layers need (`kv/`): per-head segments, or "split"
+    compresses_sliding: ClassVar[bool] = True  # False: sliding-window layers stay as the model keeps them
 
     window: int = WINDOW
     kernel: int = KERNEL

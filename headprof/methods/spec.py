@@ -6,6 +6,7 @@ string is the method's label in results; its options override the grid-wide `--w
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,7 +67,11 @@ def parse_spec(text: str) -> Spec:
         if key == "profile":
             profile = value.strip()
             continue
-        options[key] = _value(label, key, value.strip(), accepted[key])
+        default = accepted[key]
+        if default is None:  # an option unset by default: its annotation says what it takes ("float | None")
+            kind = {f.name: str(f.type) for f in dataclasses.fields(REGISTRY[name])}.get(key, "")
+            default = 0.0 if "float" in kind else 0 if "int" in kind else None
+        options[key] = _value(label, key, value.strip(), default)
     return Spec(label, name, options, profile)
 
 

@@ -47,6 +47,13 @@ def _bucket(layer, bucket: int, view, rows: torch.Tensor, q: int, scaling: float
         if layer.sliding_window is not None:
             hidden |= kpos <= qpos - layer.sliding_window
         mask = torch.where(hidden, float("-inf"), rows.new_zeros(()) if mask is None else mask)
+    return dense(rows, k, v, scaling, softcap, mask)
+
+
+def dense(rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, softcap: float | None,
+          mask: torch.Tensor | None) -> torch.Tensor:
+    """(b, heads, rows, d) over (b, heads, keys, d) with an additive mask: fused SDPA, or with soft-capping (which SDPA
+    lacks) one explicit matmul and softmax."""
     if softcap is None:
         return F.scaled_dot_product_attention(rows, k, v, scale=scaling, attn_mask=mask)
     logits = torch.matmul(rows * scaling, k.transpose(-1, -2))
