@@ -115,13 +115,13 @@ def check_output(path: str | Path, force: bool) -> Path:
     return p
 
 
-def write_atomic(path: str | Path, text: str, force: bool = False) -> Path:
-    """Write via a temp file in the same directory and rename, so no reader sees a partial file."""
+def write_atomic(path: str | Path, text: str | bytes, force: bool = False) -> Path:
+    """Write via a temp file in the same directory and rename, so no reader sees a partial file (text, or bytes)."""
     p = check_output(path, force)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode("utf-8") if isinstance(text, str) else text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)

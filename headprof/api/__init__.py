@@ -5,7 +5,14 @@ loaded with `load_model`, returns values (dataclasses, `Profile`), raises `Headp
 with one-line messages, reports long work through a `progress` callback, and never prints.
 """
 
-from headprof.api.artefacts import compare_profiles, export_profile, heatmap, import_profile, summarise
+from headprof.api.artefacts import (
+    compare_profiles,
+    export_files,
+    export_profile,
+    heatmap,
+    import_profile,
+    summarise,
+)
 from headprof.api.common import (
     check_writable,
     describe_model,
@@ -34,7 +41,8 @@ from headprof.errors import HeadprofError
 
 __all__ = ["HeadprofError", "Profile", "check", "check_writable", "CheckResult",
     "compare_profiles", "CPU_LENGTH", "DEFAULT_EVAL_METHODS",
-    "default_profile_path", "describe_model", "eval_profiles", "EvalReport", "evaluate", "export_profile",
+    "default_profile_path", "describe_model", "eval_profiles", "EvalReport", "evaluate", "export_files",
+    "export_profile",
     "generate", "generate_many", "GenerationReport", "heatmap", "import_profile", "kept", "kept_span", "load_model",
     "main_process", "method_names", "model_path", "partial_path", "preset_probe_set", "probe_set", "read_prompt",
     "read_prompts", "score", "summarise", "write_output"]

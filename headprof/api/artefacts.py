@@ -6,7 +6,9 @@ from pathlib import Path
 
 from headprof.artefacts import compare
 from headprof.artefacts.profile import Profile
-from headprof.files import check_output
+from headprof.defaults import BETA, WINDOW
+from headprof.errors import HeadprofError
+from headprof.files import check_output, write_atomic, write_dir_atomic
 
 
 def summarise(profile: Profile | str | Path, top: int = 10) -> tuple[Profile, compare.Summary]:
@@ -51,3 +53,30 @@ def export_profile(profile: Profile | str | Path, fmt: str) -> str:
     from headprof.artefacts import interop
 
     return interop.export_text(profile if isinstance(profile, Profile) else Profile.load(profile), fmt)
+
+
+def export_files(profile: Profile | str | Path, fmt: str, out: str | Path, force: bool = False, *,
+                 prompt_length: int | None = None, window: int = WINDOW, beta: float = BETA,
+                 reduction: str = "mean", sink: int = 128, recent: int = 256) -> Path:
+    """Write a profile where another tool reads it: `lukv`, kvpress's LUKVPress budget curve (`.npy`, for a prompt
+    of `prompt_length` tokens, HeadKV's allocation with `window`, `beta`, `reduction`); `duo`, a pattern folder
+    DuoAttention and RLKV's SGLang fork load (`full_attention_heads.tsv` and `config.json` with `sink` and
+    `recent`). Nothing is written when the profile cannot be held."""
+    import io
+
+    import numpy as np
+
+    from headprof.artefacts import interop
+
+    prof = profile if isinstance(profile, Profile) else Profile.load(profile)
+    if fmt == "lukv":
+        if prompt_length is None:
+            raise HeadprofError("--format lukv needs --prompt-length: the curve is HeadKV's allocation for a prompt "
+                                "of that many tokens")
+        buf = io.BytesIO()
+        np.save(buf, interop.lukv_curve(prof, prompt_length, window, beta, reduction), allow_pickle=False)
+        return write_atomic(Path(out), buf.getvalue(), force)
+    if fmt == "duo":
+        interop.duo_table(prof)  # refused before anything is written
+        return write_dir_atomic(Path(out), force, lambda tmp: interop.duo_folder(prof, tmp, sink, recent))
+    raise HeadprofError(f"unknown file format '{fmt}' (use {' or '.join(interop.FILE_FORMATS)})")

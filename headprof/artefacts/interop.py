@@ -3,7 +3,13 @@
 - `headkv`: HeadKV / Retrieval_Head JSON, `{"layer-head": [score per successful probe, ...]}`, 0-based
   query heads even for GQA models. Each list is one head's per-probe scores.
 - `duo`: DuoAttention `full_attention_heads.tsv`, layers (rows) x KV heads (columns) of gate values,
-  clipped to [0, 1] on import. These are KV-head scores only: the profile has no query-head scores.
+  clipped to [0, 1] on import. These are KV-head scores only: the profile has no query-head scores. Exported, it is
+  what DuoAttention's `load_attn_pattern` and RLKV's SGLang fork (`--enable-rlkv-inference --adapter-load-path DIR`)
+  read: the KV-head scores scaled into [0, 1] (both clip to it, then keep the heads above a quantile), beside a
+  `config.json` with DuoAttention's `sink_size` and `recent_size` (`duo_folder`).
+- `lukv`: NVIDIA kvpress's `LUKVPress` budget curve, a `.npy` of shape [99, layers, KV heads]: for compression
+  ratios 0.01 ... 0.99, the share of each KV head's tokens HeadKV's allocation prunes on a prompt of a stated
+  length (`lukv_curve`).
 
 An imported profile says what is unknown (probe texts, revision, success counts) instead of guessing.
 """
@@ -20,7 +26,8 @@ from headprof.artefacts.profile import Profile, build, rounded
 from headprof.errors import ProfileError
 from headprof.files import read_text
 
-FORMATS = ("headkv", "duo")
+FORMATS = ("headkv", "duo")  # text formats; `lukv` and a `duo` folder are files (`lukv_curve`, `duo_folder`)
+FILE_FORMATS = ("lukv", "duo")
 
 
 def _profile(model_id: str, layers: int, heads: int, kv_heads: int, method: str, query: np.ndarray | None,
@@ -129,3 +136,56 @@ def export_text(profile: Profile, fmt: str) -> str:
         kv = profile.kv_scores("mean")
         return "\n".join("\t".join(f"{v:.18e}" for v in row) for row in kv) + "\n"
     raise ProfileError(f"unknown format '{fmt}' (use {' or '.join(FORMATS)})")
+
+
+def _refuse_unless_per_kv_head(profile: Profile, fmt: str, same_heads: bool = False) -> None:
+    m = profile.model
+    if m.get("latent_layers"):
+        raise ProfileError(f"a {fmt} file holds one score per KV head; layers {m['latent_layers']} of this profile "
+                           "cache an MLA latent shared by their heads")
+    per_layer = m.get("kv_heads_per_layer") or []
+    if same_heads and len(set(per_layer)) > 1:
+        raise ProfileError(f"a {fmt} curve has one KV-head count for every layer; this profile's layers have "
+                           f"{sorted(set(per_layer))} KV heads")
+
+
+def duo_table(profile: Profile) -> np.ndarray:
+    """[layer, kv_head] scores in [0, 1] (divided by the largest: the loaders clip to [0, 1] and rank by quantile)."""
+    _refuse_unless_per_kv_head(profile, "duo")
+    kv = np.clip(profile.kv_scores("mean"), 0, None)
+    return kv / kv.max() if kv.max() > 0 else kv
+
+
+def duo_folder(profile: Profile, folder: Path, sink: int, recent: int) -> None:
+    """What DuoAttention's and RLKV's loaders read from a pattern folder: `full_attention_heads.tsv` (layers as rows,
+    KV heads as columns, tab-separated) and `config.json` (`sink_size`, `recent_size`)."""
+    table = duo_table(profile)
+    (folder / "full_attention_heads.tsv").write_text(
+        "\n".join("\t".join(f"{v:.18e}" for v in row) for row in table) + "\n")
+    (folder / "config.json").write_text(json.dumps({"sink_size": sink, "recent_size": recent,
+                                                    "source": "headprof", "model": profile.model.get("spec")}))
+
+
+def lukv_curve(profile: Profile, prompt_len: int, window: int, beta: float, reduction: str = "mean") -> np.ndarray:
+    """[99, layers, kv_heads] float32: at compression ratio (t + 1) / 100, the share of each KV head's tokens that
+    HeadKV's allocation (Eq. 4, the profile's KV-head scores) prunes on a prompt of `prompt_len` tokens, the budget
+    being what `eval --ratios` gives (`evaluate.ratio_budget`) and the observation window kept by every head."""
+    from headprof.methods.headkv import headkv
+
+    _refuse_unless_per_kv_head(profile, "lukv", same_heads=True)
+    m = profile.model
+    windows = [k for k in (m.get("attention_kinds") or []) if k not in ("full_attention", "hybrid")]
+    if windows and m.get("sliding_window"):
+        raise ProfileError("a lukv curve prunes every layer alike; this profile's model has sliding-window layers "
+                           f"({', '.join(sorted(set(windows)))}), which HeadKV compresses inside their window")
+    if prompt_len <= window + 1:
+        raise ProfileError(f"--prompt-length {prompt_len} must exceed the observation window ({window}) + 1")
+    scores = profile.kv_scores(reduction)
+    compressible = np.ones(scores.shape, dtype=bool)
+    compressible[list(profile.layers_without_heads), :] = False
+    curve = np.zeros((99,) + scores.shape, dtype=np.float32)
+    for t in range(99):
+        budget = max(window + 1, round((1 - (t + 1) / 100) * prompt_len))
+        kept = headkv(scores, budget, window, prompt_len - window, compressible, beta) + window
+        curve[t] = np.where(compressible, 1 - kept / prompt_len, 0.0)
+    return curve

@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from headprof.cli.common import Force, ProfileArg, app, emit, family_lines, friendly, out
+from headprof.defaults import BETA, WINDOW
 
 
 @app.command()
@@ -130,13 +131,29 @@ def import_(
 @friendly
 def export_(
     profile_path: ProfileArg,
-    fmt: Annotated[str, typer.Option("--format", help="headkv (JSON) or duo (TSV)")],
+    fmt: Annotated[str, typer.Option("--format", help="headkv (JSON), duo (DuoAttention / RLKV: TSV, or with --out DIR "
+                                                      "a pattern folder) or lukv (kvpress LUKVPress curve, .npy)")],
     out_path: Annotated[Path | None, typer.Option("--out", "-o", help="[default: stdout]")] = None,
+    prompt_length: Annotated[int | None, typer.Option(help="lukv: the prompt length the curve is for")] = None,
+    window: Annotated[int, typer.Option(help="lukv: HeadKV's observation window")] = WINDOW,
+    beta: Annotated[float, typer.Option(help="lukv: HeadKV's beta")] = BETA,
+    group_reduce: Annotated[str, typer.Option(help="lukv: query heads -> KV head: mean or max")] = "mean",
+    sink: Annotated[int, typer.Option(help="duo folder: sink_size in its config.json")] = 128,
+    recent: Annotated[int, typer.Option(help="duo folder: recent_size in its config.json")] = 256,
     force: Force = False,
 ) -> None:
-    """Write a profile in HeadKV / Retrieval_Head JSON or DuoAttention TSV form."""
+    """Write a profile for another tool: HeadKV / Retrieval_Head JSON, DuoAttention / RLKV head table, kvpress LU-KV."""
     from headprof import api
 
+    folder = fmt == "duo" and out_path is not None and out_path.suffix != ".tsv"
+    if fmt == "lukv" or folder:
+        if out_path is None:
+            raise api.HeadprofError("--format lukv writes a binary .npy: give --out FILE")
+        written = api.export_files(profile_path, fmt, out_path, force, prompt_length=prompt_length, window=window,
+                                   beta=beta, reduction=group_reduce, sink=sink, recent=recent)
+        out.print(f"wrote {written}: {fmt}{' folder (full_attention_heads.tsv, config.json)' if folder else ''}",
+                  highlight=False)
+        return
     if out_path:
         api.check_writable(out_path, force)
     emit(api.export_profile(profile_path, fmt), out_path, force, fmt)
