@@ -40,8 +40,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no third-party bars 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+LUKV_CURVE: str | None = None  # `--lukv-curve`: the budget curve the `lukv` press runs with
+
+
 def presses(names: list[str], ratio: float):
-    """kvpress presses by name; a name ending in `-wW` runs a SnapKV-style press with observation window W."""
+    """kvpress presses by name; a name ending in `-wW` runs a SnapKV-style press with observation window W. `lukv`:
+    LUKVPress around SnapKV with headprof's window (16), its budget curve from `--lukv-curve` (a headprof profile's
+    HeadKV allocation: `headprof export --format lukv`)."""
     import kvpress
 
     def make(name: str):
@@ -56,6 +61,7 @@ def presses(names: list[str], ratio: float):
             "adakv_expected_attention": lambda: kvpress.AdaKVPress(
                 kvpress.ExpectedAttentionPress(compression_ratio=ratio)),
             "keydiff": lambda: kvpress.KeyDiffPress(compression_ratio=ratio),
+            "lukv": lambda: _lukv(kvpress, ratio),
         }
         windowed = {"snapkv", "pyramidkv", "adakv"}
         if base not in table or (w and (not w.isdigit() or base not in windowed)):
@@ -63,6 +69,77 @@ def presses(names: list[str], ratio: float):
         return table[base]()
 
     return [(n, make(n)) for n in names]
+
+
+def _lukv(kvpress, ratio: float):
+    import numpy as np
+
+    if LUKV_CURVE is None:
+        raise SystemExit("the lukv press needs --lukv-curve FILE (headprof export PROFILE --format lukv)")
+    press = kvpress.LUKVPress(kvpress.SnapKVPress(window_size=16), compression_ratio=ratio)
+    press._budget_curves = np.load(LUKV_CURVE)  # set before the model's context: kvpress then fetches no URL
+    return press
+
+
+def counts(args) -> None:
+    """Per item, layer and KV head, the keys LUKVPress keeps (the prompt's length minus the keys it masks) at
+    `--ratio` with `--lukv-curve`, in kvpress's own hooks (run in .venv-kvpress)."""
+    global LUKV_CURVE
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    LUKV_CURVE = args.lukv_curve
+    torch.set_grad_enabled(False)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    items = [json.loads(line) for line in Path(args.items).read_text().splitlines() if line.strip()][:args.n]
+    attn = [layer.self_attn for layer in model.model.layers]
+    out = []
+    for item in items:
+        (_, press), = presses(["lukv"], args.ratio)
+        seen: dict[int, list[int]] = {}
+
+        def keep(module, *_, n=len(item["prompt_ids"]), seen=seen):
+            masked = getattr(module, "masked_key_indices", None)
+            heads = model.config.num_key_value_heads
+            pruned = [0] * heads if masked is None else torch.bincount(masked[1], minlength=heads).tolist()
+            seen[module.layer_idx] = [n - p for p in pruned]
+
+        with press(model):
+            hooks = [a.register_forward_hook(keep) for a in attn]  # after the press's own hook has compressed
+            try:
+                model(torch.tensor([item["prompt_ids"]]), past_key_values=DynamicCache(), use_cache=True)
+            finally:
+                for h in hooks:
+                    h.remove()
+        out.append({"item": item["id"], "prompt_tokens": len(item["prompt_ids"]),
+                    "kept": [seen[i] for i in range(len(attn))]})
+        print(f"{item['id']}: {len(item['prompt_ids'])} tokens", flush=True)
+    Path(args.out).write_text(json.dumps({"ratio": args.ratio, "curve": args.lukv_curve, "items": out}))
+
+
+def check(args) -> None:
+    """In headprof's environment: headprof's HeadKV keep counts (budgets + window) on the same items and ratio, next
+    to LUKVPress's (`counts`); prints the heads whose counts differ."""
+    from headprof import api, methods
+    from headprof.compressing import generation
+    from headprof.evaluation.evaluate import ratio_budget
+
+    lm = api.load_model(args.model)
+    got = json.loads(Path(args.counts).read_text())
+    items = {json.loads(line)["id"]: json.loads(line) for line in Path(args.items).read_text().splitlines()
+             if line.strip()}
+    m = methods.build("headkv", profile=api.Profile.load(args.profile), window=args.window)
+    worst = 0
+    for row in got["items"]:
+        item = items[row["item"]]
+        budget = ratio_budget(type("I", (), {"prompt_ids": item["prompt_ids"]}), got["ratio"], args.window)
+        run = generation.generate(lm, item["prompt_ids"], m, budget, max_new_tokens=1)
+        ours = [[b + args.window for b in layer] for layer in run.budgets]
+        diff = max(abs(a - b) for la, lb in zip(ours, row["kept"], strict=True) for a, b in zip(la, lb, strict=True))
+        worst = max(worst, diff)
+        print(f"{row['item']} ({row['prompt_tokens']} tokens): largest per-head difference {diff} "
+              f"over {sum(len(x) for x in ours)} KV heads", flush=True)
+    print(f"largest difference over {len(got['items'])} items: {worst} tokens")
 
 
 def decode(model, cache, logits, start: int, steps: int, stops: set[int]) -> list[list[int]]:
@@ -162,12 +239,14 @@ def shared(model, ids, cells, steps: int, stops: set[int]):
 
 
 def run(args) -> None:
+    global LUKV_CURVE
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     ratios = [float(r) for r in args.ratios.split(",")]
     names = args.presses.split(",")
+    LUKV_CURVE = args.lukv_curve
     presses(names, ratios[0])  # an unknown press is refused before the model loads
     hf_logging.disable_progress_bar()
     torch.set_grad_enabled(False)
@@ -275,7 +354,21 @@ def main() -> None:
     r.add_argument("--first-item", type=int, default=0, help="start at this line of --items")
     r.add_argument("--per-cell", action="store_true", help="kvpress's own hooks, one prefill per press and ratio "
                                                            "(slow; the reference the shared prefill is checked on)")
+    r.add_argument("--lukv-curve", help="the lukv press's budget curve (headprof export --format lukv)")
     r.add_argument("--out", required=True)
+    c = sub.add_parser("counts", help="LUKVPress's per-head keep counts on exported items (in .venv-kvpress)")
+    c.add_argument("--items", required=True)
+    c.add_argument("--model-dir", required=True)
+    c.add_argument("--lukv-curve", required=True)
+    c.add_argument("--ratio", type=float, default=0.9)
+    c.add_argument("--n", type=int, default=3, help="the first N items")
+    c.add_argument("--out", required=True)
+    k = sub.add_parser("check", help="headprof's HeadKV counts next to LUKVPress's (`counts`), in headprof's env")
+    k.add_argument("--model", required=True)
+    k.add_argument("--profile", required=True)
+    k.add_argument("--items", required=True)
+    k.add_argument("--counts", required=True)
+    k.add_argument("--window", type=int, default=16)
     m = sub.add_parser("merge", help="score kvpress's rows with headprof and merge them into results.json")
     m.add_argument("--results", required=True)
     m.add_argument("--items", required=True)
@@ -286,7 +379,7 @@ def main() -> None:
     m.add_argument("--common", action="store_true", help="keep only the items both ran (every method on "
                                                           "the same items)")
     args = ap.parse_args()
-    run(args) if args.step == "run" else merge(args)
+    {"run": run, "counts": counts, "check": check, "merge": merge}[args.step](args)
 
 
 if __name__ == "__main__":
