@@ -138,6 +138,18 @@ class Method:
         return out
 
 
+def profile_scores(method: Method) -> np.ndarray:
+    """[layer, kv_head] scores of a profile-driven method: its `profile` (a Profile, reduced over each GQA group by the
+    method's `reduction`, or an array of KV-head scores). One-line errors for a missing profile or reduction."""
+    if method.reduction not in ("mean", "max"):
+        raise MethodError(f"reduction must be mean or max, got {method.reduction}")
+    if method.profile is None:
+        raise allocate.BudgetError(f"{method.name} needs a profile ({method.name}:profile=NAME, or --profile FILE)")
+    if isinstance(method.profile, np.ndarray):
+        return method.profile
+    return method.profile.kv_scores(method.reduction)
+
+
 def register(cls: type[Method]) -> type[Method]:
     REGISTRY[cls.name] = cls
     return cls

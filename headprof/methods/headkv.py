@@ -9,7 +9,7 @@ import numpy as np
 
 from headprof.defaults import BETA
 from headprof.methods.allocate import BudgetError, capacity, prefix_budget, share
-from headprof.methods.base import Method, Scorer, pooled_window, register
+from headprof.methods.base import Method, Scorer, pooled_window, profile_scores, register
 
 
 def headkv(scores: np.ndarray, budget: int, window: int, prefix: int | np.ndarray, compressible: np.ndarray,
@@ -51,11 +51,7 @@ class HeadKV(Method):
             raise ValueError(f"reduction must be mean or max, got {self.reduction}")
 
     def kv_scores(self) -> np.ndarray:
-        if self.profile is None:
-            raise BudgetError("headkv needs a profile (headkv:profile=NAME, or --profile FILE)")
-        if isinstance(self.profile, np.ndarray):
-            return self.profile
-        return self.profile.kv_scores(self.reduction)
+        return profile_scores(self)
 
     def allocate(self, budget, caps, compressible):
         return headkv(self.kv_scores(), budget, self.window, caps, compressible, self.beta)

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from headprof.methods.allocate import BudgetError, prefix_budget
-from headprof.methods.base import Method, register
+from headprof.methods.allocate import prefix_budget
+from headprof.methods.base import Method, profile_scores, register
 from headprof.methods.streaming import streaming_positions
 
 
@@ -50,11 +50,7 @@ class Split(Method):
             raise ValueError(f"reduction must be mean or max, got {self.reduction}")
 
     def kv_scores(self) -> np.ndarray:
-        if self.profile is None:
-            raise BudgetError("split needs a profile (split:profile=NAME, or --profile FILE)")
-        if isinstance(self.profile, np.ndarray):
-            return self.profile
-        return self.profile.kv_scores(self.reduction)
+        return profile_scores(self)
 
     def streaming_prefix(self, budget: int) -> int:
         """Prefix tokens a streaming head keeps (the window comes on top): sink + recent, cut to the budget when the
