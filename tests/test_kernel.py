@@ -132,3 +132,21 @@ def test_asking_for_the_kernel_where_it_cannot_run_is_refused_in_one_line(monkey
         _layer([3, 9], 512)
     readers._pick.cache_clear()
     assert "triton" not in readers.available("cpu", torch.float32)  # on CPU the default stays torch
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the tiny models run on CPU: checked there under the interpreter")
+def test_a_batch_through_the_kernel_gives_each_prompt_the_torch_paths_tokens(monkeypatch):
+    """The segments of several sequences of different lengths (each its own budgets) read in one launch."""
+    lm = loaded("llama")
+    lay = lm.info.layout
+    scores = np.linspace(1.0, 0.05, lay.num_layers * lay.num_kv_heads).reshape(lay.num_layers, -1) ** 2
+    method = methods.resolve("headkv", scores, window=8)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (50, 71, 64)]
+    runs = {}
+    for backend in ("torch", "triton"):
+        readers._pick.cache_clear()
+        monkeypatch.setenv("HEADPROF_ATTENTION", backend)
+        runs[backend] = generation.generate_batch(lm, prompts, method, 24, max_new_tokens=10)
+    readers._pick.cache_clear()
+    assert [r.tokens for r in runs["triton"]] == [r.tokens for r in runs["torch"]]
