@@ -50,6 +50,7 @@ from headprof import (
 from headprof.compressing import generation  # noqa: E402
 from headprof.kv import readers  # noqa: E402
 from headprof.kv.cache import held_bytes  # noqa: E402
+from headprof.kv.heads import free_slots  # noqa: E402
 from headprof.models import with_cache  # noqa: E402
 
 
@@ -85,7 +86,9 @@ def layout_figures(cache) -> dict[str, dict[str, float]]:
                 beside += layer.heads * (layer.reach + layer.room)  # the bool mask, one byte per window and column
             beside += (layer.kv.shape[0] - layer.entries()) * layer.kv.shape[-1] * layer.kv.element_size()  # free
         out[path] = {"reads_per_held": sum(readers.entries_read(x, path) for x in layers) / held,
-                     "beside_per_kv": beside / kv_bytes}
+                     "beside_per_kv": beside / kv_bytes,
+                     # tokens from one growth of the room to the next: the free slots it lays out, plus the one
+                     "tokens_per_growth": 1 + free_slots(layers, 1, masked=readers.masked(path))}
     return out
 
 
@@ -196,13 +199,14 @@ def main() -> None:
               f"{rate / full_rate:.1f} | {ratios} |")
     print()
     print("| cache, at the batch that fits | reads per entry held: torch | triton | bytes beside K/V per byte of them: "
-          "torch | triton | regrowths per 100 tokens (the path that ran) |")
-    print("| --- " * 6 + "|")
+          "torch | triton | tokens between growths: torch | triton | regrowths per 100 tokens (the path that ran) |")
+    print("| --- " * 8 + "|")
     for name, _, fits, _, _, paths, regrew in rows:
         if paths:
             t, k = paths["torch"], paths["triton"]
             print(f"| {name} ({fits}) | {t['reads_per_held']:.2f} | {k['reads_per_held']:.2f} | "
-                  f"{t['beside_per_kv']:.3f} | {k['beside_per_kv']:.3f} | {regrew:.1f} |")
+                  f"{t['beside_per_kv']:.3f} | {k['beside_per_kv']:.3f} | {t['tokens_per_growth']} | "
+                  f"{k['tokens_per_growth']} | {regrew:.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "device": str(lm.device), "dtype": str(lm.dtype), "backend": args.backend, "length": args.length,

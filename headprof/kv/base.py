@@ -54,7 +54,7 @@ class LayerKind:
         """Prompt tokens each KV head of row `row` kept (None: the layer is not compressed)."""
         return None
 
-    def spare_room(self, q: int) -> tuple[float, float] | None:
+    def spare_room(self, q: int, masked: bool | None = None) -> tuple[float, float] | None:
         """For layers that grow their free room together (`HeadKVCache.update`): (spare bytes, bytes per free slot)
         were they grown for `q` new tokens; None for a layer that makes its own room."""
         return None

@@ -396,14 +396,16 @@ class HeadKVLayer(LayerKind, DynamicLayer):
         h = self.heads // batch
         return self.kept_prompt[row * h:(row + 1) * h]
 
-    def spare_room(self, q: int) -> tuple[float, float] | None:
+    def spare_room(self, q: int, masked: bool | None = None) -> tuple[float, float] | None:
         """(bytes this layer may hold beyond its tokens after growing for `q`, bytes one free slot per head costs):
-        its free slots, each masked window's columns (bool per window and slot) and a sliding layer's positions."""
+        its free slots, each masked window's columns (bool per window and slot) and a sliding layer's positions.
+        `masked`: as if the layer held a mask or not (the benchmarks compare backends); default: as it is."""
         if not self.compressed:
             return None
         entry = self.kv.shape[-1] * self.kv.element_size()
         per_entry = 0 if self.positions is None else self.positions.element_size()
-        mask = 0 if self._open is None else self.heads
+        masked = self._open is not None if masked is None else masked and not self.uniform
+        mask = self.heads if masked else 0
         generated = self.generated - self._keep_from(q) + q
         filled = sum(self.lens) + self.heads * generated
         return (self.slack * filled * entry - filled * per_entry - mask * (self.reach + generated),
@@ -423,14 +425,14 @@ class HeadKVLayer(LayerKind, DynamicLayer):
         return readers.attend(self, query, scaling, softcap), None
 
 
-def free_slots(kinds: list[LayerKind], q: int) -> int:
+def free_slots(kinds: list[LayerKind], q: int, **how) -> int:
     """Free slots per head that the layers growing together (`LayerKind.spare_room`), grown for `q` new tokens, can
     all have while what they hold beyond their tokens' own bytes (free slots, each masked window's columns, sliding
     layers' positions) stays within their slack of those bytes: an early stop right after the growth is the worst
     case. 0 where a single slot would already break that (a tiny cache): the room then grows at every token."""
     spare = per_slot = 0.0
     for kind in kinds:
-        room = kind.spare_room(q)
+        room = kind.spare_room(q, **how)
         if room is not None:
             spare += room[0]
             per_slot += room[1]
