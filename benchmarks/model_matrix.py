@@ -51,6 +51,8 @@ PATTERNS = {"jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer
             "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"] * 2),
             "gemma3n_text": dict(num_kv_shared_layers=2, vocab_size_per_layer_input=128, hidden_size_per_layer_input=8,
                                  layer_types=["sliding_attention", "full_attention"] * 2),
+            "gemma4": dict(vocab_size_per_layer_input=128, hidden_size_per_layer_input=8, global_head_dim=32),
+            "gemma4_text": dict(vocab_size_per_layer_input=128, hidden_size_per_layer_input=8, global_head_dim=32),
             "gpt_neo": dict(attention_types=[[["global", "local"], 2]]),
             "lfm2": dict(layer_types=["conv", "full_attention"] * 2),
             "lfm2_moe": dict(layer_types=["conv", "full_attention"] * 2),
@@ -65,14 +67,14 @@ PATTERN_LISTS = ("layer_types", "layers_block_type", "block_types", "hybrid_over
 def _shrunk(cls, default, model_type: str):
     """`cls` built with the shared sizes where `default` (a config of it) has them, its layer pattern cycled over
     `L` layers so that a hybrid keeps each of its kinds; keys the config refuses are dropped one by one."""
-    kwargs = {k: v for k, v in COMMON.items() if hasattr(default, k)}
-    if hasattr(default, "kv_lora_rank"):  # MLA: the rotary part is its own head size; every head expands the latent
+    kwargs = {k: v for k, v in COMMON.items() if _has(default, k)}
+    if _has(default, "kv_lora_rank"):  # MLA: the rotary part is its own head size; every head expands the latent
         kwargs.pop("head_dim", None)
         kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
     kwargs.update(PATTERNS.get(model_type, {}))
     patterns = {}
     for name in PATTERN_LISTS:
-        pattern = getattr(default, name, None)
+        pattern = getattr(default, name, None) if _has(default, name) else None
         kinds = list(dict.fromkeys(pattern)) if isinstance(pattern, (list, str)) else []
         if len(kinds) > 1 and model_type not in PATTERNS:
             cycled = [kinds[i % len(kinds)] for i in range(L)]
@@ -89,6 +91,15 @@ def _shrunk(cls, default, model_type: str):
                 attempt = {k: v for k, v in attempt.items() if k != drop[0]}
     # some configs refuse a size; keep only the depth and width
     return cls(**{k: kwargs[k] for k in ("num_hidden_layers", "hidden_size", "vocab_size") if k in kwargs})
+
+
+def _has(config, name: str) -> bool:
+    """Whether `config` has `name`; a per-layer attribute (Gemma 4's head_dim), which transformers refuses to read
+    globally, counts: the shared size then applies where the config takes it."""
+    try:
+        return hasattr(config, name)
+    except Exception:  # AmbiguousGlobalPerLayerAttributeError
+        return True
 
 
 def tiny_config(model_type: str, towers: bool = True):

@@ -181,6 +181,12 @@ def verify(model: torch.nn.Module) -> layouts.HeadLayout:
     config = model.config
     lay = layouts.layout_of(config)
     name = config.model_type
+    blocks = [i for i, k in enumerate(lay.attention_kinds) if k in layouts.BLOCK_KINDS]
+    if blocks:
+        kinds = sorted({lay.attention_kinds[i] for i in blocks})
+        raise ModelError(f"{name}'s layers {layouts.layer_list(blocks)} ({', '.join(kinds)}) attend over compressed "
+                         "blocks of tokens beside their window's tokens; headprof scores and compresses attention "
+                         "over tokens only")
     recorder = own_cache.adapt(_Recorder(config), config)
     seen = _Seen(recorder)
     vocab = getattr(config.get_text_config(), "vocab_size", None) or 4
@@ -220,10 +226,16 @@ def verify(model: torch.nn.Module) -> layouts.HeadLayout:
         # (multi-query models that say so in their own terms), or layers caching different numbers of KV heads
         # (MiMo-V2-Flash's sliding layers)
         if len(set(cached.values())) == 1:
-            lay = dataclasses.replace(lay, num_kv_heads=next(iter(cached.values())))
+            lay = dataclasses.replace(lay, num_kv_heads=next(iter(cached.values())), layer_kv_heads=())
         else:
-            per_layer = tuple(cached.get(i, lay.num_kv_heads) for i in range(lay.num_layers))
+            per_layer = tuple(cached.get(i, lay.kv_heads(i)) for i in range(lay.num_layers))
             lay = dataclasses.replace(lay, num_kv_heads=max(per_layer), layer_kv_heads=per_layer)
+    sizes = {i: seen.keys[i][-1] for i in seen.own_keys if seen.own_keys[i]}
+    if sizes and any(n != lay.head_size(i) for i, n in sizes.items()):  # the tensors' head sizes, as with KV heads
+        per_size = tuple(sizes.get(i, lay.head_size(i)) for i in range(lay.num_layers))
+        common = max(set(per_size), key=per_size.count)
+        lay = dataclasses.replace(lay, head_dim=common,
+                                  layer_head_dims=per_size if len(set(per_size)) > 1 else ())
     latent, latent_dim = [], 0
     for i, shape in sorted(seen.keys.items()):
         if i not in seen.own_keys:

@@ -33,6 +33,10 @@ class HeadLayout:
     # full layers'); `num_kv_heads` is then the widest layer's, the [layer, kv_head] grid's width, and a layer's
     # KV heads beyond its own count are absent (no score, no budget)
     layer_kv_heads: tuple[int, ...] = ()
+    # per layer, where layers' heads differ in size (Gemma 4's full-attention layers: 512 beside 256); `head_dim` is
+    # then the most common size. A layer's segments never share a buffer with another layer's, so each layer is
+    # compressed with its own size.
+    layer_head_dims: tuple[int, ...] = ()
 
     @property
     def group_size(self) -> int:
@@ -41,6 +45,14 @@ class HeadLayout:
     def kv_heads(self, layer: int) -> int:
         """The KV heads layer `layer` caches."""
         return self.layer_kv_heads[layer] if self.layer_kv_heads else self.num_kv_heads
+
+    def head_size(self, layer: int) -> int:
+        """The size of one head's key (and value) in layer `layer`."""
+        return self.layer_head_dims[layer] if self.layer_head_dims else self.head_dim
+
+    def entry_size(self, layer: int) -> int:
+        """Numbers one cached token of one KV head (or of an MLA latent) takes in layer `layer`: key and value."""
+        return self.latent_dim if self.is_latent(layer) else 2 * self.head_size(layer)
 
     def group(self, layer: int) -> int:
         """Query heads per KV head in layer `layer`: query head h reads KV head h // group."""
@@ -80,6 +92,9 @@ CACHELESS_KINDS = ("dummy",)
 KEPT_KINDS = ("chunked_attention",)  # attention layers a compressed cache leaves as the model keeps them
 INDEXED_KINDS = ("indexed_attention",)  # compressible where the layer's cache is an MLA latent
 SLIDING_KINDS = ("sliding_attention", "hybrid_sliding", LOCAL_KIND)
+# attention that reads compressed blocks of tokens appended after its cache's keys (DeepSeek-V4's compressed-sparse
+# and heavily compressed layers): a row's columns are not token positions, so heads can be neither scored nor cut
+BLOCK_KINDS = ("compressed_sparse_attention", "heavily_compressed_attention")
 
 
 def layer_kinds(config) -> tuple[list[str], list[int | None]]:
@@ -118,31 +133,61 @@ def _head_shapes(text, layers: list[int]) -> list[tuple[int, int, int]]:
     return shapes
 
 
+def _attribute(config, name: str):
+    """`config.name`, None where it has none; a per-layer attribute (which transformers refuses to read as one value)
+    reads as the first layer's."""
+    try:
+        return getattr(config, name, None)
+    except Exception:  # AmbiguousGlobalPerLayerAttributeError
+        return getattr(config.per_layer_config[0], name, None)
+
+
 def layout_of(config) -> HeadLayout:
-    """The model's head layout; a model whose attention layers differ in head counts or head size is refused,
-    since a profile and a compressed cache are one [layer, head] grid, and so is a model with no attention."""
+    """The model's head layout. Layers may differ in head size and in KV heads (each layer is compressed with its
+    own); a model whose attention layers differ in query heads is refused, since a profile is one [layer, head]
+    grid, and so is a model with no attention."""
     text = config.get_text_config()
     kinds, windows = layer_kinds(config)
     stateful = [i for i, k in enumerate(kinds) if k in STATE_KINDS]
     attending = [i for i in range(len(kinds)) if i not in stateful]
-    if not getattr(text, "num_attention_heads", None) or not attending:
+    if not _attribute(text, "num_attention_heads") or not attending:
         raise ModelError(f"{config.model_type} is attention-free (its layers are recurrent or linear-attention "
                          "state, with no attention heads): headprof scores and compresses attention heads")
-    shapes = _head_shapes(text, attending)
-    if len(set(shapes)) > 1:
-        seen: dict[tuple[int, int, int], list[int]] = {}
-        for i, shape in zip(attending, shapes, strict=True):
-            seen.setdefault(shape, []).append(i)
-        described = "; ".join(f"{q} query / {kv} KV heads of size {d} in layers {layer_list(ls)}"
-                              for (q, kv, d), ls in seen.items())
-        raise ModelError(f"this model's layers differ in their heads ({described}); headprof needs one head "
-                         "layout for every layer")
-    heads, kv, head_dim = shapes[0]
+    shapes = dict(zip(attending, _head_shapes(text, attending), strict=True))
+    heads = _one_value(shapes, 0, "query heads", "headprof needs one number of query heads in every layer")
+    kv = {i: s[1] for i, s in shapes.items()}
+    odd = [i for i, n in kv.items() if heads % n]
+    if odd:
+        raise ModelError(f"the {kv[odd[0]]} KV heads of layers {layer_list(odd)} do not divide the {heads} query "
+                         "heads; headprof cannot tell which query heads read them")
+    dims = {i: s[2] for i, s in shapes.items()}
+    common = max(set(dims.values()), key=list(dims.values()).count)
+    widest = max(kv.values())
     sliding = [w for k, w in zip(kinds, windows, strict=True) if k in SLIDING_KINDS and w]
-    return HeadLayout(num_layers=text.num_hidden_layers, num_query_heads=heads, num_kv_heads=kv,
-                      head_dim=head_dim, attention_kinds=tuple(kinds),
+    return HeadLayout(num_layers=text.num_hidden_layers, num_query_heads=heads, num_kv_heads=widest,
+                      head_dim=common, attention_kinds=tuple(kinds),
                       sliding_window=sliding[0] if sliding else None, layer_windows=tuple(windows),
-                      no_heads=tuple(stateful))
+                      no_heads=tuple(stateful),
+                      layer_kv_heads=_per_layer(kv, text.num_hidden_layers, widest),
+                      layer_head_dims=_per_layer(dims, text.num_hidden_layers, common))
+
+
+def _one_value(shapes: dict[int, tuple[int, int, int]], at: int, what: str, why: str) -> int:
+    """The one value of field `at` the layers share, or a one-line ModelError naming the layers of each value."""
+    seen: dict[int, list[int]] = {}
+    for i, shape in shapes.items():
+        seen.setdefault(shape[at], []).append(i)
+    if len(seen) > 1:
+        described = "; ".join(f"{n} {what} in layers {layer_list(ls)}" for n, ls in seen.items())
+        raise ModelError(f"this model's layers differ in their {what} ({described}); {why}")
+    return next(iter(seen))
+
+
+def _per_layer(values: dict[int, int], layers: int, default: int) -> tuple[int, ...]:
+    """Per layer (layers without heads take `default`), or () where every layer has the same value."""
+    if len(set(values.values())) <= 1:
+        return ()
+    return tuple(values.get(i, default) for i in range(layers))
 
 
 def layer_list(layers: list[int]) -> str:

@@ -81,6 +81,8 @@ class ModelInfo:
                  latent_layers=list(layout["latent"]))
         if self.layout.layer_kv_heads:  # layers that cache different numbers of KV heads
             d["kv_heads_per_layer"] = list(self.layout.layer_kv_heads)
+        if self.layout.layer_head_dims:  # layers whose heads differ in size (Gemma 4)
+            d["head_dim_per_layer"] = list(self.layout.layer_head_dims)
         return d
 
 

@@ -69,11 +69,22 @@ def test_layers_headprof_leaves_alone_get_transformers_own_cache_layer():
     assert cache.full_layer_entries("dummy", None, 100, 2) == 0  # KV shared with an earlier layer: nothing held
 
 
-def test_a_model_whose_layers_differ_in_their_heads_is_refused():
-    config = Gemma4TextConfig(num_hidden_layers=4, sliding_window=64, num_attention_heads=2, num_key_value_heads=1,
-                              hidden_size=64, head_dim=16, global_head_dim=32, intermediate_size=64, vocab_size=96,
+def test_layers_may_differ_in_head_size_and_kv_heads_but_not_in_query_heads():
+    """Gemma 4's per-layer config: full-attention layers with larger heads and (K = V) fewer KV heads read per layer;
+    query heads that differ by layer would make a profile more than one grid, and are refused naming the layers."""
+    config = Gemma4TextConfig(num_hidden_layers=4, sliding_window=64, num_attention_heads=4, num_key_value_heads=2,
+                              hidden_size=64, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+                              attention_k_eq_v=True, intermediate_size=64, vocab_size=96,
                               layer_types=["sliding_attention", "full_attention"] * 2)
-    with pytest.raises(ModelError, match=r"layers differ in their heads \(2 query / 1 KV heads of size 16 in layers "
-                                         r"0, 2; 2 query / 1 KV heads of size 32 in layers 1, 3\)"):
+    lay = models.layout_of(config)
+    assert [lay.head_size(i) for i in range(4)] == [16, 32, 16, 32] and lay.head_dim == 16
+    assert [lay.kv_heads(i) for i in range(4)] == [2, 1, 2, 1] and lay.num_kv_heads == 2
+    assert [lay.entry_size(i) for i in range(4)] == [32, 64, 32, 64]
+    config = Gemma4TextConfig(num_hidden_layers=4, sliding_window=64, num_attention_heads=4, num_key_value_heads=2,
+                              hidden_size=64, head_dim=16, intermediate_size=64, vocab_size=96,
+                              layer_types=["sliding_attention", "full_attention"] * 2,
+                              per_layer_config={1: {"head_dim": 32}, 3: {"head_dim": 32, "num_attention_heads": 2}})
+    with pytest.raises(ModelError, match=r"layers differ in their query heads \(4 query heads in layers 0, 1, 2; "
+                                         r"2 query heads in layers 3\)"):
         models.layout_of(config)
 

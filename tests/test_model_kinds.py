@@ -60,6 +60,8 @@ def built(tmp_path_factory):
     ("gpt_neo", "works", "sliding"),  # attention in a method of its own (`legacy.py`), local layers' window in it
     ("falcon", "works", "GQA"),  # an inline scaled_dot_product_attention call, caught while the module runs
     ("diffllama", "refused", "?"),  # two attention calls per layer over transformed values
+    ("gemma4_text", "works", "sliding"),  # full-attention layers' heads twice the sliding layers' size
+    ("deepseek_v4", "refused", "?"),  # attention over compressed blocks of tokens beside the window's tokens
 ])
 def test_each_mechanism_gets_its_status(built, model_type, status, mechanism):
     folder = built(model_type)
@@ -185,3 +187,31 @@ def test_layers_that_cache_different_kv_heads_group_budget_and_score_by_their_ow
     r = api.generate(lm, "a b c d e f g h i j " * 8, method="snapkv", budget=40, max_new_tokens=2)
     assert [len(b) for b in r.runs[0].budgets] == [lay.kv_heads(i) for i in range(lay.num_layers)]
     assert r.runs[0].kv_bytes < r.runs[1].kv_bytes
+
+
+def test_layers_whose_heads_differ_in_size_are_compressed_each_with_its_own(built, tmp_path):
+    """Gemma 4's full-attention layers have heads twice the sliding layers' size: one grid of heads, each layer's
+    size in the profile, bytes counted per layer, and a profile refused by a model whose sizes differ."""
+    lm = api.load_model(str(built("gemma4_text")), device="cpu")
+    lay = lm.info.layout
+    sizes = [lay.head_size(i) for i in range(lay.num_layers)]
+    assert set(sizes) == {16, 32} and lay.head_dim == 16
+    assert [s == 32 for s in sizes] == [k == "full_attention" for k in lay.attention_kinds]
+    r = api.generate(lm, "a b c d e f g h i j " * 8, method="snapkv", budget=40, max_new_tokens=2)
+    small, full = r.runs
+    n = full.prompt_tokens + 1  # the prompt and the token fed back
+    assert full.kv_bytes_full == sum(n * lay.kv_heads(i) * 2 * sizes[i] * 4 for i in range(lay.num_layers))
+    assert full.kv_bytes == full.kv_bytes_full and full.bytes_per_entry is None
+    assert small.kv_bytes < full.kv_bytes and small.kv_bytes <= 1.05 * small.kv_bytes_ideal
+    prof = api.score(lm, "retrieval", lengths=[200], depths=1, filter_probes=False, teacher_forced=True,
+                     chat_template=False)
+    assert prof.model["head_dim_per_layer"] == sizes
+    path = tmp_path / "g4.json"
+    prof.save(path)
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("The key is under the pot. " * 20 + "Where is the key?")
+    r = CliRunner().invoke(app, ["run", "--model", str(built("gemma3_text")), "--profile", str(path),
+                                 "--budget", "32", "--max-new-tokens", "2", "--json", str(prompt)])
+    full_layers = ", ".join(str(i) for i, s in enumerate(sizes) if s == 32)
+    assert r.exit_code == 2 and len(r.output.splitlines()) == 1, r.output
+    assert f"heads in layers {full_layers} have size 32; this model's have 16" in r.output

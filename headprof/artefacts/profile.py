@@ -22,6 +22,7 @@ import numpy as np
 
 from headprof.errors import ProfileError
 from headprof.files import check_output, read_text, write_atomic
+from headprof.layout import layer_list
 
 __all__ = ["Profile", "load", "save", "validate", "check_output", "write_atomic", "shipped", "build", "provenance",
            "provenance_diff", "package_version"]
@@ -84,6 +85,13 @@ class Profile:
             raise ProfileError(f"profile was made for {m.get('spec', 'another model')} ({theirs[0]} layers, "
                                f"{theirs[1]} query heads, {theirs[2]} KV heads); this model has {ours[0]} layers, "
                                f"{ours[1]} query heads, {ours[2]} KV heads")
+        theirs_dims = m.get("head_dim_per_layer") or ([m["head_dim"]] * m["num_layers"] if m.get("head_dim") else [])
+        ours_dims = [layout.head_size(i) for i in range(layout.num_layers)]
+        differ = [i for i, (a, b) in enumerate(zip(theirs_dims, ours_dims, strict=False)) if a != b]
+        if differ:
+            raise ProfileError(f"profile was made for {m.get('spec', 'another model')}, whose heads in layers "
+                               f"{layer_list(differ)} have size {_sizes(theirs_dims, differ)}; this model's have "
+                               f"{_sizes(ours_dims, differ)}")
         mine, other = set(self.layers_without_heads), set(getattr(layout, "no_heads", ()))
         if mine != other:
             differ = ", ".join(map(str, sorted(mine ^ other)[:8]))
@@ -342,3 +350,8 @@ def shipped(model_spec: str, method: str = "r2") -> Path | None:
 
     p = Path(str(files("headprof") / "profiles" / model_spec / f"{method}.json"))
     return p if p.is_file() else None
+
+
+def _sizes(sizes: list[int], layers: list[int]) -> str:
+    """The distinct sizes of `layers`, in layer order ("512" or "256, 512")."""
+    return ", ".join(map(str, dict.fromkeys(sizes[i] for i in layers)))

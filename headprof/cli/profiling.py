@@ -154,7 +154,9 @@ def info(model: ModelArg,
     t = Table(show_header=False, box=None)
     for k, v in [("model", i.resolved), ("architecture", f"{i.architecture} ({i.model_type})"),
                  ("layers", lay.num_layers), ("query heads", lay.num_query_heads),
-                 ("KV heads", lay.num_kv_heads), ("group size", lay.group_size), ("head dim", lay.head_dim),
+                 ("KV heads", _by_layer(lay.layer_kv_heads, lay.num_kv_heads)),
+                 ("group size", _by_layer(tuple(lay.group(i) for i in range(lay.num_layers)), lay.group_size)),
+                 ("head dim", _by_layer(lay.layer_head_dims, lay.head_dim)),
                  ("attention kinds", ", ".join(f"{k} x{lay.attention_kinds.count(k)}" for k in kinds)),
                  ("layers without heads", ", ".join(map(str, lay.no_heads)) or "-"),
                  ("sliding window", lay.sliding_window or "-"), ("max positions", i.max_positions or "no limit"),
@@ -192,3 +194,12 @@ def check(
         out.print("FAIL: " + "; ".join(r.failures), highlight=False)
         raise typer.Exit(1)
     out.print("OK: the heads that matter have not changed", highlight=False)
+
+
+def _by_layer(values: tuple[int, ...], common: int) -> str:
+    """`common`, with the layers whose value differs ("16 (32 in layers 5, 11)")."""
+    others: dict[int, list[int]] = {}
+    for i, v in enumerate(values):
+        if v != common:
+            others.setdefault(v, []).append(i)
+    return f"{common}" + "".join(f" ({v} in layers {', '.join(map(str, ls))})" for v, ls in others.items())

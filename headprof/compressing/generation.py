@@ -26,7 +26,7 @@ from headprof.compressing.compress import Plan, compressed_layers, make_plan
 from headprof.defaults import BETA, KERNEL, WINDOW
 from headprof.errors import BatchOutOfMemory, HeadprofError, out_of_memory
 from headprof.kv import native, own_cache
-from headprof.kv.cache import HeadKVCache, full_entries, held_bytes, held_entries, leave, row_entries
+from headprof.kv.cache import HeadKVCache, counts_bytes, full_layer_counts, held_bytes, held_entries, leave, row_entries
 from headprof.kv.decode_cache import alone
 from headprof.layout import KEPT_KINDS, layer_list
 from headprof.models import HeadLayout, LoadedModel, end_tokens, last_logits_only, with_cache
@@ -45,7 +45,9 @@ class RunResult:
     # positions and masks (cache.held_bytes)
     kv_entries_full: int  # what the uncompressed cache of this model holds for the same sequence
     kv_entries_ideal: int  # budgets + window + appended tokens (sliding layers: their window)
-    bytes_per_entry: int
+    kv_bytes_full: int  # the uncompressed cache's bytes, each layer at its own entry size
+    kv_bytes_ideal: int
+    bytes_per_entry: int | None  # None where layers' entries differ in size (head sizes, MLA latents beside heads)
     budgets: list[list[int]] | None = None
     notes: list[str] = field(default_factory=list)
     # the first decode step (first token to second), and the decode rate after it: after a long prefill the first
@@ -53,16 +55,14 @@ class RunResult:
     first_step_s: float | None = None
     steady_tokens_per_s: float | None = None
 
-    @property
-    def kv_bytes_full(self) -> int:
-        return self.kv_entries_full * self.bytes_per_entry
-
-    @property
-    def kv_bytes_ideal(self) -> int:
-        return self.kv_entries_ideal * self.bytes_per_entry
-
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "kv_bytes_full": self.kv_bytes_full, "kv_bytes_ideal": self.kv_bytes_ideal}
+        return asdict(self)
+
+
+def entry_bytes(layout: HeadLayout, elem: int) -> int | None:
+    """Bytes of one cached entry where every layer with a cache has the same entry size, else None."""
+    sizes = {layout.entry_size(i) for i in range(layout.num_layers) if layout.has_heads(i)}
+    return sizes.pop() * elem if len(sizes) == 1 else None
 
 
 def cache_for(layout: HeadLayout, method: methods.Method, compress_sliding: bool = False,
@@ -259,7 +259,8 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str | methods.Metho
     steady = (len(times) - 2) / (times[-1] - times[1]) if len(times) > 2 else None
     budgets = None
     entries, nbytes = held_entries(cache), held_bytes(cache)
-    ideal = cache.ideal_entries(lay, n + appended, appended) if m.compresses else full_entries(lay, n + appended)
+    full = full_layer_counts(lay, n + appended)
+    ideal = cache.ideal_counts(lay, n + appended, appended) if m.compresses else full
     if m.compresses:  # what each head kept of the prompt beyond the window (adaptive methods decide it at prefill)
         budgets = cache.kept_counts(lay, window)
         kept = [i for i, k in enumerate(lay.attention_kinds) if k in KEPT_KINDS]
@@ -273,8 +274,9 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str | methods.Metho
     label = method if isinstance(method, str) else m.name
     return RunResult(method=label, text=lm.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                      tokens=tokens, prompt_tokens=n, prefill_s=prefill_s, decode_tokens_per_s=decode,
-                     kv_entries=entries, kv_bytes=nbytes, kv_entries_full=full_entries(lay, n + appended),
-                     kv_entries_ideal=ideal, bytes_per_entry=(lay.latent_dim or 2 * lay.head_dim) * elem,
+                     kv_entries=entries, kv_bytes=nbytes, kv_entries_full=sum(full), kv_entries_ideal=sum(ideal),
+                     kv_bytes_full=counts_bytes(lay, full, elem), kv_bytes_ideal=counts_bytes(lay, ideal, elem),
+                     bytes_per_entry=entry_bytes(lay, elem),
                      budgets=budgets, notes=notes,
                      first_step_s=first_step, steady_tokens_per_s=steady)
 
@@ -367,6 +369,8 @@ def _batch_run(lm: LoadedModel, lay: HeadLayout, m: methods.Method, method, budg
     decode = (steps - 1) / (times[steps - 1] - times[0]) if steps > 1 and times[steps - 1] > times[0] else None
     notes = [f"decoded in a batch of {size} (each prompt leaves it when it ends)"]
     budgets = None
+    full = full_layer_counts(lay, n + appended)
+    ideal = cache.ideal_counts(lay, n + appended, appended, r, batch) if m.compresses else full
     if m.compresses:
         budgets = cache.kept_counts(lay, m.window, r, batch)
         if budget >= n:
@@ -376,10 +380,9 @@ def _batch_run(lm: LoadedModel, lay: HeadLayout, m: methods.Method, method, budg
         text=lm.tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens=list(tokens), prompt_tokens=n,
         prefill_s=prefill_s, decode_tokens_per_s=decode, kv_entries=entries[r],
         kv_bytes=round(held_bytes(cache) * entries[r] / max(sum(entries), 1)),
-        kv_entries_full=full_entries(lay, n + appended),
-        kv_entries_ideal=cache.ideal_entries(lay, n + appended, appended, r, batch)
-        if m.compresses else full_entries(lay, n + appended),
-        bytes_per_entry=(lay.latent_dim or 2 * lay.head_dim) * elem, budgets=budgets, notes=notes)
+        kv_entries_full=sum(full), kv_entries_ideal=sum(ideal), kv_bytes_full=counts_bytes(lay, full, elem),
+        kv_bytes_ideal=counts_bytes(lay, ideal, elem), bytes_per_entry=entry_bytes(lay, elem), budgets=budgets,
+        notes=notes)
 
 
 @torch.no_grad()

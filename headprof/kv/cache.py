@@ -147,11 +147,11 @@ class HeadKVCache(Cache):
                        [n - window for n in kept] * (heads // len(kept) if len(kept) < heads else 1))
         return out
 
-    def ideal_entries(self, layout, seq: int, appended: int, row: int = 0, batch: int = 1) -> int:
-        """What row `row` would hold with no free room: each compressed head its kept prompt tokens and the
-        `appended` ones; every other layer what the model's own layer holds after `seq` tokens."""
-        return sum(kind.ideal(full, appended, row, batch)
-                   for kind, full in zip(self.kinds, full_layer_counts(layout, seq), strict=True))
+    def ideal_counts(self, layout, seq: int, appended: int, row: int = 0, batch: int = 1) -> list[int]:
+        """Per layer, what row `row` would hold with no free room: each compressed head its kept prompt tokens and
+        the `appended` ones; every other layer what the model's own layer holds after `seq` tokens."""
+        return [kind.ideal(full, appended, row, batch)
+                for kind, full in zip(self.kinds, full_layer_counts(layout, seq), strict=True)]
 
 
 def leave(cache: Cache, active: list, ended: list[int], device) -> tuple[list, torch.Tensor | None]:
@@ -205,6 +205,7 @@ def full_layer_counts(layout, seq: int) -> list[int]:
             for i, (kind, w) in enumerate(zip(layout.attention_kinds, windows, strict=True))]
 
 
-def full_entries(layout, seq: int) -> int:
-    """Entries of the uncompressed cache of a model (`layout.HeadLayout`) after `seq` tokens."""
-    return sum(full_layer_counts(layout, seq))
+def counts_bytes(layout, counts: list[int], elem: int) -> int:
+    """Bytes of per-layer entry `counts` at `elem` bytes a number, each layer at its own entry size (layers' heads
+    may differ in size, and an MLA latent's entry is the latent)."""
+    return sum(n * layout.entry_size(i) * elem for i, n in enumerate(counts))
