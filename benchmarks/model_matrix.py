@@ -199,7 +199,7 @@ def classify(folder: Path) -> tuple[str, str]:
     """(status, reason) of headprof on the model in `folder`."""
     from headprof import api
     from headprof.calls import with_cache
-    from headprof.capture import AttentionCapture
+    from headprof.capture import AttentionCapture, implementation
     from headprof.errors import HeadprofError
     from headprof.kv.decode_cache import alone
 
@@ -219,9 +219,22 @@ def classify(folder: Path) -> tuple[str, str]:
         rows: dict[int, torch.Tensor] = {}
         with torch.no_grad(), AttentionCapture(rows.__setitem__, last_n=4):
             lm.model(input_ids=torch.tensor([ids]), **with_cache(lm.model, alone(lm.model.config)))
-        unseen = [i for i in full if i not in rows or not torch.allclose(rows[i].sum(-1), torch.ones(()), atol=1e-4)]
+        def whole(i: int) -> bool:  # a row sums to 1, less a learned sink's share where the layer has sinks
+            total = rows[i].sum(-1)
+            if i in lay.sinks:
+                return bool(((total > 0) & (total <= 1 + 1e-4)).all())
+            return torch.allclose(total, torch.ones(()), atol=1e-4)
+
+        unseen = [i for i in full if i not in rows or not whole(i)]
         if unseen or not np.isfinite(scores).all() or not (abs(scores) > 0).any() and not rows:
             return "fails", f"silent: no attention rows captured on layers {unseen[:6] or 'all'}"
+        with torch.no_grad():  # headprof's attention function computes what the model's own eager attention does
+            ours = lm.model(input_ids=torch.tensor([ids])).logits
+            with implementation(lm.model, "eager"):
+                theirs = lm.model(input_ids=torch.tensor([ids])).logits
+        if not torch.allclose(ours, theirs, atol=1e-3, rtol=1e-3):
+            return "fails", f"silent: headprof's attention differs from the model's eager attention by " \
+                            f"{(ours - theirs).abs().max().item():.2g} in the logits"
         for method in ("headkv", "snapkv"):
             big = api.generate(lm, ids, method, len(ids) + 8, profile=prof, max_new_tokens=6)
             if big.runs[0].tokens != big.runs[1].tokens:

@@ -1,7 +1,8 @@
 """Attention computed from queries and keys, the way headprof's attention function needs it: fp32 softmax rows
-of a few queries (what a capture hands its sink), outputs of soft-capped layers in query chunks (SDPA cannot
-soft-cap; no L x L matrix is formed), and one half-precision decode step as the official HeadKV modelling file
-computes it. Plain tensor functions, with no state: capture.py and the cache kinds call them.
+of a few queries (what a capture hands its sink), outputs of soft-capped layers and of layers with learned attention
+sinks in query chunks (SDPA has neither; no L x L matrix is formed), and one half-precision decode step as the
+official HeadKV modelling file computes it. Plain tensor functions, with no state: capture.py and the cache kinds
+call them.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ def official_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 def attention_probs(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
                     scaling: float, sliding_window: int | None, softcap: float | None,
-                    start: int, stop: int) -> torch.Tensor:
+                    start: int, stop: int, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax rows (fp32) of queries [start, stop) over all keys, (batch, query_heads, rows, keys).
 
-    Keys are grouped, not repeated: query head h reads KV head h // group.
+    Keys are grouped, not repeated: query head h reads KV head h // group. `sinks` (query_heads,): a learned logit
+    per head (gpt-oss's `s_aux`) that joins every row's softmax and reads no value, so a row sums to less than 1.
     """
     b, h, q_len, d = query.shape
     hkv, k_len = key.shape[1], key.shape[2]
@@ -62,19 +64,23 @@ def attention_probs(query: torch.Tensor, key: torch.Tensor, attention_mask: torc
         if attention_mask is not None and attention_mask.dim() == 2:
             allowed = allowed & attention_mask[:, None, None, -k_len:].bool()
         logits = logits.masked_fill(~allowed, float("-inf"))
+    if sinks is not None:
+        sink = sinks.float().reshape(1, h, 1, 1).expand(b, h, stop - start, 1)
+        return torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :k_len]
     return torch.softmax(logits, dim=-1)
 
 
-def softcapped_attention(query, key, value, attention_mask, scaling, sliding_window, softcap,
-                       chunk: int = 512) -> torch.Tensor:
-    """Attention output for soft-capped layers without an L x L matrix; returns (b, q, h, d)."""
+def explicit_attention(query, key, value, attention_mask, scaling, sliding_window, softcap,
+                       sinks: torch.Tensor | None = None, chunk: int = 512) -> torch.Tensor:
+    """Attention output for soft-capped layers and layers with learned sinks (`attention_probs`) without an L x L
+    matrix; returns (b, q, h, d)."""
     b, h, q_len, _ = query.shape
     hkv = key.shape[1]
     v = value.unsqueeze(2)  # (b, hkv, 1, k, d)
     out = []
     for start in range(0, q_len, chunk):
         stop = min(start + chunk, q_len)
-        p = attention_probs(query, key, attention_mask, scaling, sliding_window, softcap, start, stop)
+        p = attention_probs(query, key, attention_mask, scaling, sliding_window, softcap, start, stop, sinks)
         if attention_mask is not None:  # a left-padding row sees no key: zeros, not NaN, as SDPA gives
             p = p.nan_to_num(0.0)
         p = p.to(value.dtype).reshape(b, hkv, h // hkv, stop - start, -1)

@@ -24,7 +24,7 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 
 from headprof import layout as layouts
 from headprof import legacy
-from headprof.attention import attention_probs, official_attention, softcapped_attention
+from headprof.attention import attention_probs, explicit_attention, official_attention
 from headprof.calls import with_cache
 from headprof.errors import ModelError
 from headprof.kv import own_cache
@@ -155,6 +155,7 @@ class _Seen:
         self.calls: dict[int, int] = {}
         self.own_keys: dict[int, bool] = {}
         self.own_values: dict[int, bool] = {}
+        self.sinks: set[int] = set()  # layers whose attention adds a learned sink logit per head
 
     def saw(self, module, key: torch.Tensor, value: torch.Tensor) -> None:
         layer = layer_of(module)
@@ -260,7 +261,7 @@ def verify(model: torch.nn.Module) -> layouts.HeadLayout:
                          "window; headprof compresses MLA latents of full-attention layers only")
     reused = tuple(i for i in latent if kinds[i] in layouts.INDEXED_KINDS and i not in recorder.indexed)
     return dataclasses.replace(lay, no_heads=tuple(no_heads), latent=tuple(latent), latent_dim=latent_dim,
-                               reused_index=reused)
+                               reused_index=reused, sinks=tuple(sorted(seen.sinks)))
 
 
 @contextmanager
@@ -291,39 +292,49 @@ def _register() -> None:
     AttentionMaskInterface.register(FLASH, flash_attention_mask)
 
 
-def _capture(module, query, key, attention_mask, scaling, sliding_window, softcap) -> None:
+def _capture(module, query, key, attention_mask, scaling, sliding_window, softcap, sinks) -> None:
     cap = _ACTIVE.get()
     if cap is None or cap.stopped:
         return
     n = min(cap.last_n, query.shape[2])
     q_len = query.shape[2]
-    probs = attention_probs(query, key, attention_mask, scaling, sliding_window, softcap, q_len - n, q_len)
+    probs = attention_probs(query, key, attention_mask, scaling, sliding_window, softcap, q_len - n, q_len, sinks)
     cap._mask = (attention_mask, key.shape[2], query.shape[0])
     cap.sink(layer_of(module), probs)
 
 
-def _observe(module, key, value) -> None:
+def _observe(module, key, value, sinks) -> None:
     seen = _SEEN.get()
     if seen is not None:
         seen.saw(module, key, value)
+        if sinks is not None and layer_of(module) is not None:
+            seen.sinks.add(layer_of(module))
+
+
+def _attend_compressed(module, reader, query, key, value, attention_mask, scaling, softcap, sinks):
+    if sinks is not None and not reader.sinks:  # the cache marks its layers from the verified layout
+        raise ModelError(f"layer {layer_of(module)} adds learned attention sinks that its compressed cache was not "
+                         "told of; headprof would read it without them")
+    return reader.attend(module, query, key, value, attention_mask, scaling, softcap, sinks)
 
 
 def _sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                     sliding_window=None, softcap=None, **kwargs):
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    _observe(module, key, value)
+    sinks = kwargs.pop("s_aux", None)  # gpt-oss's learned sink logit per head: SDPA would drop it silently
+    _observe(module, key, value, sinks)
     reader = _reader(module, key)
     if reader is not None:  # a compressed layer reads itself (each KV head its own kept tokens, or one latent)
-        return reader.attend(module, query, key, value, attention_mask, scaling, softcap)
+        return _attend_compressed(module, reader, query, key, value, attention_mask, scaling, softcap, sinks)
     cap = _ACTIVE.get()
     if (cap is not None and cap.official and not cap.stopped and query.shape[2] == 1 and softcap is None
-            and sliding_window is None and query.dtype in (torch.bfloat16, torch.float16)):
+            and sinks is None and sliding_window is None and query.dtype in (torch.bfloat16, torch.float16)):
         out, probs = official_attention(query, key, value, attention_mask, scaling)
         cap.sink(layer_of(module), probs.float())
         return out, None
-    _capture(module, query, key, attention_mask, scaling, sliding_window, softcap)
-    if softcap is not None:  # SDPA has no soft-capping: compute the same thing in query chunks
-        return softcapped_attention(query, key, value, attention_mask, scaling, sliding_window, softcap), None
+    _capture(module, query, key, attention_mask, scaling, sliding_window, softcap, sinks)
+    if softcap is not None or sinks is not None:  # SDPA has neither: compute the same thing in query chunks
+        return explicit_attention(query, key, value, attention_mask, scaling, sliding_window, softcap, sinks), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                   dropout=dropout, sliding_window=sliding_window, **kwargs)
 
@@ -333,11 +344,14 @@ def _flash_attention(module, query, key, value, attention_mask, scaling=None, dr
     from transformers.integrations.flash_attention import flash_attention_forward
 
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    _observe(module, key, value)
+    sinks = kwargs.pop("s_aux", None)
+    _observe(module, key, value, sinks)
     reader = _reader(module, key)
     if reader is not None:  # a compressed layer reads itself (each KV head its own kept tokens, or one latent)
-        return reader.attend(module, query, key, value, attention_mask, scaling, softcap)
-    _capture(module, query, key, attention_mask, scaling, sliding_window, softcap)
+        return _attend_compressed(module, reader, query, key, value, attention_mask, scaling, softcap, sinks)
+    _capture(module, query, key, attention_mask, scaling, sliding_window, softcap, sinks)
+    if sinks is not None:  # flash-attn's kernel takes no sinks: the explicit computation, exact
+        return explicit_attention(query, key, value, attention_mask, scaling, sliding_window, softcap, sinks), None
     return flash_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                    dropout=dropout, sliding_window=sliding_window, softcap=softcap,
                                    **kwargs)

@@ -37,6 +37,9 @@ class HeadLayout:
     # then the most common size. A layer's segments never share a buffer with another layer's, so each layer is
     # compressed with its own size.
     layer_head_dims: tuple[int, ...] = ()
+    # layers whose attention adds a learned sink logit per query head (gpt-oss's `s_aux`): scored and run on the
+    # full cache and compressed alike, with the explicit softmax (`attention.explicit_attention`, `readers.sdpa`)
+    sinks: tuple[int, ...] = ()
 
     @property
     def group_size(self) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tiny import model
 
 from headprof import capture
-from headprof.models import LoadedModel, ModelInfo, layout_of
+from headprof.models import LoadedModel, ModelInfo
 
 
 class WordTokenizer:
@@ -24,7 +24,7 @@ def loaded(arch: str, seed: int = 0, **overrides) -> LoadedModel:
     impl = capture.attach(m)
     info = ModelInfo(spec=f"tiny-{arch}", resolved=f"tiny-{arch}", revision=None, weights_sha256=None,
                      architecture=type(m).__name__, model_type=m.config.model_type,
-                     layout=layout_of(m.config), max_positions=512, chat_template=False)
+                     layout=capture.layout(m), max_positions=512, chat_template=False)
     return LoadedModel(model=m, tokenizer=WordTokenizer(), info=info, device="cpu", dtype="float32",
                        attn_implementation=impl)
 

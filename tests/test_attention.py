@@ -16,7 +16,7 @@ from headprof.models import with_cache
 from headprof.probing import reference
 
 CASES = [("llama", False), ("llama-mha", False), ("qwen2", False), ("mistral", False),
-         ("gemma3", True), ("gemma2", True), ("gemma3", False)]
+         ("gemma3", True), ("gemma2", True), ("gemma3", False), ("gpt_oss", True)]
 
 
 def _decode_compared(lm, method, budget, compress_sliding, steps=(1, 1, 3, 1, 2, 1, 1, 1, 4, 1), n=60):
@@ -31,9 +31,9 @@ def _decode_compared(lm, method, budget, compress_sliding, steps=(1, 1, 3, 1, 2,
     worst = []
     batched = attention.attend
 
-    def both(layer, query, scaling, softcap, backend=None):
-        out = batched(layer, query, scaling, softcap, backend)
-        ref = reference.per_head_attention(layer, query, scaling, softcap)
+    def both(layer, query, scaling, softcap, backend=None, sinks=None):
+        out = batched(layer, query, scaling, softcap, backend, sinks)
+        ref = reference.per_head_attention(layer, query, scaling, softcap, sinks)
         worst.append(float((out - ref).abs().max()))
         return out
 

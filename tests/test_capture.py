@@ -7,7 +7,7 @@ from headprof import capture
 from headprof.models import with_cache
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + ["gpt_oss"])  # gpt-oss: a learned sink joins each row's softmax
 def test_capture_rows_equal_eager_attention(arch):
     m = model(arch)
     capture.attach(m)
@@ -24,7 +24,7 @@ def test_capture_rows_equal_eager_attention(arch):
         assert torch.allclose(rows[layer], att[:, :, -5:, :].float(), atol=1e-6), f"layer {layer}"
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + ["gpt_oss"])
 def test_capture_during_decode_with_cache(arch):
     m = model(arch)
     capture.attach(m)

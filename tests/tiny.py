@@ -7,6 +7,7 @@ from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
     Gemma3TextConfig,
+    GptOssConfig,
     LlamaConfig,
     MistralConfig,
     Qwen2Config,
@@ -39,6 +40,10 @@ def _config(arch: str):
     if arch == "gemma2":  # logit soft-capping
         return Gemma2Config(**COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                             sliding_window=8, attn_logit_softcapping=5.0, final_logit_softcapping=None)
+    if arch == "gpt_oss":  # a learned attention sink per head (`s_aux`), sliding and full layers
+        return GptOssConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                            num_local_experts=2, num_experts_per_tok=1,
+                            layer_types=["sliding_attention", "full_attention", "sliding_attention"])
     raise ValueError(arch)
 
 
@@ -52,6 +57,8 @@ def model(arch: str, seed: int = 0, **overrides):
     with torch.no_grad():
         for layer in m.model.layers:
             layer.self_attn.q_proj.weight.mul_(4.0)
+            if hasattr(layer.self_attn, "sinks"):  # sinks that take a real share of each row
+                layer.self_attn.sinks.copy_(torch.linspace(-1.0, 2.0, layer.self_attn.sinks.numel()))
     return m.eval()
 
 

@@ -74,7 +74,7 @@ def cache_for(layout: HeadLayout, method: methods.Method, compress_sliding: bool
                                              for kind in layout.attention_kinds]
     own = native.model_layers(config) if config is not None else None
     cache = HeadKVCache(list(layout.attention_kinds), squeeze, windows, native=own, latent=layout.latent,
-                        holder=method.cache_kind)
+                        holder=method.cache_kind, sinks=layout.sinks)
     return own_cache.adapt(cache, config) if config is not None else cache
 
 

@@ -25,6 +25,7 @@ class LayerKind:
     max_rows: int | None = None  # sequences a compressed layer of this kind can hold (None: any batch)
 
     compressed = False  # holds a selection of its prompt tokens (after `compress`)
+    sinks = False  # its attention adds a learned sink logit per head (`attend` gets them; only `torch` reads them)
 
     def compress(self, keep: list[torch.Tensor]) -> None:
         raise HeadprofError(f"a {self.name} layer cannot hold a compressed selection of tokens")
@@ -69,7 +70,9 @@ class LayerKind:
         """Whether attention over the keys `update` just returned (`key`) reads this layer itself."""
         return False
 
-    def attend(self, module, query, key, value, attention_mask, scaling: float, softcap: float | None):
-        """(output (batch, q, query heads, dim), None) of attention over this compressed layer."""
+    def attend(self, module, query, key, value, attention_mask, scaling: float, softcap: float | None,
+               sinks: torch.Tensor | None = None):
+        """(output (batch, q, query heads, dim), None) of attention over this compressed layer; `sinks`
+        (query heads,): a learned logit per head that joins each row's softmax and reads no value."""
         raise NotImplementedError
 

@@ -66,18 +66,22 @@ class HeadKVCache(Cache):
     compressed (a full-attention layer, or a sliding one compressed inside its window `windows[i]`). Every
     other layer is `native[i]`, the layer transformers makes for the model (`native.model_layers`), or else the
     cache layer transformers makes for its kind, with its window. `latent`: layers whose cache is an MLA latent;
-    `holder`: the kind a method's compressed layers take (its `cache_kind`).
+    `holder`: the kind a method's compressed layers take (its `cache_kind`); `sinks`: layers whose attention adds
+    learned sink logits (their compressed kinds are told, and read them).
     """
 
     def __init__(self, kinds: list[str], compress: list[bool], windows: list[int | None],
                  slack: float = SLACK, native: list | None = None, latent: tuple[int, ...] = (),
-                 holder: str = "heads") -> None:
+                 holder: str = "heads", sinks: tuple[int, ...] = ()) -> None:
         native = native if native and len(native) == len(kinds) else [None] * len(kinds)
         layers = [_compressed_layer_for(kind, w, slack, i in latent, own, holder) if squeeze
                   else own if own is not None else _transformers_layer(kind, w)
                   for i, (kind, squeeze, w, own) in enumerate(zip(kinds, compress, windows, native, strict=True))]
         super().__init__(layers=layers)
         self.kinds: list[LayerKind] = [kind_of(layer) for layer in layers]
+        for i in sinks:
+            if compress[i]:
+                self.kinds[i].sinks = True
         self._last = len(layers)  # the last layer updated: a lower one starts a forward pass
         self._owners: dict[int, LayerKind] = {}
 

@@ -421,8 +421,9 @@ class HeadKVLayer(LayerKind, DynamicLayer):
     def reads(self, key: torch.Tensor) -> bool:
         return self.compressed and self.returned is key
 
-    def attend(self, module, query, key, value, attention_mask, scaling: float, softcap: float | None):
-        return readers.attend(self, query, scaling, softcap), None
+    def attend(self, module, query, key, value, attention_mask, scaling: float, softcap: float | None,
+               sinks: torch.Tensor | None = None):
+        return readers.attend(self, query, scaling, softcap, sinks=sinks), None
 
 
 def free_slots(kinds: list[LayerKind], q: int, **how) -> int:

@@ -22,7 +22,7 @@ import torch
 from transformers.cache_utils import DynamicIndexedLayer, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from headprof.attention import softcapped_attention
+from headprof.attention import explicit_attention
 from headprof.errors import HeadprofError
 from headprof.kv import native
 from headprof.kv.base import LayerKind
@@ -101,7 +101,8 @@ class LatentLayer(LayerKind, DynamicLayer):
     def reads(self, key: torch.Tensor) -> bool:
         return self.compressed
 
-    def attend(self, module, query, key, value, attention_mask, scaling: float, softcap: float | None):
+    def attend(self, module, query, key, value, attention_mask, scaling: float, softcap: float | None,
+               sinks: torch.Tensor | None = None):
         """Every head over the kept tokens' expanded keys, causal among the new tokens only (the model's mask counts
         every prompt position; this layer holds fewer). A mask sized to the tokens held (a sparse attention's
         top-k, `IndexedLatentLayer`) is applied as well."""
@@ -117,8 +118,8 @@ class LatentLayer(LayerKind, DynamicLayer):
                 mask = mask & attention_mask
             else:
                 mask = attention_mask.masked_fill(~mask, torch.finfo(attention_mask.dtype).min)
-        if softcap is not None:
-            return softcapped_attention(query, key, value, mask, scaling, None, softcap), None
+        if softcap is not None or sinks is not None:
+            return explicit_attention(query, key, value, mask, scaling, None, softcap, sinks), None
         return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, is_causal=False)
 
     def held(self) -> int:

@@ -24,6 +24,7 @@ from transformers.cache_utils import DynamicLayer, LinearAttentionAndFullAttenti
 from headprof.errors import HeadprofError
 from headprof.kv import native
 from headprof.kv.base import LayerKind
+from headprof.kv.readers import per_row
 from headprof.kv.readers.sdpa import dense
 
 GROWTH = 0.04  # the full pool grows by this share of its tokens (at least 16 slots): within 5% of what it holds
@@ -176,12 +177,14 @@ class SplitLayer(LayerKind, DynamicLayer):
     def reads(self, key: torch.Tensor) -> bool:
         return self.compressed and self.returned is key
 
-    def attend(self, module, query, key, value, attention_mask, scaling: float, softcap: float | None):
+    def attend(self, module, query, key, value, attention_mask, scaling: float, softcap: float | None,
+               sinks: torch.Tensor | None = None):
         """Each pool in one call: the query heads of the full KV heads over the full pool (causal among the new
         tokens), those of the streaming heads over the ring (what it holds, no later position)."""
         b, hq, q, d = query.shape
         group = hq // self.heads
         rows = query.reshape(b, self.heads, group * q, d)  # KV head h's query heads and new tokens as rows
+        row_sinks = None if sinks is None else per_row(sinks, self.heads, q).expand(b, -1, -1)
         parts = []
         qpos = self.seen - q + torch.arange(q, device=query.device).repeat(group)[:, None]  # row r: token r % q
         if len(self.full_heads):
@@ -190,14 +193,16 @@ class SplitLayer(LayerKind, DynamicLayer):
                 kpos = self.seen - self.tokens + torch.arange(self.tokens, device=query.device)[None, :]
                 mask = torch.where(kpos > qpos, float("-inf"), 0.0).to(query.dtype)
             parts.append(dense(rows.index_select(1, self.full_heads), self.fk[:, :, :self.tokens],
-                               self.fv[:, :, :self.tokens], scaling, softcap, mask))
+                               self.fv[:, :, :self.tokens], scaling, softcap, mask,
+                               None if row_sinks is None else row_sinks.index_select(1, self.full_heads)))
         if len(self.stream_heads):
             mask = None
             if q > 1 or self.filled < self.capacity:
                 hidden = (self.ring_pos[None, :] > qpos) | (torch.arange(self.capacity, device=query.device)
                                                              >= self.filled)[None, :]
                 mask = torch.where(hidden, float("-inf"), 0.0).to(query.dtype)
-            parts.append(dense(rows.index_select(1, self.stream_heads), self.rk, self.rv, scaling, softcap, mask))
+            parts.append(dense(rows.index_select(1, self.stream_heads), self.rk, self.rv, scaling, softcap, mask,
+                               None if row_sinks is None else row_sinks.index_select(1, self.stream_heads)))
         out = torch.cat(parts, 1).index_select(1, self.inverse)  # back to KV-head order
         if q == 1:
             return out.reshape(b, 1, hq, -1), None

@@ -186,12 +186,13 @@ def naive_scores(lm, input_ids: list[int], span: tuple[int, int], r2: bool, max_
     return generated, result
 
 
-def per_head_attention(layer, query: torch.Tensor, scaling: float, softcap: float | None) -> torch.Tensor:
+def per_head_attention(layer, query: torch.Tensor, scaling: float, softcap: float | None,
+                       sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Attention over a compressed layer one KV head at a time (what `attention.attend` batches).
 
     query (1, query_heads, q, dim) -> (1, q, query_heads, dim). The q new tokens are the last q tail
     entries; they attend causally among themselves, and on a sliding-window layer only to keys whose
-    position is inside the window.
+    position is inside the window. `sinks` (query_heads,): learned logits that join each head's softmax.
     """
     _, heads, q, _ = query.shape
     kv_heads = len(layer.lens)
@@ -208,6 +209,10 @@ def per_head_attention(layer, query: torch.Tensor, scaling: float, softcap: floa
         if layer.sliding_window is not None:
             allowed &= pos[None, :] > qpos[:, None] - layer.sliding_window
         logits = logits.masked_fill(~allowed, float("-inf"))
-        o = torch.matmul(torch.softmax(logits, dim=-1), v.float()).to(query.dtype)
+        probs = torch.softmax(logits, dim=-1)
+        if sinks is not None:
+            sink = sinks[h * group:(h + 1) * group].float()[:, None, None].expand(-1, q, 1)
+            probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
+        o = torch.matmul(probs, v.float()).to(query.dtype)
         out[0, :, h * group:(h + 1) * group] = o.transpose(0, 1)
     return out

@@ -70,19 +70,31 @@ def _pick(device: str, dtype: torch.dtype, softcap: float | None, sliding: bool,
     return available(device, dtype, softcap, sliding)[0]
 
 
+def per_row(sinks: torch.Tensor, kv_heads: int, q: int) -> torch.Tensor:
+    """A learned sink logit per query head (query heads,) -> per row of a KV head's rows (1, kv_heads, group * q):
+    row g * q + t is query head h * group + g's token t, as `attend` lays the rows out."""
+    return sinks.reshape(kv_heads, -1, 1).expand(-1, -1, q).reshape(1, kv_heads, -1)
+
+
 def attend(layer, query: torch.Tensor, scaling: float, softcap: float | None,
-           backend: str | None = None) -> torch.Tensor:
+           backend: str | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """query (batch, query_heads, q, dim) -> output (batch, q, query_heads, dim), as transformers expects.
 
     The group's query heads and the new tokens are the rows of one (1, segments, group * q, dim) batch, a segment
     per sequence and KV head, so each KV head of each sequence meets its own queries without repeating keys. A
-    decode step is a handful of tensor operations whatever the number of heads or sequences (a test counts them)."""
+    decode step is a handful of tensor operations whatever the number of heads or sequences (a test counts them).
+    `sinks` (query heads,): learned sink logits, read by `torch` only (`choose` gives such a layer no other)."""
     b, hq, q, d = query.shape
     heads = layer.heads
     rows = query.reshape(1, heads, hq * b // heads * q, d)  # sequence s's query head h reads its KV head h // group
+    extra = {}
+    if sinks is not None:
+        extra["sinks"] = per_row(sinks, heads // b, q).repeat(1, b, 1)
     if not layer.in_order:  # window i belongs to KV head win.order[i]
         rows = rows.index_select(1, layer.order)
-    out = READERS[backend or layer.backend].read(layer, rows, q, scaling, softcap)
+        if extra:
+            extra["sinks"] = extra["sinks"].index_select(1, layer.order)
+    out = READERS[backend or layer.backend].read(layer, rows, q, scaling, softcap, **extra)
     if not layer.in_order:
         out = out.index_select(1, layer.unorder)
     if q == 1:
@@ -93,10 +105,11 @@ def attend(layer, query: torch.Tensor, scaling: float, softcap: float | None,
 def choose(layer, like: torch.Tensor) -> str:
     """The backend that reads a per-head layer being laid out (`heads.HeadKVLayer._lay_out`; `like`: its entries, on
     their device and in their dtype), decided once per layout:
-    equal counts are a dense view, and keys and values of different widths a view no kernel takes: `torch`;
+    equal counts are a dense view, and keys and values of different widths a view no kernel takes, and learned
+    sinks only `torch` computes: `torch`;
     otherwise the default or the forced backend, where it handles the layer (else `torch`, as documented above). A
     forced backend that refuses the layer is refused in one line naming why."""
-    if layer.uniform or layer.key_dim != layer.value_dim:
+    if layer.uniform or layer.key_dim != layer.value_dim or layer.sinks:
         return "torch"
     chosen = pick(like.device, like.dtype, None, layer.sliding_window is not None)
     reader = READERS[chosen]

@@ -29,13 +29,14 @@ def entries_read(layer) -> int:
     return sum((b.hi - b.lo) * layer.width(i) for i, b in enumerate(layer.buckets))
 
 
-def read(layer, rows: torch.Tensor, q: int, scaling: float, softcap: float | None) -> torch.Tensor:
+def read(layer, rows: torch.Tensor, q: int, scaling: float, softcap: float | None,
+         sinks: torch.Tensor | None = None) -> torch.Tensor:
     """(1, heads, group * q, dim) rows in window order -> their outputs, one fused call per bucket."""
-    return by_bucket(layer, rows, q, scaling, softcap, _bucket, masked=True)
+    return by_bucket(layer, rows, q, scaling, softcap, _bucket, masked=True, sinks=sinks)
 
 
 def _bucket(layer, bucket: int, view, rows: torch.Tensor, q: int, scaling: float,
-                  softcap: float | None) -> torch.Tensor:
+                  softcap: float | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """One bucket's (1, n, group * q, dim) rows over its view (batched 4-D: PyTorch's fused CPU kernel, not its
     math path)."""
     k, v, mask = view  # (1, n, width, d), mask (1, n, 1, width) additive
@@ -47,17 +48,23 @@ def _bucket(layer, bucket: int, view, rows: torch.Tensor, q: int, scaling: float
         if layer.sliding_window is not None:
             hidden |= kpos <= qpos - layer.sliding_window
         mask = torch.where(hidden, float("-inf"), rows.new_zeros(()) if mask is None else mask)
-    return dense(rows, k, v, scaling, softcap, mask)
+    return dense(rows, k, v, scaling, softcap, mask, sinks)
 
 
 def dense(rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, softcap: float | None,
-          mask: torch.Tensor | None) -> torch.Tensor:
-    """(b, heads, rows, d) over (b, heads, keys, d) with an additive mask: fused SDPA, or with soft-capping (which SDPA
-    lacks) one explicit matmul and softmax."""
-    if softcap is None:
+          mask: torch.Tensor | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """(b, heads, rows, d) over (b, heads, keys, d) with an additive mask: fused SDPA, or with soft-capping or learned
+    sinks (b or 1, heads, rows), which SDPA lacks, one explicit matmul and softmax."""
+    if softcap is None and sinks is None:
         return F.scaled_dot_product_attention(rows, k, v, scale=scaling, attn_mask=mask)
-    logits = torch.matmul(rows * scaling, k.transpose(-1, -2))
-    logits = torch.tanh(logits / softcap) * softcap
+    logits = torch.matmul(rows * scaling, k.transpose(-1, -2)).float()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     if mask is not None:
         logits = logits + mask
-    return torch.matmul(torch.softmax(logits, dim=-1, dtype=torch.float32).to(v.dtype), v)
+    if sinks is None:
+        probs = torch.softmax(logits, dim=-1)
+    else:  # the sink joins the softmax and reads no value
+        sink = sinks.float()[..., None].expand(*logits.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
+    return torch.matmul(probs.to(v.dtype), v)
