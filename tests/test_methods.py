@@ -130,3 +130,20 @@ def test_spread_hands_a_score_on_to_the_positions_after_it():
     spread = pooled_scores(probs, 2, 1, spread=3)
     assert plain[0].tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 0.5, 0]
     assert spread[0].tolist() == [0, 0, 0, 1, 1, 1, 1, 0, 0.5, 0.5]  # 8's run is cut at the prefix's end
+
+
+def test_decay_hands_a_score_on_fading_so_a_peak_reaches_as_far_as_it_stands_out():
+    from headprof.methods.base import pooled_scores
+
+    probs = torch.full((1, 2, 2, 12), 0.01)  # background 0.01; window 2, prefix 10
+    probs[0, :, :, 1] = 1.0  # a strong peak
+    probs[0, :, :, 7] = 0.02  # a weak one
+    faded = pooled_scores(probs, 2, 1, decay=0.5)[0]
+    expected = [0.01, 1, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.02, 0.01, 0.01]
+    assert torch.allclose(faded, torch.tensor(expected), rtol=1e-5)
+    # the strong peak outshines the background for 6 positions (the weak one at 7 wins there), the weak one for 1
+    plain = [0.01, 1] + [0.01] * 5 + [0.02] + [0.01] * 2
+    assert pooled_scores(probs, 2, 1, decay=0.0)[0].tolist() == pytest.approx(plain)
+    for bad in ("decay=1", "decay=-0.1", "spread=-1"):
+        with pytest.raises(MethodError, match=bad.split("=")[0]):
+            methods.resolve(f"snapkv:{bad}")

@@ -15,6 +15,7 @@ Adding a method is one module in this package: subclass `Method` as a dataclass,
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
@@ -49,11 +50,13 @@ class PlanView(Protocol):
 Scorer = Callable[["Method", PlanView, int, torch.Tensor], torch.Tensor]
 
 
-def pooled_scores(probs: torch.Tensor, group: int, kernel: int, spread: int = 0) -> torch.Tensor:
+def pooled_scores(probs: torch.Tensor, group: int, kernel: int, spread: int = 0, decay: float = 0.0) -> torch.Tensor:
     """probs (1, query_heads, window, keys) -> (kv_heads, prefix) selection scores: the mean over the window's
     queries and over the group's query heads, max-pooled over positions so a strong token's neighbours come.
     `spread` > 0 also hands each score on to the `spread` positions after it (a trailing max): the question
-    points at the start of a value (a UUID, a number), and copying it later reads the tokens that follow."""
+    points at the start of a value (a UUID, a number), and copying it later reads the tokens that follow.
+    `decay` in (0, 1) hands it on to every later position, times `decay` per position (a trailing max that fades):
+    how far a score reaches depends on how far it stands above its surroundings, not on a length."""
     _, heads, window, keys = probs.shape
     prefix = keys - window
     s = probs[0, :, :, :prefix].mean(dim=1)  # over window queries -> (heads, prefix)
@@ -63,12 +66,22 @@ def pooled_scores(probs: torch.Tensor, group: int, kernel: int, spread: int = 0)
     if spread > 0 and prefix > 0:
         s = F.max_pool1d(F.pad(s[:, None], (spread, 0), value=float("-inf")), kernel_size=spread + 1,
                          stride=1)[:, 0]
+    if 0 < decay < 1 and prefix > 0:
+        s = faded_max(s, decay)
     return s
+
+
+def faded_max(s: torch.Tensor, decay: float) -> torch.Tensor:
+    """(heads, n) scores >= 0 -> max over j <= t of s[j] * decay ** (t - j), per head: in the log domain a running
+    maximum (cummax) of log s[j] - j log decay, so one pass whatever the length (float64: j log decay grows)."""
+    t = torch.arange(s.shape[-1], device=s.device, dtype=torch.float64) * math.log(decay)
+    shifted = torch.log(s.double()) - t
+    return torch.exp(shifted.cummax(dim=-1).values + t).to(s.dtype)
 
 
 def pooled_window(method: Method, plan: PlanView, layer: int, probs: torch.Tensor) -> torch.Tensor:
     """SnapKV's scorer: pooled window attention (`pooled_scores` with the method's kernel)."""
-    scores = pooled_scores(probs, plan.group(layer), method.kernel, method.spread)
+    scores = pooled_scores(probs, plan.group(layer), method.kernel, method.spread, method.decay)
     lo = plan.first_candidate(layer)
     if lo:
         scores[:, :lo] = float("-inf")
@@ -89,7 +102,8 @@ class Method:
 
     `window`: the last prompt tokens whose attention scores the rest (always kept, counted in the budget);
     `kernel`: the max-pool width over positions of the default scorer; `spread`: how many positions after a
-    token inherit its score (0, SnapKV's rule: none; `pooled_scores`)."""
+    token inherit its score (0, SnapKV's rule: none); `decay`: the share of a score each later position
+    inherits, compounding (0: none; `pooled_scores`)."""
 
     name: ClassVar[str]
     summary: ClassVar[str]  # one line for help texts and docs
@@ -103,6 +117,7 @@ class Method:
     window: int = WINDOW
     kernel: int = KERNEL
     spread: int = 0
+    decay: float = 0.0
 
     def allocate(self, budget: int, caps: np.ndarray, compressible: np.ndarray) -> np.ndarray:
         """[layer, kv_head] prefix tokens to keep (the window is kept on top); caps bound each head."""
@@ -171,9 +186,14 @@ def build(name: str, **options: Any) -> Method:
         known = ", ".join(cls.options()) or "none"
         raise MethodError(f"{name} has no option '{unknown[0]}' (its options: {known})")
     try:
-        return cls(**options)
+        method = cls(**options)
     except (TypeError, ValueError) as e:
         raise MethodError(f"{name}: {e}") from None
+    if method.spread < 0:
+        raise MethodError(f"{name}: spread must be >= 0, got {method.spread}")
+    if not 0 <= method.decay < 1:
+        raise MethodError(f"{name}: decay must lie in [0, 1), got {method.decay}")
+    return method
 
 
 def get(name: str) -> Method:
