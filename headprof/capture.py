@@ -311,6 +311,14 @@ def _observe(module, key, value, sinks) -> None:
             seen.sinks.add(layer_of(module))
 
 
+def _causal(module, attention_mask, kwargs: dict) -> None:
+    """A causal LM's mask left to SDPA's causal flag (transformers builds none for a plainly causal prompt) is read
+    through the module's `is_causal`, which some decoders leave False (BigBirdPegasus: they never ran on SDPA), and
+    their prompts would then attend to later tokens. headprof's rows assume causal without a mask; so does this."""
+    if attention_mask is None and not getattr(module, "is_causal", True) and kwargs.get("is_causal") is None:
+        kwargs["is_causal"] = True
+
+
 def _attend_compressed(module, reader, query, key, value, attention_mask, scaling, softcap, sinks):
     if sinks is not None and not reader.sinks:  # the cache marks its layers from the verified layout
         raise ModelError(f"layer {layer_of(module)} adds learned attention sinks that its compressed cache was not "
@@ -335,6 +343,7 @@ def _sdpa_attention(module, query, key, value, attention_mask, scaling=None, dro
     _capture(module, query, key, attention_mask, scaling, sliding_window, softcap, sinks)
     if softcap is not None or sinks is not None:  # SDPA has neither: compute the same thing in query chunks
         return explicit_attention(query, key, value, attention_mask, scaling, sliding_window, softcap, sinks), None
+    _causal(module, attention_mask, kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                   dropout=dropout, sliding_window=sliding_window, **kwargs)
 
@@ -352,6 +361,7 @@ def _flash_attention(module, query, key, value, attention_mask, scaling=None, dr
     _capture(module, query, key, attention_mask, scaling, sliding_window, softcap, sinks)
     if sinks is not None:  # flash-attn's kernel takes no sinks: the explicit computation, exact
         return explicit_attention(query, key, value, attention_mask, scaling, sliding_window, softcap, sinks), None
+    _causal(module, attention_mask, kwargs)
     return flash_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                    dropout=dropout, sliding_window=sliding_window, softcap=softcap,
                                    **kwargs)

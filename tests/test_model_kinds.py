@@ -58,6 +58,7 @@ def built(tmp_path_factory):
     ("bloom", "refused", "legacy attention"),  # attention outside transformers' attention interface
     ("mimo_v2_flash", "works", "sliding"),  # its sliding layers cache twice the KV heads of its full layers
     ("gpt_oss", "works", "sliding"),  # a learned attention sink per head, which SDPA would drop
+    ("bigbird_pegasus", "works", "dense"),  # a decoder whose attention modules say they are not causal
     ("gpt_neo", "works", "sliding"),  # attention in a method of its own (`legacy.py`), local layers' window in it
     ("falcon", "works", "GQA"),  # an inline scaled_dot_product_attention call, caught while the module runs
     ("diffllama", "refused", "?"),  # two attention calls per layer over transformed values
