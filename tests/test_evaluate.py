@@ -198,6 +198,12 @@ def test_runs_on_disjoint_items_combine_into_the_grid_of_one_run():
     other = evaluate.evaluate(lm, items[2:], *args[:1], [24], args[2], max_new_tokens=3, window=8)
     with pytest.raises(HeadprofError, match=r"different grids cannot be combined \(budgets, ratios differ\)"):
         evaluate.combine([parts[0], other])
+    # rows made with another in-head selection (results made before it was recorded used the old one)
+    old = {k: v for k, v in parts[1].items() if k != "selection"}
+    same = evaluate.combine([{**parts[0], "selection": evaluate.OLD_SELECTION}, old])
+    assert same["items"] == 4
+    with pytest.raises(HeadprofError, match=r"different grids cannot be combined \(selection differ\)"):
+        evaluate.combine([{**parts[0], "selection": {"spread": 0, "decay": 0.9}}, old])
 
 
 def test_combine_results_refuses_in_one_line_and_writes_nothing(tmp_path):

@@ -25,7 +25,7 @@ from headprof import methods
 from headprof.artefacts.compare import bootstrap_ci
 from headprof.artefacts.profile import Profile
 from headprof.compressing import generation
-from headprof.defaults import BETA, KERNEL, WINDOW
+from headprof.defaults import BETA, KERNEL, OLD_SELECTION, SELECTION, WINDOW
 from headprof.distributed import World
 from headprof.errors import HeadprofError, ProbeError, out_of_memory
 from headprof.evaluation import ruler
@@ -252,7 +252,8 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
     fingerprint = {"results_version": RESULTS_VERSION, "model": lm.info.resolved,
                    "weights_sha256": lm.info.weights_sha256, "dtype": str(lm.dtype), "device": str(lm.device),
                    "methods": list(method_specs), "budgets": list(budgets), "ratios": list(ratios),
-                   "betas": list(betas), "window": window, "kernel": kernel, "max_new_tokens": max_new_tokens,
+                   "betas": list(betas), "window": window, "kernel": kernel, "selection": SELECTION,
+                   "max_new_tokens": max_new_tokens,
                    "compress_sliding": compress_sliding, "share_prefill": share_prefill,
                    "profiles": {name: _digest(p.data) for name, p in sorted(profiles.items())},
                    "items": _digest([[i.id, [int(t) for t in i.prompt_ids], i.answers, i.distractors, i.metric,
@@ -311,7 +312,7 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
     chosen = _choose_betas(rows, by_profile, levels, betas) if tune else {}
     return resummarise({"results_version": RESULTS_VERSION, "model": lm.info.resolved, "methods": method_specs,
             "budgets": budgets, **({"ratios": list(ratios)} if ratios else {}), **({"suite": suite} if suite else {}),
-            "betas": list(betas), "chosen_beta": chosen, "window": window, "kernel": kernel,
+            "betas": list(betas), "chosen_beta": chosen, "window": window, "kernel": kernel, "selection": SELECTION,
             **({} if compress_sliding else {"keep_sliding_window": True}),
             **({"processes": world.size} if world.size > 1 else {}),
             "items": len([i for i in items if i.split == "test"]),
@@ -340,7 +341,8 @@ def resummarise(results: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
-GRID_KEYS = ("model", "methods", "budgets", "ratios", "betas", "window", "kernel", "keep_sliding_window")
+GRID_KEYS = ("model", "methods", "budgets", "ratios", "betas", "window", "kernel", "selection", "keep_sliding_window")
+DEFAULTS_BEFORE = {"selection": OLD_SELECTION}  # what a grid key meant in results made before it was recorded
 
 
 def combine(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -350,7 +352,8 @@ def combine(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         raise HeadprofError("no results to combine")
     first = parts[0]
     for part in parts[1:]:
-        differs = [k for k in GRID_KEYS if part.get(k) != first.get(k)]
+        differs = [k for k in GRID_KEYS
+                   if part.get(k, DEFAULTS_BEFORE.get(k)) != first.get(k, DEFAULTS_BEFORE.get(k))]
         if differs:
             raise HeadprofError(f"results of different grids cannot be combined ({', '.join(differs)} differ)")
         if part.get("chosen_beta"):

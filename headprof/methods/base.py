@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from headprof.defaults import KERNEL, WINDOW
+from headprof.defaults import DECAY, KERNEL, SPREAD, WINDOW
 from headprof.errors import MethodError
 from headprof.methods import allocate
 
@@ -116,8 +116,8 @@ class Method:
 
     window: int = WINDOW
     kernel: int = KERNEL
-    spread: int = 0
-    decay: float = 0.0
+    spread: int = SPREAD
+    decay: float = DECAY
 
     def allocate(self, budget: int, caps: np.ndarray, compressible: np.ndarray) -> np.ndarray:
         """[layer, kv_head] prefix tokens to keep (the window is kept on top); caps bound each head."""
