@@ -305,6 +305,8 @@ def commit() -> str:
 def _failures(built: list[Row]) -> str:
     failed = [r for r in built if r.status == "fails"]
     silent = sum(r.reason.startswith("silent") for r in failed)
+    if not failed:
+        return "none silently, none with a traceback"
     return (f"{silent} silently ({', '.join(r.model_type for r in failed if r.reason.startswith('silent')) or '-'}), "
             f"{len(failed) - silent} with a traceback")
 
