@@ -7,6 +7,7 @@ import pytest
 from fakes import loaded
 from tiny import save
 
+from headprof import methods as methods_mod
 from headprof.artefacts import profile
 from headprof.errors import HeadprofError, OutputError, ProbeError
 from headprof.evaluation import evaluate
@@ -255,3 +256,41 @@ def test_an_interrupted_grid_keeps_its_items_and_resumes_to_the_same_rows(tmp_pa
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(resumed["rows"]) == strip(whole["rows"])
     assert len(partial.read_text().splitlines()) == 4  # the header and the three items
+
+
+def test_kvpress_protocol_compresses_the_context_alone_then_reads_the_question():
+    """`compress_questions=False`: the context is prefilled and compressed alone, the question read through the
+    compressed cache. The full cache gives the tokens of one prefill of the whole prompt; a budget above the context
+    gives the full cache's; the batched cells give each cell's own run; budgets from ratios count the context."""
+    from headprof.compressing import generation
+
+    lm = loaded("llama")
+    items = _items(lm, 2, 90)
+    for item in items:
+        item.question_start = 70
+    ids = items[0].prompt_ids
+    whole = generation.generate(lm, ids, "full", 0, max_new_tokens=5)
+    asked = generation.generate(lm, ids, "full", 0, max_new_tokens=5, question_start=70)
+    assert asked.tokens == whole.tokens
+    above = generation.generate(lm, ids, "snapkv", 80, max_new_tokens=5, question_start=70)
+    assert above.tokens == whole.tokens
+    small = generation.generate(lm, ids, "snapkv:window=8", 24, max_new_tokens=5, question_start=70)
+    mixed = generation.generate(lm, ids, "snapkv:window=8", 24, max_new_tokens=5)  # the question compressed too
+    # each compressed head holds its budget of the context, then the 20 question tokens and the answer
+    lay = lm.info.layout
+    assert small.kv_entries_ideal == mixed.kv_entries_ideal + 20 * lay.num_layers * lay.num_kv_heads
+    shared = generation.prefill(lm, ids[:70], 8)
+    cells = [(methods_mod.resolve("snapkv:window=8"), 24), (methods_mod.resolve("pyramidkv:window=8"), 30)]
+    batched = generation.generate_cells(lm, shared, cells, 5, question=ids[70:])
+    alone = [generation.generate(lm, ids, m, b, max_new_tokens=5, question_start=70) for m, b in cells]
+    assert [r.tokens for r in batched] == [r.tokens for r in alone]
+    assert batched[0].kv_entries_ideal == alone[0].kv_entries_ideal
+    res = evaluate.evaluate(lm, items, ["full", "snapkv"], [], {}, max_new_tokens=4, window=8, ratios=[0.5],
+                            compress_questions=False)
+    assert res["compress_questions"] is False
+    assert {r["budget"] for r in res["rows"] if r["method"] == "snapkv"} == {35}  # half of the 70 context tokens
+    with pytest.raises(HeadprofError, match="compress_questions differ"):
+        evaluate.combine([res, evaluate.evaluate(lm, _items(lm, 1, 90), ["full", "snapkv"], [], {}, max_new_tokens=4,
+                                                 window=8, ratios=[0.5])])
+    with pytest.raises(HeadprofError, match="needs items with a separate question; i0 has none"):
+        evaluate.evaluate(lm, _items(lm, 1, 90), ["full", "snapkv"], [32], {}, compress_questions=False)

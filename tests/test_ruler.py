@@ -63,6 +63,11 @@ def test_every_task_fits_its_length_holds_its_answers_and_repeats(name):
             assert all(a in it.text for a in it.answers)  # the answers are in the context to be found
         if task.kind == "qa":
             assert it.text.endswith("Question: " + it.text.split("Question: ")[-1])
+        # the question (what kvpress's protocol asks after compressing the context) is the text after the context
+        question = it.text[len(it.context):]
+        assert 20 < len(question) < 400 and ("Question:" in question or "What" in question)
+        if task.kind != "qa":  # (a HotpotQA question may name its answer: "which is older, X or Y?")
+            assert not any(a in question for a in it.answers)  # the answers are in the context, not asked
 
 
 @needs_ruler
@@ -108,6 +113,7 @@ def tiny_dir(tmp_path_factory):
     (["--suite", "ruler", "--tasks", "x.jsonl"], "--suite and --tasks both choose the items"),
     (["--suite", "probes", "--first-item", "2"], "--first-item takes an index >= 0 and applies to --suite ruler"),
     (["--suite", "ruler", "--first-item", "-1"], "--first-item takes an index >= 0"),
+    (["--no-compress-questions"], "--no-compress-questions asks the question after compressing the context"),
 ])
 def test_bad_suite_and_ratio_input_is_one_line(tiny_dir, tmp_path, args, message):
     r = CliRunner().invoke(app, ["eval", str(tiny_dir), "--methods", "full", "--out", str(tmp_path / "r"), *args])

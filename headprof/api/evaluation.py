@@ -63,7 +63,8 @@ def evaluate(model: str | LoadedModel, budgets: Sequence[int] = (32, 64, 128, 25
              allow_overlap: bool = False, window: int = WINDOW, max_new_tokens: int = 24, compress_sliding: bool = True,
              device: str = "auto", progress: Callback | None = None, suite: str | None = None,
              ratios: Sequence[float] = (), export_items: Path | None = None, force: bool = False,
-             first_item: int = 0, out: Path | None = None, resume: bool = False) -> EvalReport:
+             first_item: int = 0, out: Path | None = None, resume: bool = False,
+             compress_questions: bool = True) -> EvalReport:
     """Every method at every budget (and compression ratio) on the same items, next to the full cache
     (docs/results.md). Items: a user's `tasks` file, or a `suite` at `lengths`, `items` per task and length:
     headprof's needle and reasoning probes ("probes", the default; "probes:needle" for needles only) or
@@ -72,13 +73,18 @@ def evaluate(model: str | LoadedModel, budgets: Sequence[int] = (32, 64, 128, 25
     `combine` joins). `export_items` writes the items as JSONL (token ids, answers, metric) for a peer's harness
     and runs nothing else. With `out` the results are saved there (refused if it exists, unless `force`),
     finished items are kept in OUT.partial.jsonl while the grid runs, and `resume` continues an interrupted
-    grid from them."""
+    grid from them. `compress_questions=False` is kvpress's protocol: each RULER item's context is compressed
+    alone, then its question asked (`evaluation.evaluate`)."""
     if suite is not None and tasks is not None:
         raise HeadprofError("--suite and --tasks both choose the items: pass one of them")
     if any(not 0 < r < 1 for r in ratios):
         raise HeadprofError(f"every ratio must lie between 0 and 1 (the fraction of the KV removed), got "
                             f"{', '.join(str(r) for r in ratios)}")
     own_tasks = evaluate_mod.probe_tasks(suite)  # headprof's probes (the default), or None for RULER
+    if not compress_questions and (own_tasks is not None or tasks is not None):
+        raise HeadprofError("--no-compress-questions asks the question after compressing the context: it needs "
+                            "items with a separate question (--suite ruler); headprof's probes and --tasks files "
+                            "have none")
     if first_item < 0 or (first_item and own_tasks is not None):
         raise HeadprofError("--first-item takes an index >= 0 and applies to --suite ruler")
     if own_tasks is None:
@@ -130,7 +136,8 @@ def evaluate(model: str | LoadedModel, budgets: Sequence[int] = (32, 64, 128, 25
         return EvalReport({"exported": str(export_items), "items": len(item_list)}, warnings)
     data = evaluate_mod.evaluate(lm, item_list, method_list, list(budgets), profiles, betas, window,
                                  max_new_tokens=max_new_tokens, progress=progress, compress_sliding=compress_sliding,
-                                 world=world, ratios=list(ratios), suite=suite_info, partial=partial, resume=resume)
+                                 world=world, ratios=list(ratios), suite=suite_info, partial=partial, resume=resume,
+                                 compress_questions=compress_questions)
     report = EvalReport(data, warnings)
     if out is not None and partial is not None:
         if world.main:

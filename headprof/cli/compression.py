@@ -165,6 +165,10 @@ def eval_(
     window: Annotated[int, typer.Option(help="observation window")] = WINDOW,
     max_new_tokens: Annotated[int, typer.Option()] = 24,
     compress_sliding: CompressSliding = True,
+    compress_questions: Annotated[bool, typer.Option(
+        "--compress-questions/--no-compress-questions",
+        help="compress the question with the context (the HeadKV paper's protocol), or compress the context alone "
+             "and then ask the question (kvpress's leaderboard protocol; RULER only)")] = True,
     force: Annotated[bool, typer.Option(help="replace an existing output directory (and start a partial run "
                                               "over)")] = False,
     resume: Annotated[bool, typer.Option(help="continue an interrupted grid from OUT.partial.jsonl")] = False,
@@ -188,7 +192,8 @@ def eval_(
             lengths=parse_ints(lengths, "--lengths"), seed=seed, betas=betas, allow_overlap=allow_overlap,
             window=window, max_new_tokens=max_new_tokens, compress_sliding=compress_sliding, device=device,
             progress=cb, suite=suite, ratios=ratio_list, export_items=export_items, force=force,
-            first_item=first_item, out=out_dir, resume=resume), label="evaluating")
+            first_item=first_item, out=out_dir, resume=resume, compress_questions=compress_questions),
+        label="evaluating")
     except KeyboardInterrupt:
         err.print(f"interrupted: finished items are kept in {api.partial_path(out_dir)}; rerun with --resume to "
                   "continue", highlight=False)

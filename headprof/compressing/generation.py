@@ -203,12 +203,16 @@ def _from_prefill(cache, shared: Prefill, plan: Plan | None) -> None:
 @torch.no_grad()
 def generate(lm: LoadedModel, prompt_ids: list[int], method: str | methods.Method = "snapkv", budget: int = 128,
              max_new_tokens: int = 64, min_new_tokens: int = 0, compress_sliding: bool = True,
-             shared: Prefill | None = None) -> RunResult:
+             shared: Prefill | None = None, question_start: int | None = None) -> RunResult:
     """Generate greedily from `prompt_ids` with `method` (a built method, or a name with its defaults) at
     `budget` tokens per KV head.
 
     `shared`: a `prefill` of the same prompt to start from instead of prefilling again (eval runs every
     method and budget from one prefill per item; the tokens are the same as without it).
+
+    `question_start`: kvpress's protocol (its `compress_questions=False`): the context `prompt_ids[:question_start]`
+    is prefilled and compressed alone (the observation window is its last tokens, `budget` counts against it), then
+    the question is read through the compressed cache and the answer decoded; `shared` is then the context's prefill.
 
     `compress_sliding` (default): sliding-window layers also take part in the budget, keeping their best
     tokens inside their window; False keeps their whole window as the model does (docs/run.md).
@@ -220,13 +224,18 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str | methods.Metho
     if lm.info.max_positions and n + max_new_tokens > lm.info.max_positions:
         raise HeadprofError(f"prompt of {n} tokens + {max_new_tokens} new tokens exceeds the model's "
                             f"{lm.info.max_positions} positions")
-    if m.compresses and n <= window:
-        raise HeadprofError(f"prompt of {n} tokens is not longer than the observation window ({window})")
+    context = n if question_start is None else question_start
+    if not 0 < context <= n:
+        raise HeadprofError(f"the question must start inside the prompt of {n} tokens, not at {question_start}")
+    if m.compresses and context <= window:
+        raise HeadprofError(f"{'prompt' if question_start is None else 'context'} of {context} tokens is not longer "
+                            f"than the observation window ({window})")
     notes = []
     if m.compresses:
-        plan = make_plan(m, lay, n, budget, compress_sliding)
-        if budget >= n:
-            notes.append(f"budget {budget} >= prompt length {n}: every prompt token is kept")
+        plan = make_plan(m, lay, context, budget, compress_sliding)
+        if budget >= context:
+            notes.append(f"budget {budget} >= {'prompt' if question_start is None else 'context'} length {context}: "
+                         "every prompt token is kept")
         cache = cache_for(lay, m, compress_sliding, lm.model.config)
     else:
         cache = own_cache.adapt(DynamicCache(config=lm.model.config), lm.model.config)
@@ -234,7 +243,17 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str | methods.Metho
     clock = _Clock()
     kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
     start = time.perf_counter()
-    if shared is not None:  # continue from the shared prefill: its first token, then decode with this cache
+    if question_start is not None:  # the context alone, compressed; then the question through the compressed cache
+        if shared is None:
+            shared = prefill(lm, prompt_ids[:context], window)
+            start = time.perf_counter()
+        if shared.prompt_ids != list(prompt_ids[:context]) or (m.compresses and shared.window < window):
+            raise ValueError("the shared prefill was made for another context or a smaller window")
+        _from_prefill(cache, shared, plan if m.compresses else None)
+        with capture.compressed(cache) if m.compresses else contextlib.nullcontext():
+            out = _generate(lm, ids, cache, clock, **kwargs)  # generate reads the question past the cached context
+        start -= shared.seconds
+    elif shared is not None:  # continue from the shared prefill: its first token, then decode with this cache
         if shared.prompt_ids != list(prompt_ids) or (m.compresses and shared.window < window):
             raise ValueError("the shared prefill was made for another prompt or a smaller window")
         _from_prefill(cache, shared, plan if m.compresses else None)
@@ -252,6 +271,7 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str | methods.Metho
         out = _generate(lm, ids, cache, clock, **kwargs)
     tokens = out[0, n:].tolist()
     appended = max(len(tokens) - 1, 0)  # the last token is produced but never fed back
+    after = n - context + appended  # tokens each compressed head took in after compression
     prefill_s = clock.times[0] - start if clock.times else time.perf_counter() - start
     times = clock.times
     decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None
@@ -260,7 +280,7 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str | methods.Metho
     budgets = None
     entries, nbytes = held_entries(cache), held_bytes(cache)
     full = full_layer_counts(lay, n + appended)
-    ideal = cache.ideal_counts(lay, n + appended, appended) if m.compresses else full
+    ideal = cache.ideal_counts(lay, n + appended, after) if m.compresses else full
     if m.compresses:  # what each head kept of the prompt beyond the window (adaptive methods decide it at prefill)
         budgets = cache.kept_counts(lay, window)
         kept = [i for i, k in enumerate(lay.attention_kinds) if k in KEPT_KINDS]
@@ -361,8 +381,9 @@ def _decode_batch(lm: LoadedModel, lay: HeadLayout, m: methods.Method, method, b
 
 def _batch_run(lm: LoadedModel, lay: HeadLayout, m: methods.Method, method, budget: int, size: int, cache, r: int,
                batch: int, prompt: list[int], tokens: list[int], prefill_s: float, times: list[float],
-               elem: int) -> RunResult:
-    """The report of the prompt in row `r` of a batch of `batch`, as it ends (before it leaves the batch)."""
+               elem: int, question: int = 0) -> RunResult:
+    """The report of the prompt in row `r` of a batch of `batch`, as it ends (before it leaves the batch);
+    `question`: the prompt's last tokens, read after compression."""
     n, appended = len(prompt), max(len(tokens) - 1, 0)
     entries = [row_entries(cache, b, batch) for b in range(batch)]
     steps = len(tokens)
@@ -370,7 +391,7 @@ def _batch_run(lm: LoadedModel, lay: HeadLayout, m: methods.Method, method, budg
     notes = [f"decoded in a batch of {size} (each prompt leaves it when it ends)"]
     budgets = None
     full = full_layer_counts(lay, n + appended)
-    ideal = cache.ideal_counts(lay, n + appended, appended, r, batch) if m.compresses else full
+    ideal = cache.ideal_counts(lay, n + appended, appended + question, r, batch) if m.compresses else full
     if m.compresses:
         budgets = cache.kept_counts(lay, m.window, r, batch)
         if budget >= n:
@@ -387,22 +408,27 @@ def _batch_run(lm: LoadedModel, lay: HeadLayout, m: methods.Method, method, budg
 
 @torch.no_grad()
 def generate_cells(lm: LoadedModel, shared: Prefill, cells: list[tuple[methods.Method, int]],
-                   max_new_tokens: int = 64, compress_sliding: bool = True) -> list[RunResult]:
+                   max_new_tokens: int = 64, compress_sliding: bool = True,
+                   question: list[int] | None = None) -> list[RunResult]:
     """Every compressing (method, budget) cell of one shared prefill decoded as one batch: a row per cell, each
     compressed by its own plan from the prefill's rows, in one cache (a segment per cell and KV head), one
     forward pass per step for all cells; a cell that ends leaves the batch. Each cell gets the tokens
     `generate(..., shared=shared)` gives it. MLA latents are one selection per layer: their cells run one by
-    one."""
+    one. `question`: kvpress's protocol (`generate`'s `question_start`): `shared` is the context's prefill, and
+    every cell reads these tokens through its compressed cache before it answers."""
     lay = lm.info.layout
     n = len(shared.prompt_ids)
+    question = list(question or [])
     alone = [c for c, (m, _) in enumerate(cells) if lay.latent or m.cache_kind != "heads" or len(cells) == 1]
     if alone:  # one selection per layer (MLA) or per prompt (a split): such cells decode one by one
-        runs = dict(zip(alone, [generate(lm, shared.prompt_ids, m, b, max_new_tokens, compress_sliding=compress_sliding,
-                                         shared=shared) for m, b in (cells[c] for c in alone)], strict=True))
+        runs = dict(zip(alone, [generate(lm, shared.prompt_ids + question, m, b, max_new_tokens,
+                                         compress_sliding=compress_sliding, shared=shared,
+                                         question_start=n if question else None)
+                                for m, b in (cells[c] for c in alone)], strict=True))
         rest = [c for c in range(len(cells)) if c not in runs]
         if rest:
             runs.update(zip(rest, generate_cells(lm, shared, [cells[c] for c in rest], max_new_tokens,
-                                                 compress_sliding), strict=True))
+                                                 compress_sliding, question), strict=True))
         return [runs[c] for c in range(len(cells))]
     for m, _ in cells:
         if not m.compresses or shared.window < m.window:
@@ -425,20 +451,26 @@ def generate_cells(lm: LoadedModel, shared: Prefill, cells: list[tuple[methods.M
         else:
             cache.update(keys.expand(rows, -1, -1, -1), own.values.expand(rows, -1, -1, -1), i)
     ends, elem = end_tokens(lm), torch.finfo(lm.model.dtype).bits // 8
-    tokens: list[list[int]] = [[shared.first] for _ in cells]
     runs: list[RunResult | None] = [None] * rows
     active = list(range(rows))
     kwargs = {**with_cache(lm.model, cache), **last_logits_only(lm.model), "use_cache": True}
-    times = [time.perf_counter()]
-    token = torch.full((rows,), shared.first, dtype=torch.long, device=lm.model.device)
+    prompt = shared.prompt_ids + question
     with capture.compressed(cache):
+        if question:  # every cell reads the question through its own compressed cache, then answers
+            asked = torch.tensor([question], device=lm.model.device).expand(rows, -1)
+            pos = torch.arange(n, len(prompt), device=lm.model.device)[None].expand(rows, -1)
+            token = lm.model(asked, position_ids=pos, **kwargs).logits[:, -1].argmax(-1)
+        else:
+            token = torch.full((rows,), shared.first, dtype=torch.long, device=lm.model.device)
+        tokens: list[list[int]] = [[t] for t in token.tolist()]
+        times = [time.perf_counter()]
         for _ in range(max_new_tokens):
             done = [r for r, c in enumerate(active) if tokens[c][-1] in ends or len(tokens[c]) >= max_new_tokens]
             for r in done:
                 c = active[r]
                 m, budget = cells[c]
-                runs[c] = _batch_run(lm, lay, m, m, budget, rows, cache, r, len(active), shared.prompt_ids,
-                                     tokens[c], times[0] - start + shared.seconds, times, elem)
+                runs[c] = _batch_run(lm, lay, m, m, budget, rows, cache, r, len(active), prompt,
+                                     tokens[c], times[0] - start + shared.seconds, times, elem, len(question))
             if done:
                 active, index = leave(cache, active, done, lm.model.device)
                 if index is None:

@@ -51,6 +51,7 @@ class Item:
     distractors: tuple[str, ...] = ()  # reasoning items: a response naming one of these is not correct
     metric: str | None = None  # a suite's own score ("all"/"part": RULER's string match); None: contains
     max_new_tokens: int | None = None  # the suite's answer length for this item; None: the grid's
+    question_start: int | None = None  # where the question starts in prompt_ids (None: no separate question)
 
 
 def item_score(item: Item, response: str) -> float:
@@ -60,10 +61,12 @@ def item_score(item: Item, response: str) -> float:
     return ruler.string_match(item.metric, response, item.answers)
 
 
-def ratio_budget(item: Item, ratio: float, window: int) -> int:
-    """Tokens per KV head that remove `ratio` of the prompt's KV (kvpress's compression ratio), never
-    fewer than the observation window needs."""
-    return max(window + 1, round((1 - ratio) * len(item.prompt_ids)))
+def ratio_budget(item: Item, ratio: float, window: int, compress_questions: bool = True) -> int:
+    """Tokens per KV head that remove `ratio` of the compressed tokens' KV (kvpress's compression ratio: of the whole
+    prompt, or of the context alone where the question is asked after compression), never fewer than the observation
+    window needs."""
+    compressed = len(item.prompt_ids) if compress_questions else item.question_start
+    return max(window + 1, round((1 - ratio) * compressed))
 
 
 def ruler_items(lm: LoadedModel, spec: str, lengths: Sequence[int], items: int, seed: int,
@@ -84,9 +87,22 @@ def ruler_items(lm: LoadedModel, spec: str, lengths: Sequence[int], items: int, 
             raise HeadprofError(f"length {length} is above the model's {lm.info.max_positions} positions")
         for task in tasks:
             for it in ruler.generate(task, lambda t, p: len(ids(t, p)), length, items, seed, start=first):
-                out.append(Item(it.id, it.task, ids(it.text, it.answer_prefix), it.answers, metric=it.metric,
-                                max_new_tokens=it.max_new_tokens))
+                prompt = ids(it.text, it.answer_prefix)
+                out.append(Item(it.id, it.task, prompt, it.answers, metric=it.metric,
+                                max_new_tokens=it.max_new_tokens,
+                                question_start=_shared_start(prompt, ids(it.context, it.answer_prefix))))
     return out
+
+
+def _shared_start(prompt: list[int], context: list[int]) -> int:
+    """How many leading tokens `prompt` shares with the same prompt made of its context alone: where its question
+    starts (a token spanning the boundary belongs to the question)."""
+    n = 0
+    for a, b in zip(prompt, context, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
 
 
 def probe_tasks(spec: str | None) -> list[str] | None:
@@ -200,8 +216,13 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
              max_new_tokens: int = 24, progress: Callback | None = None,
              compress_sliding: bool = True, share_prefill: bool = True, world: World | None = None,
              ratios: Sequence[float] = (), suite: dict[str, Any] | None = None, partial: Path | None = None,
-             resume: bool = False, batch_cells: bool = True) -> dict[str, Any]:
+             resume: bool = False, batch_cells: bool = True, compress_questions: bool = True) -> dict[str, Any]:
     """Run the grid; returns the results document (see docs/results.md for its shape).
+
+    `compress_questions` (the default, as the HeadKV paper evaluates): the question is compressed with the context.
+    False is kvpress's protocol (its leaderboard's `compress_questions=False`): each item's context is prefilled and
+    compressed alone, then the question is read through the compressed cache; ratios count the context's tokens.
+    Items need a separate question (RULER's have one).
 
     Each finished item's rows go to `partial` at once (partial.py): an interrupted grid keeps its items, and
     `resume` continues it (the settings, profiles and items must be the same) with the same rows.
@@ -223,6 +244,11 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
     if any(not 0 < r < 1 for r in ratios):
         raise HeadprofError(f"every ratio must lie between 0 and 1 (the fraction of the KV removed), got "
                             f"{', '.join(str(r) for r in ratios)}")
+    if not compress_questions:
+        alone = [i.id for i in items if i.question_start is None]
+        if alone:
+            raise HeadprofError(f"--no-compress-questions needs items with a separate question; {alone[0]} has none "
+                                "(RULER's items have one)")
     tune = len(betas) > 1
     for i, item in enumerate(items):
         item.split = "validation" if tune and i % 2 == 0 else "test"
@@ -245,7 +271,8 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
     def run(item: Item, method: str, budget: int, beta: float) -> generation.RunResult:
         m = specs[method].build(profiles, window=window, kernel=kernel, beta=beta)
         return generation.generate(lm, item.prompt_ids, m, budget, item.max_new_tokens or max_new_tokens,
-                                   compress_sliding=compress_sliding, shared=shared)
+                                   compress_sliding=compress_sliding, shared=shared,
+                                   question_start=None if compress_questions else item.question_start)
 
     shared: generation.Prefill | None = None
     widest = max([window] + [int(s.options.get("window", window)) for s in specs.values()])  # rows every method reads
@@ -253,7 +280,7 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
                    "weights_sha256": lm.info.weights_sha256, "dtype": str(lm.dtype), "device": str(lm.device),
                    "methods": list(method_specs), "budgets": list(budgets), "ratios": list(ratios),
                    "betas": list(betas), "window": window, "kernel": kernel, "selection": SELECTION,
-                   "max_new_tokens": max_new_tokens,
+                   "compress_questions": compress_questions, "max_new_tokens": max_new_tokens,
                    "compress_sliding": compress_sliding, "share_prefill": share_prefill,
                    "profiles": {name: _digest(p.data) for name, p in sorted(profiles.items())},
                    "items": _digest([[i.id, [int(t) for t in i.prompt_ids], i.answers, i.distractors, i.metric,
@@ -271,11 +298,13 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
                 continue
             item_rows: list[dict[str, Any]] = []
             t = time.perf_counter()
-            shared = generation.prefill(lm, item.prompt_ids, widest) if share_prefill else None
+            context = item.prompt_ids if compress_questions else item.prompt_ids[:item.question_start]
+            shared = generation.prefill(lm, context, widest) if share_prefill or not compress_questions else None
             full = run(item, FULL, 0, BETA)
             full_row = _row(item, FULL, None, None, full, full.text, time.perf_counter() - t)
             tick()
-            cells = [(b, None) for b in budgets] + [(ratio_budget(item, r, window), r) for r in ratios]
+            cells = [(b, None) for b in budgets] + [(ratio_budget(item, r, window, compress_questions), r)
+                                                    for r in ratios]
             grid = [(budget, ratio, method, beta) for budget, ratio in cells for method in compressed
                     for beta in (betas if _tuned(specs[method]) else [None])]
             batched: dict[int, tuple[generation.RunResult, float]] = {}
@@ -285,7 +314,7 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
                     made = generation.generate_cells(
                         lm, shared, [(specs[m].build(profiles, window=window, kernel=kernel, beta=beta or BETA), b)
                                      for b, _, m, beta in grid], item.max_new_tokens or max_new_tokens,
-                        compress_sliding)
+                        compress_sliding, None if compress_questions else item.prompt_ids[item.question_start:])
                     share = (time.perf_counter() - t) / len(grid)  # a cell's seconds: its share of the batch's
                     batched = {i: (r, share) for i, r in enumerate(made)}
                 except Exception as e:  # out of memory: this item's cells one by one (the same rows)
@@ -313,6 +342,7 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
     return resummarise({"results_version": RESULTS_VERSION, "model": lm.info.resolved, "methods": method_specs,
             "budgets": budgets, **({"ratios": list(ratios)} if ratios else {}), **({"suite": suite} if suite else {}),
             "betas": list(betas), "chosen_beta": chosen, "window": window, "kernel": kernel, "selection": SELECTION,
+            **({} if compress_questions else {"compress_questions": False}),
             **({} if compress_sliding else {"keep_sliding_window": True}),
             **({"processes": world.size} if world.size > 1 else {}),
             "items": len([i for i in items if i.split == "test"]),
@@ -341,8 +371,10 @@ def resummarise(results: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
-GRID_KEYS = ("model", "methods", "budgets", "ratios", "betas", "window", "kernel", "selection", "keep_sliding_window")
-DEFAULTS_BEFORE = {"selection": OLD_SELECTION}  # what a grid key meant in results made before it was recorded
+GRID_KEYS = ("model", "methods", "budgets", "ratios", "betas", "window", "kernel", "selection", "compress_questions",
+             "keep_sliding_window")
+# what a grid key meant in results made before it was recorded (or where it is left out at its default)
+DEFAULTS_BEFORE = {"selection": OLD_SELECTION, "compress_questions": True}
 
 
 def combine(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -202,7 +202,18 @@ def _random_value(rng: random.Random, data: _Data, kind: str) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
-def _niah_text(task: Task, rng: random.Random, data: _Data, size: int) -> tuple[str, str, list[str]]:
+Made = tuple[str, str, list[str], int]  # text, answer prefix, answers, and the length of the question ending the text
+
+
+def _filled(template: str, context: str, **fields: Any) -> tuple[str, int]:
+    """`template` with its fields and `context`, and the length of what follows the context (the question, which
+    kvpress's protocol asks after compressing the context)."""
+    head, tail = template.split("{context}")
+    question = tail.format(**fields)
+    return head.format(**fields) + context + question, len(question)
+
+
+def _niah_text(task: Task, rng: random.Random, data: _Data, size: int) -> Made:
     a = task.args
     keys, values, needles = [], [], []
     for _ in range(a["num_needle_k"]):
@@ -236,11 +247,11 @@ def _niah_text(task: Task, rng: random.Random, data: _Data, size: int) -> tuple[
             return (t.replace("Some", "A").replace("are all", "is").replace("are", "is")
                     .replace("answers", "answer"))
         template, prefix, kind = singular(template), singular(prefix), kind[:-1]
-    return (template.format(type_needle_v=kind, context=context, query=query),
-            prefix.format(type_needle_v=kind, query=query), answers)
+    text, question = _filled(template, context, type_needle_v=kind, query=query)
+    return text, prefix.format(type_needle_v=kind, query=query), answers, question
 
 
-def _vt_text(task: Task, rng: random.Random, data: _Data, size: int) -> tuple[str, str, list[str]]:
+def _vt_text(task: Task, rng: random.Random, data: _Data, size: int) -> Made:
     hops = task.args["num_hops"]
     names: list[str] = []
     while len(names) < hops + 1:
@@ -253,11 +264,11 @@ def _vt_text(task: Task, rng: random.Random, data: _Data, size: int) -> tuple[st
     for j, at in enumerate(sorted(rng.sample(range(len(sentences)), len(chain)))):
         sentences.insert(at + j, chain[j])
     context = " ".join(sentences).replace(". \n", ".\n")
-    return (VT_TEMPLATE.format(context=context, query=value),
-            VT_PREFIX.format(num_v=hops + 1, query=value), names)
+    text, question = _filled(VT_TEMPLATE, context, query=value)
+    return text, VT_PREFIX.format(num_v=hops + 1, query=value), names, question
 
 
-def _cwe_text(task: Task, rng: random.Random, data: _Data, size: int, length: int) -> tuple[str, str, list[str]]:
+def _cwe_text(task: Task, rng: random.Random, data: _Data, size: int, length: int) -> Made:
     a = task.args
     words = data.common_words(0)
 
@@ -272,10 +283,11 @@ def _cwe_text(task: Task, rng: random.Random, data: _Data, size: int, length: in
     context, answer = example(size, 6, 1) if short else example(size, a["freq_cw"], a["freq_ucw"])
     solved = (CWE_TEMPLATE.format(context=shown) + CWE_PREFIX + " "
               + " ".join(f"{i + 1}. {w}" for i, w in enumerate(shown_answer)))
-    return solved + "\n" + CWE_TEMPLATE.format(context=context), CWE_PREFIX, answer
+    text, question = _filled(CWE_TEMPLATE, context)
+    return solved + "\n" + text, CWE_PREFIX, answer, question
 
 
-def _fwe_text(task: Task, rng: random.Random, data: _Data, size: int) -> tuple[str, str, list[str]]:
+def _fwe_text(task: Task, rng: random.Random, data: _Data, size: int) -> Made:
     alpha = task.args["alpha"]
     vocab: set[str] = set()
     while len(vocab) < 2000:
@@ -287,10 +299,11 @@ def _fwe_text(task: Task, rng: random.Random, data: _Data, size: int) -> tuple[s
     counts = [int(size * k ** -alpha / zeta) for k in range(1, len(ranked) + 1)]
     sampled = [w for w, c in zip(ranked, counts, strict=True) for _ in range(c)]
     rng.shuffle(sampled)
-    return FWE_TEMPLATE.format(context=" ".join(sampled)), FWE_PREFIX, ranked[1:4]
+    text, question = _filled(FWE_TEMPLATE, " ".join(sampled))
+    return text, FWE_PREFIX, ranked[1:4], question
 
 
-def _qa_text(task: Task, rng: random.Random, data: _Data, size: int, index: int) -> tuple[str, str, list[str]]:
+def _qa_text(task: Task, rng: random.Random, data: _Data, size: int, index: int) -> Made:
     qas, docs = data.qa(task.args["dataset"])
     q = qas[index % len(qas)]
     gold, more = q["context"], q.get("more_context", [])
@@ -305,7 +318,8 @@ def _qa_text(task: Task, rng: random.Random, data: _Data, size: int, index: int)
     texts = [docs[i] for i in chosen]
     rng.shuffle(texts)
     context = "\n\n".join(f"Document {i + 1}:\n{d}" for i, d in enumerate(texts))
-    return QA_TEMPLATE.format(context=context, query=q["query"]), QA_PREFIX, list(q["outputs"])
+    text, question = _filled(QA_TEMPLATE, context, query=q["query"])
+    return text, QA_PREFIX, list(q["outputs"]), question
 
 
 @dataclass(frozen=True)
@@ -317,6 +331,12 @@ class RulerItem:
     answers: list[str]
     max_new_tokens: int
     metric: str
+    question_chars: int = 0  # the question that ends `text` (after the context), in characters
+
+    @property
+    def context(self) -> str:
+        """The text before the question (what kvpress's protocol compresses alone)."""
+        return self.text[:len(self.text) - self.question_chars]
 
 
 def generate(task: Task, count: Callable[[str, str], int], length: int, n: int, seed: int = 0,
@@ -330,7 +350,7 @@ def generate(task: Task, count: Callable[[str, str], int], length: int, n: int, 
     data = data or _Data()
     limit = length - task.tokens_to_generate
 
-    def make(i: int, size: int) -> tuple[str, str, list[str]]:
+    def make(i: int, size: int) -> Made:
         rng = random.Random(f"{seed}:{task.name}:{i}")
         if task.kind == "niah":
             return _niah_text(task, rng, data, size)
@@ -343,7 +363,7 @@ def generate(task: Task, count: Callable[[str, str], int], length: int, n: int, 
         return _qa_text(task, rng, data, size, seed + i)
 
     def fits(i: int, size: int) -> bool:
-        text, prefix, _ = make(i, size)
+        text, prefix, _, _ = make(i, size)
         return count(text, prefix) <= limit
 
     smallest, largest = _smallest(task, data), _largest(task, data)
@@ -362,9 +382,9 @@ def generate(task: Task, count: Callable[[str, str], int], length: int, n: int, 
         s = size
         while s > smallest and not fits(i, s):
             s = max(smallest, int(s * 0.95))
-        text, prefix, answers = make(i, s)
+        text, prefix, answers, question = make(i, s)
         items.append(RulerItem(f"ruler-{task.name}-{length}-{i}", task.name, text, prefix, answers,
-                               task.tokens_to_generate, task.metric))
+                               task.tokens_to_generate, task.metric, question))
     return items
 
 
