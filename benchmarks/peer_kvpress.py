@@ -16,7 +16,9 @@ The `run` step imports kvpress and transformers only (never headprof); `merge` s
 with headprof's own functions (evaluate.item_score, token F1, agreement with headprof's full-cache
 answer) and writes results.json/results.csv/quality_vs_budget.png with the presses as methods
 `kvpress-NAME`. The prompt holds the question, so the question is compressed with the context, as in
-the papers (kvpress's pipeline would keep the question out of the compression). Each press runs with
+the papers; `run --no-compress-questions` is kvpress's leaderboard protocol instead (the context prefilled and
+compressed alone by the press's hooks, then the question read and the answer decoded outside them; one prefill per
+cell), to merge into a headprof eval run with `--no-compress-questions`. Each press runs with
 kvpress's own defaults for everything but the ratio (SnapKV: window 64, kernel 5; headprof's SnapKV
 uses window 16, kernel 7); a press named `snapkv-w16` (or `adakv-w16`, `pyramidkv-w16`) runs with headprof's
 window. By default all cells of an item (every press and ratio) come from one prefill: kvpress compresses a
@@ -161,15 +163,25 @@ def decode(model, cache, logits, start: int, steps: int, stops: set[int]) -> lis
     return [r[:next((i for i, t in enumerate(r) if t in stops), len(r))] for r in rows]
 
 
-def per_cell(model, ids, press, steps: int, stops: set[int]):
-    """kvpress's own way: the press's hooks compress the cache during a prefill of its own."""
+def per_cell(model, ids, press, steps: int, stops: set[int], question_start: int | None = None):
+    """kvpress's own way: the press's hooks compress the cache during a prefill of its own. With `question_start`
+    (its pipeline's `compress_questions=False`) the hooks compress the context alone; the question is read after
+    them, and the bytes held count it."""
+    import torch
     from transformers import DynamicCache
 
     cache = DynamicCache()
+    if question_start is None:
+        with press(model):
+            logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+            held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+            return decode(model, cache, logits, ids.shape[1], steps, stops)[0], held
     with press(model):
-        logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
-        held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-        return decode(model, cache, logits, ids.shape[1], steps, stops)[0], held
+        model(ids[:, :question_start], past_key_values=cache, use_cache=True)
+    position = torch.arange(question_start, ids.shape[1])[None]
+    logits = model(ids[:, question_start:], past_key_values=cache, position_ids=position, use_cache=True).logits[:, -1]
+    held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    return decode(model, cache, logits, ids.shape[1], steps, stops)[0], held
 
 
 def shared(model, ids, cells, steps: int, stops: set[int]):
@@ -267,11 +279,15 @@ def run(args) -> None:
                      if (item["id"], f"kvpress-{n}", ratio) not in done]
             if not cells:
                 continue
-            if args.per_cell:
+            after = None if args.compress_questions else item.get("question_start")
+            if not args.compress_questions and after is None:
+                raise SystemExit(f"item {item['id']} has no separate question: --no-compress-questions needs items "
+                                 "exported from --suite ruler")
+            if args.per_cell or after is not None:
                 got = {}
                 for key, _, press in cells:
                     t = time.perf_counter()
-                    tokens, held = per_cell(model, ids, press, steps, stops)
+                    tokens, held = per_cell(model, ids, press, steps, stops, after)
                     got[key] = (tokens, held, time.perf_counter() - t)
             else:
                 got = shared(model, ids, [(key, press) for key, _, press in cells], steps, stops)
@@ -279,10 +295,11 @@ def run(args) -> None:
                 tokens, held, seconds = got[key]
                 name = key.rpartition("@")[0]
                 row = {"item": item["id"], "task": item["task"], "method": f"kvpress-{name}", "ratio": ratio,
-                       "budget": round((1 - ratio) * len(item["prompt_ids"])),
+                       "budget": round((1 - ratio) * (after or len(item["prompt_ids"]))),
                        "response": tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                        "kv_bytes": held, "seconds": seconds, "prompt_tokens": len(item["prompt_ids"]),
-                       "mode": "per-cell" if args.per_cell else "shared"}
+                       "mode": "per-cell" if args.per_cell or after is not None else "shared",
+                       **({} if after is None else {"compress_questions": False})}
                 f.write(json.dumps(row) + "\n")
                 f.flush()
                 print(f"{item['id']} {name} {ratio}: {len(tokens)} tokens, {held / 1e6:.1f} MB, {seconds:.1f} s",
@@ -298,7 +315,11 @@ def merge(args) -> None:
     items = {x["id"]: x for x in map(json.loads, Path(args.items).read_text().splitlines())}
     full = {r["item"]: r["response"] for r in results["rows"] if r["method"] == "full"}
     peer_rows, seen = [], {}
+    protocol = results.get("compress_questions", True)
     for r in (json.loads(line) for line in Path(args.rows).read_text().splitlines() if line.strip()):
+        if r.get("compress_questions", True) != protocol:
+            raise SystemExit(f"{args.rows} holds rows of the other protocol than {args.results} (compress_questions "
+                             f"{r.get('compress_questions', True)} against {protocol})")
         key = (r["item"], r["method"], r["ratio"])  # two processes sharing --out may both run their last item
         if key in seen and seen[key] != r["response"]:
             raise SystemExit(f"{args.rows} holds {key} twice with different responses")
@@ -355,6 +376,8 @@ def main() -> None:
     r.add_argument("--per-cell", action="store_true", help="kvpress's own hooks, one prefill per press and ratio "
                                                            "(slow; the reference the shared prefill is checked on)")
     r.add_argument("--lukv-curve", help="the lukv press's budget curve (headprof export --format lukv)")
+    r.add_argument("--no-compress-questions", dest="compress_questions", action="store_false",
+                   help="kvpress's leaderboard protocol: compress the context alone, then ask the question")
     r.add_argument("--out", required=True)
     c = sub.add_parser("counts", help="LUKVPress's per-head keep counts on exported items (in .venv-kvpress)")
     c.add_argument("--items", required=True)

@@ -217,6 +217,11 @@ def test_kvpress_rows_merge_into_results_scored_by_headprof(tmp_path):
     kept = json.loads((tmp_path / "ratios" / "results.json").read_text())
     assert kept["ratios"] == [0.5] and {r["ratio"] for r in kept["summary"]} == {0.5}
     assert {r["method"] for r in kept["summary"]} == {"full", "snapkv", "kvpress-snapkv"}
+    (tmp_path / "rows.jsonl").write_text(json.dumps({**rows[0], "compress_questions": False}) + "\n")
+    args.out = tmp_path / "protocol"  # rows of kvpress's protocol beside a grid of the paper's: refused
+    with pytest.raises(SystemExit, match="other protocol"):
+        peer.merge(args)
+    assert not (tmp_path / "protocol").exists()
 
 
 def test_paired_table_compares_methods_on_the_items_both_ran(tmp_path, capsys):

@@ -200,6 +200,7 @@ def export_row(item: Item, suite: dict[str, Any] | None) -> dict[str, Any]:
     """One item as another harness needs it: the exact token ids, answers, scoring and answer length."""
     return {"id": item.id, "task": item.task, "prompt_ids": item.prompt_ids, "answers": item.answers,
             "metric": item.metric or "contains", "max_new_tokens": item.max_new_tokens,
+            **({} if item.question_start is None else {"question_start": item.question_start}),
             **({"suite": suite["name"], "suite_version": suite["version"]} if suite else {})}
 
 
