@@ -49,7 +49,11 @@ def presses(names: list[str], ratio: float):
     """kvpress presses by name; a name ending in `-wW` runs a SnapKV-style press with observation window W. `lukv`:
     LUKVPress around SnapKV with headprof's window (16), its budget curve from `--lukv-curve` (a headprof profile's
     HeadKV allocation: `headprof export --format lukv`)."""
+    import logging
+
     import kvpress
+
+    logging.getLogger("kvpress").setLevel(logging.ERROR)  # KVzip warns of its cost at every construction
 
     def make(name: str):
         base, _, w = name.partition("-w")
@@ -63,6 +67,7 @@ def presses(names: list[str], ratio: float):
             "adakv_expected_attention": lambda: kvpress.AdaKVPress(
                 kvpress.ExpectedAttentionPress(compression_ratio=ratio)),
             "keydiff": lambda: kvpress.KeyDiffPress(compression_ratio=ratio),
+            "kvzip": lambda: kvpress.KVzipPress(compression_ratio=ratio),  # its own replay passes after the prefill
             "lukv": lambda: _lukv(kvpress, ratio),
         }
         windowed = {"snapkv", "pyramidkv", "adakv"}
