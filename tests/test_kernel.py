@@ -75,6 +75,22 @@ def test_the_kernel_is_within_one_bf16_rounding_step_of_the_reference(name):
         assert (out - ref).abs().max() <= 2 * step_size.max()
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_learned_sinks_join_the_softmax_in_the_combine(splits, monkeypatch):
+    """gpt-oss's sink logit per query head, one program per segment or split across several."""
+    from headprof.kv.readers import kernel
+
+    monkeypatch.setattr(kernel, "_splits", lambda longest, segments, device: (splits, 8 // splits or 1))
+    layer = _layer([300, 20, 250, 5], 16)
+    sinks = torch.linspace(-2.0, 4.0, 8).to(DEVICE)  # 8 query heads: 4 KV heads of 2
+    for step, q in enumerate((1, 2)):
+        query = _step(layer, 2, q, step, torch.float32)
+        out = readers.attend(layer, query, 0.25, None, "triton", sinks=sinks)
+        ref = reference.per_head_attention(layer, query, 0.25, None, sinks)
+        assert (out - ref).abs().max() < 1e-5
+        assert (out - reference.per_head_attention(layer, query, 0.25, None)).abs().max() > 1e-2  # they matter
+
+
 def test_long_segments_split_across_programs_and_combine_exactly(monkeypatch):
     """Segments longer than a split are read by several programs whose partial sums are combined."""
     from headprof.kv.readers import kernel
@@ -97,7 +113,7 @@ def test_a_layer_read_by_bounds_holds_no_mask_and_the_torch_path_still_reads_it(
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the tiny models run on CPU: checked there under the interpreter")
-@pytest.mark.parametrize("arch", ["llama", "gemma2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "mistral", "gpt_oss"])
 def test_a_whole_generation_through_the_kernel_gives_the_torch_paths_tokens(arch, monkeypatch):
     lm = loaded(arch)
     scores = np.linspace(1.0, 0.02, lm.info.layout.num_layers * lm.info.layout.num_kv_heads) ** 2  # heads differ

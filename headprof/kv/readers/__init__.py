@@ -4,10 +4,11 @@ computed, one module per backend, chosen here and nowhere else.
 Each KV head reads its own segment of the layer's buffer: the prompt tokens it kept and the tokens generated since,
 causal among the new tokens. A reader module has a `NAME`, `unavailable(device, dtype)` (why it can run on no layer
 there, or None), `DEVICES` (where it is the default, None: everywhere it runs), `SLIDING` (whether it reads layers
-with a sliding window), `MASKED` (whether it reads the layer's mask of what each window may read: a layer read
-without one holds none), `handles(layer)` (the layers it reads; the others take `torch`), optionally
-`refuses(layer)` (why a layer it is forced on cannot be read), `entries_read(layer)` (what a decode step reads, for
-the benchmarks) and `read(layer, rows, q, scaling, softcap)`. Adding a
+with a sliding window), `SINKS` (whether it computes learned attention sinks), `MASKED` (whether it reads the
+layer's mask of what each window may read: a layer read without one holds none), `handles(layer)` (the layers it
+reads; the others take `torch`), optionally `refuses(layer)` (why a layer it is forced on cannot be read),
+`entries_read(layer)` (what a decode step reads, for the benchmarks) and `read(layer, rows, q, scaling, softcap)`
+(and `sinks=` where it computes them). Adding a
 backend is one module and one line in `READERS`:
 
 - `triton` (`kernel.py`): one flash-decoding kernel over every segment, reading only what each holds: the default
@@ -83,7 +84,8 @@ def attend(layer, query: torch.Tensor, scaling: float, softcap: float | None,
     The group's query heads and the new tokens are the rows of one (1, segments, group * q, dim) batch, a segment
     per sequence and KV head, so each KV head of each sequence meets its own queries without repeating keys. A
     decode step is a handful of tensor operations whatever the number of heads or sequences (a test counts them).
-    `sinks` (query heads,): learned sink logits, read by `torch` only (`choose` gives such a layer no other)."""
+    `sinks` (query heads,): learned sink logits, for the readers that compute them (`choose` gives such a layer no
+    other)."""
     b, hq, q, d = query.shape
     heads = layer.heads
     rows = query.reshape(1, heads, hq * b // heads * q, d)  # sequence s's query head h reads its KV head h // group
@@ -105,14 +107,16 @@ def attend(layer, query: torch.Tensor, scaling: float, softcap: float | None,
 def choose(layer, like: torch.Tensor) -> str:
     """The backend that reads a per-head layer being laid out (`heads.HeadKVLayer._lay_out`; `like`: its entries, on
     their device and in their dtype), decided once per layout:
-    equal counts are a dense view, and keys and values of different widths a view no kernel takes, and learned
-    sinks only `torch` computes: `torch`;
+    equal counts are a dense view, and keys and values of different widths a view no kernel takes: `torch`; learned
+    sinks go to a backend that computes them (else `torch`);
     otherwise the default or the forced backend, where it handles the layer (else `torch`, as documented above). A
     forced backend that refuses the layer is refused in one line naming why."""
-    if layer.uniform or layer.key_dim != layer.value_dim or layer.sinks:
+    if layer.uniform or layer.key_dim != layer.value_dim:
         return "torch"
     chosen = pick(like.device, like.dtype, None, layer.sliding_window is not None)
     reader = READERS[chosen]
+    if layer.sinks and not reader.SINKS:
+        return "torch"
     why = getattr(reader, "refuses", lambda _: None)(layer)
     if why and chosen == os.environ.get("HEADPROF_ATTENTION"):
         raise HeadprofError(f"HEADPROF_ATTENTION={chosen}: {why}; unset it to use the default backend")

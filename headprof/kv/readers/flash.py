@@ -14,6 +14,7 @@ from headprof.kv.readers.views import by_bucket
 
 NAME = "flash"
 MASKED = False
+SINKS = False  # flash-attn's kv-cache kernel takes no sinks: such layers are read by `torch`
 DEVICES = None
 SLIDING = False
 

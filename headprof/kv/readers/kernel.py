@@ -6,7 +6,8 @@ knows): no strided views, no mask, no padding read. The GQA group's query rows a
 (causal among the new tokens); soft-capping and sliding windows (by position) are applied in the kernel; fp32 (IEEE
 products), fp16 and bf16 (read as stored, multiplied in fp32: TF32 on the GPU holds a half-precision input exactly,
 and the softmax weights keep 10 bits where a bf16 cast keeps 7); 64-bit offsets. Long segments are split
-(`_splits`) so that a batch of one still fills the GPU; a small combine of the splits' partial results follows. A
+(`_splits`) so that a batch of one still fills the GPU; a small combine of the splits' partial results follows, and
+learned sinks (gpt-oss) join the softmax there (a sink is one more logit in each row's sum, reading no value). A
 decode step is one launch and the combine, with no host synchronisation.
 
 On CPU it runs only where asked for by name under Triton's interpreter (`TRITON_INTERPRET=1`, which the tests
@@ -25,6 +26,7 @@ import torch
 NAME = "triton"
 SLIDING = True
 MASKED = False  # reads each segment's bounds itself: a layer read by it holds no mask
+SINKS = True  # computes learned sinks (in the combine)
 DEVICES = ("cuda",)  # where it is the default
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD = 256  # head sizes it takes (query rows and a key block are held in registers)
@@ -90,8 +92,10 @@ def entries_read(layer) -> int:
     return layer.entries()
 
 
-def read(layer, rows: torch.Tensor, q: int, scaling: float, softcap: float | None) -> torch.Tensor:
-    """(1, heads, group * q, dim) rows in window order -> their outputs, one launch for the whole layer."""
+def read(layer, rows: torch.Tensor, q: int, scaling: float, softcap: float | None,
+         sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """(1, heads, group * q, dim) rows in window order -> their outputs, one launch for the whole layer; `sinks`
+    (1, heads, group * q): the rows' learned sink logits."""
     _, heads, n_rows, d = rows.shape
     dv = layer.v.shape[-1]
     rows = rows.contiguous()
@@ -111,9 +115,13 @@ def read(layer, rows: torch.Tensor, q: int, scaling: float, softcap: float | Non
         HAS_POS=layer.positions is not None, HAS_SOFTCAP=softcap is not None,
         IEEE=rows.dtype == torch.float32 or _interpreted(), UPCAST=rows.dtype != torch.float32)
     acc, m, s = acc[:, :, :n_rows, :dv], m[:, :, :n_rows], s[:, :, :n_rows]
-    if splits == 1:
-        out = acc[0] / s[0, ..., None]
-    else:
-        weight = torch.exp(m - m.amax(0))
-        out = (acc * weight[..., None]).sum(0) / (s * weight).sum(0)[..., None]
-    return out.to(rows.dtype)[None]
+    if splits == 1 and sinks is None:
+        return (acc[0] / s[0, ..., None]).to(rows.dtype)[None]
+    top = m.amax(0)
+    if sinks is not None:  # the sink's logit joins each row's maximum and sum, with no value
+        top = torch.maximum(top, sinks[0].float())
+    weight = torch.exp(m - top)
+    total = (s * weight).sum(0)
+    if sinks is not None:
+        total = total + torch.exp(sinks[0].float() - top)
+    return ((acc * weight[..., None]).sum(0) / total[..., None]).to(rows.dtype)[None]

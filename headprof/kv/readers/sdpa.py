@@ -11,6 +11,7 @@ from headprof.kv.readers.views import by_bucket
 
 NAME = "torch"
 MASKED = True
+SINKS = True
 DEVICES = None
 SLIDING = True
 
