@@ -15,6 +15,6 @@ WINDOW = 16
 KERNEL = 7
 BETA = 1.2
 SPREAD = 0
-DECAY = 0.0
+DECAY = 0.8
 SELECTION = {"spread": SPREAD, "decay": DECAY}
 OLD_SELECTION = {"spread": 0, "decay": 0.0}
