@@ -176,6 +176,7 @@ class Row:
 def mechanism(folder: Path) -> str:
     """What kind of attention the architecture has, from headprof's reading of its config and weights."""
     from headprof import api
+    from headprof.layout import BLOCK_KINDS
 
     try:
         lay = api.load_model(str(folder), device="cpu").info.layout
@@ -184,6 +185,8 @@ def mechanism(folder: Path) -> str:
         return ("attention-free" if "attention-free" in text else
                 "legacy attention" if "attention interface" in text else "?")
     kinds = set(lay.attention_kinds)
+    if kinds & set(BLOCK_KINDS):
+        return "compressed blocks"
     if getattr(lay, "latent", False):
         return "MLA"
     if kinds - {"full_attention", "sliding_attention", "local_attention", "dummy", "chunked_attention"}:

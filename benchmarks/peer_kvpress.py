@@ -264,6 +264,12 @@ def run(args) -> None:
     ratios = [float(r) for r in args.ratios.split(",")]
     names = args.presses.split(",")
     LUKV_CURVE = args.lukv_curve
+    items = [json.loads(line) for line in Path(args.items).read_text().splitlines() if line.strip()]
+    items = items[args.first_item:] if args.first_item else items
+    lacking = [x["id"] for x in items if x.get("question_start") is None]
+    if not args.compress_questions and lacking:  # refused before --out is opened: no empty rows file is left
+        raise SystemExit(f"item {lacking[0]} has no separate question: --no-compress-questions needs items exported "
+                         "from --suite ruler")
     presses(names, ratios[0])  # an unknown press is refused before the model loads
     hf_logging.disable_progress_bar()
     torch.set_grad_enabled(False)
@@ -271,8 +277,6 @@ def run(args) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     gen = model.generation_config.eos_token_id
     stops = set(gen if isinstance(gen, list) else [gen]) - {None}
-    items = [json.loads(line) for line in Path(args.items).read_text().splitlines() if line.strip()]
-    items = items[args.first_item:] if args.first_item else items
     out = Path(args.out)
     with out.open("a", encoding="utf-8") as f:
         for item in items:
@@ -284,10 +288,7 @@ def run(args) -> None:
                      if (item["id"], f"kvpress-{n}", ratio) not in done]
             if not cells:
                 continue
-            after = None if args.compress_questions else item.get("question_start")
-            if not args.compress_questions and after is None:
-                raise SystemExit(f"item {item['id']} has no separate question: --no-compress-questions needs items "
-                                 "exported from --suite ruler")
+            after = None if args.compress_questions else item["question_start"]
             if args.per_cell or after is not None:
                 got = {}
                 for key, _, press in cells:

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, flash_attention_mask, sdpa_mask
 
 from headprof import layout as layouts
 from headprof import legacy
@@ -32,6 +32,7 @@ from headprof.kv.cache import LAST_UPDATE, HeadKVCache, layer_of
 
 SDPA = "headprof"
 FLASH = "headprof_flash"
+BLOCKS = "headprof_blocks"  # SDPA's function with transformers' eager (additive) masks: models with block layers
 
 RowSink = Callable[[int, torch.Tensor], None]
 """Receives (layer_idx, probs) with probs shaped (batch, query_heads, n_rows, keys), float32."""
@@ -110,6 +111,8 @@ def attach(model: torch.nn.Module, flash: bool = False) -> str:
     really runs for every layer that attends (`verify`); returns the implementation name."""
     _register()
     name = FLASH if flash and not legacy.adapt(model) else SDPA  # routed legacy modules take SDPA (`legacy.py`)
+    if any(k in layouts.BLOCK_KINDS for k in layouts.layout_of(model.config).attention_kinds):
+        name = BLOCKS
     try:
         _set_implementation(model, name)
     except (ValueError, NotImplementedError, AttributeError) as e:
@@ -157,10 +160,12 @@ class _Seen:
         self.own_values: dict[int, bool] = {}
         self.sinks: set[int] = set()  # layers whose attention adds a learned sink logit per head
 
-    def saw(self, module, key: torch.Tensor, value: torch.Tensor) -> None:
+    def saw(self, module, key: torch.Tensor, value: torch.Tensor, sinks: torch.Tensor | None) -> None:
         layer = layer_of(module)
         if layer is None:
             return
+        if sinks is not None:
+            self.sinks.add(layer)
         self.keys[layer] = tuple(key.shape)
         self.calls[layer] = self.calls.get(layer, 0) + 1
         returned = self.recorder.returned.get(layer)
@@ -177,17 +182,12 @@ def verify(model: torch.nn.Module) -> layouts.HeadLayout:
     """Run 4 tokens through the model and read off which layers' attention went through headprof's function and
     what their caches hold. Refused in one line (ModelError): attention that bypasses transformers' attention
     interface (headprof would see nothing and compress nothing), a layer that attends over keys or values other
-    than those its cache returned (other than an MLA latent), KV heads other than the config's. Found: layers
-    without heads (never attended), MLA layers (their cache holds one latent, expanded per head after the update)."""
+    than those its cache returned (other than an MLA latent and a block layer's compressed entries after them), KV
+    heads other than the config's. Found: layers without heads (never attended), MLA layers (their cache holds one
+    latent, expanded per head after the update)."""
     config = model.config
     lay = layouts.layout_of(config)
     name = config.model_type
-    blocks = [i for i, k in enumerate(lay.attention_kinds) if k in layouts.BLOCK_KINDS]
-    if blocks:
-        kinds = sorted({lay.attention_kinds[i] for i in blocks})
-        raise ModelError(f"{name}'s layers {layouts.layer_list(blocks)} ({', '.join(kinds)}) attend over compressed "
-                         "blocks of tokens beside their window's tokens; headprof scores and compresses attention "
-                         "over tokens only")
     recorder = own_cache.adapt(_Recorder(config), config)
     seen = _Seen(recorder)
     vocab = getattr(config.get_text_config(), "vocab_size", None) or 4
@@ -221,6 +221,14 @@ def verify(model: torch.nn.Module) -> layouts.HeadLayout:
                          "forward pass (weights or cache shared across steps); headprof cannot tell its heads apart")
     no_heads = sorted(set(lay.no_heads) | set(idle)
                       | {i for i, k in enumerate(kinds) if k == "dummy" and i not in seen.keys})
+    # a block layer (DeepSeek-V4) attends over its cache's keys and then its compressed entries (`kv/blocks.py`)
+    blocks = {i for i in seen.own_keys if kinds[i] in layouts.BLOCK_KINDS}
+    for i in blocks:
+        if seen.keys[i][-2] < recorder.returned[i][0].shape[-2]:
+            raise ModelError(f"{name}'s layer {i} attends over fewer keys than its cache returned; headprof cannot "
+                             "read its rows")
+        seen.own_keys[i] = seen.own_values[i] = True  # its cache's keys come first, as the rows read them
+        seen.keys[i] = tuple(recorder.returned[i][0].shape)
     cached = {i: seen.keys[i][1] for i in seen.own_keys if seen.own_keys[i]}
     if cached and all(lay.num_query_heads % n == 0 for n in cached.values()):
         # follow the tensors where they differ from the config: every layer caching other KV heads than it says
@@ -279,7 +287,7 @@ def _set_implementation(model: torch.nn.Module, name: str) -> None:
     """transformers' switch, or, for a model whose modules compute attention in a method of their own (GPT-Neo,
     where transformers' switch does nothing), the config's name that `legacy.py`'s routing reads."""
     if legacy.adapt(model):
-        ours = name in (SDPA, FLASH)
+        ours = name in (SDPA, FLASH, BLOCKS)
         legacy.route(model, SDPA if ours else None, "sdpa" if ours else name)
     else:
         model.set_attn_implementation(name)
@@ -290,6 +298,10 @@ def _register() -> None:
     AttentionMaskInterface.register(SDPA, sdpa_mask)
     AttentionInterface.register(FLASH, _flash_attention)
     AttentionMaskInterface.register(FLASH, flash_attention_mask)
+    # DeepSeek-V4's block layers append their entries' causality to the mask only when there is a mask (with SDPA's
+    # boolean masks, inverted): they get transformers' eager masks, additive and never skipped
+    AttentionInterface.register(BLOCKS, _sdpa_attention)
+    AttentionMaskInterface.register(BLOCKS, eager_mask)
 
 
 def _capture(module, query, key, attention_mask, scaling, sliding_window, softcap, sinks) -> None:
@@ -306,9 +318,7 @@ def _capture(module, query, key, attention_mask, scaling, sliding_window, softca
 def _observe(module, key, value, sinks) -> None:
     seen = _SEEN.get()
     if seen is not None:
-        seen.saw(module, key, value)
-        if sinks is not None and layer_of(module) is not None:
-            seen.sinks.add(layer_of(module))
+        seen.saw(module, key, value, sinks)
 
 
 def _causal(module, attention_mask, kwargs: dict) -> None:
@@ -317,6 +327,12 @@ def _causal(module, attention_mask, kwargs: dict) -> None:
     their prompts would then attend to later tokens. headprof's rows assume causal without a mask; so does this."""
     if attention_mask is None and not getattr(module, "is_causal", True) and kwargs.get("is_causal") is None:
         kwargs["is_causal"] = True
+
+
+def _window(module, sliding_window: int | None) -> int | None:
+    """A block layer's keys (DeepSeek-V4) are its cache's window and then compressed entries, not positions: its
+    cache keeps the window, and a window counted over its keys would hide the window's tokens behind the entries."""
+    return None if getattr(module, "layer_type", None) in layouts.BLOCK_KINDS else sliding_window
 
 
 def _attend_compressed(module, reader, query, key, value, attention_mask, scaling, softcap, sinks):
@@ -328,6 +344,7 @@ def _attend_compressed(module, reader, query, key, value, attention_mask, scalin
 
 def _sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                     sliding_window=None, softcap=None, **kwargs):
+    sliding_window = _window(module, sliding_window)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     sinks = kwargs.pop("s_aux", None)  # gpt-oss's learned sink logit per head: SDPA would drop it silently
     _observe(module, key, value, sinks)
@@ -352,6 +369,7 @@ def _flash_attention(module, query, key, value, attention_mask, scaling=None, dr
                      sliding_window=None, softcap=None, **kwargs):
     from transformers.integrations.flash_attention import flash_attention_forward
 
+    sliding_window = _window(module, sliding_window)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     sinks = kwargs.pop("s_aux", None)
     _observe(module, key, value, sinks)

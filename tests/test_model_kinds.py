@@ -1,6 +1,7 @@
 """Any Hugging Face causal LM: one architecture per mechanism gets the status the support matrix
 (benchmarks/model_matrix.py, docs/models.md) gives it, and what makes each status true is checked here."""
 
+import contextlib
 import importlib.util as iu
 import sys
 from pathlib import Path
@@ -63,7 +64,7 @@ def built(tmp_path_factory):
     ("falcon", "works", "GQA"),  # an inline scaled_dot_product_attention call, caught while the module runs
     ("diffllama", "refused", "?"),  # two attention calls per layer over transformed values
     ("gemma4_text", "works", "sliding"),  # full-attention layers' heads twice the sliding layers' size
-    ("deepseek_v4", "refused", "?"),  # attention over compressed blocks of tokens beside the window's tokens
+    ("deepseek_v4", "refused", "compressed blocks"),  # scored; its block layers' compression refused
 ])
 def test_each_mechanism_gets_its_status(built, model_type, status, mechanism):
     folder = built(model_type)
@@ -217,3 +218,67 @@ def test_layers_whose_heads_differ_in_size_are_compressed_each_with_its_own(buil
     full_layers = ", ".join(str(i) for i, s in enumerate(sizes) if s == 32)
     assert r.exit_code == 2 and len(r.output.splitlines()) == 1, r.output
     assert f"heads in layers {full_layers} have size 32; this model's have 16" in r.output
+
+
+@pytest.mark.parametrize("kind", ["heavily_compressed_attention", "compressed_sparse_attention"])
+def test_a_block_layer_row_hands_each_entry_to_its_tokens(kind):
+    """DeepSeek-V4's rows: window keys first (at their positions), then one key per compressed entry."""
+    from types import SimpleNamespace
+
+    from headprof.kv.blocks import token_rows
+
+    layer = SimpleNamespace(cumulative_length=14, entry_count={"compressor": 3}, compress_rate=4)
+    probs = torch.tensor([0.1, 0.2, 0.1, 0.0, 0.2, 0.4]).view(1, 1, 1, 6)  # 3 window keys, 3 entries
+    rows = token_rows(probs, layer, kind)[0, 0, 0]
+    window = [0.0] * 11 + [0.1, 0.2, 0.1]  # the window: the last 3 positions (the entries overlap it)
+    if kind == "heavily_compressed_attention":  # entry e: tokens 4e .. 4e + 3, a quarter each
+        entries = [0.0] * 4 + [0.05] * 4 + [0.1] * 4 + [0.0] * 2
+    else:  # entry 0: tokens 0-3, a quarter each; entry e >= 1: tokens 4(e - 1) .. 4e + 3, an eighth each
+        entries = [0.2 / 8] * 4 + [0.2 / 8 + 0.4 / 8] * 4 + [0.4 / 8] * 4 + [0.0] * 2
+    assert rows.tolist() == pytest.approx([a + b for a, b in zip(window, entries, strict=True)])
+    assert rows.sum().item() == pytest.approx(1.0)  # a row keeps its mass
+
+
+def test_deepseek_v4_scores_its_heads_exactly_and_refuses_compression_in_one_line(built, tmp_path):
+    """One shared KV head per layer, a window of 128 tokens and compressed entries after it, learned sinks: headprof
+    computes what the model's eager attention computes (past the window, decoding), scores every head through its
+    block rows, and refuses to compress those layers, naming them."""
+    folder = built("deepseek_v4")
+    lm = models.load(str(folder), device="cpu")
+    lay = lm.info.layout
+    assert lay.num_kv_heads == 1 and set(lay.attention_kinds) == set(layout.BLOCK_KINDS)
+    from transformers import DynamicCache
+
+    from headprof import capture
+    from headprof.calls import with_cache
+
+    ids = torch.tensor([[3 + (i * 7) % 90 for i in range(300)]])  # past the window of 128: entries carry the rest
+
+    def decode(name: str, rows: dict | None = None) -> tuple[torch.Tensor, tuple]:
+        """Logits of the prompt and 3 decode steps, and the last step's attention (eager's, or headprof's rows)."""
+        with capture.implementation(lm.model, name), torch.no_grad():
+            cache = DynamicCache(config=lm.model.config)
+            out = [lm.model(ids, **with_cache(lm.model, cache)).logits[:, -1]]
+            for token in (5, 9, 11):
+                with capture.AttentionCapture(rows.__setitem__) if rows is not None else contextlib.nullcontext():
+                    step = lm.model(torch.tensor([[token]]), **with_cache(lm.model, cache),
+                                    output_attentions=rows is None)
+                out.append(step.logits[:, -1])
+        return torch.stack(out), step.attentions
+
+    rows: dict[int, torch.Tensor] = {}
+    ours, _ = decode(capture.BLOCKS, rows)
+    theirs, attentions = decode("eager")
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    for i in range(lay.num_layers):  # 128 window keys, then 2 heavily compressed or 75 compressed-sparse entries
+        assert rows[i].shape[-1] == 128 + (2 if lay.attention_kinds[i] == "heavily_compressed_attention" else 75)
+        torch.testing.assert_close(rows[i], attentions[i].float(), atol=1e-6, rtol=1e-5)
+    prof = api.score(str(folder), "r2", lengths=[400], depths=2, filter_probes=False, teacher_forced=True,
+                     chat_template=False, device="cpu", batch_size=2)
+    scores = prof.query_scores()
+    assert scores.shape == (4, 4) and np.isfinite(scores).all() and (scores > 0).any(axis=1).all()
+    (tmp_path / "prompt.txt").write_text("a b c d e f g h " * 40)
+    r = CliRunner().invoke(app, ["run", "--model", str(folder), "--method", "snapkv", "--budget", "32",
+                                 "--no-chat-template", str(tmp_path / "prompt.txt")])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "compressed_sparse_attention in layers" in r.output

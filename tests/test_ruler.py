@@ -180,13 +180,18 @@ def test_split_gguf_with_a_missing_part_names_the_install(tmp_path, monkeypatch)
         models._alias_gguf("fake-model")
 
 
+def _peer_kvpress():
+    """benchmarks/peer_kvpress.py as a module (its `run` imports kvpress only once the inputs are checked)."""
+    spec = importlib.util.spec_from_file_location("peer_kvpress",
+                                                  Path(__file__).parents[1] / "benchmarks" / "peer_kvpress.py")
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    return peer
+
+
 def test_kvpress_rows_merge_into_results_scored_by_headprof(tmp_path):
     """benchmarks/peer_kvpress.py merge: a peer's responses are scored with headprof's own functions."""
-    import importlib.util as iu
-
-    spec = iu.spec_from_file_location("peer_kvpress", Path(__file__).parents[1] / "benchmarks" / "peer_kvpress.py")
-    peer = iu.module_from_spec(spec)
-    spec.loader.exec_module(peer)
+    peer = _peer_kvpress()
     lm = loaded("llama")
     items = [evaluate.Item(f"i{n}", "niah_multivalue", [5 + i % 80 for i in range(n)], ["w1", "w2"], metric="all",
                            max_new_tokens=2) for n in (60, 70)]
@@ -247,3 +252,16 @@ def test_paired_table_compares_methods_on_the_items_both_ran(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[-1] == "| 0.5 | - |"
     with pytest.raises(SystemExit, match="name two of"):
         table._pairs("headkv-r2-pyramidkv", list(scores))
+
+
+def test_kvpress_run_refuses_items_without_a_question_before_writing(tmp_path):
+    """peer_kvpress.py run --no-compress-questions on items with no separate question: refused, no rows file left."""
+    peer = _peer_kvpress()
+    item = evaluate.Item("i0", "qa", [5, 6, 7, 8], ["w1"], max_new_tokens=2)
+    (tmp_path / "items.jsonl").write_text(json.dumps(evaluate.export_row(item, None)) + "\n")
+    args = type("A", (), {"items": tmp_path / "items.jsonl", "model_dir": tmp_path, "ratios": "0.5",
+                          "presses": "snapkv", "lukv_curve": None, "first_item": 0, "compress_questions": False,
+                          "per_cell": False, "max_new_tokens": 2, "out": tmp_path / "rows.jsonl"})
+    with pytest.raises(SystemExit, match="no separate question"):
+        peer.run(args)
+    assert not (tmp_path / "rows.jsonl").exists()

@@ -225,17 +225,16 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str | methods.Metho
         raise HeadprofError(f"prompt of {n} tokens + {max_new_tokens} new tokens exceeds the model's "
                             f"{lm.info.max_positions} positions")
     context = n if question_start is None else question_start
+    what = "prompt" if question_start is None else "context"  # what is prefilled and compressed
     if not 0 < context <= n:
         raise HeadprofError(f"the question must start inside the prompt of {n} tokens, not at {question_start}")
     if m.compresses and context <= window:
-        raise HeadprofError(f"{'prompt' if question_start is None else 'context'} of {context} tokens is not longer "
-                            f"than the observation window ({window})")
+        raise HeadprofError(f"{what} of {context} tokens is not longer than the observation window ({window})")
     notes = []
     if m.compresses:
         plan = make_plan(m, lay, context, budget, compress_sliding)
         if budget >= context:
-            notes.append(f"budget {budget} >= {'prompt' if question_start is None else 'context'} length {context}: "
-                         "every prompt token is kept")
+            notes.append(f"budget {budget} >= {what} length {context}: every prompt token is kept")
         cache = cache_for(lay, m, compress_sliding, lm.model.config)
     else:
         cache = own_cache.adapt(DynamicCache(config=lm.model.config), lm.model.config)
@@ -243,27 +242,25 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str | methods.Metho
     clock = _Clock()
     kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
     start = time.perf_counter()
-    if question_start is not None:  # the context alone, compressed; then the question through the compressed cache
-        if shared is None:
-            shared = prefill(lm, prompt_ids[:context], window)
-            start = time.perf_counter()
+    if question_start is not None and shared is None:  # kvpress's protocol: the context alone, compressed
+        shared = prefill(lm, prompt_ids[:context], window)
+        start = time.perf_counter()
+    if shared is not None:
         if shared.prompt_ids != list(prompt_ids[:context]) or (m.compresses and shared.window < window):
-            raise ValueError("the shared prefill was made for another context or a smaller window")
+            raise ValueError(f"the shared prefill was made for another {what} or a smaller window")
         _from_prefill(cache, shared, plan if m.compresses else None)
-        with capture.compressed(cache) if m.compresses else contextlib.nullcontext():
-            out = _generate(lm, ids, cache, clock, **kwargs)  # generate reads the question past the cached context
-        start -= shared.seconds
-    elif shared is not None:  # continue from the shared prefill: its first token, then decode with this cache
-        if shared.prompt_ids != list(prompt_ids) or (m.compresses and shared.window < window):
-            raise ValueError("the shared prefill was made for another prompt or a smaller window")
-        _from_prefill(cache, shared, plan if m.compresses else None)
-        clock.times.append(time.perf_counter())
-        out = torch.tensor([[*prompt_ids, shared.first]], device=lm.model.device)
-        if max_new_tokens > 1 and shared.first not in end_tokens(lm):
-            with capture.compressed(cache) if m.compresses else contextlib.nullcontext():
-                out = _generate(lm, out, cache, clock, max_new_tokens=max_new_tokens - 1,
-                                min_new_tokens=max(min_new_tokens - 1, 0))
         start -= shared.seconds  # the prefill's time counts as if it were this run's own
+        reading = capture.compressed(cache) if m.compresses else contextlib.nullcontext()
+        if question_start is not None:
+            with reading:  # generate reads the question past the cached context
+                out = _generate(lm, ids, cache, clock, **kwargs)
+        else:  # continue from the shared prefill: its first token, then decode with this cache
+            clock.times.append(time.perf_counter())
+            out = torch.tensor([[*prompt_ids, shared.first]], device=lm.model.device)
+            if max_new_tokens > 1 and shared.first not in end_tokens(lm):
+                with reading:
+                    out = _generate(lm, out, cache, clock, max_new_tokens=max_new_tokens - 1,
+                                    min_new_tokens=max(min_new_tokens - 1, 0))
     elif m.compresses:
         with compressing(cache, window, lambda _: plan):  # made before prefill: errors come first
             out = _generate(lm, ids, cache, clock, **kwargs)

@@ -16,8 +16,10 @@ import numpy as np
 import torch
 
 from headprof.capture import AttentionCapture
+from headprof.kv.blocks import token_rows
 from headprof.kv.cache import leave
 from headprof.kv.decode_cache import PaddedPrefill, alone
+from headprof.layout import BLOCK_KINDS
 from headprof.models import LoadedModel, end_tokens, last_logits_only, with_cache
 from headprof.probing import families as fam
 from headprof.probing import probes as probes_mod
@@ -116,6 +118,10 @@ def score_batch(lm: LoadedModel, jobs: list[ProbeJob],
     what it scores alone (to float rounding).
     """
     layout = lm.info.layout
+    blocks = {i: kind for i, kind in enumerate(layout.attention_kinds) if kind in BLOCK_KINDS}
+    if blocks and len(jobs) > 1:  # a block layer's compressor counts windows per sequence: no left padding
+        return [score_batch(lm, [job], None if on_done is None else (lambda _, run, i=i: on_done(i, run)))[0]
+                for i, job in enumerate(jobs)]
     device = lm.model.device
     runs: list[ProbeRun | None] = [None] * len(jobs)
 
@@ -167,6 +173,8 @@ def score_batch(lm: LoadedModel, jobs: list[ProbeJob],
     top_idx = torch.zeros(n, layout.num_layers, layout.num_query_heads, k, dtype=torch.long, device=device)
 
     def sink(layer: int, probs: torch.Tensor) -> None:
+        if layer in blocks:  # rows over the window's keys and compressed entries, read as rows over tokens
+            probs = token_rows(probs, cache.layers[layer], blocks[layer])
         kk = min(k, probs.shape[-1])
         v, i = probs[:, :, -1, :].topk(kk, dim=-1)
         top_vals[:len(v), layer, :, :kk], top_idx[:len(v), layer, :, :kk] = v, i
