@@ -2,6 +2,7 @@
 # One RULER eval per task (a long grid keeps every task that finished), then combined.
 # usage: bash benchmarks/ruler_grid.sh MODEL OUT LENGTH ITEMS FIRST_ITEM RATIOS [METHODS]
 # e.g.   bash benchmarks/ruler_grid.sh smollm2-135m results/ruler4k-smollm2 4096 8 0 0.5,0.75,0.9,0.97
+# TASKS="..." runs some tasks only; EVAL_ARGS="..." passes more options to every eval (e.g. --no-compress-questions)
 set -euo pipefail
 if [ $# -lt 6 ]; then
   echo "usage: bash benchmarks/ruler_grid.sh MODEL OUT LENGTH ITEMS FIRST_ITEM RATIOS [METHODS]" >&2; exit 2
@@ -14,6 +15,6 @@ for t in $tasks; do
   [ -f "$dir/results.json" ] && continue
   start=$(date +%s)
   headprof eval "$model" --suite "ruler:$t" --lengths "$length" --items "$items" --first-item "$first" \
-      --ratios "$ratios" --methods "$methods" --out "$dir"
+      --ratios "$ratios" --methods "$methods" --out "$dir" ${EVAL_ARGS:-}
   echo "$t: $(( $(date +%s) - start )) s" >> "$out/times.txt"
 done
