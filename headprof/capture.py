@@ -112,7 +112,7 @@ def attach(model: torch.nn.Module, flash: bool = False) -> str:
     _register()
     name = FLASH if flash and not legacy.adapt(model) else SDPA  # routed legacy modules take SDPA (`legacy.py`)
     if any(k in layouts.BLOCK_KINDS for k in layouts.layout_of(model.config).attention_kinds):
-        name = BLOCKS
+        name = BLOCKS  # flash-attn takes no additive mask per query: the explicit softmax, as for sinks
     try:
         _set_implementation(model, name)
     except (ValueError, NotImplementedError, AttributeError) as e:

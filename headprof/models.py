@@ -368,12 +368,12 @@ def load(spec: str, device: str = "auto", dtype: str = "auto", device_map: str |
         model.to(dev)
     model.eval()
     flash = dev.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None
-    capture.attach(model, flash=flash)  # refuses, in one line, attention headprof would not see
+    name = capture.attach(model, flash=flash)  # refuses, in one line, attention headprof would not see
     info = _info(spec, config, location, sha, resolved, bool(getattr(tokenizer, "chat_template", None)),
                  capture.layout(model))
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, device=dev,
                        dtype=str(torch_dtype).removeprefix("torch."),
-                       attn_implementation=("flash-attn" if flash else "sdpa") + " + headprof capture")
+                       attn_implementation=("flash-attn" if name == capture.FLASH else "sdpa") + " + headprof capture")
 
 
 def end_tokens(lm: LoadedModel) -> set[int]:
