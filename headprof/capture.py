@@ -159,13 +159,16 @@ class _Seen:
         self.own_keys: dict[int, bool] = {}
         self.own_values: dict[int, bool] = {}
         self.sinks: set[int] = set()  # layers whose attention adds a learned sink logit per head
+        self.query_heads: dict[int, int] = {}
 
-    def saw(self, module, key: torch.Tensor, value: torch.Tensor, sinks: torch.Tensor | None) -> None:
+    def saw(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            sinks: torch.Tensor | None) -> None:
         layer = layer_of(module)
         if layer is None:
             return
         if sinks is not None:
             self.sinks.add(layer)
+        self.query_heads[layer] = query.shape[1]
         self.keys[layer] = tuple(key.shape)
         self.calls[layer] = self.calls.get(layer, 0) + 1
         returned = self.recorder.returned.get(layer)
@@ -219,6 +222,9 @@ def verify(model: torch.nn.Module) -> layouts.HeadLayout:
     if twice:
         raise ModelError(f"{name} runs the attention of layers {layouts.layer_list(sorted(twice))} more than once per "
                          "forward pass (weights or cache shared across steps); headprof cannot tell its heads apart")
+    # the tensors' query heads (a config may name them per layer type in its own terms: Inkling's sliding layers)
+    layouts.one_value({i: (n,) for i, n in seen.query_heads.items()}, 0, "query heads",
+                      "headprof needs one number of query heads in every layer")
     no_heads = sorted(set(lay.no_heads) | set(idle)
                       | {i for i, k in enumerate(kinds) if k == "dummy" and i not in seen.keys})
     # a block layer (DeepSeek-V4) attends over its cache's keys and then its compressed entries (`kv/blocks.py`)
@@ -315,10 +321,10 @@ def _capture(module, query, key, attention_mask, scaling, sliding_window, softca
     cap.sink(layer_of(module), probs)
 
 
-def _observe(module, key, value, sinks) -> None:
+def _observe(module, query, key, value, sinks) -> None:
     seen = _SEEN.get()
     if seen is not None:
-        seen.saw(module, key, value, sinks)
+        seen.saw(module, query, key, value, sinks)
 
 
 def _causal(module, attention_mask, kwargs: dict) -> None:
@@ -347,7 +353,7 @@ def _sdpa_attention(module, query, key, value, attention_mask, scaling=None, dro
     sliding_window = _window(module, sliding_window)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     sinks = kwargs.pop("s_aux", None)  # gpt-oss's learned sink logit per head: SDPA would drop it silently
-    _observe(module, key, value, sinks)
+    _observe(module, query, key, value, sinks)
     reader = _reader(module, key)
     if reader is not None:  # a compressed layer reads itself (each KV head its own kept tokens, or one latent)
         return _attend_compressed(module, reader, query, key, value, attention_mask, scaling, softcap, sinks)
@@ -372,7 +378,7 @@ def _flash_attention(module, query, key, value, attention_mask, scaling=None, dr
     sliding_window = _window(module, sliding_window)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     sinks = kwargs.pop("s_aux", None)
-    _observe(module, key, value, sinks)
+    _observe(module, query, key, value, sinks)
     reader = _reader(module, key)
     if reader is not None:  # a compressed layer reads itself (each KV head its own kept tokens, or one latent)
         return _attend_compressed(module, reader, query, key, value, attention_mask, scaling, softcap, sinks)

@@ -157,7 +157,7 @@ def layout_of(config) -> HeadLayout:
         raise ModelError(f"{config.model_type} is attention-free (its layers are recurrent or linear-attention "
                          "state, with no attention heads): headprof scores and compresses attention heads")
     shapes = dict(zip(attending, _head_shapes(text, attending), strict=True))
-    heads = _one_value(shapes, 0, "query heads", "headprof needs one number of query heads in every layer")
+    heads = one_value(shapes, 0, "query heads", "headprof needs one number of query heads in every layer")
     kv = {i: s[1] for i, s in shapes.items()}
     odd = [i for i, n in kv.items() if heads % n]
     if odd:
@@ -175,7 +175,7 @@ def layout_of(config) -> HeadLayout:
                       layer_head_dims=_per_layer(dims, text.num_hidden_layers, common))
 
 
-def _one_value(shapes: dict[int, tuple[int, int, int]], at: int, what: str, why: str) -> int:
+def one_value(shapes: dict[int, tuple[int, ...]], at: int, what: str, why: str) -> int:
     """The one value of field `at` the layers share, or a one-line ModelError naming the layers of each value."""
     seen: dict[int, list[int]] = {}
     for i, shape in shapes.items():

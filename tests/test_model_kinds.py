@@ -65,12 +65,15 @@ def built(tmp_path_factory):
     ("diffllama", "refused", "?"),  # two attention calls per layer over transformed values
     ("gemma4_text", "works", "sliding"),  # full-attention layers' heads twice the sliding layers' size
     ("deepseek_v4", "refused", "compressed blocks"),  # scored; its block layers' compression refused
+    ("inkling_text", "refused", "?"),  # its sliding layers have query heads of their own (swa_num_attention_heads)
 ])
 def test_each_mechanism_gets_its_status(built, model_type, status, mechanism):
     folder = built(model_type)
     got, reason = matrix.classify(folder)
     assert (got, matrix.mechanism(folder)) == (status, mechanism), reason
     assert "\n" not in reason
+    if model_type == "inkling_text":  # the tensors' query heads differ by layer, whatever the config says
+        assert "differ in their query heads" in reason, reason
 
 
 def test_attention_that_bypasses_the_interface_is_refused_in_one_line_and_nothing_is_written(built, tmp_path):
