@@ -285,3 +285,7 @@ def test_deepseek_v4_scores_its_heads_exactly_and_refuses_compression_in_one_lin
                                  "--no-chat-template", str(tmp_path / "prompt.txt")])
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
     assert "compressed_sparse_attention in layers" in r.output
+    r = CliRunner().invoke(app, ["eval", str(folder), "--methods", "full,snapkv", "--budgets", "64", "--lengths",
+                                 "300", "--items", "1", "--out", str(tmp_path / "eval")])
+    assert r.exit_code == 2 and "compressed_sparse_attention in layers" in r.output, r.output
+    assert not any(p.name.startswith("eval") for p in tmp_path.iterdir())  # refused before the first item

@@ -16,6 +16,7 @@ from headprof.defaults import BETA, WINDOW
 from headprof.errors import HeadprofError, OutputError, ProfileError
 from headprof.evaluation import evaluate as evaluate_mod
 from headprof.files import check_output, write_atomic, write_dir_atomic
+from headprof.layout import check_compressible
 from headprof.models import LoadedModel
 from headprof.progress import Callback
 
@@ -106,6 +107,8 @@ def evaluate(model: str | LoadedModel, budgets: Sequence[int] = (32, 64, 128, 25
     lm = _load_on_every_process(world, model, device)
     for p in profiles.values():
         p.check_fits(lm.info.layout)
+    if any(methods.parse_spec(m).method_class.compresses for m in method_list):
+        check_compressible(lm.info.layout)  # before the first item, so that no partial file is left
     warnings: list[str] = []
     suite_info = None
     if own_tasks is None:
