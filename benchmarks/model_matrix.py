@@ -44,7 +44,11 @@ COMMON = dict(num_hidden_layers=L, hidden_size=64, intermediate_size=96, num_att
               moe_intermediate_size=32, num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2,
               n_shared_experts=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
               v_head_dim=16, first_k_dense_replace=0, n_group=1, topk_group=1, pad_token_id=0, bos_token_id=1,
-              eos_token_id=2)
+              eos_token_id=2, unpadded_vocab_size=128)
+# sizes a config keeps apart from a shared one (Inkling's sliding layers): scaled as the shared size was, so that a
+# layer kind with heads of its own keeps them
+SCALED = {"swa_num_attention_heads": "num_attention_heads", "swa_num_key_value_heads": "num_key_value_heads",
+          "swa_head_dim": "head_dim"}
 # the layer pattern of hybrids whose pattern is not a list of layer types
 PATTERNS = {"jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
             "bamba": dict(attn_layer_indices=[1, 3]),
@@ -57,7 +61,17 @@ PATTERNS = {"jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer
             "lfm2": dict(layer_types=["conv", "full_attention"] * 2),
             "lfm2_moe": dict(layer_types=["conv", "full_attention"] * 2),
             "zaya": dict(num_experts_per_tok=1), "dbrx": dict(attn_config=dict(kv_n_heads=2, rope_theta=10000.0)),
-            "codegen": dict(rotary_dim=8), "gptj": dict(rotary_dim=8), "xlnet": dict(d_head=16)}
+            "codegen": dict(rotary_dim=8), "gptj": dict(rotary_dim=8), "xlnet": dict(d_head=16),
+            "kolibri1_1": dict(index_layers=[1], kv_source_layers=[0, 1, 2, 1], mlp_only_layers=[0],
+                               layer_types=["sliding_attention", "indexed_attention"] * 2)}
+# sizes a config names its own way (its layer pattern still cycled)
+SIZES = {"blt": dict(encoder_hash_byte_group_vocab=64),
+         "kolibri1_1": dict(index_num_heads=2, index_head_dim=16, mlp_only_intermediate_size=96,
+                            shared_expert_intermediate_size=32),
+         "dots3_note_text": dict(head_dim=20, index_n_heads=2, index_head_dim=16,  # sliding: nope 12 + rope 8
+                                 shared_experts_intermediate_size=32),
+         "mamba2": dict(num_heads=8, head_dim=16, n_groups=1),
+         "reformer": dict(axial_pos_embds_dim=[32, 32], axial_pos_shape=[32, 32])}
 # what a config may refuse, least needed first: dropped one by one until it builds
 OPTIONAL = ("max_position_embeddings", "head_dim", "is_decoder", "num_key_value_heads", "moe_intermediate_size",
             "n_shared_experts", "first_k_dense_replace", "n_group", "topk_group", "q_lora_rank")
@@ -68,10 +82,17 @@ def _shrunk(cls, default, model_type: str):
     """`cls` built with the shared sizes where `default` (a config of it) has them, its layer pattern cycled over
     `L` layers so that a hybrid keeps each of its kinds; keys the config refuses are dropped one by one."""
     kwargs = {k: v for k, v in COMMON.items() if _has(default, k)}
+    known = default.to_dict()  # global values, per-layer attributes included
     if _has(default, "kv_lora_rank"):  # MLA: the rotary part is its own head size; every head expands the latent
         kwargs.pop("head_dim", None)
         kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
+        if known.get("head_dim") is not None and known.get("head_dim") == known.get("qk_rope_head_dim"):
+            kwargs["head_dim"] = COMMON["qk_rope_head_dim"]  # LongCat: head_dim names the rotary part
+    for name, base in SCALED.items():
+        if isinstance(known.get(name), int) and known.get(base) and base in kwargs:
+            kwargs[name] = max(1, round(kwargs[base] * known[name] / known[base]))
     kwargs.update(PATTERNS.get(model_type, {}))
+    kwargs.update(SIZES.get(model_type) or SIZES.get(getattr(default, "model_type", ""), {}))
     patterns = {}
     for name in PATTERN_LISTS:
         pattern = getattr(default, name, None) if _has(default, name) else None
@@ -79,6 +100,9 @@ def _shrunk(cls, default, model_type: str):
         if len(kinds) > 1 and model_type not in PATTERNS:
             cycled = [kinds[i % len(kinds)] for i in range(L)]
             patterns[name] = "".join(cycled) if isinstance(pattern, str) else cycled
+    default_types = list(known.get("layer_types") or [])
+    types = kwargs.get("layer_types") or patterns.get("layer_types") or default_types[:L]
+    patterns.update(_per_layer(known, default_types, types, kwargs))
     for attempt in ({**kwargs, **patterns}, kwargs):
         for _ in range(len(OPTIONAL) + 1):
             try:
@@ -91,6 +115,21 @@ def _shrunk(cls, default, model_type: str):
                 attempt = {k: v for k, v in attempt.items() if k != drop[0]}
     # some configs refuse a size; keep only the depth and width
     return cls(**{k: kwargs[k] for k in ("num_hidden_layers", "hidden_size", "vocab_size") if k in kwargs})
+
+
+def _per_layer(known: dict, pattern: list, types: list, kwargs: dict) -> dict:
+    """Per-layer overrides (transformers' `per_layer_config`) for the tiny model's layers of `types`: each takes
+    the overrides of the default's first layer of its kind, every size scaled as the shared size was (dots.3's
+    sliding layers keep half the heads of its indexed ones)."""
+    overrides = {int(k): v for k, v in (known.get("per_layer_config") or {}).items()}
+    out = {}
+    for i, kind in enumerate(types):
+        first = pattern.index(kind) if kind in pattern else None
+        if first is None or not overrides.get(first):
+            continue
+        out[str(i)] = {k: max(1, round(kwargs[k] * v / known[k])) if k in kwargs and isinstance(v, int) and known.get(k)
+                       else v for k, v in overrides[first].items()}
+    return {"per_layer_config": out} if overrides else {}
 
 
 def _has(config, name: str) -> bool:
@@ -114,10 +153,16 @@ def tiny_config(model_type: str, towers: bool = True):
         config = _shrunk(cls, default, model_type)
     else:
         small = _shrunk(type(text), text, model_type)
-        try:
-            config = cls(text_config=small.to_dict())
-        except Exception:
-            config = _shrunk(cls, default, model_type)
+        # towers given with the text config where the config checks that their widths meet (dots.3's adapter)
+        subs = {name: _shrunk(type(sub), sub, model_type).to_dict() for name in getattr(default, "sub_configs", {})
+                if name != "text_config" and hasattr(sub := getattr(default, name, None), "to_dict")} if towers else {}
+        for attempt in ({"text_config": small.to_dict(), **subs}, {"text_config": small.to_dict()}, None):
+            try:
+                config = cls(**attempt) if attempt is not None else _shrunk(cls, default, model_type)
+                break
+            except Exception:
+                if attempt is None:
+                    raise
     for name in getattr(default, "sub_configs", {}) if towers else ():
         sub = getattr(config, name, None)
         if name != "text_config" and sub is not None and hasattr(sub, "to_dict"):
@@ -153,6 +198,8 @@ def build(model_type: str, folder: Path) -> str | None:
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
             model.generation_config.eos_token_id = None
+            if hasattr(model, "set_default_language"):  # X-MOD: one language adapter for every input
+                model.set_default_language(next(iter(config.languages)))
             ids = torch.randint(3, 98, (1, 12))
             with torch.no_grad():
                 model.generate(ids, max_new_tokens=2, do_sample=False)
@@ -160,8 +207,20 @@ def build(model_type: str, folder: Path) -> str | None:
             char_tokenizer().save_pretrained(folder)
             return None
         except Exception as e:
-            why = why or f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            why = why or _why(e)
+    try:  # whose reason: a default config transformers itself cannot build is not the matrix's doing
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(CONFIG_MAPPING[model_type]())
+    except Exception as e:
+        return f"transformers' own default config does not build: {_why(e)}"
     return why
+
+
+def _why(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[-1 if 'validation error' in str(e) else 0][:120] if lines else ''}"
 
 
 @dataclass
@@ -277,7 +336,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("types", nargs="*", help="model types (default: all)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "models.md"))
+    parser.add_argument("--update", action="store_true",
+                        help="rerun the given types only and replace their rows in --out (totals recounted)")
     args = parser.parse_args()
+    if args.update and not args.types:
+        parser.error("--update needs the model types to rerun")
     types = args.types or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     rows = []
     quiet.third_party()
@@ -287,6 +350,15 @@ def main() -> int:
         print(f"{row.model_type:28s} {row.mechanism:15s} {row.status:15s} {row.reason}", flush=True)
         if not args.types:  # the page as far as the run has got, so an interrupted run still tells
             Path(args.out).write_text(page(rows, transformers.__version__, len(types)), encoding="utf-8")
+    if args.update:
+        text = Path(args.out).read_text(encoding="utf-8")
+        at, old = read_page(text)
+        new = {r.model_type: r for r in rows}
+        listed = {r.model_type for r in old}
+        merged = [new.get(r.model_type, r) for r in old] + [r for r in rows if r.model_type not in listed]
+        Path(args.out).write_text(page(sorted(merged, key=lambda r: r.model_type), transformers.__version__,
+                                       len(merged), at, rerun=(commit(), sorted(new))), encoding="utf-8")
+        rows = merged
     built = [r for r in rows if r.status != "does not build"]
     count = {s: sum(r.status == s for r in built) for s in ("works", "refused", "fails")}
     silent = sum(r.reason.startswith("silent") for r in built)
@@ -314,7 +386,21 @@ def _failures(built: list[Row]) -> str:
             f"{len(failed) - silent} with a traceback")
 
 
-def page(rows: list[Row], version: str, total: int, at: str | None = None) -> str:
+def read_page(text: str) -> tuple[str, list[Row]]:
+    """The commit a page's full run was at and its rows (for `--update`)."""
+    import re
+
+    at = re.search(r"run through headprof at commit (\w+)", text)
+    rows = []
+    for line in text.split("| --- | --- | --- | --- |")[-1].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4:
+            rows.append(Row(cells[0], cells[1], cells[2], cells[3], 0.0))
+    return (at.group(1) if at else "?"), rows
+
+
+def page(rows: list[Row], version: str, total: int, at: str | None = None,
+         rerun: tuple[str, list[str]] | None = None) -> str:
     built = [r for r in rows if r.status != "does not build"]
     n = len(built)
     works = sum(r.status == "works" for r in built)
@@ -331,7 +417,9 @@ def page(rows: list[Row], version: str, total: int, at: str | None = None) -> st
              f"{len(rows)} entries), built as a tiny random model offline and run through headprof at commit "
              f"{at or commit()}: `python benchmarks/model_matrix.py` (its docstring says what each status means; "
              "`?` marks a model refused before its mechanism could be read)."
-             + (f" This run covers the first {len(rows)} of the {total}, in name order." if len(rows) < total else ""),
+             + (f" This run covers the first {len(rows)} of the {total}, in name order." if len(rows) < total else "")
+             + (f" The rows of {', '.join(rerun[1])} are from `python benchmarks/model_matrix.py --update "
+                f"{' '.join(rerun[1])}` at commit {rerun[0]}." if rerun else ""),
              "",
              f"Of the {n} that build offline: **{works} work ({100 * works / n:.0f}%), {refused} are refused in one "
              f"line, {n - works - refused} fail** ({_failures(built)}).", "", *summary, "",

@@ -65,15 +65,31 @@ def built(tmp_path_factory):
     ("diffllama", "refused", "?"),  # two attention calls per layer over transformed values
     ("gemma4_text", "works", "sliding"),  # full-attention layers' heads twice the sliding layers' size
     ("deepseek_v4", "refused", "compressed blocks"),  # scored; its block layers' compression refused
-    ("inkling_text", "refused", "?"),  # its sliding layers have query heads of their own (swa_num_attention_heads)
+    ("inkling_text", "works", "hybrid"),  # its sliding layers cache KV heads of their own (swa_num_key_value_heads)
+    ("dots3_note_text", "refused", "?"),  # its sliding MLA layers have half the query heads of its indexed ones
 ])
 def test_each_mechanism_gets_its_status(built, model_type, status, mechanism):
     folder = built(model_type)
     got, reason = matrix.classify(folder)
     assert (got, matrix.mechanism(folder)) == (status, mechanism), reason
     assert "\n" not in reason
-    if model_type == "inkling_text":  # the tensors' query heads differ by layer, whatever the config says
-        assert "differ in their query heads" in reason, reason
+    if model_type == "dots3_note_text":  # the tensors' query heads differ by layer
+        assert "differ in their query heads (4 query heads in layers 0, 2; 2 query heads in layers 1, 3)" in reason
+
+
+def test_the_matrix_shrinks_per_layer_sizes_as_it_shrinks_shared_ones():
+    """A tiny model keeps the differences between its layers (dots.3's sliding layers: half the heads, twice the
+    latent), and a page's rows survive a rerun of some of them."""
+    config = matrix.tiny_config("dots3_note_text")
+    overrides = config.to_dict()["per_layer_config"]
+    assert {k: v["num_attention_heads"] for k, v in overrides.items()} == {"1": 2, "3": 2}
+    assert {k: v["kv_lora_rank"] for k, v in overrides.items()} == {"1": 32, "3": 32}
+    inkling = matrix.tiny_config("inkling_text")
+    assert (inkling.swa_num_attention_heads, inkling.swa_num_key_value_heads) == (4, 4)  # 64 / 16 of 64 / 8
+    rows = [matrix.Row("a", "GQA", "works", "", 0.0), matrix.Row("b", "?", "refused", "why | not", 0.0)]
+    at, back = matrix.read_page(matrix.page(rows, "5", 2, "abc1234"))
+    assert at == "abc1234" and [(r.model_type, r.status, r.reason) for r in back] == [
+        ("a", "works", ""), ("b", "refused", "why / not")]
 
 
 def test_attention_that_bypasses_the_interface_is_refused_in_one_line_and_nothing_is_written(built, tmp_path):
