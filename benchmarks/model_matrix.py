@@ -102,7 +102,12 @@ def _shrunk(cls, default, model_type: str):
             patterns[name] = "".join(cycled) if isinstance(pattern, str) else cycled
     default_types = list(known.get("layer_types") or [])
     types = kwargs.get("layer_types") or patterns.get("layer_types") or default_types[:L]
-    patterns.update(_per_layer(known, default_types, types, kwargs))
+    per_layer = _per_layer(known, default_types, types, kwargs)
+    if per_layer:  # exactly as scaled, or not at all (Gemma 4 derives its own from global_head_dim)
+        try:
+            return cls(**kwargs, **patterns, **per_layer)
+        except Exception:
+            pass
     for attempt in ({**kwargs, **patterns}, kwargs):
         for _ in range(len(OPTIONAL) + 1):
             try:
@@ -129,7 +134,7 @@ def _per_layer(known: dict, pattern: list, types: list, kwargs: dict) -> dict:
             continue
         out[str(i)] = {k: max(1, round(kwargs[k] * v / known[k])) if k in kwargs and isinstance(v, int) and known.get(k)
                        else v for k, v in overrides[first].items()}
-    return {"per_layer_config": out} if overrides else {}
+    return {"per_layer_config": out} if out else {}
 
 
 def _has(config, name: str) -> bool:
