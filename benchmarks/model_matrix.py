@@ -15,8 +15,10 @@ local model:
 
 Status: *works* when headprof's capture hands over every full-attention layer's softmax rows (each sums to 1; a
 random model's profile may still be zero where no head's top keys fall on the fact), the compressed answers at a
-budget above the prompt equal the full cache's token for token, and at the small budget the compressed caches
-hold fewer bytes; *refused* when headprof stops with its own one-line error (what the command prints, exit 2);
+budget above the prompt equal the full cache's token for token, at the small budget the compressed caches hold
+fewer bytes, and headprof's attention gives the model's eager logits; *scores only* when all of that holds but the
+compressing methods, which are refused in one line (the reason column): `info`, `score` and `run --method full`
+work; *refused* when headprof stops with its own one-line error (what the command prints, exit 2) before that;
 *fails* otherwise (a traceback, or a result that looks right and is not: a silent failure).
 """
 
@@ -228,11 +230,14 @@ def _why(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[-1 if 'validation error' in str(e) else 0][:120] if lines else ''}"
 
 
+STATUSES = ("works", "scores only", "refused", "fails")
+
+
 @dataclass
 class Row:
     model_type: str
     mechanism: str
-    status: str  # works, refused, fails, does not build
+    status: str  # one of STATUSES, or does not build
     reason: str
     seconds: float
 
@@ -295,13 +300,17 @@ def classify(folder: Path) -> tuple[str, str]:
         unseen = [i for i in full if i not in rows or not whole(i)]
         if unseen or not np.isfinite(scores).all() or not (abs(scores) > 0).any() and not rows:
             return "fails", f"silent: no attention rows captured on layers {unseen[:6] or 'all'}"
-        for method in ("headkv", "snapkv"):
-            big = api.generate(lm, ids, method, len(ids) + 8, profile=prof, max_new_tokens=6)
-            if big.runs[0].tokens != big.runs[1].tokens:
-                return "fails", f"silent: {method} at a budget above the prompt differs from the full cache"
-            small = api.generate(lm, ids, method, 24, profile=prof, max_new_tokens=6)
-            if not small.runs[0].kv_bytes < small.runs[1].kv_bytes:
-                return "fails", f"silent: {method} at budget 24 holds the full cache's bytes"
+        refusal = ""  # compression refused in one line: the heads are still scored
+        try:
+            for method in ("headkv", "snapkv"):
+                big = api.generate(lm, ids, method, len(ids) + 8, profile=prof, max_new_tokens=6)
+                if big.runs[0].tokens != big.runs[1].tokens:
+                    return "fails", f"silent: {method} at a budget above the prompt differs from the full cache"
+                small = api.generate(lm, ids, method, 24, profile=prof, max_new_tokens=6)
+                if not small.runs[0].kv_bytes < small.runs[1].kv_bytes:
+                    return "fails", f"silent: {method} at budget 24 holds the full cache's bytes"
+        except HeadprofError as e:
+            refusal = str(e).splitlines()[0]
         api.generate(lm, ids, "full", 24, max_new_tokens=4)
         # headprof's attention function computes what the model's own eager attention does (checked last: a
         # composite model may not switch back cleanly)
@@ -318,7 +327,7 @@ def classify(folder: Path) -> tuple[str, str]:
         frame = traceback.extract_tb(e.__traceback__)[-1]
         where = f"{Path(frame.filename).name}:{frame.lineno}"
         return "fails", f"{type(e).__name__} at {where}: {str(e).splitlines()[0][:100] if str(e) else ''}"
-    return "works", ""
+    return ("scores only", refusal) if refusal else ("works", "")
 
 
 def run(model_type: str) -> Row:
@@ -357,18 +366,20 @@ def main() -> int:
             Path(args.out).write_text(page(rows, transformers.__version__, len(types)), encoding="utf-8")
     if args.update:
         text = Path(args.out).read_text(encoding="utf-8")
-        at, old = read_page(text)
+        at, old, reruns = read_page(text)
         new = {r.model_type: r for r in rows}
         listed = {r.model_type for r in old}
         merged = [new.get(r.model_type, r) for r in old] + [r for r in rows if r.model_type not in listed]
+        reruns = [(c, [t for t in ts if t not in new]) for c, ts in reruns] + [(commit(), sorted(new))]
         Path(args.out).write_text(page(sorted(merged, key=lambda r: r.model_type), transformers.__version__,
-                                       len(merged), at, rerun=(commit(), sorted(new))), encoding="utf-8")
+                                       len(merged), at, reruns=[(c, ts) for c, ts in reruns if ts]),
+                                  encoding="utf-8")
         rows = merged
     built = [r for r in rows if r.status != "does not build"]
-    count = {s: sum(r.status == s for r in built) for s in ("works", "refused", "fails")}
+    count = {s: sum(r.status == s for r in built) for s in STATUSES}
     silent = sum(r.reason.startswith("silent") for r in built)
-    print(f"{len(built)} build of {len(rows)}: {count['works']} work, {count['refused']} refused, "
-          f"{count['fails']} fail ({silent} silently)")
+    print(f"{len(built)} build of {len(rows)}: {count['works']} work, {count['scores only']} score only, "
+          f"{count['refused']} refused, {count['fails']} fail ({silent} silently)")
     return 0
 
 
@@ -391,31 +402,32 @@ def _failures(built: list[Row]) -> str:
             f"{len(failed) - silent} with a traceback")
 
 
-def read_page(text: str) -> tuple[str, list[Row]]:
-    """The commit a page's full run was at and its rows (for `--update`)."""
+def read_page(text: str) -> tuple[str, list[Row], list[tuple[str, list[str]]]]:
+    """The commit a page's full run was at, its rows, and the reruns of some rows since (for `--update`)."""
     import re
 
     at = re.search(r"run through headprof at commit (\w+)", text)
+    reruns = [(c, ts.split(", ")) for ts, c in re.findall(r"The rows of ([^.]+?) are from `[^`]*` at commit (\w+)\.",
+                                                            text.replace("\n", " "))]
     rows = []
     for line in text.split("| --- | --- | --- | --- |")[-1].splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 4:
             rows.append(Row(cells[0], cells[1], cells[2], cells[3], 0.0))
-    return (at.group(1) if at else "?"), rows
+    return (at.group(1) if at else "?"), rows, reruns
 
 
 def page(rows: list[Row], version: str, total: int, at: str | None = None,
-         rerun: tuple[str, list[str]] | None = None) -> str:
+         reruns: list[tuple[str, list[str]]] = ()) -> str:
     built = [r for r in rows if r.status != "does not build"]
     n = len(built)
-    works = sum(r.status == "works" for r in built)
-    refused = sum(r.status == "refused" for r in built)
+    count = {s: sum(r.status == s for r in built) for s in STATUSES}
     by_kind: dict[str, dict[str, int]] = {}
     for r in built:
         by_kind.setdefault(r.mechanism, {}).setdefault(r.status, 0)
         by_kind[r.mechanism][r.status] += 1
-    summary = ["| mechanism | works | refused | fails |", "| --- | --- | --- | --- |"] + [
-        f"| {kind} | {c.get('works', 0)} | {c.get('refused', 0)} | {c.get('fails', 0)} |"
+    summary = [f"| mechanism | {' | '.join(STATUSES)} |", "| --- |" + " --- |" * len(STATUSES)] + [
+        f"| {kind} | {' | '.join(str(c.get(s, 0)) for s in STATUSES)} |"
         for kind, c in sorted(by_kind.items(), key=lambda kv: -sum(kv[1].values()))]
     lines = ["# Supported models", "",
              f"Every causal-LM architecture of transformers {version} (`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, "
@@ -423,11 +435,12 @@ def page(rows: list[Row], version: str, total: int, at: str | None = None,
              f"{at or commit()}: `python benchmarks/model_matrix.py` (its docstring says what each status means; "
              "`?` marks a model refused before its mechanism could be read)."
              + (f" This run covers the first {len(rows)} of the {total}, in name order." if len(rows) < total else "")
-             + (f" The rows of {', '.join(rerun[1])} are from `python benchmarks/model_matrix.py --update "
-                f"{' '.join(rerun[1])}` at commit {rerun[0]}." if rerun else ""),
+             + "".join(f" The rows of {', '.join(ts)} are from `python benchmarks/model_matrix.py --update "
+                       f"{' '.join(ts)}` at commit {c}." for c, ts in reruns),
              "",
-             f"Of the {n} that build offline: **{works} work ({100 * works / n:.0f}%), {refused} are refused in one "
-             f"line, {n - works - refused} fail** ({_failures(built)}).", "", *summary, "",
+             f"Of the {n} that build offline: **{count['works']} work ({100 * count['works'] / n:.0f}%), "
+             f"{count['scores only']} score their heads and refuse compression in one line, {count['refused']} are "
+             f"refused in one line, {count['fails']} fail** ({_failures(built)}).", "", *summary, "",
              "Architectures that do not build as a tiny model offline are listed with why; they were not run.", "",
              "| architecture | mechanism | status | reason |", "| --- | --- | --- | --- |"]
     for r in rows:

@@ -51,6 +51,9 @@ class AttentionCapture:
         self.last_n = last_n
         self.official = official  # half-precision decode steps as the official modelling file computes them
         self._mask: tuple[torch.Tensor | None, int, int] = (None, 0, 1)  # the rows' mask, keys and sequences
+        # per layer, the queries whose rows went to the sink last: a layer that runs one softmax twice (DiffLlama's
+        # two halves of its values) hands its rows over once
+        self._queries: dict[int | None, weakref.ref] = {}
         self.stopped = False
         self._token: contextvars.Token | None = None
 
@@ -66,6 +69,13 @@ class AttentionCapture:
         else:  # a 2D padding mask (flash-attn)
             allowed = mask[:, -k_len:].bool()
         return allowed.int().argmax(-1).tolist()
+
+    def fresh(self, layer: int | None, query: torch.Tensor) -> bool:
+        """Whether these queries' rows are new for this layer (False: the layer runs the same softmax again)."""
+        if layer in self._queries and self._queries[layer]() is query:
+            return False
+        self._queries[layer] = weakref.ref(query)
+        return True
 
     def stop(self) -> None:
         """Compute no more rows (compression needs the prefill rows only, not every decode step)."""
@@ -160,6 +170,8 @@ class _Seen:
         self.own_values: dict[int, bool] = {}
         self.sinks: set[int] = set()  # layers whose attention adds a learned sink logit per head
         self.query_heads: dict[int, int] = {}
+        self.first: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # a layer's first call's queries and keys
+        self.repeated: dict[int, bool] = {}  # a layer called again: whether always on its first call's queries and keys
 
     def saw(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             sinks: torch.Tensor | None) -> None:
@@ -171,6 +183,11 @@ class _Seen:
         self.query_heads[layer] = query.shape[1]
         self.keys[layer] = tuple(key.shape)
         self.calls[layer] = self.calls.get(layer, 0) + 1
+        if layer in self.first:
+            first = self.first[layer]
+            self.repeated[layer] = self.repeated.get(layer, True) and query is first[0] and key is first[1]
+            return  # the first call says what the layer attends over
+        self.first[layer] = (query, key)
         returned = self.recorder.returned.get(layer)
         if returned is not None:
             self.own_keys[layer] = key is returned[0]
@@ -184,10 +201,12 @@ _SEEN: contextvars.ContextVar[_Seen | None] = contextvars.ContextVar("headprof_s
 def verify(model: torch.nn.Module) -> layouts.HeadLayout:
     """Run 4 tokens through the model and read off which layers' attention went through headprof's function and
     what their caches hold. Refused in one line (ModelError): attention that bypasses transformers' attention
-    interface (headprof would see nothing and compress nothing), a layer that attends over keys or values other
-    than those its cache returned (other than an MLA latent and a block layer's compressed entries after them), KV
-    heads other than the config's. Found: layers without heads (never attended), MLA layers (their cache holds one
-    latent, expanded per head after the update)."""
+    interface (headprof would see nothing and compress nothing), a layer attending more than once on other queries
+    (a loop over shared weights: its heads cannot be told apart), KV heads other than the config's. Found: layers
+    without heads (never attended), MLA layers (their cache holds one latent, expanded per head after the update),
+    and layers that are scored but never compressed (`HeadLayout.barred`): keys or values other than those their
+    cache returned (other than an MLA latent and a block layer's compressed entries after them), one softmax run
+    twice over other values."""
     config = model.config
     lay = layouts.layout_of(config)
     name = config.model_type
@@ -218,10 +237,14 @@ def verify(model: torch.nn.Module) -> layouts.HeadLayout:
     if missing:
         raise ModelError(f"{name}'s attention in layers {layouts.layer_list(missing)} does not go through "
                          "transformers' attention interface; headprof cannot see or compress it")
-    twice = [i for i, n in seen.calls.items() if n > 1]
-    if twice:
-        raise ModelError(f"{name} runs the attention of layers {layouts.layer_list(sorted(twice))} more than once per "
+    barred: dict[str, list[int]] = {}  # layers scored from their rows that a compressed cache cannot serve
+    twice = sorted(i for i, n in seen.calls.items() if n > 1)
+    looped = [i for i in twice if not seen.repeated[i]]
+    if looped:
+        raise ModelError(f"{name} runs the attention of layers {layouts.layer_list(looped)} more than once per "
                          "forward pass (weights or cache shared across steps); headprof cannot tell its heads apart")
+    if twice:  # one softmax over other values (DiffLlama's two halves): its rows are read once (`_capture`)
+        barred["one softmax run twice over values other than the cache's"] = twice
     # the tensors' query heads (a config may name them per layer type in its own terms: Inkling's sliding layers)
     layouts.one_value({i: (n,) for i, n in seen.query_heads.items()}, 0, "query heads",
                       "headprof needs one number of query heads in every layer")
@@ -260,22 +283,24 @@ def verify(model: torch.nn.Module) -> layouts.HeadLayout:
             if shape[1] != lay.kv_heads(i):
                 raise ModelError(f"{name}'s layer {i} caches {shape[1]} KV heads, which do not divide its "
                                  f"{lay.num_query_heads} query heads; headprof cannot tell which heads read them")
-            if not seen.own_values[i]:
-                raise ModelError(f"{name} changes the values after the cache update (layer {i}); headprof's "
-                                 "compressed attention reads the cached values and would give other answers")
+            if not seen.own_values[i] and i not in twice:
+                barred.setdefault("values changed after the cache update", []).append(i)
         elif cached_k.shape[1] == 1 and cached_k.shape[-2] == shape[-2]:
             latent.append(i)  # one latent for all heads, expanded after the update (MLA)
             latent_dim = cached_k.shape[-1] + cached_v.shape[-1]
-        else:
+        elif shape == tuple(cached_k.shape):  # keys changed after the cache (Kolibri's rounded keys), head by head
+            barred.setdefault("keys other than those the cache returned", []).append(i)
+        else:  # other heads than the cache's (JetMoE's keys tiled per routed expert): which head reads what is unknown
             raise ModelError(f"{name}'s layer {i} attends over keys other than those its cache returned; headprof "
-                             "cannot compress them")
+                             "cannot tell which of its heads read them")
     windowed = [i for i in latent if kinds[i] in layouts.SLIDING_KINDS + ("chunked_attention",)]
     if windowed:
         raise ModelError(f"{name}'s layers {layouts.layer_list(windowed)} cache an MLA latent inside a sliding "
                          "window; headprof compresses MLA latents of full-attention layers only")
     reused = tuple(i for i in latent if kinds[i] in layouts.INDEXED_KINDS and i not in recorder.indexed)
     return dataclasses.replace(lay, no_heads=tuple(no_heads), latent=tuple(latent), latent_dim=latent_dim,
-                               reused_index=reused, sinks=tuple(sorted(seen.sinks)))
+                               reused_index=reused, sinks=tuple(sorted(seen.sinks)),
+                               barred=tuple((why, tuple(ls)) for why, ls in barred.items()))
 
 
 @contextmanager
@@ -314,11 +339,14 @@ def _capture(module, query, key, attention_mask, scaling, sliding_window, softca
     cap = _ACTIVE.get()
     if cap is None or cap.stopped:
         return
+    layer = layer_of(module)
+    if not cap.fresh(layer, query):
+        return
     n = min(cap.last_n, query.shape[2])
     q_len = query.shape[2]
     probs = attention_probs(query, key, attention_mask, scaling, sliding_window, softcap, q_len - n, q_len, sinks)
     cap._mask = (attention_mask, key.shape[2], query.shape[0])
-    cap.sink(layer_of(module), probs)
+    cap.sink(layer, probs)
 
 
 def _observe(module, query, key, value, sinks) -> None:
@@ -361,7 +389,8 @@ def _sdpa_attention(module, query, key, value, attention_mask, scaling=None, dro
     if (cap is not None and cap.official and not cap.stopped and query.shape[2] == 1 and softcap is None
             and sinks is None and sliding_window is None and query.dtype in (torch.bfloat16, torch.float16)):
         out, probs = official_attention(query, key, value, attention_mask, scaling)
-        cap.sink(layer_of(module), probs.float())
+        if cap.fresh(layer_of(module), query):
+            cap.sink(layer_of(module), probs.float())
         return out, None
     _capture(module, query, key, attention_mask, scaling, sliding_window, softcap, sinks)
     if softcap is not None or sinks is not None:  # SDPA has neither: compute the same thing in query chunks

@@ -40,6 +40,9 @@ class HeadLayout:
     # layers whose attention adds a learned sink logit per query head (gpt-oss's `s_aux`): scored and run on the
     # full cache and compressed alike, with the explicit softmax (`attention.explicit_attention`, `readers.sdpa`)
     sinks: tuple[int, ...] = ()
+    # layers whose attention a compressed cache cannot serve, with why (`capture.verify`: values changed after the
+    # cache update, keys other than the cache's, one softmax run twice): scored from their rows, never compressed
+    barred: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @property
     def group_size(self) -> int:
@@ -200,6 +203,8 @@ def layer_list(layers: list[int]) -> str:
 def compressible(layout: HeadLayout, layer: int) -> bool:
     """Whether a compressing method can compress this layer's kind (heads aside)."""
     kind = layout.attention_kinds[layer]
+    if any(layer in layers for _, layers in layout.barred):
+        return False
     return kind in COMPRESSIBLE_KINDS or (kind in INDEXED_KINDS and layout.is_latent(layer)
                                           and layer not in layout.reused_index)
 
@@ -220,6 +225,11 @@ def unsupported_kinds(layout: HeadLayout) -> dict[str, list[int]]:
 def check_compressible(layout: HeadLayout) -> None:
     """A one-line ModelError naming the layers a compressing method cannot handle yet, or saying that the model
     has no layer a method could compress."""
+    if layout.barred:
+        why = "; ".join(f"{reason} in layer{'s' * (len(ls) > 1)} {layer_list(list(ls))}"
+                        for reason, ls in layout.barred)
+        raise ModelError(f"headprof cannot compress this model's KV cache ({why}): run it with --method full, or "
+                         "score its heads only")
     bad = unsupported_kinds(layout)
     if bad:
         kinds = "; ".join(f"{kind} in layers {layer_list(ls)}" for kind, ls in bad.items())

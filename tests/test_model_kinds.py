@@ -62,9 +62,11 @@ def built(tmp_path_factory):
     ("bigbird_pegasus", "works", "dense"),  # a decoder whose attention modules say they are not causal
     ("gpt_neo", "works", "sliding"),  # attention in a method of its own (`legacy.py`), local layers' window in it
     ("falcon", "works", "GQA"),  # an inline scaled_dot_product_attention call, caught while the module runs
-    ("diffllama", "refused", "?"),  # two attention calls per layer over transformed values
+    ("diffllama", "scores only", "GQA"),  # one softmax run twice per layer over halves of its values
+    ("kolibri1_1", "scores only", "hybrid"),  # its indexed layers attend over rounded copies of their cached keys
+    ("jetmoe", "refused", "?"),  # keys tiled per routed expert: which query head reads which key is unknown
     ("gemma4_text", "works", "sliding"),  # full-attention layers' heads twice the sliding layers' size
-    ("deepseek_v4", "refused", "compressed blocks"),  # scored; its block layers' compression refused
+    ("deepseek_v4", "scores only", "compressed blocks"),  # scored; its block layers' compression refused
     ("inkling_text", "works", "hybrid"),  # its sliding layers cache KV heads of their own (swa_num_key_value_heads)
     ("dots3_note_text", "refused", "?"),  # its sliding MLA layers have half the query heads of its indexed ones
 ])
@@ -86,10 +88,14 @@ def test_the_matrix_shrinks_per_layer_sizes_as_it_shrinks_shared_ones():
     assert {k: v["kv_lora_rank"] for k, v in overrides.items()} == {"1": 32, "3": 32}
     inkling = matrix.tiny_config("inkling_text")
     assert (inkling.swa_num_attention_heads, inkling.swa_num_key_value_heads) == (4, 4)  # 64 / 16 of 64 / 8
-    rows = [matrix.Row("a", "GQA", "works", "", 0.0), matrix.Row("b", "?", "refused", "why | not", 0.0)]
-    at, back = matrix.read_page(matrix.page(rows, "5", 2, "abc1234"))
+    rows = [matrix.Row("a", "GQA", "works", "", 0.0), matrix.Row("b", "?", "refused", "why | not", 0.0),
+            matrix.Row("c", "GQA", "scores only", "no compression", 0.0)]
+    text = matrix.page(rows, "5", 3, "abc1234", reruns=[("def5678", ["b", "c"])])
+    assert "**1 work (33%), 1 score their heads and refuse compression in one line, 1 are refused" in text
+    at, back, reruns = matrix.read_page(text)
     assert at == "abc1234" and [(r.model_type, r.status, r.reason) for r in back] == [
-        ("a", "works", ""), ("b", "refused", "why / not")]
+        ("a", "works", ""), ("b", "refused", "why / not"), ("c", "scores only", "no compression")]
+    assert reruns == [("def5678", ["b", "c"])]
 
 
 def test_attention_that_bypasses_the_interface_is_refused_in_one_line_and_nothing_is_written(built, tmp_path):
@@ -305,3 +311,31 @@ def test_deepseek_v4_scores_its_heads_exactly_and_refuses_compression_in_one_lin
                                  "300", "--items", "1", "--out", str(tmp_path / "eval")])
     assert r.exit_code == 2 and "compressed_sparse_attention in layers" in r.output, r.output
     assert not any(p.name.startswith("eval") for p in tmp_path.iterdir())  # refused before the first item
+
+
+def test_one_softmax_run_twice_is_scored_once_and_never_compressed(built, tmp_path):
+    """DiffLlama runs each layer's softmax twice, over the two halves of its values: its rows are handed over once
+    per layer and step (a sink that counts them would count twice), they are eager's rows, and compressing it is
+    refused in one line naming the layers, with nothing written."""
+    from transformers import DynamicCache
+
+    from headprof import capture
+    from headprof.calls import with_cache
+
+    folder = built("diffllama")
+    lm = models.load(str(folder), device="cpu")
+    ids = torch.tensor([[3 + (i * 7) % 90 for i in range(40)]])
+    calls: list[tuple[int, torch.Tensor]] = []
+    with torch.no_grad(), capture.AttentionCapture(lambda layer, p: calls.append((layer, p)), last_n=2):
+        lm.model(ids, **with_cache(lm.model, DynamicCache(config=lm.model.config)))
+    assert [layer for layer, _ in calls] == list(range(lm.info.layout.num_layers))
+    with capture.implementation(lm.model, "eager"), torch.no_grad():
+        eager = lm.model(ids, output_attentions=True).attentions
+    for layer, probs in calls:
+        torch.testing.assert_close(probs, eager[layer][:, :, -2:].float(), atol=1e-5, rtol=1e-4)
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("one two three four five six seven eight nine ten eleven twelve")
+    r = CliRunner().invoke(app, ["run", str(prompt), "--model", str(folder), "--budget", "24", "--method", "snapkv"])
+    assert r.exit_code == 2 and len(r.output.splitlines()) == 1, r.output
+    assert "one softmax run twice over values other than the cache's in layers 0, 1, 2, 3" in r.output
+    assert [p.name for p in tmp_path.iterdir()] == ["prompt.txt"]
