@@ -246,8 +246,10 @@ def verify(model: torch.nn.Module) -> layouts.HeadLayout:
     if twice:  # one softmax over other values (DiffLlama's two halves): its rows are read once (`_capture`)
         barred["one softmax run twice over values other than the cache's"] = twice
     # the tensors' query heads (a config may name them per layer type in its own terms: Inkling's sliding layers)
-    layouts.one_value({i: (n,) for i, n in seen.query_heads.items()}, 0, "query heads",
-                      "headprof needs one number of query heads in every layer")
+    if any(n != lay.query_heads(i) for i, n in seen.query_heads.items()):
+        per_query = tuple(seen.query_heads.get(i, lay.query_heads(i)) for i in range(lay.num_layers))
+        lay = dataclasses.replace(lay, num_query_heads=max(per_query),
+                                  layer_query_heads=per_query if len(set(per_query)) > 1 else ())
     no_heads = sorted(set(lay.no_heads) | set(idle)
                       | {i for i, k in enumerate(kinds) if k == "dummy" and i not in seen.keys})
     # a block layer (DeepSeek-V4) attends over its cache's keys and then its compressed entries (`kv/blocks.py`)
@@ -259,7 +261,7 @@ def verify(model: torch.nn.Module) -> layouts.HeadLayout:
         seen.own_keys[i] = seen.own_values[i] = True  # its cache's keys come first, as the rows read them
         seen.keys[i] = tuple(recorder.returned[i][0].shape)
     cached = {i: seen.keys[i][1] for i in seen.own_keys if seen.own_keys[i]}
-    if cached and all(lay.num_query_heads % n == 0 for n in cached.values()):
+    if cached and all(lay.query_heads(i) % n == 0 for i, n in cached.items()):
         # follow the tensors where they differ from the config: every layer caching other KV heads than it says
         # (multi-query models that say so in their own terms), or layers caching different numbers of KV heads
         # (MiMo-V2-Flash's sliding layers)
@@ -282,7 +284,7 @@ def verify(model: torch.nn.Module) -> layouts.HeadLayout:
         if seen.own_keys[i]:
             if shape[1] != lay.kv_heads(i):
                 raise ModelError(f"{name}'s layer {i} caches {shape[1]} KV heads, which do not divide its "
-                                 f"{lay.num_query_heads} query heads; headprof cannot tell which heads read them")
+                                 f"{lay.query_heads(i)} query heads; headprof cannot tell which heads read them")
             if not seen.own_values[i] and i not in twice:
                 barred.setdefault("values changed after the cache update", []).append(i)
         elif cached_k.shape[1] == 1 and cached_k.shape[-2] == shape[-2]:
@@ -294,9 +296,8 @@ def verify(model: torch.nn.Module) -> layouts.HeadLayout:
             raise ModelError(f"{name}'s layer {i} attends over keys other than those its cache returned; headprof "
                              "cannot tell which of its heads read them")
     windowed = [i for i in latent if kinds[i] in layouts.SLIDING_KINDS + ("chunked_attention",)]
-    if windowed:
-        raise ModelError(f"{name}'s layers {layouts.layer_list(windowed)} cache an MLA latent inside a sliding "
-                         "window; headprof compresses MLA latents of full-attention layers only")
+    if windowed:  # headprof cuts MLA latents of full-attention layers only
+        barred["an MLA latent inside a sliding window"] = windowed
     reused = tuple(i for i in latent if kinds[i] in layouts.INDEXED_KINDS and i not in recorder.indexed)
     return dataclasses.replace(lay, no_heads=tuple(no_heads), latent=tuple(latent), latent_dim=latent_dim,
                                reused_index=reused, sinks=tuple(sorted(seen.sinks)),

@@ -33,6 +33,9 @@ class HeadLayout:
     # full layers'); `num_kv_heads` is then the widest layer's, the [layer, kv_head] grid's width, and a layer's
     # KV heads beyond its own count are absent (no score, no budget)
     layer_kv_heads: tuple[int, ...] = ()
+    # per layer, where layers differ in query heads (dots.3's sliding layers: half its indexed layers'); the grid is
+    # then `num_query_heads` (the widest layer's) wide and a layer's query heads beyond its own count are absent
+    layer_query_heads: tuple[int, ...] = ()
     # per layer, where layers' heads differ in size (Gemma 4's full-attention layers: 512 beside 256); `head_dim` is
     # then the most common size. A layer's segments never share a buffer with another layer's, so each layer is
     # compressed with its own size.
@@ -48,6 +51,10 @@ class HeadLayout:
     def group_size(self) -> int:
         return self.num_query_heads // self.num_kv_heads
 
+    def query_heads(self, layer: int) -> int:
+        """The query heads of layer `layer`."""
+        return self.layer_query_heads[layer] if self.layer_query_heads else self.num_query_heads
+
     def kv_heads(self, layer: int) -> int:
         """The KV heads layer `layer` caches."""
         return self.layer_kv_heads[layer] if self.layer_kv_heads else self.num_kv_heads
@@ -62,7 +69,7 @@ class HeadLayout:
 
     def group(self, layer: int) -> int:
         """Query heads per KV head in layer `layer`: query head h reads KV head h // group."""
-        return self.num_query_heads // self.kv_heads(layer)
+        return self.query_heads(layer) // self.kv_heads(layer)
 
     def present(self) -> np.ndarray:
         """[layer, kv_head] bool: the KV heads each layer really has (all, unless layers differ)."""
@@ -149,9 +156,8 @@ def _attribute(config, name: str):
 
 
 def layout_of(config) -> HeadLayout:
-    """The model's head layout. Layers may differ in head size and in KV heads (each layer is compressed with its
-    own); a model whose attention layers differ in query heads is refused, since a profile is one [layer, head]
-    grid, and so is a model with no attention."""
+    """The model's head layout. Layers may differ in head size, KV heads and query heads (the [layer, head] grid is
+    the widest layer's; each layer is compressed with its own size); a model with no attention is refused."""
     text = config.get_text_config()
     kinds, windows = layer_kinds(config)
     stateful = [i for i, k in enumerate(kinds) if k in STATE_KINDS]
@@ -160,12 +166,13 @@ def layout_of(config) -> HeadLayout:
         raise ModelError(f"{config.model_type} is attention-free (its layers are recurrent or linear-attention "
                          "state, with no attention heads): headprof scores and compresses attention heads")
     shapes = dict(zip(attending, _head_shapes(text, attending), strict=True))
-    heads = one_value(shapes, 0, "query heads", "headprof needs one number of query heads in every layer")
+    queries = {i: s[0] for i, s in shapes.items()}
+    heads = max(queries.values())
     kv = {i: s[1] for i, s in shapes.items()}
-    odd = [i for i, n in kv.items() if heads % n]
+    odd = [i for i, n in kv.items() if queries[i] % n]
     if odd:
-        raise ModelError(f"the {kv[odd[0]]} KV heads of layers {layer_list(odd)} do not divide the {heads} query "
-                         "heads; headprof cannot tell which query heads read them")
+        raise ModelError(f"the {kv[odd[0]]} KV heads of layers {layer_list(odd)} do not divide their "
+                         f"{queries[odd[0]]} query heads; headprof cannot tell which query heads read them")
     dims = {i: s[2] for i, s in shapes.items()}
     common = max(set(dims.values()), key=list(dims.values()).count)
     widest = max(kv.values())
@@ -175,6 +182,7 @@ def layout_of(config) -> HeadLayout:
                       sliding_window=sliding[0] if sliding else None, layer_windows=tuple(windows),
                       no_heads=tuple(stateful),
                       layer_kv_heads=_per_layer(kv, text.num_hidden_layers, widest),
+                      layer_query_heads=_per_layer(queries, text.num_hidden_layers, heads),
                       layer_head_dims=_per_layer(dims, text.num_hidden_layers, common))
 
 

@@ -79,6 +79,8 @@ class ModelInfo:
                  group_size=self.layout.group_size, attention_kinds=list(layout["attention_kinds"]),
                  sliding_window=layout["sliding_window"], layers_without_heads=list(layout["no_heads"]),
                  latent_layers=list(layout["latent"]))
+        if self.layout.layer_query_heads:  # layers with different numbers of query heads (dots.3)
+            d["query_heads_per_layer"] = list(self.layout.layer_query_heads)
         if self.layout.layer_kv_heads:  # layers that cache different numbers of KV heads
             d["kv_heads_per_layer"] = list(self.layout.layer_kv_heads)
         if self.layout.layer_head_dims:  # layers whose heads differ in size (Gemma 4)

@@ -2,6 +2,7 @@
 (benchmarks/model_matrix.py, docs/models.md) gives it, and what makes each status true is checked here."""
 
 import contextlib
+import dataclasses
 import importlib.util as iu
 import sys
 from pathlib import Path
@@ -51,7 +52,7 @@ def built(tmp_path_factory):
     ("gemma3n_text", "works", "KV-shared"),  # later layers attend over earlier layers' (compressed) KV
     ("deepseek_v3", "works", "MLA"),
     ("glm_moe_dsa", "works", "MLA"),  # sparse attention: an indexer's top-k over the latent it holds
-    ("hy_v4", "refused", "MLA"),  # sparse-attention layers reusing an earlier layer's top-k
+    ("hy_v4", "scores only", "MLA"),  # sparse-attention layers reusing an earlier layer's top-k
     ("llama4_text", "works", "sliding"),  # chunked layers kept as the model keeps them
     ("minimax", "works", "hybrid"),  # takes only its own cache class
     ("mllama", "works", "GQA"),  # cross-attention layers, idle on text
@@ -68,15 +69,16 @@ def built(tmp_path_factory):
     ("gemma4_text", "works", "sliding"),  # full-attention layers' heads twice the sliding layers' size
     ("deepseek_v4", "scores only", "compressed blocks"),  # scored; its block layers' compression refused
     ("inkling_text", "works", "hybrid"),  # its sliding layers cache KV heads of their own (swa_num_key_value_heads)
-    ("dots3_note_text", "refused", "?"),  # its sliding MLA layers have half the query heads of its indexed ones
+    ("dots3_note_text", "scores only", "MLA"),  # its sliding MLA layers: half the query heads of its indexed ones
 ])
 def test_each_mechanism_gets_its_status(built, model_type, status, mechanism):
     folder = built(model_type)
     got, reason = matrix.classify(folder)
     assert (got, matrix.mechanism(folder)) == (status, mechanism), reason
     assert "\n" not in reason
-    if model_type == "dots3_note_text":  # the tensors' query heads differ by layer
-        assert "differ in their query heads (4 query heads in layers 0, 2; 2 query heads in layers 1, 3)" in reason
+    if model_type == "dots3_note_text":  # the tensors' query heads differ by layer; latents in a window stay whole
+        assert api.load_model(str(folder), device="cpu").info.layout.layer_query_heads == (4, 2, 4, 2)
+        assert "an MLA latent inside a sliding window in layers 1, 3" in reason
 
 
 def test_the_matrix_shrinks_per_layer_sizes_as_it_shrinks_shared_ones():
@@ -339,3 +341,48 @@ def test_one_softmax_run_twice_is_scored_once_and_never_compressed(built, tmp_pa
     assert r.exit_code == 2 and len(r.output.splitlines()) == 1, r.output
     assert "one softmax run twice over values other than the cache's in layers 0, 1, 2, 3" in r.output
     assert [p.name for p in tmp_path.iterdir()] == ["prompt.txt"]
+
+
+def test_layers_whose_query_heads_differ_are_scored_and_compressed_each_with_its_own(tmp_path):
+    """Inkling's sliding layers have query and KV heads of their own (here 2 and 1 beside 4 and 2): one grid as wide
+    as the widest layer, each layer's query heads scored and grouped by its own counts, each KV head reading its own
+    query heads (a budget above the prompt gives the full cache's tokens), and a profile of other counts refused."""
+    config = matrix.tiny_config("inkling_text")
+    config.swa_num_attention_heads, config.swa_num_key_value_heads = 2, 1
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(tmp_path / "m")
+    matrix.char_tokenizer().save_pretrained(tmp_path / "m")
+    lm = api.load_model(str(tmp_path / "m"), device="cpu")
+    lay = lm.info.layout
+    sliding = [k == "hybrid_sliding" for k in lay.attention_kinds]
+    assert lay.layer_query_heads == tuple(2 if s else 4 for s in sliding) and lay.num_query_heads == 4
+    assert lay.layer_kv_heads == tuple(1 if s else 2 for s in sliding)
+    ids = [1] + [3 + (i * 7) % 90 for i in range(119)]
+    for method in ("snapkv", "adakv"):
+        big = api.generate(lm, ids, method, len(ids) + 8, max_new_tokens=6)
+        assert big.runs[0].tokens == big.runs[1].tokens
+    small = api.generate(lm, ids, "snapkv", 24, max_new_tokens=4)
+    assert [len(b) for b in small.runs[0].budgets] == list(lay.layer_kv_heads)
+    assert small.runs[0].kv_bytes < small.runs[1].kv_bytes
+    prof = api.score(lm, "r2", lengths=[240], depths=2, filter_probes=False, teacher_forced=True,
+                     chat_template=False)
+    assert prof.model["query_heads_per_layer"] == list(lay.layer_query_heads)
+    q = prof.query_scores()
+    assert (q[sliding][:, 2:] == 0).all() and (q[~np.array(sliding)] > 0).any()
+    kv = prof.kv_scores("mean")
+    np.testing.assert_allclose(kv[sliding][:, 0], q[sliding][:, :2].mean(-1), atol=1e-6)
+    assert (kv[sliding][:, 1] == 0).all()
+    path = tmp_path / "p.json"
+    prof.save(path)
+    other = dataclasses.replace(lay, layer_query_heads=(), layer_kv_heads=())
+    with pytest.raises(ProfileError, match="query heads"):
+        Profile.load(path).check_fits(other)
+    api.generate(lm, ids, "headkv", 40, profile=Profile.load(path), max_new_tokens=2)
+    out = tmp_path / "headkv.json"
+    r = CliRunner().invoke(app, ["export", str(path), "--format", "headkv", "--out", str(out)])
+    assert r.exit_code == 2 and "one number of query heads in every layer" in r.output, r.output
+    assert not out.exists()

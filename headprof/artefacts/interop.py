@@ -127,6 +127,9 @@ def export_text(profile: Profile, fmt: str) -> str:
     if fmt == "headkv":
         if not profile.has_query_scores:
             raise ProfileError("this profile has KV-head scores only; the headkv format needs query heads")
+        if len(set(profile.model.get("query_heads_per_layer") or [])) > 1:
+            raise ProfileError("a headkv file has one number of query heads in every layer; this profile's layers "
+                               f"have {sorted(set(profile.model['query_heads_per_layer']))}")
         per_probe = profile.per_probe() if profile.probes else None
         query = profile.query_scores()
         out = {f"{la}-{h}": (per_probe[:, la, h].tolist() if per_probe is not None and per_probe.size

@@ -20,7 +20,8 @@ FORMATS = (".png", ".svg", ".pdf")
 def grid(profile: Profile, kv: bool, other: Profile | None = None) -> tuple[np.ndarray, int]:
     """The matrix to draw and the group size for separators (1 = none)."""
     a = profile.kv_scores("mean") if kv else profile.query_scores()
-    uneven = bool(profile.model.get("kv_heads_per_layer"))  # groups differ by layer: no separators
+    m = profile.model
+    uneven = bool(m.get("kv_heads_per_layer") or m.get("query_heads_per_layer"))  # groups differ: no separators
     group = 1 if kv or uneven else profile.model["num_query_heads"] // profile.model["num_kv_heads"]
     if other is not None:
         b = other.kv_scores("mean") if kv else other.query_scores()

@@ -77,6 +77,10 @@ class Profile:
         m = self.model
         theirs = (m["num_layers"], m["num_query_heads"], m["num_kv_heads"])
         ours = (layout.num_layers, layout.num_query_heads, layout.num_kv_heads)
+        if theirs == ours and list(m.get("query_heads_per_layer") or []) != list(layout.layer_query_heads):
+            raise ProfileError(f"profile was made for {m.get('spec', 'another model')}, whose layers have "
+                               f"{m.get('query_heads_per_layer') or theirs[1]} query heads; this model's have "
+                               f"{list(layout.layer_query_heads) or ours[1]}")
         if theirs == ours and list(m.get("kv_heads_per_layer") or []) != list(layout.layer_kv_heads):
             raise ProfileError(f"profile was made for {m.get('spec', 'another model')}, whose layers cache "
                                f"{m.get('kv_heads_per_layer') or theirs[2]} KV heads; this model's cache "
@@ -105,16 +109,18 @@ class Profile:
         return list(self.model.get("layers_without_heads") or [])
 
     @staticmethod
-    def kv_reduce(query: np.ndarray, num_kv_heads: int, per_layer: list[int] | None = None) -> dict[str, Any]:
+    def kv_reduce(query: np.ndarray, num_kv_heads: int, per_layer: list[int] | None = None,
+                  queries: list[int] | None = None) -> dict[str, Any]:
         """Query-head scores [layer, head] -> KV-head scores, mean and max over each group. With `per_layer` KV
-        head counts (layers that differ), each layer groups by its own count and the KV heads a layer lacks score 0."""
+        head counts or `queries` query head counts (layers that differ), each layer groups its own query heads by
+        its own count and the KV heads a layer lacks score 0."""
         query = np.asarray(query, dtype=float)
         layers, heads = query.shape
-        counts = per_layer or [num_kv_heads] * layers
+        counts = list(zip(per_layer or [num_kv_heads] * layers, queries or [heads] * layers, strict=True))
         mean, top = np.zeros((layers, num_kv_heads)), np.zeros((layers, num_kv_heads))
-        for n in set(counts):
-            rows = [i for i, c in enumerate(counts) if c == n]
-            grouped = query[rows].reshape(len(rows), n, heads // n)
+        for n, q in set(counts):
+            rows = [i for i, c in enumerate(counts) if c == (n, q)]
+            grouped = query[rows, :q].reshape(len(rows), n, q // n)
             mean[rows, :n], top[rows, :n] = grouped.mean(-1), grouped.max(-1)
         return {"mean": rounded(mean), "max": rounded(top),
                 "note": "KV head k groups query heads [k*g, (k+1)*g), g = query heads / the layer's KV heads"}
@@ -201,7 +207,8 @@ def build(model: dict[str, Any], method: str, params: dict[str, Any], probe_set:
     if kv is None:
         if query is None:
             raise ProfileError("a profile needs query-head or KV-head scores")
-        kv = Profile.kv_reduce(query, model["num_kv_heads"], model.get("kv_heads_per_layer"))
+        kv = Profile.kv_reduce(query, model["num_kv_heads"], model.get("kv_heads_per_layer"),
+                               model.get("query_heads_per_layer"))
     data = {
         "schema_version": SCHEMA_VERSION,
         "headprof_version": package_version(),
@@ -302,12 +309,15 @@ def validate(d: Any) -> None:
         if key not in model:
             raise ProfileError(f"profile model is missing '{key}'")
     layers, heads, kv = model["num_layers"], model["num_query_heads"], model["num_kv_heads"]
-    per_layer = model.get("kv_heads_per_layer") or [kv]
-    if (not all(isinstance(x, int) and x > 0 for x in (layers, heads, kv, *per_layer))
-            or any(heads % n for n in per_layer) or max(per_layer) != kv
-            or len(per_layer) not in (1, layers)):
-        raise ProfileError(f"profile model has an impossible head layout ({layers} layers, {heads} query "
-                           f"heads, {model.get('kv_heads_per_layer') or kv} KV heads)")
+    per_layer, queries = model.get("kv_heads_per_layer") or [kv], model.get("query_heads_per_layer") or [heads]
+    if (not all(isinstance(x, int) and x > 0 for x in (layers, heads, kv, *per_layer, *queries))
+            or len(per_layer) not in (1, layers) or len(queries) not in (1, layers)
+            or any(q % n for q, n in zip(queries * (layers // len(queries)), per_layer * (layers // len(per_layer)),
+                                         strict=True))
+            or max(per_layer) != kv or max(queries) != heads):
+        raise ProfileError(f"profile model has an impossible head layout ({layers} layers, "
+                           f"{model.get('query_heads_per_layer') or heads} query heads, "
+                           f"{model.get('kv_heads_per_layer') or kv} KV heads)")
     if not isinstance(d["method"], dict) or not isinstance(d["method"].get("name"), str):
         raise ProfileError("profile method must be an object with a name")
     scores = d["scores"]

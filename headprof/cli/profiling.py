@@ -153,7 +153,7 @@ def info(model: ModelArg,
     kinds = sorted(set(lay.attention_kinds))
     t = Table(show_header=False, box=None)
     for k, v in [("model", i.resolved), ("architecture", f"{i.architecture} ({i.model_type})"),
-                 ("layers", lay.num_layers), ("query heads", lay.num_query_heads),
+                 ("layers", lay.num_layers), ("query heads", _by_layer(lay.layer_query_heads, lay.num_query_heads)),
                  ("KV heads", _by_layer(lay.layer_kv_heads, lay.num_kv_heads)),
                  ("group size", _by_layer(tuple(lay.group(i) for i in range(lay.num_layers)), lay.group_size)),
                  ("head dim", _by_layer(lay.layer_head_dims, lay.head_dim)),

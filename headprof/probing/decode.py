@@ -177,7 +177,8 @@ def score_batch(lm: LoadedModel, jobs: list[ProbeJob],
             probs = token_rows(probs, cache.layers[layer], blocks[layer])
         kk = min(k, probs.shape[-1])
         v, i = probs[:, :, -1, :].topk(kk, dim=-1)
-        top_vals[:len(v), layer, :, :kk], top_idx[:len(v), layer, :, :kk] = v, i
+        h = v.shape[1]  # the layer's own query heads (layers may differ: the grid is the widest layer's)
+        top_vals[:len(v), layer, :h, :kk], top_idx[:len(v), layer, :h, :kk] = v, i
 
     official = any(job.decoder.official for job in live)  # --preset: half-precision steps as the script's
     totals = torch.zeros(n, layout.num_layers, layout.num_query_heads, device=device)

@@ -125,7 +125,7 @@ def official_probe(lm, haystack: str, needle: str, question: str, real_needle: s
             token = int(out.logits[0, -1].argmax())
             output.append(token)
             for layer in range(layout.num_layers):
-                for head in range(layout.num_query_heads):
+                for head in range(layout.query_heads(layer)):
                     row = out.attentions[layer][0, head, -1].float()
                     values, idx = row.topk(end - start if r2 else 1)
                     for v, i in zip(values.tolist(), idx.tolist(), strict=True):
@@ -169,7 +169,7 @@ def naive_scores(lm, input_ids: list[int], span: tuple[int, int], r2: bool, max_
                 generated.append(token)
                 token = forced[step]
             for layer in range(layout.num_layers):
-                for head in range(layout.num_query_heads):
+                for head in range(layout.query_heads(layer)):
                     row = out.attentions[layer][0, head, -1].float()
                     values, idx = row.topk(end - start if r2 else 1)
                     for v, i in zip(values.tolist(), idx.tolist(), strict=True):
