@@ -252,8 +252,10 @@ def mechanism(folder: Path) -> str:
     except Exception as e:
         text = str(e)
         return ("attention-free" if "attention-free" in text else
-                "legacy attention" if "attention interface" in text else "?")
+                "legacy attention" if "attention interface" in text or "written inline" in text else "?")
     kinds = set(lay.attention_kinds)
+    if lay.inline:  # read from its softmax (`legacy.InlineRows`)
+        return "legacy attention"
     if kinds & set(BLOCK_KINDS):
         return "compressed blocks"
     if getattr(lay, "latent", False):

@@ -28,7 +28,7 @@ from headprof.attention import attention_probs, explicit_attention, official_att
 from headprof.calls import with_cache
 from headprof.errors import ModelError
 from headprof.kv import own_cache
-from headprof.kv.cache import LAST_UPDATE, HeadKVCache, layer_of
+from headprof.kv.cache import LAST_KEYS, LAST_UPDATE, HeadKVCache, layer_of
 
 SDPA = "headprof"
 FLASH = "headprof_flash"
@@ -130,6 +130,12 @@ def attach(model: torch.nn.Module, flash: bool = False) -> str:
                          f"({str(e).splitlines()[0][:100]}); headprof cannot see or compress it") from None
     if model not in _VERIFIED:
         _VERIFIED[model] = verify(model)
+    lay = _VERIFIED[model]
+    if lay.inline and all(i in lay.inline for i in range(lay.num_layers) if lay.has_heads(i)):
+        # attention all written inline: headprof's function is never called, and the model's own code expects the
+        # masks of its eager implementation (GIT adds them to its logits)
+        _set_implementation(model, "eager")
+        name = "eager"
     return name
 
 
@@ -152,6 +158,7 @@ class _Recorder(DynamicCache):
         LAST_UPDATE.set(layer_idx)
         out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         self.returned[layer_idx] = out
+        LAST_KEYS.set((layer_idx, out[0].shape[-2]))
         return out
 
     def update_indexer(self, indexer_key_states, layer_idx):
@@ -172,6 +179,7 @@ class _Seen:
         self.query_heads: dict[int, int] = {}
         self.first: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # a layer's first call's queries and keys
         self.repeated: dict[int, bool] = {}  # a layer called again: whether always on its first call's queries and keys
+        self.inline: dict[int, tuple[int, ...]] = {}  # layers whose attention is written inline: their rows' shape
 
     def saw(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             sinks: torch.Tensor | None) -> None:
@@ -197,47 +205,85 @@ class _Seen:
 _SEEN: contextvars.ContextVar[_Seen | None] = contextvars.ContextVar("headprof_seen", default=None)
 
 
-@torch.no_grad()
-def verify(model: torch.nn.Module) -> layouts.HeadLayout:
-    """Run 4 tokens through the model and read off which layers' attention went through headprof's function and
-    what their caches hold. Refused in one line (ModelError): attention that bypasses transformers' attention
-    interface (headprof would see nothing and compress nothing), a layer attending more than once on other queries
-    (a loop over shared weights: its heads cannot be told apart), KV heads other than the config's. Found: layers
-    without heads (never attended), MLA layers (their cache holds one latent, expanded per head after the update),
-    and layers that are scored but never compressed (`HeadLayout.barred`): keys or values other than those their
-    cache returned (other than an MLA latent and a block layer's compressed entries after them), one softmax run
-    twice over other values."""
+def _look(model: torch.nn.Module, ids: torch.Tensor) -> tuple[_Recorder, _Seen]:
+    """One forward pass of `ids` with a recording cache: what the cache returned and what attention received."""
     config = model.config
-    lay = layouts.layout_of(config)
-    name = config.model_type
     recorder = own_cache.adapt(_Recorder(config), config)
     seen = _Seen(recorder)
-    vocab = getattr(config.get_text_config(), "vocab_size", None) or 4
-    ids = (torch.arange(4) % max(1, min(vocab, 4) - 1) + 1)[None].to(model.device)
     token = _SEEN.set(seen)
     try:
         model(input_ids=ids, **with_cache(model, recorder), use_cache=True)
     except ModelError:
         raise
     except Exception as e:
-        raise ModelError(f"{name} does not run with a cache headprof hands it ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:100] if str(e) else ''}); headprof cannot score or compress it"
-                         ) from None
+        raise ModelError(f"{config.model_type} does not run with a cache headprof hands it ({_error(e)}); headprof "
+                         "cannot score or compress it") from None
     finally:
         _SEEN.reset(token)
+    return recorder, seen
+
+
+def _check_inline(model: torch.nn.Module, recorder: _Recorder, seen: _Seen, ids: torch.Tensor) -> None:
+    """Layers whose attention is read from their softmax: one cached key per token (their rows' columns are token
+    positions), and a decode step over the cache with a mask and positions (how a padded batch of probes decodes)."""
+    name = model.config.model_type
+    odd = [i for i in seen.inline if i not in recorder.returned or recorder.returned[i][0].shape[-2] != ids.shape[1]]
+    if odd:
+        raise ModelError(f"{name}'s layers {layouts.layer_list(sorted(odd))}, whose attention is written inline, "
+                         "cache other than one key per token; headprof cannot tell which tokens they read")
+    n = ids.shape[1]
+    try:
+        model(input_ids=ids[:, -1:], **with_cache(model, recorder), use_cache=True,
+              attention_mask=torch.ones(1, n + 1, dtype=torch.long, device=ids.device),
+              position_ids=torch.tensor([[n]], device=ids.device))
+    except Exception as e:
+        raise ModelError(f"{name}'s attention, written inline, does not decode over a cache with a mask "
+                         f"({_error(e)}); headprof cannot score it") from None
+
+
+def _error(e: Exception) -> str:
+    """An exception in a few words: its type, and its message's first line where it has one."""
+    first = str(e).splitlines()[0][:100] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+@torch.no_grad()
+def verify(model: torch.nn.Module) -> layouts.HeadLayout:
+    """Run 4 tokens through the model and read off which layers' attention went through headprof's function and
+    what their caches hold. Refused in one line (ModelError): attention that bypasses transformers' attention
+    interface with no softmax after its cache update to read (headprof would see nothing), a layer attending more
+    than once on other queries
+    (a loop over shared weights: its heads cannot be told apart), KV heads other than the config's. Found: layers
+    without heads (never attended), MLA layers (their cache holds one latent, expanded per head after the update),
+    and layers that are scored but never compressed (`HeadLayout.barred`): keys or values other than those their
+    cache returned (other than an MLA latent and a block layer's compressed entries after them), one softmax run
+    twice over other values, attention written inline (its rows read from its softmax: `legacy.InlineRows`)."""
+    config = model.config
+    lay = layouts.layout_of(config)
+    name = config.model_type
+    vocab = getattr(config.get_text_config(), "vocab_size", None) or 4
+    ids = (torch.arange(4) % max(1, min(vocab, 4) - 1) + 1)[None].to(model.device)
+    recorder, seen = _look(model, ids)
     kinds = lay.attention_kinds
     attends = [i for i, k in enumerate(kinds) if k not in layouts.STATE_KINDS + layouts.CACHELESS_KINDS]
-    if not seen.keys:
-        raise ModelError(f"{name}'s attention does not go through transformers' attention interface; headprof "
-                         "cannot see or compress it")
     # cross-attention layers (Mllama) attend over image states only: on text they neither cache nor attend
     cross = set(getattr(config.get_text_config(), "cross_attention_layers", None) or ())
     idle = [i for i in attends if i not in seen.keys and i in cross and i not in recorder.returned]
     missing = [i for i in attends if i not in seen.keys and i not in idle]
-    if missing:
-        raise ModelError(f"{name}'s attention in layers {layouts.layer_list(missing)} does not go through "
-                         "transformers' attention interface; headprof cannot see or compress it")
+    if missing:  # attention written inline: read from the softmax that follows each layer's cache update
+        inline = frozenset(missing)
+        legacy.read_inline(model, _inline_rows, lay.query_heads, inline,
+                           lambda: _ACTIVE.get() is not None or _SEEN.get() is not None)
+        recorder, seen = _look(model, ids)
+        missing = [i for i in missing if i not in seen.inline]
+        if seen.inline and not missing:
+            _check_inline(model, recorder, seen, ids)
+    if missing or not seen.keys and not seen.inline:
+        where = "" if len(missing) == len(attends) else f" in layers {layouts.layer_list(missing)}"
+        raise ModelError(f"{name}'s attention{where} does not go through transformers' attention interface; "
+                         "headprof cannot see or compress it")
     barred: dict[str, list[int]] = {}  # layers scored from their rows that a compressed cache cannot serve
+    seen.query_heads.update({i: shape[1] for i, shape in seen.inline.items()})
     twice = sorted(i for i, n in seen.calls.items() if n > 1)
     looped = [i for i in twice if not seen.repeated[i]]
     if looped:
@@ -301,7 +347,8 @@ def verify(model: torch.nn.Module) -> layouts.HeadLayout:
     reused = tuple(i for i in latent if kinds[i] in layouts.INDEXED_KINDS and i not in recorder.indexed)
     return dataclasses.replace(lay, no_heads=tuple(no_heads), latent=tuple(latent), latent_dim=latent_dim,
                                reused_index=reused, sinks=tuple(sorted(seen.sinks)),
-                               barred=tuple((why, tuple(ls)) for why, ls in barred.items()))
+                               barred=tuple((why, tuple(ls)) for why, ls in barred.items()),
+                               inline=tuple(sorted(seen.inline)))
 
 
 @contextmanager
@@ -348,6 +395,19 @@ def _capture(module, query, key, attention_mask, scaling, sliding_window, softca
     probs = attention_probs(query, key, attention_mask, scaling, sliding_window, softcap, q_len - n, q_len, sinks)
     cap._mask = (attention_mask, key.shape[2], query.shape[0])
     cap.sink(layer, probs)
+
+
+def _inline_rows(layer: int, probs: torch.Tensor) -> None:
+    """The rows of a layer whose attention is written inline (`legacy.InlineRows`): to verify, and to the capture."""
+    seen = _SEEN.get()
+    if seen is not None:
+        seen.inline[layer] = tuple(probs.shape)
+    cap = _ACTIVE.get()
+    if cap is None or cap.stopped or not cap.fresh(layer, probs):
+        return
+    n = min(cap.last_n, probs.shape[2])
+    cap._mask = (None, probs.shape[-1], probs.shape[0])
+    cap.sink(layer, probs[:, :, -n:].float())
 
 
 def _observe(module, query, key, value, sinks) -> None:

@@ -46,6 +46,9 @@ class HeadLayout:
     # layers whose attention a compressed cache cannot serve, with why (`capture.verify`: values changed after the
     # cache update, keys other than the cache's, one softmax run twice): scored from their rows, never compressed
     barred: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # layers whose attention is written inline as matmuls, read from their softmax (`legacy.InlineRows`): scored,
+    # never compressed (nothing to hand a compressed cache's keys to)
+    inline: tuple[int, ...] = ()
 
     @property
     def group_size(self) -> int:
@@ -211,7 +214,7 @@ def layer_list(layers: list[int]) -> str:
 def compressible(layout: HeadLayout, layer: int) -> bool:
     """Whether a compressing method can compress this layer's kind (heads aside)."""
     kind = layout.attention_kinds[layer]
-    if any(layer in layers for _, layers in layout.barred):
+    if layer in layout.inline or any(layer in layers for _, layers in layout.barred):
         return False
     return kind in COMPRESSIBLE_KINDS or (kind in INDEXED_KINDS and layout.is_latent(layer)
                                           and layer not in layout.reused_index)
@@ -233,9 +236,9 @@ def unsupported_kinds(layout: HeadLayout) -> dict[str, list[int]]:
 def check_compressible(layout: HeadLayout) -> None:
     """A one-line ModelError naming the layers a compressing method cannot handle yet, or saying that the model
     has no layer a method could compress."""
-    if layout.barred:
-        why = "; ".join(f"{reason} in layer{'s' * (len(ls) > 1)} {layer_list(list(ls))}"
-                        for reason, ls in layout.barred)
+    barred = list(layout.barred) + ([("attention written inline as matmuls", layout.inline)] if layout.inline else [])
+    if barred:
+        why = "; ".join(f"{reason} in layer{'s' * (len(ls) > 1)} {layer_list(list(ls))}" for reason, ls in barred)
         raise ModelError(f"headprof cannot compress this model's KV cache ({why}): run it with --method full, or "
                          "score its heads only")
     bad = unsupported_kinds(layout)

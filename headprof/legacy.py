@@ -10,9 +10,13 @@ Either way the call goes to the attention function registered for the route (hea
 module's own scaling and window, so these layers are seen, scored and compressed like any other. With no route
 (eager, for checks) the module's own code runs. Nothing of the modelling code is copied. transformers' switch of
 implementation does nothing on these models, so `route` sets the config's implementation itself (`sdpa` under
-headprof's route: the masks and code path the route expects). Attention written inline as matmuls (Bloom, MPT,
-XGLM) stays refused by `capture.verify`. A module whose modelling code has moved to the attention interface
-(Falcon from transformers 5.25) needs no routing; its config is still checked (ALiBi stays refused).
+headprof's route: the masks and code path the route expects). A module whose modelling code has moved to the
+attention interface (Falcon from transformers 5.25) needs no routing; its config is still checked (ALiBi stays
+refused).
+
+Attention written inline as matmuls (Bloom, MPT, XGLM, the BERT family as decoders) has no call to take over, but
+its softmax follows its cache update: `InlineRows` reads that softmax's rows while the model runs, so these layers
+are scored; a compressed cache could not serve them (`capture.verify` bars them from compression).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from headprof.errors import ModelError
+from headprof.kv.cache import LAST_KEYS
 
 
 @dataclass(frozen=True)
@@ -155,3 +160,54 @@ def band(mask: torch.Tensor | None, q_len: int, k_len: int, window: int, device)
     if mask.dtype == torch.bool:
         return mask[..., :k_len] & allowed
     return mask[..., :k_len].masked_fill(~allowed, torch.finfo(mask.dtype).min)
+
+
+_SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax)
+
+
+class InlineRows(TorchFunctionMode):
+    """While a model with attention written inline runs: the first softmax over the last dimension after a layer's
+    cache update (`kv.cache.LAST_KEYS`), over as many keys as the update returned, is that layer's attention; its
+    probabilities, (batch, heads, queries, keys), go to `sink` (a (batch * heads, queries, keys) softmax is split by
+    `heads(layer)`). Nothing else is changed: the model computes what it always does."""
+
+    def __init__(self, sink: Callable[[int, torch.Tensor], None], heads: Callable[[int], int],
+                 layers: frozenset[int]) -> None:
+        super().__init__()
+        self.sink, self.heads, self.layers = sink, heads, layers
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _SOFTMAX and isinstance(out, torch.Tensor) and out.dim() in (3, 4):
+            last = LAST_KEYS.get()
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            if (last is not None and last[0] in self.layers and dim in (-1, out.dim() - 1)
+                    and out.shape[-1] == last[1]):
+                LAST_KEYS.set(None)  # one softmax per update: a later one (a router, a second stream) is not it
+                layer = last[0]
+                self.sink(layer, out if out.dim() == 4 else out.reshape(-1, self.heads(layer), *out.shape[-2:]))
+        return out
+
+
+def read_inline(model: torch.nn.Module, sink: Callable[[int, torch.Tensor], None], heads: Callable[[int], int],
+                layers: frozenset[int], active: Callable[[], bool]) -> None:
+    """Read the inline attention of `model`'s `layers` with `InlineRows` during every forward pass for which
+    `active()` holds (idempotent)."""
+    if getattr(model, "_headprof_inline", False):
+        return
+    model._headprof_inline = True
+
+    def enter(mod, args, kwargs):
+        if active():
+            mod._headprof_rows = InlineRows(sink, heads, layers)
+            mod._headprof_rows.__enter__()
+
+    def leave(mod, args, kwargs, output):
+        mode = getattr(mod, "_headprof_rows", None)
+        if mode is not None:
+            mod._headprof_rows = None
+            mode.__exit__(None, None, None)
+
+    model.register_forward_pre_hook(enter, with_kwargs=True)
+    model.register_forward_hook(leave, with_kwargs=True, always_call=True)

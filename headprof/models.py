@@ -375,7 +375,16 @@ def load(spec: str, device: str = "auto", dtype: str = "auto", device_map: str |
                  capture.layout(model))
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, device=dev,
                        dtype=str(torch_dtype).removeprefix("torch."),
-                       attn_implementation=("flash-attn" if name == capture.FLASH else "sdpa") + " + headprof capture")
+                       attn_implementation=_implementation(name))
+
+
+def _implementation(name: str) -> str:
+    """What computes the model's attention, as a profile's provenance records it."""
+    if name == "eager":  # attention written inline: its own code, its rows read from its softmax
+        return "eager + headprof's inline rows"
+    from headprof import capture
+
+    return ("flash-attn" if name == capture.FLASH else "sdpa") + " + headprof capture"
 
 
 def end_tokens(lm: LoadedModel) -> set[int]:

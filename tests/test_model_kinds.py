@@ -57,7 +57,8 @@ def built(tmp_path_factory):
     ("minimax", "works", "hybrid"),  # takes only its own cache class
     ("mllama", "works", "GQA"),  # cross-attention layers, idle on text
     ("mamba", "refused", "attention-free"),
-    ("bloom", "refused", "legacy attention"),  # attention outside transformers' attention interface
+    ("bloom", "scores only", "legacy attention"),  # attention written inline: read from its softmax, not cut
+    ("openai-gpt", "refused", "legacy attention"),  # inline attention with no cache: nothing marks its layers
     ("mimo_v2_flash", "works", "sliding"),  # its sliding layers cache twice the KV heads of its full layers
     ("gpt_oss", "works", "sliding"),  # a learned attention sink per head, which SDPA would drop
     ("bigbird_pegasus", "works", "dense"),  # a decoder whose attention modules say they are not causal
@@ -100,13 +101,54 @@ def test_the_matrix_shrinks_per_layer_sizes_as_it_shrinks_shared_ones():
     assert reruns == [("def5678", ["b", "c"])]
 
 
-def test_attention_that_bypasses_the_interface_is_refused_in_one_line_and_nothing_is_written(built, tmp_path):
-    out = tmp_path / "p.json"
-    r = CliRunner().invoke(app, ["score", str(built("bloom")), "--method", "retrieval", "--lengths", "200",
-                                 "--depths", "1", "--out", str(out)])
-    assert r.exit_code == 2, r.output
-    assert "does not go through transformers' attention interface" in r.output and len(r.output.splitlines()) == 1
-    assert not out.exists() and not list(tmp_path.iterdir())
+def test_attention_written_inline_is_read_from_its_softmax_and_never_compressed(built, tmp_path):
+    """Bloom computes attention inline (ALiBi, matmuls, a softmax): the softmax after each cache update is read as
+    that layer's rows (eager's own attention, decoding over headprof's scoring cache), its heads are scored, and
+    compressing it is refused in one line, naming why, with nothing written."""
+    from transformers import DynamicCache
+
+    from headprof import capture
+    from headprof.calls import with_cache
+    from headprof.kv.decode_cache import alone
+
+    folder = built("bloom")
+    lm = models.load(str(folder), device="cpu")
+    assert lm.info.layout.inline == (0, 1, 2, 3) and lm.attn_implementation.startswith("eager")
+    ids = torch.tensor([[3 + (i * 7) % 90 for i in range(30)]])
+    rows: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        cache = alone(lm.model.config)
+        lm.model(ids[:, :-1], **with_cache(lm.model, cache))
+        with capture.AttentionCapture(rows.__setitem__, last_n=1):
+            lm.model(ids[:, -1:], **with_cache(lm.model, cache))
+        plain = DynamicCache(config=lm.model.config)
+        lm.model(ids[:, :-1], **with_cache(lm.model, plain))
+        eager = lm.model(ids[:, -1:], **with_cache(lm.model, plain), output_attentions=True).attentions
+    assert sorted(rows) == [0, 1, 2, 3]
+    for i in rows:
+        torch.testing.assert_close(rows[i], eager[i][:, :, -1:].float(), atol=1e-6, rtol=1e-5)
+    prof = api.score(lm, "retrieval", lengths=[200], depths=1, filter_probes=False, teacher_forced=True,
+                     chat_template=False, batch_size=2)
+    assert prof.shape == (4, 4) and np.isfinite(prof.query_scores()).all()
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("one two three four five six seven eight nine ten eleven twelve thirteen")
+    r = CliRunner().invoke(app, ["run", str(prompt), "--model", str(folder), "--budget", "24", "--method", "snapkv",
+                                 "--json"])
+    assert r.exit_code == 2 and len(r.output.splitlines()) == 1, r.output
+    assert "attention written inline as matmuls in layers 0, 1, 2, 3" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompt.txt"]
+
+
+def test_inline_attention_headprof_cannot_read_is_refused_in_one_line(built, tmp_path):
+    """Inline attention over a cache that holds more keys than tokens (CPM-Ant's prompt slots), or that does not
+    decode with a mask (XLM): refused in one line by `score`, nothing written."""
+    for model_type, why in [("cpmant", "cache other than one key per token"),
+                            ("xlm", "does not decode over a cache with a mask")]:
+        out = tmp_path / f"{model_type}.json"
+        r = CliRunner().invoke(app, ["score", str(built(model_type)), "--method", "retrieval", "--lengths", "200",
+                                     "--depths", "1", "--out", str(out)])
+        assert r.exit_code == 2 and len(r.output.splitlines()) == 1, r.output
+        assert why in r.output and not out.exists()
 
 
 def test_an_attention_free_model_is_refused_by_info(built):

@@ -24,6 +24,9 @@ from headprof.layout import LOCAL_KIND
 # The layer whose cache was updated last: the layer an attention call belongs to when its module does not say
 # (a block shared by several layers, as in Zamba, carries layer_idx -1 and hands the real one to the cache).
 LAST_UPDATE: contextvars.ContextVar[int | None] = contextvars.ContextVar("headprof_last_update", default=None)
+# The layer and key count the last update of a scoring cache returned, until attention written inline reads it: the
+# softmax over that many keys that follows is that layer's attention (`legacy.InlineRows`)
+LAST_KEYS: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("headprof_last_keys", default=None)
 
 
 def layer_of(module) -> int | None:

@@ -17,7 +17,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from headprof.kv import native, own_cache
-from headprof.kv.cache import LAST_UPDATE
+from headprof.kv.cache import LAST_KEYS, LAST_UPDATE
 
 
 class ReservedLayer(DynamicLayer):
@@ -115,7 +115,9 @@ class ScoringCache(DynamicCache):
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         LAST_UPDATE.set(layer_idx)
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        LAST_KEYS.set((layer_idx, out[0].shape[-2]))
+        return out
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         for layer in self.layers:
