@@ -209,3 +209,23 @@ def test_check_passes_on_rescore_and_fails_on_changed_model(tmp_path):
     assert r.returncode == 1 and "FAIL" in r.stdout, r.stdout + r.stderr
     assert "provenance differs from the profile's run: model.resolved: " in r.stdout, r.stdout
     assert "model.weights_sha256: " in r.stdout and made.model["weights_sha256"], r.stdout  # the weights' hash
+
+
+def test_rankings_skip_cells_that_are_not_heads():
+    """A grid cell that is no head (a layer without heads, a layer's query heads beyond its own count) scores 0 and
+    is left out of `show`'s ranking and `compare`'s statistics: here A and B rank their real heads the same way and
+    differ only where the empty cells' zeros would have tied with a real head."""
+    query = np.array([[0.9, 0.2, 0.5, 0.4], [0.7, 0.1, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    model = {"spec": "toy", "num_layers": 3, "num_query_heads": 4, "num_kv_heads": 2,
+             "query_heads_per_layer": [4, 2, 4], "kv_heads_per_layer": [2, 1, 2], "layers_without_heads": [2]}
+    a = profile.build(model, "r2", {}, {"name": "toy"}, [], query, {})
+    assert a.present().tolist() == [[True] * 4, [True, True, False, False], [False] * 4]
+    assert a.present("kv").tolist() == [[True, True], [True, False], [False, False]]
+    assert a.kv_scores().tolist()[1] == [0.4, 0.0]
+    assert [r["head"] for r in compare.summarise(a, top=10).top] == ["L0H0", "L1H0", "L0H2", "L0H3", "L0H1", "L1H1"]
+    lower = query - 0.05 * (query > 0)
+    lower[1, 1] = 0.0  # still B's last head; among the empty cells' zeros it would tie with them
+    b = profile.build(model, "r2", {}, {"name": "toy"}, [], lower, {})
+    c = compare.compare(a, b)
+    assert c.spearman == pytest.approx(1.0) and c.kendall == pytest.approx(1.0)
+    assert {m["head"] for m in c.moved} <= {"L0H0", "L0H1", "L0H2", "L0H3", "L1H0", "L1H1"}

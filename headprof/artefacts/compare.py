@@ -141,13 +141,15 @@ def compare(a: Profile, b: Profile, level: str = "query", keep: float = 0.5, for
                            + "; pass --force to compare anyway")
     if not 0 < keep <= 1:
         raise ProfileError(f"--keep must be in (0, 1], got {keep}")
+    heads = sa.shape[1]
+    where = np.flatnonzero(a.present(level) & b.present(level))  # the heads both models have, in grid order
+    sa, sb = sa.ravel()[where], sb.ravel()[where]
     ra, rb = ranks(-sa), ranks(-sb)  # rank 1 = most important
     moved = np.argsort(-np.abs(ra - rb), kind="stable")[:top_moved]
-    heads = sa.shape[1]
-    moved_rows = [{"head": head_name(int(i), heads), "rank_a": int(ra[i]), "rank_b": int(rb[i]),
-                   "score_a": float(sa.ravel()[i]), "score_b": float(sb.ravel()[i])} for i in moved]
+    moved_rows = [{"head": head_name(int(where[i]), heads), "rank_a": int(ra[i]), "rank_b": int(rb[i]),
+                   "score_a": float(sa[i]), "score_b": float(sb[i])} for i in moved]
     rho = spearman(sa, sb)
-    na, nb = (full_size(split_half(p.per_probe())) if level == "query" and p.probes else None
+    na, nb = (full_size(split_half(p.per_probe()[:, p.present()])) if level == "query" and p.probes else None
               for p in (a, b))
     floors = [x for x in (na, nb) if x is not None]
     within = (rho >= min(floors)) if floors else None
@@ -183,15 +185,18 @@ class Summary:
 
 def summarise(profile: Profile, top: int = 10) -> Summary:
     has_query = profile.has_query_scores
-    scores = profile.query_scores() if has_query else profile.kv_scores("mean")
-    heads = scores.shape[1]
-    per_probe = profile.per_probe() if has_query and profile.probes else None
+    grid = profile.query_scores() if has_query else profile.kv_scores("mean")
+    heads = grid.shape[1]
+    present = profile.present("query" if has_query else "kv")
+    where = np.flatnonzero(present)  # the model's heads, in grid order
+    scores = grid.ravel()[where]
+    per_probe = profile.per_probe()[:, present] if has_query and profile.probes else None
     lo = hi = None
     if per_probe is not None and per_probe.shape[0] >= 2:
         lo, hi = bootstrap_ci(per_probe)
-    rows = [{"rank": rank, "head": head_name(int(i), heads), "score": float(scores.ravel()[i]),
-             "low": float(lo.ravel()[i]) if lo is not None else None,
-             "high": float(hi.ravel()[i]) if hi is not None else None}
-            for rank, i in enumerate(np.argsort(-scores.ravel(), kind="stable")[:top], 1)]
+    rows = [{"rank": rank, "head": head_name(int(where[i]), heads), "score": float(scores[i]),
+             "low": float(lo[i]) if lo is not None else None,
+             "high": float(hi[i]) if hi is not None else None}
+            for rank, i in enumerate(np.argsort(-scores, kind="stable")[:top], 1)]
     sh = split_half(per_probe) if per_probe is not None else None
     return Summary(rows, sh, full_size(sh), mass_in_top(scores), profile.layers_without_heads)

@@ -108,6 +108,16 @@ class Profile:
         """Layers of the model that have no attention heads (Mamba, linear attention, MLP only): no scores."""
         return list(self.model.get("layers_without_heads") or [])
 
+    def present(self, level: str = "query") -> np.ndarray:
+        """[layer, head] bool at `level` ("query" or "kv"): the heads the model has. A layer's heads beyond its own
+        count (layers that differ) and layers without heads are cells of the grid, not heads: rankings skip them."""
+        m = self.model
+        width, counts = ((m["num_query_heads"], m.get("query_heads_per_layer")) if level == "query"
+                         else (m["num_kv_heads"], m.get("kv_heads_per_layer")))
+        mask = np.arange(width)[None, :] < np.asarray(counts or [width] * m["num_layers"])[:, None]
+        mask[self.layers_without_heads] = False
+        return mask
+
     @staticmethod
     def kv_reduce(query: np.ndarray, num_kv_heads: int, per_layer: list[int] | None = None,
                   queries: list[int] | None = None) -> dict[str, Any]:
