@@ -211,7 +211,7 @@ def test_check_passes_on_rescore_and_fails_on_changed_model(tmp_path):
     assert "model.weights_sha256: " in r.stdout and made.model["weights_sha256"], r.stdout  # the weights' hash
 
 
-def test_rankings_skip_cells_that_are_not_heads():
+def test_rankings_skip_cells_that_are_not_heads(tmp_path):
     """A grid cell that is no head (a layer without heads, a layer's query heads beyond its own count) scores 0 and
     is left out of `show`'s ranking and `compare`'s statistics: here A and B rank their real heads the same way and
     differ only where the empty cells' zeros would have tied with a real head."""
@@ -229,3 +229,11 @@ def test_rankings_skip_cells_that_are_not_heads():
     c = compare.compare(a, b)
     assert c.spearman == pytest.approx(1.0) and c.kendall == pytest.approx(1.0)
     assert {m["head"] for m in c.moved} <= {"L0H0", "L0H1", "L0H2", "L0H3", "L1H0", "L1H1"}
+    image = plots.save_heatmap(a, tmp_path / "toy.png", top=3)
+    assert Image.open(image).size[0] > 0
+    from rich.console import Console
+
+    console = Console(width=120, record=True)
+    console.print(plots.terminal_heatmap(a, top=3))
+    text = console.export_text()
+    assert "top: L0H0 0.9, L1H0 0.7, L0H2 0.5" in text and text.count("··") == 4 + 2 + 1  # L2, L1H2-3, legend

@@ -67,8 +67,9 @@ def save_heatmap(profile: Profile, path: Path, kv: bool = False, top: int = 10, 
     width = min(16, max(5, 0.32 * heads + 2.5))
     height = min(14, max(4, 0.26 * layers + 1.8))
     fig, ax = plt.subplots(figsize=(width, height), dpi=110)
-    shown = np.ma.masked_array(data, mask=np.zeros_like(data, dtype=bool))
-    shown.mask[headless(profile)] = True  # no heads: drawn grey, not as zeros
+    present = profile.present("kv" if kv else "query")
+    shown = np.ma.masked_array(data, mask=~present)  # no head there (a layer without heads, a layer's heads beyond
+    # its own count): drawn grey, not as zeros
     if other is not None:
         lim = float(np.abs(data).max()) or 1.0
         cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="0.8")
@@ -88,7 +89,7 @@ def save_heatmap(profile: Profile, path: Path, kv: bool = False, top: int = 10, 
         for x in range(group, heads, group):
             ax.axvline(x - 0.5, color="white", linewidth=0.8, alpha=0.7)
     flat = np.abs(data).ravel() if other is not None else data.ravel()
-    labelled = [i for i in np.argsort(-flat, kind="stable") if int(i) // heads not in headless(profile)][:top]
+    labelled = [i for i in np.argsort(-flat, kind="stable") if present.ravel()[i]][:top]
     for i in labelled:
         layer, head = divmod(int(i), heads)
         ax.text(head, layer, f"L{layer}H{head}", ha="center", va="center", fontsize=6 if heads > 16 else 7,
@@ -120,6 +121,7 @@ def terminal_heatmap(profile: Profile, kv: bool = False, top: int = 10, other: P
         t.add_column(str(h % 10) + ("|" if group > 1 and (h + 1) % group == 0 and h + 1 < heads else ""),
                      justify="left")
     none = set(headless(profile))
+    present = profile.present("kv" if kv else "query")
     for layer in range(layers):
         if layer in none:
             t.add_row(f"L{layer}", *[Text("··", style="dim") for _ in range(heads)])
@@ -130,10 +132,10 @@ def terminal_heatmap(profile: Profile, kv: bool = False, top: int = 10, other: P
             level = min(len(shades) - 1, int(abs(v) / lim * (len(shades) - 1) + 0.5))
             colour = ("red" if v > 0 else "blue") if other is not None else "green"
             sep = "|" if group > 1 and (h + 1) % group == 0 and h + 1 < heads else ""
-            cells.append(Text(shades[level] * 2 + sep, style=colour))
+            cells.append(Text(shades[level] * 2 + sep, style=colour) if present[layer, h] else Text("··", style="dim"))
         t.add_row(f"L{layer}", *cells)
     flat = np.abs(data).ravel() if other is not None else data.ravel()
-    order = [i for i in np.argsort(-flat, kind="stable") if int(i) // heads not in none][:top]
+    order = [i for i in np.argsort(-flat, kind="stable") if present.ravel()[i]][:top]
     best = [f"L{int(i) // heads}H{int(i) % heads} {data.ravel()[i]:.3g}" for i in order]
     notes = [Text("top: " + ", ".join(best))]
     if none:
