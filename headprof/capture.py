@@ -241,6 +241,27 @@ def _check_inline(model: torch.nn.Module, recorder: _Recorder, seen: _Seen, ids:
                          f"({_error(e)}); headprof cannot score it") from None
 
 
+def _masked_only(model: torch.nn.Module, recorder: _Recorder, seen: _Seen, ids: torch.Tensor) -> bool:
+    """Whether the inline layers read their keys only through the softmax headprof masks: one decode step over a
+    cache whose inline layers dropped their first key (NaN there, `kv.inline`) gives finite logits. A second reader
+    of the keys (ProphetNet's predicting streams) would turn them to NaN, and a compressed cache would be wrong."""
+    lay = layouts.layout_of(model.config)
+    inline, n = sorted(seen.inline), ids.shape[1]
+    cache = HeadKVCache(list(lay.attention_kinds), [i in seen.inline for i in range(lay.num_layers)],
+                        [None] * lay.num_layers, inline=tuple(inline))
+    try:
+        with compressed(cache):
+            model(input_ids=ids, **with_cache(model, cache), use_cache=True)
+            for i in inline:
+                cache.compress(i, [torch.arange(1, n, device=ids.device)] * recorder.returned[i][0].shape[1])
+            out = model(input_ids=ids[:, -1:], **with_cache(model, cache), use_cache=True,
+                        attention_mask=torch.ones(1, n + 1, dtype=torch.long, device=ids.device),
+                        position_ids=torch.tensor([[n]], device=ids.device))
+    except ModelError:
+        return False
+    return bool(torch.isfinite(out.logits).all())
+
+
 def _error(e: Exception) -> str:
     """An exception in a few words: its type, and its message's first line where it has one."""
     first = str(e).splitlines()[0][:100] if str(e).strip() else ""
@@ -270,19 +291,21 @@ def verify(model: torch.nn.Module) -> layouts.HeadLayout:
     cross = set(getattr(config.get_text_config(), "cross_attention_layers", None) or ())
     idle = [i for i in attends if i not in seen.keys and i in cross and i not in recorder.returned]
     missing = [i for i in attends if i not in seen.keys and i not in idle]
+    barred: dict[str, list[int]] = {}  # layers scored from their rows that a compressed cache cannot serve
     if missing:  # attention written inline: read from the softmax that follows each layer's cache update
         inline = frozenset(missing)
         legacy.read_inline(model, _inline_rows, lay.query_heads, inline,
-                           lambda: _ACTIVE.get() is not None or _SEEN.get() is not None)
+                           lambda: _ACTIVE.get() is not None or _SEEN.get() is not None or _CACHE.get() is not None)
         recorder, seen = _look(model, ids)
         missing = [i for i in missing if i not in seen.inline]
         if seen.inline and not missing:
             _check_inline(model, recorder, seen, ids)
+            if not _masked_only(model, recorder, seen, ids):
+                barred["keys read beyond the softmax headprof masks"] = sorted(seen.inline)
     if missing or not seen.keys and not seen.inline:
         where = "" if len(missing) == len(attends) else f" in layers {layouts.layer_list(missing)}"
         raise ModelError(f"{name}'s attention{where} does not go through transformers' attention interface; "
                          "headprof cannot see or compress it")
-    barred: dict[str, list[int]] = {}  # layers scored from their rows that a compressed cache cannot serve
     seen.query_heads.update({i: shape[1] for i, shape in seen.inline.items()})
     twice = sorted(i for i, n in seen.calls.items() if n > 1)
     looped = [i for i in twice if not seen.repeated[i]]
@@ -307,6 +330,8 @@ def verify(model: torch.nn.Module) -> layouts.HeadLayout:
         seen.own_keys[i] = seen.own_values[i] = True  # its cache's keys come first, as the rows read them
         seen.keys[i] = tuple(recorder.returned[i][0].shape)
     cached = {i: seen.keys[i][1] for i in seen.own_keys if seen.own_keys[i]}
+    inline_keys = {i: tuple(recorder.returned[i][0].shape) for i in seen.inline}  # what their softmax reads
+    cached.update({i: shape[1] for i, shape in inline_keys.items()})
     if cached and all(lay.query_heads(i) % n == 0 for i, n in cached.items()):
         # follow the tensors where they differ from the config: every layer caching other KV heads than it says
         # (multi-query models that say so in their own terms), or layers caching different numbers of KV heads
@@ -317,6 +342,7 @@ def verify(model: torch.nn.Module) -> layouts.HeadLayout:
             per_layer = tuple(cached.get(i, lay.kv_heads(i)) for i in range(lay.num_layers))
             lay = dataclasses.replace(lay, num_kv_heads=max(per_layer), layer_kv_heads=per_layer)
     sizes = {i: seen.keys[i][-1] for i in seen.own_keys if seen.own_keys[i]}
+    sizes.update({i: shape[-1] for i, shape in inline_keys.items()})
     if sizes and any(n != lay.head_size(i) for i, n in sizes.items()):  # the tensors' head sizes, as with KV heads
         per_size = tuple(sizes.get(i, lay.head_size(i)) for i in range(lay.num_layers))
         common = max(set(per_size), key=per_size.count)
@@ -397,8 +423,9 @@ def _capture(module, query, key, attention_mask, scaling, sliding_window, softca
     cap.sink(layer, probs)
 
 
-def _inline_rows(layer: int, probs: torch.Tensor) -> None:
-    """The rows of a layer whose attention is written inline (`legacy.InlineRows`): to verify, and to the capture."""
+def _inline_rows(layer: int, probs: torch.Tensor, padding: torch.Tensor | None = None) -> None:
+    """The rows of a layer whose attention is written inline (`legacy.InlineRows`), with the forward pass's 2D
+    padding mask: to verify, and to the capture."""
     seen = _SEEN.get()
     if seen is not None:
         seen.inline[layer] = tuple(probs.shape)
@@ -406,7 +433,7 @@ def _inline_rows(layer: int, probs: torch.Tensor) -> None:
     if cap is None or cap.stopped or not cap.fresh(layer, probs):
         return
     n = min(cap.last_n, probs.shape[2])
-    cap._mask = (None, probs.shape[-1], probs.shape[0])
+    cap._mask = (padding, probs.shape[-1], probs.shape[0])
     cap.sink(layer, probs[:, :, -n:].float())
 
 

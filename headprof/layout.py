@@ -45,9 +45,10 @@ class HeadLayout:
     sinks: tuple[int, ...] = ()
     # layers whose attention a compressed cache cannot serve, with why (`capture.verify`: values changed after the
     # cache update, keys other than the cache's, one softmax run twice): scored from their rows, never compressed
+    # (kept as the model keeps them beside layers that are; a model with no other layer is refused compression)
     barred: tuple[tuple[str, tuple[int, ...]], ...] = ()
-    # layers whose attention is written inline as matmuls, read from their softmax (`legacy.InlineRows`): scored,
-    # never compressed (nothing to hand a compressed cache's keys to)
+    # layers whose attention is written inline as matmuls, read from their softmax (`legacy.InlineRows`); compressed,
+    # their cache returns keys by position and their softmax hides what each head dropped (`kv.inline`)
     inline: tuple[int, ...] = ()
 
     @property
@@ -214,16 +215,20 @@ def layer_list(layers: list[int]) -> str:
 def compressible(layout: HeadLayout, layer: int) -> bool:
     """Whether a compressing method can compress this layer's kind (heads aside)."""
     kind = layout.attention_kinds[layer]
-    if layer in layout.inline or any(layer in layers for _, layers in layout.barred):
+    if any(layer in layers for _, layers in layout.barred):
         return False
     return kind in COMPRESSIBLE_KINDS or (kind in INDEXED_KINDS and layout.is_latent(layer)
                                           and layer not in layout.reused_index)
 
 
 def unsupported_kinds(layout: HeadLayout) -> dict[str, list[int]]:
-    """Layer kinds a compressed cache cannot handle yet, with their layers (empty for every shipped model)."""
+    """Layer kinds a compressed cache cannot handle yet, with their layers (empty for every shipped model); a barred
+    layer is kept as the model keeps it, whatever its kind."""
     out: dict[str, list[int]] = {}
+    barred = {i for _, layers in layout.barred for i in layers}
     for i, kind in enumerate(layout.attention_kinds):
+        if i in barred:
+            continue
         if kind in INDEXED_KINDS and i in layout.reused_index:
             kind = "indexed_attention reusing an earlier layer's top-k"
         elif kind in INDEXED_KINDS and layout.is_latent(i):
@@ -235,17 +240,20 @@ def unsupported_kinds(layout: HeadLayout) -> dict[str, list[int]]:
 
 def check_compressible(layout: HeadLayout) -> None:
     """A one-line ModelError naming the layers a compressing method cannot handle yet, or saying that the model
-    has no layer a method could compress."""
-    barred = list(layout.barred) + ([("attention written inline as matmuls", layout.inline)] if layout.inline else [])
-    if barred:
-        why = "; ".join(f"{reason} in layer{'s' * (len(ls) > 1)} {layer_list(list(ls))}" for reason, ls in barred)
-        raise ModelError(f"headprof cannot compress this model's KV cache ({why}): run it with --method full, or "
-                         "score its heads only")
+    has no layer a method could compress (naming why, where its layers are barred). Barred layers beside layers a
+    method can compress are kept as the model keeps them, and a run's notes say so (`barred_why`)."""
     bad = unsupported_kinds(layout)
     if bad:
         kinds = "; ".join(f"{kind} in layers {layer_list(ls)}" for kind, ls in bad.items())
         raise ModelError(f"headprof cannot compress this model's KV cache yet ({kinds}); only full and "
                          "sliding-window attention layers: run it with --method full, or score its heads only")
     if not any(layout.has_heads(i) and compressible(layout, i) for i in range(layout.num_layers)):
+        if layout.barred:
+            raise ModelError(f"headprof cannot compress this model's KV cache ({barred_why(layout)}): run it with "
+                             "--method full, or score its heads only")
         raise ModelError("this model has no attention layer with a KV cache of its own to compress: run it with "
                          "--method full, or score its heads only")
+
+
+def barred_why(layout: HeadLayout) -> str:
+    return "; ".join(f"{reason} in layer{'s' * (len(ls) > 1)} {layer_list(list(ls))}" for reason, ls in layout.barred)

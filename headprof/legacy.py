@@ -16,7 +16,7 @@ refused).
 
 Attention written inline as matmuls (Bloom, MPT, XGLM, the BERT family as decoders) has no call to take over, but
 its softmax follows its cache update: `InlineRows` reads that softmax's rows while the model runs, so these layers
-are scored; a compressed cache could not serve them (`capture.verify` bars them from compression).
+are scored, and hides in it the keys a compressed head dropped (`kv.inline`), so they are compressed.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from headprof.errors import ModelError
-from headprof.kv.cache import LAST_KEYS
+from headprof.kv.cache import LAST_KEYS, PENDING_MASK, check_masked
 
 
 @dataclass(frozen=True)
@@ -167,31 +167,53 @@ _SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax)
 
 class InlineRows(TorchFunctionMode):
     """While a model with attention written inline runs: the first softmax over the last dimension after a layer's
-    cache update (`kv.cache.LAST_KEYS`), over as many keys as the update returned, is that layer's attention; its
-    probabilities, (batch, heads, queries, keys), go to `sink` (a (batch * heads, queries, keys) softmax is split by
-    `heads(layer)`). Nothing else is changed: the model computes what it always does."""
+    cache update (`kv.cache.LAST_KEYS`), over as many keys as the update returned, is that layer's attention. A
+    compressed layer's mask of held keys (`kv.cache.PENDING_MASK`) is applied to its input, so each head reads its
+    own kept keys; its probabilities, (batch, heads, queries, keys), go to `sink` (a (batch * heads, queries, keys)
+    softmax is split by `heads(layer)`) with the forward pass's 2D `padding` mask (a left-padded batch's rows start
+    after their padding). Nothing else is changed: the model computes what it always does."""
 
-    def __init__(self, sink: Callable[[int, torch.Tensor], None], heads: Callable[[int], int],
-                 layers: frozenset[int]) -> None:
+    def __init__(self, sink: Callable[[int, torch.Tensor, torch.Tensor | None], None], heads: Callable[[int], int],
+                 layers: frozenset[int], padding: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.sink, self.heads, self.layers = sink, heads, layers
+        self.sink, self.heads, self.layers, self.padding = sink, heads, layers, padding
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        last = LAST_KEYS.get()
+        if func not in _SOFTMAX or last is None or last[0] not in self.layers or not args:
+            return func(*args, **kwargs)
+        scores = args[0]
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        if not (isinstance(scores, torch.Tensor) and scores.dim() in (3, 4) and dim in (-1, scores.dim() - 1)
+                and scores.shape[-1] == last[1]):
+            return func(*args, **kwargs)
+        LAST_KEYS.set(None)  # one softmax per update: a later one (a router, a second stream) is not it
+        layer = last[0]
+        pending = PENDING_MASK.get()
+        if pending is not None and pending[0] == layer:
+            PENDING_MASK.set(None)
+            args = (hide(scores, pending[1]), *args[1:])
         out = func(*args, **kwargs)
-        if func in _SOFTMAX and isinstance(out, torch.Tensor) and out.dim() in (3, 4):
-            last = LAST_KEYS.get()
-            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-            if (last is not None and last[0] in self.layers and dim in (-1, out.dim() - 1)
-                    and out.shape[-1] == last[1]):
-                LAST_KEYS.set(None)  # one softmax per update: a later one (a router, a second stream) is not it
-                layer = last[0]
-                self.sink(layer, out if out.dim() == 4 else out.reshape(-1, self.heads(layer), *out.shape[-2:]))
+        self.sink(layer, out if out.dim() == 4 else out.reshape(-1, self.heads(layer), *out.shape[-2:]), self.padding)
         return out
 
 
-def read_inline(model: torch.nn.Module, sink: Callable[[int, torch.Tensor], None], heads: Callable[[int], int],
-                layers: frozenset[int], active: Callable[[], bool]) -> None:
+def hide(scores: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+    """Attention logits (batch, heads, q, keys) or (batch * heads, q, keys) with the keys a head does not hold
+    (`held`: (batch, KV heads, keys) bool) at the dtype's lowest value; each KV head's query heads share its keys."""
+    batch, kv_heads, keys = held.shape
+    rows = scores.numel() // (scores.shape[-2] * keys)
+    if rows % (batch * kv_heads):
+        raise ModelError(f"an inline softmax over {rows} rows of keys cannot be matched to {batch} x {kv_heads} "
+                         "compressed KV heads")
+    allowed = held.repeat_interleave(rows // (batch * kv_heads), dim=1).reshape(
+        *scores.shape[:-2], 1, keys)
+    return scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+
+
+def read_inline(model: torch.nn.Module, sink: Callable[[int, torch.Tensor, torch.Tensor | None], None],
+                heads: Callable[[int], int], layers: frozenset[int], active: Callable[[], bool]) -> None:
     """Read the inline attention of `model`'s `layers` with `InlineRows` during every forward pass for which
     `active()` holds (idempotent)."""
     if getattr(model, "_headprof_inline", False):
@@ -200,7 +222,9 @@ def read_inline(model: torch.nn.Module, sink: Callable[[int, torch.Tensor], None
 
     def enter(mod, args, kwargs):
         if active():
-            mod._headprof_rows = InlineRows(sink, heads, layers)
+            padding = kwargs.get("attention_mask")
+            mod._headprof_rows = InlineRows(sink, heads, layers, padding if padding is None or padding.dim() == 2
+                                            else None)
             mod._headprof_rows.__enter__()
 
     def leave(mod, args, kwargs, output):
@@ -208,6 +232,10 @@ def read_inline(model: torch.nn.Module, sink: Callable[[int, torch.Tensor], None
         if mode is not None:
             mod._headprof_rows = None
             mode.__exit__(None, None, None)
+        if output is not None:  # (None: the forward pass raised, and that error is the one to see)
+            check_masked()  # the last layer's softmax took its mask too
+        else:
+            PENDING_MASK.set(None)
 
     model.register_forward_pre_hook(enter, with_kwargs=True)
     model.register_forward_hook(leave, with_kwargs=True, always_call=True)

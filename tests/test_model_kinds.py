@@ -57,7 +57,7 @@ def built(tmp_path_factory):
     ("minimax", "works", "hybrid"),  # takes only its own cache class
     ("mllama", "works", "GQA"),  # cross-attention layers, idle on text
     ("mamba", "refused", "attention-free"),
-    ("bloom", "scores only", "legacy attention"),  # attention written inline: read from its softmax, not cut
+    ("bloom", "works", "legacy attention"),  # attention written inline: read from its softmax, masked there
     ("openai-gpt", "refused", "legacy attention"),  # inline attention with no cache: nothing marks its layers
     ("mimo_v2_flash", "works", "sliding"),  # its sliding layers cache twice the KV heads of its full layers
     ("gpt_oss", "works", "sliding"),  # a learned attention sink per head, which SDPA would drop
@@ -65,12 +65,12 @@ def built(tmp_path_factory):
     ("gpt_neo", "works", "sliding"),  # attention in a method of its own (`legacy.py`), local layers' window in it
     ("falcon", "works", "GQA"),  # an inline scaled_dot_product_attention call, caught while the module runs
     ("diffllama", "scores only", "GQA"),  # one softmax run twice per layer over halves of its values
-    ("kolibri1_1", "scores only", "hybrid"),  # its indexed layers attend over rounded copies of their cached keys
+    ("kolibri1_1", "works", "hybrid"),  # its indexed layer attends over rounded keys: kept whole beside the others
     ("jetmoe", "refused", "?"),  # keys tiled per routed expert: which query head reads which key is unknown
     ("gemma4_text", "works", "sliding"),  # full-attention layers' heads twice the sliding layers' size
     ("deepseek_v4", "scores only", "compressed blocks"),  # scored; its block layers' compression refused
     ("inkling_text", "works", "hybrid"),  # its sliding layers cache KV heads of their own (swa_num_key_value_heads)
-    ("dots3_note_text", "scores only", "MLA"),  # its sliding MLA layers: half the query heads of its indexed ones
+    ("dots3_note_text", "works", "MLA"),  # its sliding MLA layers (half the query heads) kept whole beside the others
 ])
 def test_each_mechanism_gets_its_status(built, model_type, status, mechanism):
     folder = built(model_type)
@@ -78,8 +78,9 @@ def test_each_mechanism_gets_its_status(built, model_type, status, mechanism):
     assert (got, matrix.mechanism(folder)) == (status, mechanism), reason
     assert "\n" not in reason
     if model_type == "dots3_note_text":  # the tensors' query heads differ by layer; latents in a window stay whole
-        assert api.load_model(str(folder), device="cpu").info.layout.layer_query_heads == (4, 2, 4, 2)
-        assert "an MLA latent inside a sliding window in layers 1, 3" in reason
+        lay = api.load_model(str(folder), device="cpu").info.layout
+        assert lay.layer_query_heads == (4, 2, 4, 2)
+        assert lay.barred == (("an MLA latent inside a sliding window", (1, 3)),)
 
 
 def test_the_matrix_shrinks_per_layer_sizes_as_it_shrinks_shared_ones():
@@ -101,10 +102,12 @@ def test_the_matrix_shrinks_per_layer_sizes_as_it_shrinks_shared_ones():
     assert reruns == [("def5678", ["b", "c"])]
 
 
-def test_attention_written_inline_is_read_from_its_softmax_and_never_compressed(built, tmp_path):
+def test_attention_written_inline_is_read_from_its_softmax_and_compressed_there(built, tmp_path):
     """Bloom computes attention inline (ALiBi, matmuls, a softmax): the softmax after each cache update is read as
-    that layer's rows (eager's own attention, decoding over headprof's scoring cache), its heads are scored, and
-    compressing it is refused in one line, naming why, with nothing written."""
+    that layer's rows (eager's own attention, decoding over headprof's scoring cache), its heads are scored, and it
+    is compressed: a budget above the prompt answers as the full cache does, a small one holds fewer bytes."""
+    import json
+
     from transformers import DynamicCache
 
     from headprof import capture
@@ -131,12 +134,18 @@ def test_attention_written_inline_is_read_from_its_softmax_and_never_compressed(
                      chat_template=False, batch_size=2)
     assert prof.shape == (4, 4) and np.isfinite(prof.query_scores()).all()
     prompt = tmp_path / "prompt.txt"
-    prompt.write_text("one two three four five six seven eight nine ten eleven twelve thirteen")
-    r = CliRunner().invoke(app, ["run", str(prompt), "--model", str(folder), "--budget", "24", "--method", "snapkv",
-                                 "--json"])
-    assert r.exit_code == 2 and len(r.output.splitlines()) == 1, r.output
-    assert "attention written inline as matmuls in layers 0, 1, 2, 3" in r.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompt.txt"]
+    prompt.write_text("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen")
+
+    def run(method: str, budget: int) -> dict:
+        r = CliRunner().invoke(app, ["run", str(prompt), "--model", str(folder), "--budget", str(budget),
+                                     "--method", method, "--max-new-tokens", "8", "--min-new-tokens", "8", "--json"])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output)
+
+    for method in ("snapkv", "adakv"):
+        (whole, full), (small, _) = run(method, 4096)["runs"], run(method, 24)["runs"]
+        assert whole["tokens"] == full["tokens"] and whole["method"] == method and full["method"] == "full"
+        assert small["kv_bytes"] < whole["kv_bytes"]
 
 
 def test_inline_attention_headprof_cannot_read_is_refused_in_one_line(built, tmp_path):
@@ -383,6 +392,28 @@ def test_one_softmax_run_twice_is_scored_once_and_never_compressed(built, tmp_pa
     assert r.exit_code == 2 and len(r.output.splitlines()) == 1, r.output
     assert "one softmax run twice over values other than the cache's in layers 0, 1, 2, 3" in r.output
     assert [p.name for p in tmp_path.iterdir()] == ["prompt.txt"]
+
+
+def test_a_barred_layer_beside_compressible_ones_is_kept_as_the_model_keeps_it(built, tmp_path):
+    """Kolibri's indexed layer attends over rounded copies of its cached keys (no compressed cache could serve it):
+    it keeps every token in the model's own cache layer while its sliding layers are compressed, a budget above the
+    prompt answers as the full cache does, and the run says which layer was kept and why."""
+    import json
+
+    folder = built("kolibri1_1")
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen")
+
+    def run(budget: int) -> dict:
+        r = CliRunner().invoke(app, ["run", str(prompt), "--model", str(folder), "--budget", str(budget),
+                                     "--method", "snapkv", "--max-new-tokens", "6", "--min-new-tokens", "6", "--json"])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output)["runs"]
+
+    (whole, full), (small, _) = run(4096), run(20)
+    assert whole["tokens"] == full["tokens"] and small["kv_bytes"] < whole["kv_bytes"]
+    assert "not compressed: keys other than those the cache returned in layer 1" in " ".join(small["notes"])
+    assert small["budgets"][1] == [0] * len(small["budgets"][1]) and any(small["budgets"][0])
 
 
 def test_layers_whose_query_heads_differ_are_scored_and_compressed_each_with_its_own(tmp_path):

@@ -24,11 +24,11 @@ from headprof import capture, methods
 from headprof.capture import AttentionCapture
 from headprof.compressing.compress import Plan, compressed_layers, make_plan
 from headprof.defaults import BETA, KERNEL, WINDOW
-from headprof.errors import BatchOutOfMemory, HeadprofError, out_of_memory
+from headprof.errors import BatchOutOfMemory, HeadprofError, ModelError, out_of_memory
 from headprof.kv import native, own_cache
 from headprof.kv.cache import HeadKVCache, counts_bytes, full_layer_counts, held_bytes, held_entries, leave, row_entries
 from headprof.kv.decode_cache import alone
-from headprof.layout import KEPT_KINDS, layer_list
+from headprof.layout import KEPT_KINDS, barred_why, layer_list
 from headprof.models import HeadLayout, LoadedModel, end_tokens, last_logits_only, with_cache
 
 
@@ -74,7 +74,7 @@ def cache_for(layout: HeadLayout, method: methods.Method, compress_sliding: bool
                                              for kind in layout.attention_kinds]
     own = native.model_layers(config) if config is not None else None
     cache = HeadKVCache(list(layout.attention_kinds), squeeze, windows, native=own, latent=layout.latent,
-                        holder=method.cache_kind, sinks=layout.sinks)
+                        holder=method.cache_kind, sinks=layout.sinks, inline=layout.inline)
     return own_cache.adapt(cache, config) if config is not None else cache
 
 
@@ -105,6 +105,10 @@ def compressing(cache: HeadKVCache, window: int, plan_for: Callable[[int], Plan]
 
     with AttentionCapture(sink, last_n=window) as cap, capture.compressed(cache):
         yield cache
+    unread = sorted(i for i in todo if cache.kinds[i].entries())
+    if unread:  # a prefill ran, and these layers' rows never came: their "compressed" cache holds every token
+        raise ModelError(f"layers {layer_list(unread)} held their prompt but headprof never saw their attention "
+                         "rows, so they were not compressed; this model's attention escapes headprof")
 
 
 @contextmanager
@@ -284,6 +288,8 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str | methods.Metho
         if kept:
             notes.append(f"layers {layer_list(kept)} attend within chunks of {lay.layer_windows[kept[0]]} tokens: "
                          "kept as the model keeps them (one chunk at most), not compressed")
+        if lay.barred:
+            notes.append(f"kept as the model keeps them, not compressed: {barred_why(lay)}")
         if lay.latent:
             notes.append(f"the heads of layers {layer_list(list(lay.latent))} read one MLA latent: they share their "
                          "kept tokens")

@@ -70,6 +70,11 @@ class LayerKind:
         """Whether attention over the keys `update` just returned (`key`) reads this layer itself."""
         return False
 
+    def softmax_mask(self) -> torch.Tensor | None:
+        """For attention written inline over what `update` just returned: (batch, KV heads, keys) bool, the keys
+        each head holds (its softmax must hide the rest: `legacy.InlineRows`); None where it reads everything."""
+        return None
+
     def attend(self, module, query, key, value, attention_mask, scaling: float, softcap: float | None,
                sinks: torch.Tensor | None = None):
         """(output (batch, q, query heads, dim), None) of attention over this compressed layer; `sinks`

@@ -14,8 +14,10 @@ import contextvars
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
+from headprof.errors import ModelError
 from headprof.kv.base import LayerKind
 from headprof.kv.heads import SLACK, HeadKVLayer, HybridHeadKVLayer, free_slots
+from headprof.kv.inline import InlineHeadKVLayer
 from headprof.kv.latent import IndexedLatentLayer, LatentLayer
 from headprof.kv.native import kind_of
 from headprof.kv.split import HybridSplitLayer, SplitLayer
@@ -27,6 +29,19 @@ LAST_UPDATE: contextvars.ContextVar[int | None] = contextvars.ContextVar("headpr
 # The layer and key count the last update of a scoring cache returned, until attention written inline reads it: the
 # softmax over that many keys that follows is that layer's attention (`legacy.InlineRows`)
 LAST_KEYS: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("headprof_last_keys", default=None)
+# A compressed inline layer's mask of held keys (`LayerKind.softmax_mask`), until that softmax hides the rest
+PENDING_MASK: contextvars.ContextVar[tuple[int, torch.Tensor] | None] = contextvars.ContextVar(
+    "headprof_pending_mask", default=None)
+
+
+def check_masked() -> None:
+    """Refuse a step in which a compressed inline layer's keys were read without its mask (the model's attention
+    would have read zeros for the keys its heads dropped), and clear the mask."""
+    pending = PENDING_MASK.get()
+    if pending is not None:
+        PENDING_MASK.set(None)
+        raise ModelError(f"layer {pending[0]}'s inline attention did not run the softmax headprof masks its "
+                         "compressed keys in; its result would be wrong")
 
 
 def layer_of(module) -> int | None:
@@ -46,9 +61,15 @@ def _transformers_layer(kind: str, window: int | None):
 
 
 def _compressed_layer_for(kind: str, window: int | None, slack: float, latent: bool, native_layer,
-                          holder: str = "heads") -> DynamicLayer:
+                          holder: str = "heads", inline: bool = False) -> DynamicLayer:
     """The compressed layer of a model layer of `kind`: an MLA latent's, or the method's kind (`holder`: "heads",
-    per-head segments; "split", full and streaming pools), with a hybrid layer's state beside it."""
+    per-head segments; "split", full and streaming pools), with a hybrid layer's state beside it; a layer whose
+    attention is written inline holds per-head segments read by position (`inline.py`)."""
+    if inline:
+        if holder != "heads" or latent or kind != "full_attention":
+            raise ModelError(f"headprof cannot hold a {holder} cache for attention written inline as matmuls "
+                             f"({kind} layers); per-head methods can")
+        return InlineHeadKVLayer(window, slack)
     if latent:
         return IndexedLatentLayer() if kind == "indexed_attention" else LatentLayer()
     if holder == "split":
@@ -70,14 +91,15 @@ class HeadKVCache(Cache):
     other layer is `native[i]`, the layer transformers makes for the model (`native.model_layers`), or else the
     cache layer transformers makes for its kind, with its window. `latent`: layers whose cache is an MLA latent;
     `holder`: the kind a method's compressed layers take (its `cache_kind`); `sinks`: layers whose attention adds
-    learned sink logits (their compressed kinds are told, and read them).
+    learned sink logits (their compressed kinds are told, and read them); `inline`: layers whose attention is written
+    inline as matmuls (their compressed kind returns keys by position and a mask for their softmax).
     """
 
     def __init__(self, kinds: list[str], compress: list[bool], windows: list[int | None],
                  slack: float = SLACK, native: list | None = None, latent: tuple[int, ...] = (),
-                 holder: str = "heads", sinks: tuple[int, ...] = ()) -> None:
+                 holder: str = "heads", sinks: tuple[int, ...] = (), inline: tuple[int, ...] = ()) -> None:
         native = native if native and len(native) == len(kinds) else [None] * len(kinds)
-        layers = [_compressed_layer_for(kind, w, slack, i in latent, own, holder) if squeeze
+        layers = [_compressed_layer_for(kind, w, slack, i in latent, own, holder, i in inline) if squeeze
                   else own if own is not None else _transformers_layer(kind, w)
                   for i, (kind, squeeze, w, own) in enumerate(zip(kinds, compress, windows, native, strict=True))]
         super().__init__(layers=layers)
@@ -94,8 +116,13 @@ class HeadKVCache(Cache):
             self._owners = {}
         self._last = layer_idx
         LAST_UPDATE.set(layer_idx)
+        check_masked()  # the previous inline layer's softmax took its mask
         out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         kind = self.kinds[layer_idx]
+        LAST_KEYS.set((layer_idx, out[0].shape[-2]))  # attention written inline reads its rows from its softmax
+        mask = kind.softmax_mask()
+        if mask is not None:
+            PENDING_MASK.set((layer_idx, mask))
         if kind.reads(out[0]):
             self._owners[id(out[0])] = kind  # layers that share this layer's KV attend with what it returned
         return out

@@ -158,7 +158,7 @@ class HeadKVLayer(LayerKind, DynamicLayer):
         pos = torch.cat([k.to(device) for k in keep])
         keys, values = keys.reshape(1, -1, seq, keys.shape[-1]), values.reshape(1, -1, seq, values.shape[-1])
         self.key_dim = keys.shape[-1]
-        kept_pos = pos.to(torch.int32) if self.sliding_window is not None else None
+        kept_pos = pos.to(torch.int32) if self.sliding_window is not None or self.keeps_positions else None
         self._lay_out(lens, torch.cat((keys[0, head_of, pos], values[0, head_of, pos]), -1), kept_pos, seq)
         self.kept_prompt = lens
         # the dense tensors are freed; empty ones stay for model code that asks a layer whether it holds keys
@@ -369,6 +369,7 @@ class HeadKVLayer(LayerKind, DynamicLayer):
     # the kind's interface (`base.LayerKind`)
     name = "per-head"
     compressible = True
+    keeps_positions = False  # every slot's position is held (always on a sliding layer: its window drops by them)
 
     def select_rows(self, indices: torch.Tensor) -> None:
         if not self.compressed:  # still dense (prefill): rows as transformers selects them
