@@ -28,7 +28,7 @@ from headprof.attention import attention_probs, explicit_attention, official_att
 from headprof.calls import with_cache
 from headprof.errors import ModelError
 from headprof.kv import own_cache
-from headprof.kv.cache import LAST_KEYS, LAST_UPDATE, HeadKVCache, layer_of
+from headprof.kv.cache import LAST_KEYS, LAST_UPDATE, PENDING_MASK, HeadKVCache, layer_of
 
 SDPA = "headprof"
 FLASH = "headprof_flash"
@@ -329,6 +329,11 @@ def verify(model: torch.nn.Module) -> layouts.HeadLayout:
                              "read its rows")
         seen.own_keys[i] = seen.own_values[i] = True  # its cache's keys come first, as the rows read them
         seen.keys[i] = tuple(recorder.returned[i][0].shape)
+    if blocks:  # a compressed block model's window holds its keys once, read as values too (`kv/blocks.py`)
+        windows = blocks | {i for i in recorder.returned if kinds[i] == "sliding_attention"}
+        apart = sorted(i for i in windows if recorder.returned[i][0] is not recorder.returned[i][1])
+        if apart:
+            barred["a block model's window whose values are not its keys"] = apart
     cached = {i: seen.keys[i][1] for i in seen.own_keys if seen.own_keys[i]}
     inline_keys = {i: tuple(recorder.returned[i][0].shape) for i in seen.inline}  # what their softmax reads
     cached.update({i: shape[1] for i, shape in inline_keys.items()})
@@ -457,6 +462,21 @@ def _window(module, sliding_window: int | None) -> int | None:
     return None if getattr(module, "layer_type", None) in layouts.BLOCK_KINDS else sliding_window
 
 
+def _held_only(module, attention_mask):
+    """The model's additive mask, hiding the keys a compressed layer returned by position but does not hold (a block
+    layer's window, `kv/blocks.py`: its blocks follow, all read)."""
+    pending = PENDING_MASK.get()
+    if pending is None or pending[0] != layer_of(module):
+        return attention_mask
+    PENDING_MASK.set(None)
+    held = pending[1]
+    if attention_mask is None or attention_mask.dtype == torch.bool:
+        raise ModelError(f"layer {pending[0]} reads a window by position but was given no additive mask to hide "
+                         "what it dropped")
+    allowed = torch.nn.functional.pad(held, (0, attention_mask.shape[-1] - held.shape[-1]), value=True)
+    return attention_mask.masked_fill(~allowed[:, :, None, :], float("-inf"))
+
+
 def _attend_compressed(module, reader, query, key, value, attention_mask, scaling, softcap, sinks):
     if sinks is not None and not reader.sinks:  # the cache marks its layers from the verified layout
         raise ModelError(f"layer {layer_of(module)} adds learned attention sinks that its compressed cache was not "
@@ -473,6 +493,7 @@ def _sdpa_attention(module, query, key, value, attention_mask, scaling=None, dro
     reader = _reader(module, key)
     if reader is not None:  # a compressed layer reads itself (each KV head its own kept tokens, or one latent)
         return _attend_compressed(module, reader, query, key, value, attention_mask, scaling, softcap, sinks)
+    attention_mask = _held_only(module, attention_mask)
     cap = _ACTIVE.get()
     if (cap is not None and cap.official and not cap.stopped and query.shape[2] == 1 and softcap is None
             and sinks is None and sliding_window is None and query.dtype in (torch.bfloat16, torch.float16)):

@@ -109,8 +109,9 @@ CACHELESS_KINDS = ("dummy",)
 KEPT_KINDS = ("chunked_attention",)  # attention layers a compressed cache leaves as the model keeps them
 INDEXED_KINDS = ("indexed_attention",)  # compressible where the layer's cache is an MLA latent
 SLIDING_KINDS = ("sliding_attention", "hybrid_sliding", LOCAL_KIND)
-# attention that reads compressed blocks of tokens appended after its cache's keys (DeepSeek-V4's compressed-sparse
-# and heavily compressed layers): a row's columns are not token positions, so heads can be neither scored nor cut
+# attention that reads compressed blocks of tokens appended after its cache's window (DeepSeek-V4's compressed-sparse
+# and heavily compressed layers): scored with each block's attention shared by its tokens, compressed in the window
+# (`kv/blocks.py`)
 BLOCK_KINDS = ("compressed_sparse_attention", "heavily_compressed_attention")
 
 
@@ -177,6 +178,9 @@ def layout_of(config) -> HeadLayout:
     if odd:
         raise ModelError(f"the {kv[odd[0]]} KV heads of layers {layer_list(odd)} do not divide their "
                          f"{queries[odd[0]]} query heads; headprof cannot tell which query heads read them")
+    # a block layer's window is the model's sliding window (transformers' table names none for it)
+    windows = [w or (getattr(text, "sliding_window", None) if k in BLOCK_KINDS else None)
+               for k, w in zip(kinds, windows, strict=True)]
     dims = {i: s[2] for i, s in shapes.items()}
     common = max(set(dims.values()), key=list(dims.values()).count)
     widest = max(kv.values())
@@ -217,7 +221,7 @@ def compressible(layout: HeadLayout, layer: int) -> bool:
     kind = layout.attention_kinds[layer]
     if any(layer in layers for _, layers in layout.barred):
         return False
-    return kind in COMPRESSIBLE_KINDS or (kind in INDEXED_KINDS and layout.is_latent(layer)
+    return kind in COMPRESSIBLE_KINDS + BLOCK_KINDS or (kind in INDEXED_KINDS and layout.is_latent(layer)
                                           and layer not in layout.reused_index)
 
 
@@ -233,7 +237,7 @@ def unsupported_kinds(layout: HeadLayout) -> dict[str, list[int]]:
             kind = "indexed_attention reusing an earlier layer's top-k"
         elif kind in INDEXED_KINDS and layout.is_latent(i):
             continue
-        if kind not in COMPRESSIBLE_KINDS + CACHELESS_KINDS + STATE_KINDS + KEPT_KINDS:
+        if kind not in COMPRESSIBLE_KINDS + BLOCK_KINDS + CACHELESS_KINDS + STATE_KINDS + KEPT_KINDS:
             out.setdefault(kind, []).append(i)
     return out
 

@@ -29,9 +29,9 @@ def test_kinds_and_windows_come_from_transformers():
     assert gemma.attention_kinds == ("sliding_attention", "full_attention", "sliding_attention")
     assert gemma.sliding_window == 8 and gemma.layer_windows == (8, None, 8)
     assert models.unsupported_kinds(gemma) == {} and models.unsupported_kinds(lay) == {}
-    odd = dataclasses.replace(lay, attention_kinds=("compressed_sparse_attention",) + lay.attention_kinds[1:])
-    assert models.unsupported_kinds(odd) == {"compressed_sparse_attention": [0]}
-    with pytest.raises(ModelError, match=r"cannot compress .*compressed_sparse_attention in layers 0.*--method full"):
+    odd = dataclasses.replace(lay, attention_kinds=("lightning_attention",) + lay.attention_kinds[1:])  # unknown
+    assert models.unsupported_kinds(odd) == {"lightning_attention": [0]}
+    with pytest.raises(ModelError, match=r"cannot compress .*lightning_attention in layers 0.*--method full"):
         compress.make_plan(methods.get("snapkv"), odd, 100, 40)
 
 

@@ -68,7 +68,7 @@ def built(tmp_path_factory):
     ("kolibri1_1", "works", "hybrid"),  # its indexed layer attends over rounded keys: kept whole beside the others
     ("jetmoe", "refused", "?"),  # keys tiled per routed expert: which query head reads which key is unknown
     ("gemma4_text", "works", "sliding"),  # full-attention layers' heads twice the sliding layers' size
-    ("deepseek_v4", "scores only", "compressed blocks"),  # scored; its block layers' compression refused
+    ("deepseek_v4", "works", "compressed blocks"),  # its window compressed, its blocks as the model makes them
     ("inkling_text", "works", "hybrid"),  # its sliding layers cache KV heads of their own (swa_num_key_value_heads)
     ("dots3_note_text", "works", "MLA"),  # its sliding MLA layers (half the query heads) kept whole beside the others
 ])
@@ -317,10 +317,11 @@ def test_a_block_layer_row_hands_each_entry_to_its_tokens(kind):
     assert rows.sum().item() == pytest.approx(1.0)  # a row keeps its mass
 
 
-def test_deepseek_v4_scores_its_heads_exactly_and_refuses_compression_in_one_line(built, tmp_path):
+def test_deepseek_v4_scores_its_heads_exactly_and_compresses_its_window(built, tmp_path):
     """One shared KV head per layer, a window of 128 tokens and compressed entries after it, learned sinks: headprof
     computes what the model's eager attention computes (past the window, decoding), scores every head through its
-    block rows, and refuses to compress those layers, naming them."""
+    block rows, and compresses each layer's window (its blocks kept as the model makes them): the logits are the
+    model's own attention over the kept window tokens and every block, and a budget of the window is the full cache."""
     folder = built("deepseek_v4")
     lm = models.load(str(folder), device="cpu")
     lay = lm.info.layout
@@ -355,15 +356,75 @@ def test_deepseek_v4_scores_its_heads_exactly_and_refuses_compression_in_one_lin
                      chat_template=False, device="cpu", batch_size=2)
     scores = prof.query_scores()
     assert scores.shape == (4, 4) and np.isfinite(scores).all() and (scores > 0).any(axis=1).all()
+    compress_window(lm, ids)
     (tmp_path / "prompt.txt").write_text("a b c d e f g h " * 40)
-    r = CliRunner().invoke(app, ["run", "--model", str(folder), "--method", "snapkv", "--budget", "32",
+    r = CliRunner().invoke(app, ["run", "--model", str(folder), "--method", "snapkv:window=8", "--budget", "128",
+                                 "--no-chat-template", "--json", str(tmp_path / "prompt.txt")])
+    assert r.exit_code == 0, r.output
+    import json
+
+    ours, full = json.loads(r.output)["runs"]
+    assert ours["tokens"] == full["tokens"]
+    r = CliRunner().invoke(app, ["run", "--model", str(folder), "--method", "split", "--budget", "128",
                                  "--no-chat-template", str(tmp_path / "prompt.txt")])
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
-    assert "compressed_sparse_attention in layers" in r.output
     r = CliRunner().invoke(app, ["eval", str(folder), "--methods", "full,snapkv", "--budgets", "64", "--lengths",
                                  "300", "--items", "1", "--out", str(tmp_path / "eval")])
-    assert r.exit_code == 2 and "compressed_sparse_attention in layers" in r.output, r.output
-    assert not any(p.name.startswith("eval") for p in tmp_path.iterdir())  # refused before the first item
+    assert r.exit_code == 0, r.output  # each compressed cell prefills for itself
+    from headprof.compressing import generation
+    from headprof.errors import HeadprofError
+
+    with pytest.raises(HeadprofError, match="compressors cannot continue"):  # kvpress's protocol: context first
+        generation.generate(lm, ids[0].tolist(), "snapkv", 64, max_new_tokens=2, question_start=280)
+
+
+def compress_window(lm, ids: torch.Tensor) -> None:
+    """SnapKV at a budget under DeepSeek-V4's window against a reference: the model's own cache, its attention
+    hiding, at each decode step, the prompt positions the compressed layer dropped."""
+    import headprof
+    from headprof import capture
+    from headprof.kv.cache import HeadKVCache, held_bytes
+
+    kept: dict[int, set[int]] = {}
+    compress = HeadKVCache.compress
+
+    def record(self, layer, keep):
+        kept[layer] = set(keep[0].tolist())
+        compress(self, layer, keep)
+
+    n = ids.shape[1]
+    with pytest.MonkeyPatch.context() as m, torch.no_grad():
+        m.setattr(HeadKVCache, "compress", record)
+        with headprof.compression(lm.model, "snapkv", budget=48) as cache:
+            out = lm.model.generate(ids, cache=cache, max_new_tokens=12, do_sample=False, output_logits=True,
+                                    return_dict_in_generate=True)
+        assert sorted(kept) == [0, 1, 2, 3] and all(len(k) == 48 for k in kept.values())
+        held = cache.nbytes()
+
+    def hide_dropped(module, attention_mask):
+        layer = module.layer_idx
+        own = ref.layers[layer]
+        entries = own.compressed_kv["compressor"]
+        window = attention_mask.shape[-1] - (0 if entries is None else entries.shape[1])
+        pos = own.cumulative_length - window + torch.arange(attention_mask.shape[-1])
+        dropped = (pos < n) & ~torch.isin(pos, torch.tensor(sorted(kept[layer]))) & (torch.arange(len(pos)) < window)
+        if attention_mask.shape[-2] > 1:  # the prefill reads every token, as the compressed cache's prefill does
+            return attention_mask
+        return attention_mask.masked_fill(dropped, float("-inf"))
+
+    from transformers import DynamicCache
+
+    ref = DynamicCache(config=lm.model.config)
+    with pytest.MonkeyPatch.context() as m, torch.no_grad():
+        m.setattr(capture, "_held_only", hide_dropped)
+        theirs = lm.model.generate(ids, cache=ref, max_new_tokens=12, do_sample=False, output_logits=True,
+                                   return_dict_in_generate=True)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(theirs.logits), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        full = lm.model.generate(ids, cache=DynamicCache(config=lm.model.config), max_new_tokens=12,
+                                 do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert not torch.allclose(torch.stack(out.logits), torch.stack(full.logits), atol=1e-3)  # it dropped something
+    assert held < held_bytes(ref)
 
 
 def test_one_softmax_run_twice_is_scored_once_and_never_compressed(built, tmp_path):

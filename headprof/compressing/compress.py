@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from headprof.errors import ModelError
 from headprof.kv import latent
-from headprof.layout import INDEXED_KINDS, SLIDING_KINDS, HeadLayout, check_compressible, compressible
+from headprof.layout import BLOCK_KINDS, INDEXED_KINDS, SLIDING_KINDS, HeadLayout, check_compressible, compressible
 from headprof.methods import Method
 
 
@@ -66,14 +67,23 @@ class Plan:
         return [torch.cat([k, window_pos]) for k in picks]
 
 
+def sliding_window(layout: HeadLayout, layer: int) -> int | None:
+    """The window a compressed layer keeps its tokens inside: a sliding layer's, or a block layer's own (DeepSeek-V4:
+    the window its blocks follow); None for every other layer."""
+    kind = layout.attention_kinds[layer]
+    if kind in BLOCK_KINDS:
+        return layout.layer_windows[layer] if layout.layer_windows else None
+    return layout.sliding_window if kind in SLIDING_KINDS else None
+
+
 def is_sliding(layout: HeadLayout, layer: int) -> bool:
-    return layout.attention_kinds[layer] in SLIDING_KINDS and bool(layout.sliding_window)
+    return bool(sliding_window(layout, layer))
 
 
 def first_candidate(layout: HeadLayout, layer: int, prompt_len: int, window: int) -> int:
     """The oldest prefix position a head of `layer` may keep: 0, or the window's start on sliding layers."""
     if is_sliding(layout, layer):
-        return min(prompt_len - window, max(0, prompt_len - layout.sliding_window + 1))
+        return min(prompt_len - window, max(0, prompt_len - sliding_window(layout, layer) + 1))
     return 0
 
 
@@ -85,9 +95,13 @@ def compressed_layers(layout: HeadLayout, method: Method, compress_sliding: bool
     if not method.compresses:
         return [False] * layout.num_layers
     check_compressible(layout)
-    return [compressible(layout, layer) and layout.has_heads(layer)
-            and ((compress_sliding and method.compresses_sliding) or not is_sliding(layout, layer))
-            for layer in range(layout.num_layers)]
+    out = [compressible(layout, layer) and layout.has_heads(layer)
+           and ((compress_sliding and method.compresses_sliding) or not is_sliding(layout, layer))
+           for layer in range(layout.num_layers)]
+    if not any(out):  # every layer with heads is windowed, and the method or --no-compress-sliding keeps windows
+        raise ModelError(f"{method.name} would compress no layer of this model: its attention layers all keep a "
+                         "window, which this run leaves whole (drop --no-compress-sliding)")
+    return out
 
 
 def capacity(layout: HeadLayout, prompt_len: int, window: int) -> np.ndarray:

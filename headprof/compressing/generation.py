@@ -28,7 +28,7 @@ from headprof.errors import BatchOutOfMemory, HeadprofError, ModelError, out_of_
 from headprof.kv import native, own_cache
 from headprof.kv.cache import HeadKVCache, counts_bytes, full_layer_counts, held_bytes, held_entries, leave, row_entries
 from headprof.kv.decode_cache import alone
-from headprof.layout import KEPT_KINDS, barred_why, layer_list
+from headprof.layout import BLOCK_KINDS, KEPT_KINDS, barred_why, layer_list
 from headprof.models import HeadLayout, LoadedModel, end_tokens, last_logits_only, with_cache
 
 
@@ -88,6 +88,7 @@ def compressing(cache: HeadKVCache, window: int, plan_for: Callable[[int], Plan]
 
     def sink(layer: int, probs: torch.Tensor) -> None:
         if layer in todo:
+            probs = cache.kinds[layer].token_rows(probs)
             if not made:  # the first layer's rows tell each sequence's prompt length (a batch is left-padded)
                 pads = cap.pads() if probs.shape[0] > 1 else [0]  # (the 2D mask of a batch, on any layer)
                 limit = cache.row_limit()
@@ -190,8 +191,23 @@ def _generate(lm: LoadedModel, ids: torch.Tensor, cache, clock: StoppingCriteria
                              **({"eos_token_id": sorted(ends)} if ends else {}), **kw)
 
 
+def fresh_prefill_only(layout: HeadLayout, compressing: list, specs: dict) -> bool:
+    """Whether compressed runs of this model must prefill for themselves: a block layer's compressors (DeepSeek-V4)
+    keep state a shared prefill's keys do not carry."""
+    return any(specs[m].method_class.compresses for m in compressing) and any(
+        k in BLOCK_KINDS for k in layout.attention_kinds)
+
+
+def _own_prefill(layout: HeadLayout) -> None:
+    if any(k in BLOCK_KINDS for k in layout.attention_kinds):
+        raise HeadprofError("a DeepSeek-V4 block layer's compressors cannot continue from a shared prefill: prefill "
+                            "each compressed run itself")
+
+
 def _from_prefill(cache, shared: Prefill, plan: Plan | None) -> None:
     """Put the shared prompt keys into `cache` as the prefill would have, and compress like its sink."""
+    if plan is not None:
+        _own_prefill(plan.layout)
     for i, own in enumerate(shared.layers):
         if native.has_state(own):  # Mamba / linear-attention state: this cell's own copy of it
             native.copy_state(own, cache.layers[i])
@@ -420,6 +436,7 @@ def generate_cells(lm: LoadedModel, shared: Prefill, cells: list[tuple[methods.M
     one. `question`: kvpress's protocol (`generate`'s `question_start`): `shared` is the context's prefill, and
     every cell reads these tokens through its compressed cache before it answers."""
     lay = lm.info.layout
+    _own_prefill(lm.info.layout)
     n = len(shared.prompt_ids)
     question = list(question or [])
     alone = [c for c, (m, _) in enumerate(cells) if lay.latent or m.cache_kind != "heads" or len(cells) == 1]

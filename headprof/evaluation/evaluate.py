@@ -276,6 +276,12 @@ def evaluate(lm: LoadedModel, items: list[Item], method_specs: list[str], budget
                                    question_start=None if compress_questions else item.question_start)
 
     shared: generation.Prefill | None = None
+    if generation.fresh_prefill_only(lm.info.layout, compressed, specs):
+        if not compress_questions:
+            raise HeadprofError("kvpress's protocol reads the question over a compressed context: a DeepSeek-V4 "
+                                "block layer's compressors cannot continue from another prefill; compress the "
+                                "question with the context")
+        share_prefill = False  # each cell prefills for itself (same tokens, more time)
     widest = max([window] + [int(s.options.get("window", window)) for s in specs.values()])  # rows every method reads
     fingerprint = {"results_version": RESULTS_VERSION, "model": lm.info.resolved,
                    "weights_sha256": lm.info.weights_sha256, "dtype": str(lm.dtype), "device": str(lm.device),

@@ -70,6 +70,11 @@ class LayerKind:
         """Whether attention over the keys `update` just returned (`key`) reads this layer itself."""
         return False
 
+    def token_rows(self, probs: torch.Tensor) -> torch.Tensor:
+        """Prefill rows (batch, heads, queries, keys) over this layer's tokens only: a block layer's rows also cover
+        the compressed blocks that follow its tokens."""
+        return probs
+
     def softmax_mask(self) -> torch.Tensor | None:
         """For attention written inline over what `update` just returned: (batch, KV heads, keys) bool, the keys
         each head holds (its softmax must hide the rest: `legacy.InlineRows`); None where it reads everything."""

@@ -16,12 +16,13 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 
 from headprof.errors import ModelError
 from headprof.kv.base import LayerKind
+from headprof.kv.blocks import BlockWindowLayer
 from headprof.kv.heads import SLACK, HeadKVLayer, HybridHeadKVLayer, free_slots
 from headprof.kv.inline import InlineHeadKVLayer
 from headprof.kv.latent import IndexedLatentLayer, LatentLayer
 from headprof.kv.native import kind_of
 from headprof.kv.split import HybridSplitLayer, SplitLayer
-from headprof.layout import LOCAL_KIND
+from headprof.layout import BLOCK_KINDS, LOCAL_KIND
 
 # The layer whose cache was updated last: the layer an attention call belongs to when its module does not say
 # (a block shared by several layers, as in Zamba, carries layer_idx -1 and hands the real one to the cache).
@@ -61,10 +62,16 @@ def _transformers_layer(kind: str, window: int | None):
 
 
 def _compressed_layer_for(kind: str, window: int | None, slack: float, latent: bool, native_layer,
-                          holder: str = "heads", inline: bool = False) -> DynamicLayer:
+                          holder: str = "heads", inline: bool = False, blocks: bool = False) -> DynamicLayer:
     """The compressed layer of a model layer of `kind`: an MLA latent's, or the method's kind (`holder`: "heads",
     per-head segments; "split", full and streaming pools), with a hybrid layer's state beside it; a layer whose
-    attention is written inline holds per-head segments read by position (`inline.py`)."""
+    attention is written inline holds per-head segments read by position (`inline.py`); a block layer (and a sliding
+    layer of a model with block layers, `blocks`) its window, read by position, beside the model's blocks."""
+    if kind in BLOCK_KINDS or (blocks and kind == "sliding_attention"):  # (a block model has one mask for all)
+        if holder != "heads" or native_layer is None or not window:
+            raise ModelError(f"headprof cannot hold a {holder} cache for {kind} layers beside the model's own blocks; "
+                             "per-head methods can")
+        return BlockWindowLayer(native_layer, window, slack)
     if inline:
         if holder != "heads" or latent or kind != "full_attention":
             raise ModelError(f"headprof cannot hold a {holder} cache for attention written inline as matmuls "
@@ -99,7 +106,8 @@ class HeadKVCache(Cache):
                  slack: float = SLACK, native: list | None = None, latent: tuple[int, ...] = (),
                  holder: str = "heads", sinks: tuple[int, ...] = (), inline: tuple[int, ...] = ()) -> None:
         native = native if native and len(native) == len(kinds) else [None] * len(kinds)
-        layers = [_compressed_layer_for(kind, w, slack, i in latent, own, holder, i in inline) if squeeze
+        blocks = any(kind in BLOCK_KINDS for kind in kinds)
+        layers = [_compressed_layer_for(kind, w, slack, i in latent, own, holder, i in inline, blocks) if squeeze
                   else own if own is not None else _transformers_layer(kind, w)
                   for i, (kind, squeeze, w, own) in enumerate(zip(kinds, compress, windows, native, strict=True))]
         super().__init__(layers=layers)

@@ -156,7 +156,8 @@ class HeadKVLayer(LayerKind, DynamicLayer):
         batch = self.batch = rows
         head_of = torch.repeat_interleave(source, torch.tensor(lens, device=device))
         pos = torch.cat([k.to(device) for k in keep])
-        keys, values = keys.reshape(1, -1, seq, keys.shape[-1]), values.reshape(1, -1, seq, values.shape[-1])
+        n = keys.shape[0] * kv_heads  # (-1 would be ambiguous for values of no width: a layer whose keys are them)
+        keys, values = keys.reshape(1, n, seq, keys.shape[-1]), values.reshape(1, n, seq, values.shape[-1])
         self.key_dim = keys.shape[-1]
         kept_pos = pos.to(torch.int32) if self.sliding_window is not None or self.keeps_positions else None
         self._lay_out(lens, torch.cat((keys[0, head_of, pos], values[0, head_of, pos]), -1), kept_pos, seq)

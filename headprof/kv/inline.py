@@ -26,6 +26,7 @@ class InlineHeadKVLayer(HeadKVLayer):
 
     name = "per-head (inline attention)"
     keeps_positions = True
+    key_fill = float("nan")  # a key no head holds: whatever reads it unmasked turns to NaN
 
     def __init__(self, sliding_window: int | None = None, slack: float = SLACK) -> None:
         super().__init__(sliding_window, slack)
@@ -51,22 +52,27 @@ class InlineHeadKVLayer(HeadKVLayer):
             return out
         return self._by_position()
 
+    def first_returned(self) -> int:
+        """The first position `update` returns (every position from it to the last is returned)."""
+        return 0
+
     def _by_position(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(batch, KV heads, seen, dim) keys and values with every held entry at its position; elsewhere NaN keys
         (read only through the mask, else the result shows it: `capture.verify` checks this) and zero values (the
         masked probabilities are 0). The mask of held keys goes to `softmax_mask`. A few tensor operations, whatever
         the number of heads."""
-        segs, seen = self.heads, self.seen
-        held = self._offset < self._kept + self.generated
-        pos = self.positions.index_select(0, self._slots).long()
-        spare = segs * seen  # one row past the others: where free slots are written, then dropped
-        target = torch.where(held, self._owner * seen + pos, spare)
+        segs, first = self.heads, self.first_returned()
+        span = self.seen - first
+        pos = self.positions.index_select(0, self._slots).long() - first
+        held = (self._offset < self._kept + self.generated) & (pos >= 0)
+        spare = segs * span  # one row past the others: where free slots are written, then dropped
+        target = torch.where(held, self._owner * span + pos, spare)
         entries = self.kv.index_select(0, self._slots)
         dense = entries.new_zeros((spare + 1, entries.shape[-1]))
-        dense[:, :self.key_dim] = float("nan")  # a key no head holds: whatever reads it unmasked turns to NaN
+        dense[:, :self.key_dim] = self.key_fill
         dense = dense.index_copy_(0, target, entries)[:spare]
         mask = torch.zeros(spare + 1, dtype=torch.bool, device=entries.device).index_fill_(0, target, True)
-        shape = (self.batch, segs // self.batch, seen)
+        shape = (self.batch, segs // self.batch, span)
         self._held = mask[:spare].view(shape)
         dense = dense.view(*shape, -1)
         return dense[..., :self.key_dim].contiguous(), dense[..., self.key_dim:].contiguous()

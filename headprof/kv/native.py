@@ -25,6 +25,9 @@ from transformers.cache_utils import (
 
 from headprof.kv.base import LayerKind
 
+# what a block layer's own cache (DeepSeek-V4's) keeps beside its window: the compressors' entries and buffers
+BLOCK_STATE = ("compressed_kv", "buffer_kv", "buffer_gate", "overlap_kv", "overlap_gate")
+
 
 def model_layers(config) -> list:
     """The cache layers transformers makes for `config`'s model, one per layer (empty when it infers them lazily)."""
@@ -132,9 +135,17 @@ def dense_row_entries(layer, batch: int) -> int:
 
 
 def dense_bytes(layer) -> int:
-    """Bytes of a layer's keys and values, of any cache (headprof's or transformers')."""
+    """Bytes of a layer's keys and values (once where they are one tensor, as DeepSeek-V4's), and of the compressors'
+    state a block layer keeps beside them, of any cache (headprof's or transformers')."""
     keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-    return sum(t.numel() * t.element_size() for t in (keys, values) if isinstance(t, torch.Tensor))
+    held = [keys] + ([] if values is keys else [values]) + block_state(layer)
+    return sum(t.numel() * t.element_size() for t in held if isinstance(t, torch.Tensor))
+
+
+def block_state(layer) -> list[torch.Tensor]:
+    """The tensors a block layer's compressors hold (none for any other layer)."""
+    return [t for name in BLOCK_STATE for t in (getattr(layer, name, None) or {}).values()
+            if isinstance(t, torch.Tensor)]
 
 
 class Native(LayerKind):
