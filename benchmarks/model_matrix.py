@@ -195,12 +195,13 @@ def build(model_type: str, folder: Path) -> str | None:
 
     why = None
     for towers in (True, False):  # small vision/audio towers where the model takes them, else its own
+        model = None
         try:
             config = tiny_config(model_type, towers)
             with torch.device("meta"):  # sizes the config does not let us shrink build no tiny model
                 size = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
             if size > MAX_PARAMS:
-                why = f"not tiny: {size / 1e6:.0f}M parameters from its config's own sizes"
+                why = why or f"not tiny: {size / 1e6:.0f}M parameters from its config's own sizes"
                 continue
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
@@ -214,7 +215,11 @@ def build(model_type: str, folder: Path) -> str | None:
             char_tokenizer().save_pretrained(folder)
             return None
         except Exception as e:
-            why = why or _why(e)
+            # a tiny model that transformers builds but cannot generate with: its own reason, ahead of any other
+            if model is not None and not (why or "").startswith("transformers'"):
+                why = f"transformers' own generate fails on the tiny model: {_why(e)}"
+            else:
+                why = why or _why(e)
     try:  # whose reason: a default config transformers itself cannot build is not the matrix's doing
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
