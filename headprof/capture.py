@@ -329,11 +329,13 @@ def verify(model: torch.nn.Module) -> layouts.HeadLayout:
                              "read its rows")
         seen.own_keys[i] = seen.own_values[i] = True  # its cache's keys come first, as the rows read them
         seen.keys[i] = tuple(recorder.returned[i][0].shape)
+    one_tensor: tuple[int, ...] = ()
     if blocks:  # a compressed block model's window holds its keys once, read as values too (`kv/blocks.py`)
         windows = blocks | {i for i in recorder.returned if kinds[i] == "sliding_attention"}
         apart = sorted(i for i in windows if recorder.returned[i][0] is not recorder.returned[i][1])
         if apart:
             barred["a block model's window whose values are not its keys"] = apart
+        one_tensor = tuple(sorted(windows - set(apart)))
     cached = {i: seen.keys[i][1] for i in seen.own_keys if seen.own_keys[i]}
     inline_keys = {i: tuple(recorder.returned[i][0].shape) for i in seen.inline}  # what their softmax reads
     cached.update({i: shape[1] for i, shape in inline_keys.items()})
@@ -379,6 +381,7 @@ def verify(model: torch.nn.Module) -> layouts.HeadLayout:
     return dataclasses.replace(lay, no_heads=tuple(no_heads), latent=tuple(latent), latent_dim=latent_dim,
                                reused_index=reused, sinks=tuple(sorted(seen.sinks)),
                                barred=tuple((why, tuple(ls)) for why, ls in barred.items()),
+                               keys_are_values=one_tensor,
                                inline=tuple(sorted(seen.inline)))
 
 

@@ -47,6 +47,8 @@ class HeadLayout:
     # cache update, keys other than the cache's, one softmax run twice): scored from their rows, never compressed
     # (kept as the model keeps them beside layers that are; a model with no other layer is refused compression)
     barred: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # layers that cache one tensor read as both keys and values (DeepSeek-V4's windows)
+    keys_are_values: tuple[int, ...] = ()
     # layers whose attention is written inline as matmuls, read from their softmax (`legacy.InlineRows`); compressed,
     # their cache returns keys by position and their softmax hides what each head dropped (`kv.inline`)
     inline: tuple[int, ...] = ()
@@ -68,8 +70,11 @@ class HeadLayout:
         return self.layer_head_dims[layer] if self.layer_head_dims else self.head_dim
 
     def entry_size(self, layer: int) -> int:
-        """Numbers one cached token of one KV head (or of an MLA latent) takes in layer `layer`: key and value."""
-        return self.latent_dim if self.is_latent(layer) else 2 * self.head_size(layer)
+        """Numbers one cached token of one KV head (or of an MLA latent) takes in layer `layer`: key and value (the
+        key alone where it is the value too)."""
+        if self.is_latent(layer):
+            return self.latent_dim
+        return (1 if layer in self.keys_are_values else 2) * self.head_size(layer)
 
     def group(self, layer: int) -> int:
         """Query heads per KV head in layer `layer`: query head h reads KV head h // group."""

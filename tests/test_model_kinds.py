@@ -365,6 +365,9 @@ def test_deepseek_v4_scores_its_heads_exactly_and_compresses_its_window(built, t
 
     ours, full = json.loads(r.output)["runs"]
     assert ours["tokens"] == full["tokens"]
+    # the window counted once (its keys are its values), the blocks' state in full and held bytes alike
+    assert abs(full["kv_bytes"] - full["kv_bytes_full"]) <= 0.01 * full["kv_bytes_full"]
+    assert ours["kv_bytes_full"] == full["kv_bytes_full"]
     r = CliRunner().invoke(app, ["run", "--model", str(folder), "--method", "split", "--budget", "128",
                                  "--no-chat-template", str(tmp_path / "prompt.txt")])
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output

@@ -26,7 +26,16 @@ from headprof.compressing.compress import Plan, compressed_layers, make_plan
 from headprof.defaults import BETA, KERNEL, WINDOW
 from headprof.errors import BatchOutOfMemory, HeadprofError, ModelError, out_of_memory
 from headprof.kv import native, own_cache
-from headprof.kv.cache import HeadKVCache, counts_bytes, full_layer_counts, held_bytes, held_entries, leave, row_entries
+from headprof.kv.cache import (
+    HeadKVCache,
+    counts_bytes,
+    full_layer_counts,
+    held_bytes,
+    held_entries,
+    leave,
+    row_entries,
+    state_bytes,
+)
 from headprof.kv.decode_cache import alone
 from headprof.layout import BLOCK_KINDS, KEPT_KINDS, barred_why, layer_list
 from headprof.models import HeadLayout, LoadedModel, end_tokens, last_logits_only, with_cache
@@ -314,7 +323,8 @@ def generate(lm: LoadedModel, prompt_ids: list[int], method: str | methods.Metho
     return RunResult(method=label, text=lm.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                      tokens=tokens, prompt_tokens=n, prefill_s=prefill_s, decode_tokens_per_s=decode,
                      kv_entries=entries, kv_bytes=nbytes, kv_entries_full=sum(full), kv_entries_ideal=sum(ideal),
-                     kv_bytes_full=counts_bytes(lay, full, elem), kv_bytes_ideal=counts_bytes(lay, ideal, elem),
+                     kv_bytes_full=counts_bytes(lay, full, elem) + state_bytes(cache),
+                     kv_bytes_ideal=counts_bytes(lay, ideal, elem) + state_bytes(cache),
                      bytes_per_entry=entry_bytes(lay, elem),
                      budgets=budgets, notes=notes,
                      first_step_s=first_step, steady_tokens_per_s=steady)
@@ -420,9 +430,10 @@ def _batch_run(lm: LoadedModel, lay: HeadLayout, m: methods.Method, method, budg
         text=lm.tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens=list(tokens), prompt_tokens=n,
         prefill_s=prefill_s, decode_tokens_per_s=decode, kv_entries=entries[r],
         kv_bytes=round(held_bytes(cache) * entries[r] / max(sum(entries), 1)),
-        kv_entries_full=sum(full), kv_entries_ideal=sum(ideal), kv_bytes_full=counts_bytes(lay, full, elem),
-        kv_bytes_ideal=counts_bytes(lay, ideal, elem), bytes_per_entry=entry_bytes(lay, elem), budgets=budgets,
-        notes=notes)
+        kv_entries_full=sum(full), kv_entries_ideal=sum(ideal),
+        kv_bytes_full=counts_bytes(lay, full, elem) + state_bytes(cache) // batch,
+        kv_bytes_ideal=counts_bytes(lay, ideal, elem) + state_bytes(cache) // batch,
+        bytes_per_entry=entry_bytes(lay, elem), budgets=budgets, notes=notes)
 
 
 @torch.no_grad()

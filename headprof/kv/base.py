@@ -70,6 +70,11 @@ class LayerKind:
         """Whether attention over the keys `update` just returned (`key`) reads this layer itself."""
         return False
 
+    def state_nbytes(self) -> int:
+        """Bytes of state the model keeps beside this layer's KV and headprof never compresses (a block layer's
+        compressors, DeepSeek-V4): held alike by a compressed cache and the full one, part of `nbytes`."""
+        return 0
+
     def token_rows(self, probs: torch.Tensor) -> torch.Tensor:
         """Prefill rows (batch, heads, queries, keys) over this layer's tokens only: a block layer's rows also cover
         the compressed blocks that follow its tokens."""

@@ -70,6 +70,9 @@ class BlockWindowLayer(InlineHeadKVLayer):
     def tensors(self) -> list[torch.Tensor]:
         return super().tensors() + block_state(self.own)
 
+    def state_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in block_state(self.own))
+
     def select_rows(self, indices: torch.Tensor) -> None:
         super().select_rows(indices)
         for name in BLOCK_STATE:

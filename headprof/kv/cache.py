@@ -247,6 +247,12 @@ def full_layer_counts(layout, seq: int) -> list[int]:
             for i, (kind, w) in enumerate(zip(layout.attention_kinds, windows, strict=True))]
 
 
+def state_bytes(cache: Cache) -> int:
+    """Bytes of what the model keeps beside its KV and no method compresses (`LayerKind.state_nbytes`), the same in
+    a compressed cache and the full one: part of the full and ideal bytes as of the held ones."""
+    return sum(kind_of(layer).state_nbytes() for layer in cache.layers)
+
+
 def counts_bytes(layout, counts: list[int], elem: int) -> int:
     """Bytes of per-layer entry `counts` at `elem` bytes a number, each layer at its own entry size (layers' heads
     may differ in size, and an MLA latent's entry is the latent)."""

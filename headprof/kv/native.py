@@ -169,6 +169,9 @@ class Native(LayerKind):
     def nbytes(self) -> int:
         return dense_bytes(self.native)
 
+    def state_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in block_state(self.native))
+
 
 def kind_of(layer) -> LayerKind:
     """The kind of a cache layer: headprof's layers are their own kind; any other is transformers' (`Native`)."""
