@@ -221,6 +221,7 @@ def read_inline(model: torch.nn.Module, sink: Callable[[int, torch.Tensor, torch
     model._headprof_inline = True
 
     def enter(mod, args, kwargs):
+        LAST_KEYS.set(None)  # an update of another forward pass (another model) is no layer of this one
         if active():
             padding = kwargs.get("attention_mask")
             mod._headprof_rows = InlineRows(sink, heads, layers, padding if padding is None or padding.dim() == 2
