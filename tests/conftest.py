@@ -12,6 +12,12 @@ if not __import__("torch").cuda.is_available():
 
 import pytest  # noqa: E402
 
+# Under pytest-xdist (`-n auto`, as README and CI run the tests) each worker takes one core: torch's own threads
+# on top of a worker per core would only contend. Commands the tests start inherit the setting.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    __import__("torch").set_num_threads(1)
+
 # End-to-end tests: each starts the `headprof` command (or torchrun) in a subprocess, or loads a real model from a
 # shipped package. `python -m pytest -q -m "not slow"` skips them for a quick check while developing; CI runs all.
 SLOW_MODULES = {"test_cli", "test_distributed", "test_real_model", "test_api_docs"}
