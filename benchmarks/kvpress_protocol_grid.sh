@@ -11,7 +11,7 @@ if [ $# -lt 5 ]; then
   echo "usage: bash benchmarks/kvpress_protocol_grid.sh MODEL OUT ITEMS FIRST_ITEM RATIOS [PRESSES]" >&2; exit 2
 fi
 model=$1 out=$2 items=$3 first=$4 ratios=$5
-presses=${6:-snapkv,snapkv-w16,adakv,pyramidkv,streaming,keydiff,expected_attention,kvzip}
+presses=${6:-snapkv,snapkv-w16,adakv,streaming,keydiff,expected_attention,kvzip}  # not pyramidkv: peer_kvpress.py says why
 methods=${METHODS:-full,streaming,snapkv,pyramidkv,adakv,headkv-retrieval,headkv-r2}
 length=${LENGTH:-4096}
 here=$(dirname "$0")

@@ -17,15 +17,17 @@ with headprof's own functions (evaluate.item_score, token F1, agreement with hea
 answer) and writes results.json/results.csv/quality_vs_budget.png with the presses as methods
 `kvpress-NAME`. The prompt holds the question, so the question is compressed with the context, as in
 the papers; `run --no-compress-questions` is kvpress's leaderboard protocol instead (the context prefilled and
-compressed alone by the press's hooks, then the question read and the answer decoded outside them; one prefill per
-cell), to merge into a headprof eval run with `--no-compress-questions`. Each press runs with
+compressed alone, then the question read through the compressed cache and the answer decoded), to merge into a
+headprof eval run with `--no-compress-questions`. Each press runs with
 kvpress's own defaults for everything but the ratio (SnapKV: window 64, kernel 5; headprof's SnapKV
 uses window 16, kernel 7); a press named `snapkv-w16` (or `adakv-w16`, `pyramidkv-w16`) runs with headprof's
 window. By default all cells of an item (every press and ratio) come from one prefill: kvpress compresses a
 layer's cache after that layer's attention has run, so the prefill does not depend on the press, and
 each press's own `compress` runs on the inputs its hook would have received; cells whose caches have the
-same shapes then decode as one batch (`shared`). `--per-cell` runs kvpress's own hooks, one prefill per
-press and ratio, the reference the shared path is checked against (docs/results.md: same responses).
+same shapes then read the question (kvpress's protocol) and decode as one batch (`shared`). KVzip, which replays
+the context through the cache after the prefill, runs as kvpress runs it, a prefill per cell. `--per-cell` runs
+kvpress's own hooks, one prefill per press and ratio, the reference the shared path is checked against
+(docs/results/ruler.md: same responses).
 DuoAttention is left out: offline it runs neither with its published patterns nor with
 `on_the_fly_scoring` (which loads the booksum dataset from the hub).
 """
@@ -189,16 +191,27 @@ def per_cell(model, ids, press, steps: int, stops: set[int], question_start: int
     return decode(model, cache, logits, ids.shape[1], steps, stops)[0], held
 
 
-def shared(model, ids, cells, steps: int, stops: set[int]):
+def own_prefill(press) -> bool:
+    """A press that runs passes of its own around the prefill (KVzip replays the context through the cache) has
+    no `compress` to call on recorded inputs: it runs as kvpress runs it, one prefill per cell."""
+    from kvpress.presses.base_press import BasePress
+
+    return type(press).__call__ is not BasePress.__call__
+
+
+def shared(model, ids, cells, steps: int, stops: set[int], question_start: int | None = None):
     """All cells of an item from one prefill. The prefill's outputs do not depend on the press (kvpress
     compresses a layer's cache after that layer's attention has run), so one full-cache prefill records what
     kvpress's forward hook receives at every attention layer; each press's `compress` then runs on exactly
     those inputs, and cells whose compressed caches have the same shapes decode as one batch. AdaKV's masks
     (module.masked_key_indices, read by kvpress's attention patch) are kept per press and set, with batch
-    offsets, only while that batch decodes. Returns {name: (tokens, bytes held, seconds)}."""
+    offsets, only while that batch decodes. With `question_start` (kvpress's protocol) the prefill is the
+    context's alone and each batch reads the question through its compressed caches before decoding, as
+    `per_cell` does; the bytes held count the question. Returns {name: (tokens, bytes held, seconds)}."""
     import torch
     from transformers import DynamicCache
 
+    context = ids if question_start is None else ids[:, :question_start]
     t0 = time.perf_counter()
     captured: dict[int, tuple] = {}
 
@@ -209,7 +222,7 @@ def shared(model, ids, cells, steps: int, stops: set[int]):
     hooks = [a.register_forward_hook(record, with_kwargs=True) for a in attn]
     full = DynamicCache()
     try:
-        logits = model(ids, past_key_values=full, use_cache=True).logits[:, -1]
+        logits = model(context, past_key_values=full, use_cache=True).logits[:, -1]
     finally:
         for h in hooks:
             h.remove()
@@ -243,14 +256,20 @@ def shared(model, ids, cells, steps: int, stops: set[int]):
                 attn[i].masked_key_indices = tuple(torch.cat([p[j] + (b if j == 0 else 0) for b, p in enumerate(parts)])
                                                    for j in range(3))
         try:
-            tokens = decode(model, cache, logits.expand(len(names), -1), ids.shape[1], steps, stops)
+            first = logits.expand(len(names), -1)
+            if question_start is not None:  # the question, read through each cell's compressed context
+                question = ids[:, question_start:].expand(len(names), -1)
+                position = torch.arange(question_start, ids.shape[1])[None].expand(len(names), -1)
+                first = model(question, past_key_values=cache, position_ids=position, use_cache=True).logits[:, -1]
+            tokens = decode(model, cache, first, ids.shape[1], steps, stops)
         finally:
             for a in attn:
                 a.masked_key_indices = None
         seconds = (time.perf_counter() - t) / len(names)
+        read = ids.shape[1] - context.shape[1]  # the question's tokens, held whole after the context
         for n, toks in zip(names, tokens, strict=True):
             layers = compressed[n][0]
-            held = sum(k.nbytes + v.nbytes for k, v in layers)
+            held = sum(k.nbytes + v.nbytes + read * (k[:, :, :1].nbytes + v[:, :, :1].nbytes) for k, v in layers)
             result[n] = (toks, held, share + compressed[n][2] + seconds)
     return result
 
@@ -271,6 +290,10 @@ def run(args) -> None:
         raise SystemExit(f"item {lacking[0]} has no separate question: --no-compress-questions needs items exported "
                          "from --suite ruler")
     presses(names, ratios[0])  # an unknown press is refused before the model loads
+    uneven = [n for n in names if n.partition("-w")[0] == "pyramidkv"]
+    if not args.compress_questions and uneven:
+        raise SystemExit(f"{uneven[0]} cannot read a question after compression here: its layers keep different "
+                         "lengths and transformers sizes the question's causal mask from layer 0's")
     hf_logging.disable_progress_bar()
     torch.set_grad_enabled(False)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
@@ -289,14 +312,16 @@ def run(args) -> None:
             if not cells:
                 continue
             after = None if args.compress_questions else item["question_start"]
-            if args.per_cell or after is not None:
-                got = {}
-                for key, _, press in cells:
+            alone = {key for key, _, press in cells if args.per_cell or own_prefill(press)}
+            got = {}
+            for key, _, press in cells:
+                if key in alone:
                     t = time.perf_counter()
                     tokens, held = per_cell(model, ids, press, steps, stops, after)
                     got[key] = (tokens, held, time.perf_counter() - t)
-            else:
-                got = shared(model, ids, [(key, press) for key, _, press in cells], steps, stops)
+            if len(alone) < len(cells):
+                got |= shared(model, ids, [(key, press) for key, _, press in cells if key not in alone], steps,
+                              stops, after)
             for key, ratio, _ in cells:
                 tokens, held, seconds = got[key]
                 name = key.rpartition("@")[0]
@@ -304,7 +329,7 @@ def run(args) -> None:
                        "budget": round((1 - ratio) * (after or len(item["prompt_ids"]))),
                        "response": tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                        "kv_bytes": held, "seconds": seconds, "prompt_tokens": len(item["prompt_ids"]),
-                       "mode": "per-cell" if args.per_cell or after is not None else "shared",
+                       "mode": "per-cell" if key in alone else "shared",
                        **({} if after is None else {"compress_questions": False})}
                 f.write(json.dumps(row) + "\n")
                 f.flush()
