@@ -25,7 +25,8 @@ window. By default all cells of an item (every press and ratio) come from one pr
 layer's cache after that layer's attention has run, so the prefill does not depend on the press, and
 each press's own `compress` runs on the inputs its hook would have received; cells whose caches have the
 same shapes then read the question (kvpress's protocol) and decode as one batch (`shared`). KVzip, which replays
-the context through the cache after the prefill, runs as kvpress runs it, a prefill per cell. `--per-cell` runs
+the context through the cache after the prefill, runs as kvpress runs it, one prefill and replay per item, its
+scores (which do not depend on the ratio) drawn at each ratio (`replayed`). `--per-cell` runs
 kvpress's own hooks, one prefill per press and ratio, the reference the shared path is checked against
 (docs/results/ruler.md: same responses).
 DuoAttention is left out: offline it runs neither with its published patterns nor with
@@ -178,22 +179,65 @@ def per_cell(model, ids, press, steps: int, stops: set[int], question_start: int
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    if question_start is None:
-        with press(model):
-            logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
-            held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-            return decode(model, cache, logits, ids.shape[1], steps, stops)[0], held
-    with press(model):
-        model(ids[:, :question_start], past_key_values=cache, use_cache=True)
-    position = torch.arange(question_start, ids.shape[1])[None]
-    logits = model(ids[:, question_start:], past_key_values=cache, position_ids=position, use_cache=True).logits[:, -1]
+    with press(model):  # decoding after it: a press that compresses as its context ends (KVzip) has then run
+        logits = model(ids[:, :question_start], past_key_values=cache, use_cache=True).logits[:, -1]
+    if question_start is not None:
+        position = torch.arange(question_start, ids.shape[1])[None]
+        logits = model(ids[:, question_start:], past_key_values=cache, position_ids=position,
+                       use_cache=True).logits[:, -1]
     held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     return decode(model, cache, logits, ids.shape[1], steps, stops)[0], held
 
 
+def replayed(model, ids, cells, steps: int, stops: set[int], question_start: int | None = None):
+    """KVzip's cells of an item from one prefill and one replay. Its scores come from replaying the context through
+    the cache and do not depend on the ratio, so the first press runs as kvpress runs it and every other ratio's
+    masks are its own `compress_post` over the same scores; the cache is cut back to the context after each
+    cell. Returns {name: (tokens, bytes held, seconds)}, as `shared`."""
+    import torch
+    from transformers import DynamicCache
+
+    t0 = time.perf_counter()
+    first = cells[0][1]
+    scores = {}
+    post = first.compress_post
+
+    def keep(model):  # the replay's scores, before the first ratio's masks are drawn from them
+        scores["val"] = first.score_val.clone()
+        post(model)
+
+    first.compress_post = keep
+    cache = DynamicCache()
+    context = ids.shape[1] if question_start is None else question_start
+    with first(model):
+        logits = model(ids[:, :context], past_key_values=cache, use_cache=True).logits[:, -1]
+    share = (time.perf_counter() - t0) / len(cells)
+    attn = [layer.self_attn for layer in model.model.layers]
+    result = {}
+    for name, press in cells:
+        t = time.perf_counter()
+        if press is not first:
+            press.score_val = scores["val"].clone()
+            press.compress_post(model)
+        try:
+            step = logits
+            if question_start is not None:
+                position = torch.arange(question_start, ids.shape[1])[None]
+                step = model(ids[:, question_start:], past_key_values=cache, position_ids=position,
+                             use_cache=True).logits[:, -1]
+            held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+            tokens = decode(model, cache, step, ids.shape[1], steps, stops)[0]
+        finally:
+            cache.crop(context)
+            for a in attn:
+                a.masked_key_indices = None
+        result[name] = (tokens, held, share + time.perf_counter() - t)
+    return result
+
+
 def own_prefill(press) -> bool:
     """A press that runs passes of its own around the prefill (KVzip replays the context through the cache) has
-    no `compress` to call on recorded inputs: it runs as kvpress runs it, one prefill per cell."""
+    no `compress` to call on recorded inputs: it runs as kvpress runs it (`replayed`)."""
     from kvpress.presses.base_press import BasePress
 
     return type(press).__call__ is not BasePress.__call__
@@ -289,11 +333,11 @@ def run(args) -> None:
     if not args.compress_questions and lacking:  # refused before --out is opened: no empty rows file is left
         raise SystemExit(f"item {lacking[0]} has no separate question: --no-compress-questions needs items exported "
                          "from --suite ruler")
-    presses(names, ratios[0])  # an unknown press is refused before the model loads
     uneven = [n for n in names if n.partition("-w")[0] == "pyramidkv"]
     if not args.compress_questions and uneven:
         raise SystemExit(f"{uneven[0]} cannot read a question after compression here: its layers keep different "
                          "lengths and transformers sizes the question's causal mask from layer 0's")
+    presses(names, ratios[0])  # an unknown press is refused before the model loads
     hf_logging.disable_progress_bar()
     torch.set_grad_enabled(False)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
@@ -315,10 +359,22 @@ def run(args) -> None:
             alone = {key for key, _, press in cells if args.per_cell or own_prefill(press)}
             got = {}
             for key, _, press in cells:
-                if key in alone:
+                if key in alone and not own_prefill(press):
                     t = time.perf_counter()
                     tokens, held = per_cell(model, ids, press, steps, stops, after)
                     got[key] = (tokens, held, time.perf_counter() - t)
+            replays: dict[str, list] = {}  # KVzip: one replay per press name, its ratios drawn from it
+            for key, _, press in cells:
+                if own_prefill(press):
+                    replays.setdefault(key.rpartition("@")[0], []).append((key, press))
+            for named in replays.values():
+                if args.per_cell:  # the reference: kvpress's own way, a prefill and replay per cell
+                    for key, press in named:
+                        t = time.perf_counter()
+                        tokens, held = per_cell(model, ids, press, steps, stops, after)
+                        got[key] = (tokens, held, time.perf_counter() - t)
+                else:
+                    got |= replayed(model, ids, named, steps, stops, after)
             if len(alone) < len(cells):
                 got |= shared(model, ids, [(key, press) for key, _, press in cells if key not in alone], steps,
                               stops, after)
@@ -329,7 +385,7 @@ def run(args) -> None:
                        "budget": round((1 - ratio) * (after or len(item["prompt_ids"]))),
                        "response": tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                        "kv_bytes": held, "seconds": seconds, "prompt_tokens": len(item["prompt_ids"]),
-                       "mode": "per-cell" if key in alone else "shared",
+                       "mode": "per-cell" if args.per_cell else "replayed" if key in alone else "shared",
                        **({} if after is None else {"compress_questions": False})}
                 f.write(json.dumps(row) + "\n")
                 f.flush()

@@ -265,3 +265,18 @@ def test_kvpress_run_refuses_items_without_a_question_before_writing(tmp_path):
     with pytest.raises(SystemExit, match="no separate question"):
         peer.run(args)
     assert not (tmp_path / "rows.jsonl").exists()
+
+
+def test_kvpress_run_refuses_pyramidkv_under_kvpress_protocol_before_writing(tmp_path):
+    """kvpress's PyramidKV keeps layers of different lengths, and the question read after compression would get a
+    causal mask sized from layer 0's: refused in one line before anything is written."""
+    peer = _peer_kvpress()
+    item = evaluate.Item("i0", "qa", [5, 6, 7, 8], ["w1"], max_new_tokens=2, question_start=2)
+    (tmp_path / "items.jsonl").write_text(json.dumps(evaluate.export_row(item, None)) + "\n")
+    args = type("A", (), {"items": tmp_path / "items.jsonl", "model_dir": tmp_path, "ratios": "0.5",
+                          "presses": "snapkv,pyramidkv-w16", "lukv_curve": None, "first_item": 0,
+                          "compress_questions": False, "per_cell": False, "max_new_tokens": 2,
+                          "out": tmp_path / "rows.jsonl"})
+    with pytest.raises(SystemExit, match="pyramidkv-w16 cannot read a question after compression"):
+        peer.run(args)
+    assert not (tmp_path / "rows.jsonl").exists()
