@@ -175,18 +175,30 @@ def per_cell(model, ids, press, steps: int, stops: set[int], question_start: int
     """kvpress's own way: the press's hooks compress the cache during a prefill of its own. With `question_start`
     (its pipeline's `compress_questions=False`) the hooks compress the context alone; the question is read after
     them, and the bytes held count it."""
-    import torch
     from transformers import DynamicCache
 
     cache = DynamicCache()
     with press(model):  # decoding after it: a press that compresses as its context ends (KVzip) has then run
         logits = model(ids[:, :question_start], past_key_values=cache, use_cache=True).logits[:, -1]
-    if question_start is not None:
-        position = torch.arange(question_start, ids.shape[1])[None]
-        logits = model(ids[:, question_start:], past_key_values=cache, position_ids=position,
-                       use_cache=True).logits[:, -1]
-    held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-    return decode(model, cache, logits, ids.shape[1], steps, stops)[0], held
+    logits = read_question(model, cache, ids, question_start, logits)
+    return decode(model, cache, logits, ids.shape[1], steps, stops)[0], held_bytes(cache)
+
+
+def read_question(model, cache, ids, question_start: int | None, logits):
+    """kvpress's protocol: the question's tokens read through the compressed context (every sequence of the batch
+    in `cache`) at their true positions; the logits to decode from (`logits` when the question was compressed)."""
+    import torch
+
+    if question_start is None:
+        return logits
+    rows = logits.shape[0]
+    question = ids[:, question_start:].expand(rows, -1)
+    position = torch.arange(question_start, ids.shape[1])[None].expand(rows, -1)
+    return model(question, past_key_values=cache, position_ids=position, use_cache=True).logits[:, -1]
+
+
+def held_bytes(cache) -> int:
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 
 def replayed(model, ids, cells, steps: int, stops: set[int], question_start: int | None = None):
@@ -194,7 +206,6 @@ def replayed(model, ids, cells, steps: int, stops: set[int], question_start: int
     the cache and do not depend on the ratio, so the first press runs as kvpress runs it and every other ratio's
     masks are its own `compress_post` over the same scores; the cache is cut back to the context after each
     cell. Returns {name: (tokens, bytes held, seconds)}, as `shared`."""
-    import torch
     from transformers import DynamicCache
 
     t0 = time.perf_counter()
@@ -220,12 +231,8 @@ def replayed(model, ids, cells, steps: int, stops: set[int], question_start: int
             press.score_val = scores["val"].clone()
             press.compress_post(model)
         try:
-            step = logits
-            if question_start is not None:
-                position = torch.arange(question_start, ids.shape[1])[None]
-                step = model(ids[:, question_start:], past_key_values=cache, position_ids=position,
-                             use_cache=True).logits[:, -1]
-            held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+            step = read_question(model, cache, ids, question_start, logits)
+            held = held_bytes(cache)
             tokens = decode(model, cache, step, ids.shape[1], steps, stops)[0]
         finally:
             cache.crop(context)
@@ -300,11 +307,7 @@ def shared(model, ids, cells, steps: int, stops: set[int], question_start: int |
                 attn[i].masked_key_indices = tuple(torch.cat([p[j] + (b if j == 0 else 0) for b, p in enumerate(parts)])
                                                    for j in range(3))
         try:
-            first = logits.expand(len(names), -1)
-            if question_start is not None:  # the question, read through each cell's compressed context
-                question = ids[:, question_start:].expand(len(names), -1)
-                position = torch.arange(question_start, ids.shape[1])[None].expand(len(names), -1)
-                first = model(question, past_key_values=cache, position_ids=position, use_cache=True).logits[:, -1]
+            first = read_question(model, cache, ids, question_start, logits.expand(len(names), -1))
             tokens = decode(model, cache, first, ids.shape[1], steps, stops)
         finally:
             for a in attn:
@@ -356,28 +359,22 @@ def run(args) -> None:
             if not cells:
                 continue
             after = None if args.compress_questions else item["question_start"]
-            alone = {key for key, _, press in cells if args.per_cell or own_prefill(press)}
-            got = {}
+            got, replays, rest, mode = {}, {}, [], {}
             for key, _, press in cells:
-                if key in alone and not own_prefill(press):
+                if args.per_cell:  # the reference: kvpress's own way, a prefill (and KVzip's replay) per cell
                     t = time.perf_counter()
-                    tokens, held = per_cell(model, ids, press, steps, stops, after)
-                    got[key] = (tokens, held, time.perf_counter() - t)
-            replays: dict[str, list] = {}  # KVzip: one replay per press name, its ratios drawn from it
-            for key, _, press in cells:
-                if own_prefill(press):
+                    got[key] = (*per_cell(model, ids, press, steps, stops, after), time.perf_counter() - t)
+                    mode[key] = "per-cell"
+                elif own_prefill(press):  # KVzip: one replay per press name, its ratios drawn from it
                     replays.setdefault(key.rpartition("@")[0], []).append((key, press))
-            for named in replays.values():
-                if args.per_cell:  # the reference: kvpress's own way, a prefill and replay per cell
-                    for key, press in named:
-                        t = time.perf_counter()
-                        tokens, held = per_cell(model, ids, press, steps, stops, after)
-                        got[key] = (tokens, held, time.perf_counter() - t)
+                    mode[key] = "replayed"
                 else:
-                    got |= replayed(model, ids, named, steps, stops, after)
-            if len(alone) < len(cells):
-                got |= shared(model, ids, [(key, press) for key, _, press in cells if key not in alone], steps,
-                              stops, after)
+                    rest.append((key, press))
+                    mode[key] = "shared"
+            for named in replays.values():
+                got |= replayed(model, ids, named, steps, stops, after)
+            if rest:
+                got |= shared(model, ids, rest, steps, stops, after)
             for key, ratio, _ in cells:
                 tokens, held, seconds = got[key]
                 name = key.rpartition("@")[0]
@@ -385,7 +382,7 @@ def run(args) -> None:
                        "budget": round((1 - ratio) * (after or len(item["prompt_ids"]))),
                        "response": tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                        "kv_bytes": held, "seconds": seconds, "prompt_tokens": len(item["prompt_ids"]),
-                       "mode": "per-cell" if args.per_cell else "replayed" if key in alone else "shared",
+                       "mode": mode[key],
                        **({} if after is None else {"compress_questions": False})}
                 f.write(json.dumps(row) + "\n")
                 f.flush()
