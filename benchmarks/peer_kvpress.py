@@ -181,7 +181,8 @@ def per_cell(model, ids, press, steps: int, stops: set[int], question_start: int
     with press(model):  # decoding after it: a press that compresses as its context ends (KVzip) has then run
         logits = model(ids[:, :question_start], past_key_values=cache, use_cache=True).logits[:, -1]
     logits = read_question(model, cache, ids, question_start, logits)
-    return decode(model, cache, logits, ids.shape[1], steps, stops)[0], held_bytes(cache)
+    held = held_bytes(cache)  # before decoding: the bytes held for the prompt
+    return decode(model, cache, logits, ids.shape[1], steps, stops)[0], held
 
 
 def read_question(model, cache, ids, question_start: int | None, logits):
