@@ -258,6 +258,24 @@ def test_an_interrupted_grid_keeps_its_items_and_resumes_to_the_same_rows(tmp_pa
     assert len(partial.read_text().splitlines()) == 4  # the header and the three items
 
 
+@pytest.mark.parametrize("command, what", [("eval", "items"), ("score", "probes")])
+def test_ctrl_c_says_where_the_finished_work_is_and_exits_130(tmp_path, monkeypatch, command, what):
+    from typer.testing import CliRunner
+
+    from headprof import api
+    from headprof.cli import app
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "evaluate" if command == "eval" else "score", interrupted)
+    out = tmp_path / ("r" if command == "eval" else "p.json")
+    r = CliRunner().invoke(app, [command, "some-model", "--out", str(out), "--quiet"])
+    assert r.exit_code == 130, r.output
+    assert r.output.strip() == (f"interrupted: finished {what} are kept in {api.partial_path(out)}; "
+                                "rerun with --resume to continue")
+
+
 def test_kvpress_protocol_compresses_the_context_alone_then_reads_the_question():
     """`compress_questions=False`: the context is prefilled and compressed alone, the question read through the
     compressed cache. The full cache gives the tokens of one prefill of the whole prompt; a budget above the context

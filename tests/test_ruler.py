@@ -110,6 +110,7 @@ def tiny_dir(tmp_path_factory):
     (["--suite", "helm"], "unknown suite 'helm'"),
     (["--ratios", "0.5,1"], "between 0 and 1"),
     (["--ratios", "half"], "--ratios must be comma-separated numbers"),
+    (["--beta", "1.2,x"], "--beta must be comma-separated numbers"),
     (["--suite", "ruler", "--tasks", "x.jsonl"], "--suite and --tasks both choose the items"),
     (["--suite", "probes", "--first-item", "2"], "--first-item takes an index >= 0 and applies to --suite ruler"),
     (["--suite", "ruler", "--first-item", "-1"], "--first-item takes an index >= 0"),

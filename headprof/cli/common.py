@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import sys
@@ -69,24 +70,36 @@ def family_lines(probe_set: dict) -> list[str]:
     return lines
 
 
-def parse_ints(text: str, what: str) -> list[int]:
+def _numbers(text: str, what: str, cast: type, noun: str) -> list:
     try:
-        values = [int(x) for x in re.split(r"[,\s]+", text.strip()) if x]
+        values = [cast(x) for x in re.split(r"[,\s]+", text.strip()) if x]
     except ValueError:
-        raise ProbeError(f"{what} must be comma-separated integers, got '{text}'") from None
-    if not values or any(v <= 0 for v in values):
+        raise ProbeError(f"{what} must be comma-separated {noun}, got '{text}'") from None
+    if not values:
+        raise ProbeError(f"{what} must be comma-separated {noun}, got '{text}'")
+    return values
+
+
+def parse_ints(text: str, what: str) -> list[int]:
+    values = _numbers(text, what, int, "integers")
+    if any(v <= 0 for v in values):
         raise ProbeError(f"{what} must be positive integers, got '{text}'")
     return values
 
 
 def parse_floats(text: str, what: str) -> list[float]:
+    return _numbers(text, what, float, "numbers")
+
+
+@contextlib.contextmanager
+def keeps_partial(what: str, partial: Path):
+    """Ctrl-C in a resumable run: say where the finished work is and how to continue, exit 130."""
     try:
-        values = [float(x) for x in re.split(r"[,\s]+", text.strip()) if x]
-    except ValueError:
-        raise ProbeError(f"{what} must be comma-separated numbers, got '{text}'") from None
-    if not values:
-        raise ProbeError(f"{what} must be comma-separated numbers, got '{text}'")
-    return values
+        yield
+    except KeyboardInterrupt:
+        err.print(f"interrupted: finished {what} are kept in {partial}; rerun with --resume to continue",
+                  highlight=False)
+        raise typer.Exit(130) from None
 
 
 def with_progress(quiet: bool, total: int, run, label: str = "scoring"):

@@ -18,6 +18,7 @@ from headprof.cli.common import (
     app,
     err,
     friendly,
+    keeps_partial,
     method_names,
     out,
     parse_floats,
@@ -177,16 +178,12 @@ def eval_(
 ) -> None:
     """Quality versus budget for every method, with bootstrap intervals, measured KV bytes and a plot."""
     from headprof import api
-    from headprof.errors import HeadprofError
 
     ratio_list = parse_floats(ratios, "--ratios") if ratios else []
     budget_list = parse_ints(budgets, "--budgets") if budgets else ([] if ratio_list else [32, 64, 128, 256])
-    try:
-        betas = [float(x) for x in beta.split(",") if x.strip()]
-    except ValueError:
-        raise HeadprofError(f"--beta must be numbers, got '{beta}'") from None
+    betas = parse_floats(beta, "--beta")
     main = api.main_process()  # under torchrun / accelerate launch, items are sharded; the first writes and prints
-    try:
+    with keeps_partial("items", api.partial_path(out_dir)):
         report = with_progress(quiet or not main, 0, lambda cb: api.evaluate(
             model, budget_list, methods, profile_dir=profile_dir, tasks=tasks, items=items,
             lengths=parse_ints(lengths, "--lengths"), seed=seed, betas=betas, allow_overlap=allow_overlap,
@@ -194,10 +191,6 @@ def eval_(
             progress=cb, suite=suite, ratios=ratio_list, export_items=export_items, force=force,
             first_item=first_item, out=out_dir, resume=resume, compress_questions=compress_questions),
         label="evaluating")
-    except KeyboardInterrupt:
-        err.print(f"interrupted: finished items are kept in {api.partial_path(out_dir)}; rerun with --resume to "
-                  "continue", highlight=False)
-        raise typer.Exit(130) from None
     if not main:
         return
     if export_items is not None:

@@ -28,6 +28,7 @@ from headprof.cli.common import (
     err,
     family_lines,
     friendly,
+    keeps_partial,
     out,
     parse_ints,
     with_progress,
@@ -86,7 +87,7 @@ def score(
         raise BadInput("--one-round and --min-answered contradict each other")
     target = out_path or api.default_profile_path(model, preset or method)
     main = api.main_process()  # under torchrun / accelerate launch, only the first shows progress and results
-    try:
+    with keeps_partial("probes", api.partial_path(target)):
         prof = with_progress(quiet or not main, 0, lambda cb: api.score(
             model, method, lengths=parse_ints(lengths, "--lengths") if lengths else None, depths=depths, seed=seed,
             needles=needles, haystack=haystack, chat_template=not no_chat_template, filter_probes=not no_filter,
@@ -96,10 +97,6 @@ def score(
             max_drawn=max_drawn, teacher_forced=teacher_forced, keep_chance_families=keep_chance_families,
             preset=preset, batch_size=batch_size, write_if_none_succeed=write_if_none_succeed,
             notice=lambda message: err.print(f"note: {message}", highlight=False)))
-    except KeyboardInterrupt:
-        err.print(f"interrupted: finished probes are kept in {api.partial_path(target)}; "
-                  "rerun with --resume to continue", highlight=False)
-        raise typer.Exit(130) from None
     if not main:
         return
     p = prof.probe_set
