@@ -74,7 +74,7 @@ def _numbers(text: str, what: str, cast: type, noun: str) -> list:
     try:
         values = [cast(x) for x in re.split(r"[,\s]+", text.strip()) if x]
     except ValueError:
-        raise ProbeError(f"{what} must be comma-separated {noun}, got '{text}'") from None
+        values = []
     if not values:
         raise ProbeError(f"{what} must be comma-separated {noun}, got '{text}'")
     return values
