@@ -137,3 +137,28 @@ def test_no_subpackage_hides_a_public_name():
             importlib.import_module(".".join(parts).removesuffix(".__init__"))
     shadowed = [name for name in headprof.__all__ if type(getattr(headprof, name)).__name__ == "module"]
     assert shadowed == []
+
+
+def test_reading_a_profile_never_imports_transformers():
+    """`show`, `compare`, `heatmap`, import and export read JSON: `headprof.api` loads its names on first use, and
+    `third_party()` silences transformers through its environment variables when it is not imported yet."""
+    import subprocess
+    import sys
+
+    smol = PACKAGE.parent / "profiles" / "smollm2-135m" / "retrieval.json"
+    code = f"""
+import sys
+from headprof.quiet import third_party
+from headprof import api
+third_party()
+api.summarise({str(smol)!r}, 5)
+api.compare_profiles({str(smol)!r}, {str(smol)!r})
+api.export_profile({str(smol)!r}, "headkv")
+assert "transformers" not in sys.modules, "transformers"
+assert sorted(api.__all__) == sorted(n for n in api.__all__ if getattr(api, n) is not None)
+assert "transformers" in sys.modules  # every name resolved, the heavy ones too
+from transformers.utils import logging
+assert logging.get_verbosity() == logging.ERROR and not logging.is_progress_bar_enabled()
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

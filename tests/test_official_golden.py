@@ -61,13 +61,20 @@ def test_the_golden_files_are_there():
 @pytest.mark.parametrize("case", CASES)
 def test_the_preset_gives_what_the_official_script_gave(case, smollm2):
     golden = json.loads((DATA / f"{case}.json").read_text())
-    if golden["dtype"] == "bfloat16" and not case.startswith("prose_") and not os.environ.get("HEADPROF_GOLDEN_BF16"):
-        # (the prose folders' bf16 cases run always: under a minute together)
+    every_bf16 = bool(os.environ.get("HEADPROF_GOLDEN_BF16"))
+    if golden["dtype"] == "bfloat16" and not case.startswith("prose_") and not every_bf16:
         pytest.skip("bf16 decodes one probe at a time in the modelling file's arithmetic (5-30 s a probe on a CPU "
                     "core): set HEADPROF_GOLDEN_BF16=1")
     preset = presets.get("headkv" if golden["script"].endswith("_r2.py") else "retrieval-head")
     folder = presets.Folder(_folder(case), preset)
     lengths = [int(x) for x in golden["lengths"].split(",")]
+    if golden["dtype"] == "bfloat16" and not every_bf16:
+        # The prose folders' bf16 cases run always, on their shortest length: a CPU without native bf16 matmul (AVX2
+        # alone) took 7 min for the two cases' 30 probes. Each probe is built and scored alone, so a length's probes
+        # are the same as in the whole set and are held to the same per-probe checks; the profile (a mean over the
+        # probes that succeeded) is compared over the whole set only: HEADPROF_GOLDEN_BF16=1 runs it.
+        lengths = lengths[:1]
+        golden["probes"] = [p for p in golden["probes"] if p["length"] in lengths]
     depths = [int(x) for x in golden["depths"].split(",")]
     assert depths == [round(d * 100) for d in presets.official_depths(len(depths))]
     lm = smollm2(golden["dtype"])
@@ -78,8 +85,8 @@ def test_the_preset_gives_what_the_official_script_gave(case, smollm2):
     assert len(ours) == len(golden["probes"])
     # In half precision the CPU's vector kernels (AVX2, AVX512, AVX512-BF16) round some dot products otherwise than
     # where the goldens were made: a late near-tie decodes another word after the answer ("I am" / "I'm"), and the
-    # steps after it attend elsewhere. fp32 is held to every token and sum; bf16 to the verdicts and the profile
-    # (on an AVX512-BF16 machine: 17 of 18 verdicts, 9 of 18 responses, Spearman 0.98, the same top 10 heads).
+    # steps after it attend elsewhere. fp32 is held to every token and sum; bf16 to the verdicts (all but one) and the
+    # profile (on an AVX512-BF16 machine: 17 of 18 verdicts, 9 of 18 responses, Spearman 0.98, the same top 10 heads).
     exact = golden["dtype"] == "float32"
     succeeded, same_verdict = 0, 0
     for want in golden["probes"]:
@@ -98,8 +105,8 @@ def test_the_preset_gives_what_the_official_script_gave(case, smollm2):
     # the profile: the script's head score is the mean of the per-head sums over the probes that succeeded
     wins = [np.asarray(w["sums"]) for w in golden["probes"] if w["success"]]
     n = len(golden["probes"])
-    assert exact or same_verdict >= 0.9 * n, f"{case}: {same_verdict} of {n} verdicts as the script's"
-    if wins:
+    assert exact or same_verdict >= n - 1, f"{case}: {same_verdict} of {n} verdicts as the script's"
+    if wins and (exact or every_bf16):
         official, scores = np.mean(wins, axis=0), prof.query_scores()
         assert compare.spearman(scores, official) >= (0.999 if exact else 0.95), case
         top = 10 / official.size
