@@ -418,6 +418,15 @@ def merge(args) -> None:
     elif missing:
         raise SystemExit(f"{len(missing)} kvpress items are not in {args.results} (e.g. {missing[0]}): run headprof's "
                          "eval with the same --suite, --lengths, --items and --seed")
+    cells: dict[tuple, set] = {}  # what each press ran at each ratio: every method is averaged over the same items
+    for r in peer_rows:
+        cells.setdefault((r["method"], r["ratio"]), set()).add(r["item"])
+    ran = set(full).intersection(*cells.values())
+    short = [(m, ratio, len(got)) for (m, ratio), got in cells.items() if got != set(full)]
+    if short and not args.common:
+        m, ratio, n = short[0]
+        raise SystemExit(f"{m} ran {n} of the {len(full)} items at ratio {ratio}: pass --common to keep only the "
+                         "items every method ran")
     for r in peer_rows:
         x = items[r["item"]]
         item = evaluate.Item(x["id"], x["task"], x["prompt_ids"], x["answers"],
@@ -430,8 +439,7 @@ def merge(args) -> None:
             "score": evaluate.item_score(item, text), "f1": evaluate.best_f1(text, item.answers),
             "agreement": agreement(text, reference), "kv_bytes": r["kv_bytes"],
             "seconds": r["seconds"], "prompt_tokens": r["prompt_tokens"]})
-    if args.common:  # only the items kvpress ran, so that every method is averaged over the same items
-        ran = {r["item"] for r in peer_rows}
+    if args.common:  # only the items every press ran at every ratio, headprof's methods too
         results["rows"] = [r for r in results["rows"] if r["item"] in ran]
         results["items"] = len(ran)
     if args.ratios:  # only the ratios kvpress ran, so that the tables hold no empty columns
@@ -484,7 +492,7 @@ def main() -> None:
     m.add_argument("--out", required=True)
     m.add_argument("--force", action="store_true")
     m.add_argument("--ratios", help="keep only these ratios (e.g. the ones kvpress ran)")
-    m.add_argument("--common", action="store_true", help="keep only the items both ran (every method on "
+    m.add_argument("--common", action="store_true", help="keep only the items every method ran (every method on "
                                                           "the same items)")
     args = ap.parse_args()
     {"run": run, "counts": counts, "check": check, "merge": merge}[args.step](args)

@@ -212,12 +212,20 @@ def test_kvpress_rows_merge_into_results_scored_by_headprof(tmp_path):
     row = next(r for r in merged["summary"] if r["method"] == "kvpress-snapkv")
     assert row["score"] == 0.75 and row["ratio"] == 0.5 and row["n"] == 2  # RULER's "all": 1 and 1/2
     assert (tmp_path / "merged" / "quality_vs_budget.png").exists()
-    (tmp_path / "rows.jsonl").write_text(json.dumps(rows[0]) + "\n")  # kvpress ran one item: --common keeps it only
+    # a second press that ran one item: refused, or with --common every method keeps that item only
+    more = rows + [{**rows[0], "method": "kvpress-kvzip", "response": "w1"}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in more))
+    args.out = tmp_path / "short"
+    with pytest.raises(SystemExit, match="kvpress-kvzip ran 1 of the 2 items at ratio 0.5: pass --common"):
+        peer.merge(args)
+    assert not (tmp_path / "short").exists()
     args.out, args.common = tmp_path / "common", True
     peer.merge(args)
     common = json.loads((tmp_path / "common" / "results.json").read_text())
     assert common["items"] == 1 and {r["n"] for r in common["summary"]} == {1}
     assert next(r for r in common["summary"] if r["method"] == "kvpress-snapkv")["score"] == 1.0
+    assert next(r for r in common["summary"] if r["method"] == "kvpress-kvzip")["score"] == 0.5
+    (tmp_path / "rows.jsonl").write_text(json.dumps(rows[0]) + "\n")  # kvpress ran one item: --common keeps it only
     args.out, args.ratios = tmp_path / "ratios", "0.5"  # kvpress ran 0.5 only: headprof's 0.75 leaves the tables
     peer.merge(args)
     kept = json.loads((tmp_path / "ratios" / "results.json").read_text())
